@@ -1,0 +1,33 @@
+"""tca: TCA-Attention (training-free context-adaptive sparse attention) for long-context inference.
+
+    import tca
+    out = tca.attention(q, k, v)                  # stateless, [B, H, L, D]
+    out, cache = tca.prefill(q, k, v)             # + the compressed KV cache
+    out = tca.decode(q1, k1, v1, cache)           # one token at a time
+
+Optional packages (triton, flash_attn, transformers) are imported only when used.
+"""
+
+from .api import attention, available_backends, decode, prefill
+from .backends.registry import BackendChoiceWarning, BackendUnavailableError
+from .budgets import default_budgets, dense_budgets, log_gaussian_budgets
+from .config import TCAConfig
+from .plan import BudgetPlan
+from .selection import Selection
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendChoiceWarning",
+    "BackendUnavailableError",
+    "BudgetPlan",
+    "Selection",
+    "TCAConfig",
+    "attention",
+    "available_backends",
+    "decode",
+    "default_budgets",
+    "dense_budgets",
+    "log_gaussian_budgets",
+    "prefill",
+]

@@ -1,0 +1,46 @@
+"""The oracle: TCA-Attention in plain PyTorch + einops, readable, exact and differentiable.
+
+Every backend computes the function defined here (docs/semantics.md); tests judge them against it.
+This package imports nothing from `tca.backends`.
+"""
+
+from .attention import attend, dense_causal_attention, kept_key_mask
+from .cache import ReferenceKVCache, decode_step, prefill
+from .calibration import calibrate, evaluated_rows, retained_mass
+from .selection import (
+    block_budgets,
+    block_priority,
+    block_ranks,
+    budget_counts,
+    last_query_importance,
+    psi,
+    select,
+    select_tokens,
+)
+
+
+def attention(q, k, v, budgets, config, scale, return_lse=False):
+    """Stateless TCA attention (section 4) on validated "bhsd" inputs: select from the last row, attend."""
+    return attend(q, k, v, select(q, k, budgets, config, scale), scale, return_lse)
+
+
+__all__ = [
+    "ReferenceKVCache",
+    "attend",
+    "attention",
+    "block_budgets",
+    "block_priority",
+    "block_ranks",
+    "budget_counts",
+    "calibrate",
+    "decode_step",
+    "dense_causal_attention",
+    "evaluated_rows",
+    "kept_key_mask",
+    "last_query_importance",
+    "prefill",
+    "psi",
+    "retained_mass",
+    "select",
+    "select_tokens",
+]

@@ -1,0 +1,133 @@
+"""The compressed KV cache and stateful decoding (docs/semantics.md section 5), readable and exact.
+
+After a prefill of L tokens, KV head g of batch element b keeps exactly the positions
+Sel_g U [J*b, L) (global part, then local part). Each decode step appends the new token, compresses the
+block that leaves the window (if the window moved), then attends over everything the cache holds.
+
+Legend: b batch, h key/value head, g query head within its group, n cached tokens of one head, d head dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from einops import einsum
+
+from ..budgets import block_keep_count
+from ..config import TCAConfig
+from ..geometry import window_start
+from ..selection import Selection
+from ._dtype import compute_dtype
+from .attention import attend
+from .selection import select
+
+
+@dataclass
+class ReferenceKVCache:
+    """Ragged per (batch element, KV head): keys[b][h] [n, D], values[b][h] [n, D], positions[b][h] [n].
+
+    keep_per_block: [HKV] int64, t = max(1, floor(E[p_h])) tokens kept of each block leaving the window.
+    seq_len: tokens seen so far (the next token has position seq_len).
+    """
+
+    keys: list[list[torch.Tensor]]
+    values: list[list[torch.Tensor]]
+    positions: list[list[torch.Tensor]]
+    keep_per_block: torch.Tensor
+    config: TCAConfig
+    scale: float
+    seq_len: int
+
+    backend = "reference"
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """[B, HKV] number of cached tokens per batch element and KV head."""
+        return torch.tensor([[p.numel() for p in row] for row in self.positions])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by cached keys and values (positions excluded): the KV memory that counts."""
+        return sum(t.numel() * t.element_size() for rows in (self.keys, self.values) for row in rows for t in row)
+
+    @property
+    def num_kv_heads(self) -> int:
+        return len(self.positions[0])
+
+
+def prefill(q, k, v, budgets: torch.Tensor, config: TCAConfig, scale: float):
+    """Stateless TCA attention over the prompt, plus the cache that keeps Sel_g U [J*b, L).
+
+    q: [B, HQ, L, D], k, v: [B, HKV, L, D], budgets: [HKV, len(K)]  ->  (out [B, HQ, L, D], cache).
+    """
+    selection: Selection = select(q, k, budgets, config, scale)
+    out = attend(q, k, v, selection, scale)
+    L = k.shape[2]
+    J_b = selection.num_blocks * config.block_size
+    kept = selection.full_mask()
+    kept[..., J_b:] = True  # the local part of the last query: [J*b, L)
+    B, H = kept.shape[:2]
+    positions = [[kept[b, h].nonzero().squeeze(-1) for h in range(H)] for b in range(B)]
+    cache = ReferenceKVCache(
+        keys=[[k[b, h, positions[b][h]] for h in range(H)] for b in range(B)],
+        values=[[v[b, h, positions[b][h]] for h in range(H)] for b in range(B)],
+        positions=positions,
+        keep_per_block=block_keep_count(budgets).cpu(),
+        config=config,
+        scale=scale,
+        seq_len=L,
+    )
+    return out, cache
+
+
+def decode_step(q, k, v, cache: ReferenceKVCache) -> torch.Tensor:
+    """One token at position i = cache.seq_len: append, compress the block leaving the window, attend.
+
+    q: [B, HQ, 1, D], k, v: [B, HKV, 1, D]  ->  out [B, HQ, 1, D]. Mutates `cache`.
+    [choice] the leaving block is scored by the current query, before attending.
+    """
+    i = cache.seq_len
+    b_size, w = cache.config.block_size, cache.config.window
+    lo_now, lo_before = window_start(i, b_size, w), window_start(i - 1, b_size, w)
+    B, HQ = q.shape[:2]
+    H = cache.num_kv_heads
+    G = HQ // H
+    dt = compute_dtype(q.dtype)
+    out = torch.empty_like(q)
+    for b in range(B):
+        for h in range(H):
+            keys = torch.cat([cache.keys[b][h], k[b, h]])
+            values = torch.cat([cache.values[b][h], v[b, h]])
+            positions = torch.cat([cache.positions[b][h], torch.tensor([i], device=cache.positions[b][h].device)])
+            queries = q[b, h * G : (h + 1) * G, 0].to(dt)  # [G, D]
+            if lo_now > lo_before:
+                keep = _compress_leaving_block(
+                    queries, keys, positions, lo_before, lo_now, int(cache.keep_per_block[h]), cache.scale
+                )
+                keys, values, positions = keys[keep], values[keep], positions[keep]
+            logits = einsum(queries, keys.to(dt), "g d, n d -> g n") * cache.scale
+            out[b, h * G : (h + 1) * G, 0] = (logits.softmax(-1) @ values.to(dt)).to(q.dtype)
+            cache.keys[b][h], cache.values[b][h], cache.positions[b][h] = keys, values, positions
+    cache.seq_len = i + 1
+    return out
+
+
+def _compress_leaving_block(queries, keys, positions, start: int, end: int, keep: int, scale: float):
+    """Boolean mask over the cache: everything except the tokens of [start, end) that are not among the
+    `keep` most important, importance = mean over the group of softmax over the block of scale * q . k."""
+    dt = queries.dtype
+    in_block = (positions >= start) & (positions < end)
+    block_keys = keys[in_block].to(dt)
+    scores = einsum(queries, block_keys, "g d, n d -> g n").mul(scale).softmax(-1).mean(0)
+    order = scores.sort(descending=True, stable=True).indices  # ties: smaller position (positions ascend)
+    kept_in_block = torch.zeros_like(scores, dtype=torch.bool)
+    kept_in_block[order[:keep]] = True
+    result = ~in_block
+    result[in_block] = kept_in_block
+    return result
+
+
+def cached_positions(cache: ReferenceKVCache) -> list[list[list[int]]]:
+    """Positions per [b][h] as Python lists, for tests and inspection."""
+    return [[p.tolist() for p in row] for row in cache.positions]

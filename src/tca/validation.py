@@ -1,0 +1,109 @@
+"""Validation of user input at the public entry points: one clear error per mistake.
+
+Every message says what was expected, what was given and how to fix it. Backends receive inputs that
+passed these checks, in the "bhsd" layout: q [B, HQ, LQ, D], k and v [B, HKV, L, D].
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .budgets import default_budgets
+from .config import TCAConfig
+
+LAYOUTS = ("bhsd", "bshd")
+BUDGET_SUM_TOLERANCE = 1e-4
+
+
+def check_config(config) -> TCAConfig:
+    if config is None:
+        return TCAConfig()
+    if not isinstance(config, TCAConfig):
+        raise TypeError(f"config must be a tca.TCAConfig or None, got {type(config).__name__}")
+    return config
+
+
+def to_bhsd(q, k, v, layout: str):
+    """Check q, k, v and return them in the "bhsd" layout (views, no copies)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            shape = "[B, H, L, D]" if layout == "bhsd" else "[B, L, H, D]"
+            raise ValueError(f"{name} must have 4 dimensions {shape} (layout={layout!r}), got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}; cast them with .to(dtype)")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if layout == "bshd":
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    B, HQ, LQ, D = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)} (in bhsd order)")
+    Bk, HKV, L, Dk = k.shape
+    if Bk != B:
+        raise ValueError(f"q and k must have the same batch size, got {B} and {Bk}")
+    if Dk != D:
+        raise ValueError(f"q and k must have the same head dim, got {D} and {Dk}")
+    if min(B, HQ, LQ, D, HKV, L) == 0:
+        raise ValueError(
+            f"zero-size dimension: q {tuple(q.shape)}, k {tuple(k.shape)} (bhsd order); TCA needs at least one "
+            "batch element, head, query, key and head-dim entry"
+        )
+    if HQ % HKV:
+        raise ValueError(f"query heads ({HQ}) must be a multiple of key/value heads ({HKV})")
+    if LQ > L:
+        raise ValueError(
+            f"more queries ({LQ}) than keys ({L}): queries are aligned to the end of the keys (bottom-right causal), "
+            "so Lq <= L is required; pass all keys up to the last query"
+        )
+    return q, k, v
+
+
+def from_bhsd(out: torch.Tensor, layout: str) -> torch.Tensor:
+    return out.transpose(1, 2) if layout == "bshd" else out
+
+
+def check_scale(scale, head_dim: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a finite number > 0 or None (meaning 1/sqrt(D)), got {scale!r}")
+    return float(scale)
+
+
+def check_budgets(budgets, num_kv_heads: int, config: TCAConfig, device) -> torch.Tensor:
+    """Return the budget configurations as float64 [HKV, len(K)] on `device`."""
+    n = config.num_retain_counts
+    if budgets is None:
+        return default_budgets(config.block_size).to(device).expand(num_kv_heads, n).contiguous()
+    if not isinstance(budgets, torch.Tensor):
+        raise TypeError(f"budgets must be None or a torch.Tensor of probabilities, got {type(budgets).__name__}")
+    if not budgets.is_floating_point():
+        raise TypeError(f"budgets must be a floating-point tensor, got {budgets.dtype}")
+    if budgets.dim() == 1:
+        budgets = budgets.expand(num_kv_heads, -1)
+    if budgets.dim() != 2 or tuple(budgets.shape) != (num_kv_heads, n):
+        raise ValueError(
+            f"budgets must have shape [{n}] or [{num_kv_heads}, {n}] (one probability per retain count "
+            f"{config.retain_counts} for block_size {config.block_size}), got {tuple(budgets.shape)}"
+        )
+    p = budgets.detach().to(device=device, dtype=torch.float64)
+    if not torch.isfinite(p).all():
+        raise ValueError("budgets contain NaN or infinity; they must be finite probabilities")
+    if (p < 0).any():
+        raise ValueError(f"budgets must be non-negative, got a minimum of {p.min().item():.3g}")
+    sums = p.sum(-1)
+    worst = (sums - 1).abs().max().item()
+    if worst > BUDGET_SUM_TOLERANCE:
+        raise ValueError(
+            f"each budget configuration must sum to 1 (within {BUDGET_SUM_TOLERANCE}), got sums {sums.tolist()}; "
+            "normalise with budgets / budgets.sum(-1, keepdim=True)"
+        )
+    return p.contiguous()
