@@ -22,7 +22,7 @@ def install(session, extras: str) -> None:
 
 @nox.session
 def lint(session):
-    session.install("ruff>=0.6")
+    session.install("ruff==0.17.6")
     session.run("ruff", "check", "src", "tests", "benchmarks", "noxfile.py")
 
 
