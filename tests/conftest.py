@@ -1,0 +1,49 @@
+"""Shared helpers for the CPU test suite: seeded inputs and a bounded hypothesis profile.
+
+Shape letters: B batch, HQ query heads, HKV key/value heads, L keys, LQ queries, D head dim.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+# Property tests must stay fast on two cores: few examples, no per-example deadline.
+settings.register_profile(
+    "tca-ci", max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True
+)
+settings.load_profile("tca-ci")
+
+
+def make_qkv(
+    B: int,
+    HQ: int,
+    HKV: int,
+    L: int,
+    D: int,
+    *,
+    LQ: int | None = None,
+    dtype: torch.dtype = torch.float64,
+    seed: int = 0,
+):
+    """Seeded random q [B, HQ, LQ, D], k and v [B, HKV, L, D] ("bhsd"); LQ defaults to L."""
+    gen = torch.Generator().manual_seed(seed)
+    LQ = L if LQ is None else LQ
+    q = torch.randn(B, HQ, LQ, D, generator=gen, dtype=torch.float64)
+    k = torch.randn(B, HKV, L, D, generator=gen, dtype=torch.float64)
+    v = torch.randn(B, HKV, L, D, generator=gen, dtype=torch.float64)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def random_budgets(HKV: int, block_size: int, seed: int = 0) -> torch.Tensor:
+    """Seeded random budget configurations [HKV, len(K)] float64, each a probability vector."""
+    n = block_size.bit_length()  # len(K) = log2(b) + 1
+    gen = torch.Generator().manual_seed(seed)
+    p = torch.rand(HKV, n, generator=gen, dtype=torch.float64) ** 2
+    return p / p.sum(-1, keepdim=True)
+
+
+@pytest.fixture
+def qkv_factory():
+    return make_qkv
