@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_qkv, random_budgets
 
+from conftest import make_qkv, random_budgets
 from tca import TCAConfig, reference
 from tca.budgets import block_keep_count
 from tca.geometry import window_start
@@ -62,7 +62,10 @@ def test_from_prefill_holds_selected_and_local_positions(L, b, w):
     assert cache.window_slots == min(w, L)
     # Global segments are exact after a prefill (no spare capacity) and tile the flat buffer in (b, h) order.
     assert torch.equal(cache.global_cap, cache.global_len)
-    assert cache.global_start.flatten().tolist() == (torch.cumsum(cache.global_len.flatten(), 0) - cache.global_len.flatten()).tolist()
+    assert (
+        cache.global_start.flatten().tolist()
+        == (torch.cumsum(cache.global_len.flatten(), 0) - cache.global_len.flatten()).tolist()
+    )
     assert cache.nbytes == _allocated_bytes(cache)
     assert cache.used_nbytes <= cache.nbytes
 
@@ -75,7 +78,10 @@ def _follow_reference_step(cache: PackedKVCache, ref_cache, q, k, v) -> None:
     if block is not None:
         start, end = block
         B, H = cache.batch_size, cache.num_kv_heads
-        kept = [[sorted(p for p in ref_cache.positions[bi][h].tolist() if start <= p < end) for h in range(H)] for bi in range(B)]
+        kept = [
+            [sorted(p for p in ref_cache.positions[bi][h].tolist() if start <= p < end) for h in range(H)]
+            for bi in range(B)
+        ]
         for bi in range(B):
             for h in range(H):
                 assert set(kept[bi][h]) <= before[bi][h]
