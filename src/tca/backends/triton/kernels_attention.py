@@ -1,0 +1,92 @@
+"""Triton kernel of TCA sparse attention given a selection (docs/semantics.md section 4, Eq. 2). @triton.jit only.
+
+One program per (query tile, batch element x KV head). Its rows pack the BLOCK_Q query positions of all G
+query heads of that KV head (row r: head g = r // BLOCK_Q, position p0 + r % BLOCK_Q), so every K/V tile it
+loads serves the whole group (pack GQA). BLOCK_Q divides b, so all rows of a tile share lo = window_start(p0):
+the tile attends, in one online softmax, to the selected global positions below lo (a prefix of the sorted
+selected list: offsets[lo // b] of them) and then to the local keys [lo, p0 + BLOCK_Q) with a causal mask.
+Softmax in log2 units (exp2), accumulation in fp32.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _online_step(q, k, v, m_i, l_i, acc, valid, scale_log2, PREC: tl.constexpr):
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
+    s = tl.where(valid, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def sparse_prefill_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr, off_ptr,
+    stride_qb, stride_qh, stride_ql, stride_qd,
+    stride_kb, stride_kh, stride_kl, stride_kd,
+    stride_vb, stride_vh, stride_vl, stride_vd,
+    stride_ob, stride_oh, stride_ol, stride_od,
+    stride_idx_bh, stride_off_bh,
+    HKV, HQ, L, LQ, first_pos, block_size, window, scale_log2,
+    G: tl.constexpr, BLOCK_Q: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+    PREC: tl.constexpr, STORE_LSE: tl.constexpr,
+):
+    """q: [B, HQ, LQ, D] (row r at position L - LQ + r), k, v: [B, HKV, L, D]; idx: [B, HKV, N] int32 sorted
+    selected positions; off: [B, HKV, J + 1] int32 (selected positions in blocks < j); out like q;
+    lse: [B, HQ, LQ] fp32 (natural log)."""
+    BLOCK_M: tl.constexpr = BLOCK_Q * G_PAD
+    t = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // HKV
+    h = bh % HKV
+    p0 = first_pos + t * BLOCK_Q
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    g = offs_m // BLOCK_Q
+    pos = p0 + offs_m % BLOCK_Q
+    row = pos - (L - LQ)
+    row_ok = (g < G) & (row >= 0) & (pos < L)
+    head = h * G + g
+    q = tl.load(q_ptr + b * stride_qb + head[:, None] * stride_qh + row[:, None] * stride_ql + offs_d[None, :] * stride_qd,
+                mask=row_ok[:, None], other=0.0)
+    k_base = k_ptr + b * stride_kb + h * stride_kh
+    v_base = v_ptr + b * stride_vb + h * stride_vh
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    lo = tl.maximum((p0 // block_size + 1) * block_size - window, 0)
+    # global part: the selected positions below lo, gathered by index
+    n_glob = tl.load(off_ptr + bh * stride_off_bh + lo // block_size)
+    for start in range(0, n_glob, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < n_glob
+        kpos = tl.load(idx_ptr + bh * stride_idx_bh + offs_n, mask=n_ok, other=0)
+        k = tl.load(k_base + kpos[:, None] * stride_kl + offs_d[None, :] * stride_kd, mask=n_ok[:, None], other=0.0)
+        v = tl.load(v_base + kpos[:, None] * stride_vl + offs_d[None, :] * stride_vd, mask=n_ok[:, None], other=0.0)
+        m_i, l_i, acc = _online_step(q, k, v, m_i, l_i, acc, n_ok[None, :], scale_log2, PREC)
+    # local part: [lo, p0) is visible to every row; the diagonal tile needs the causal mask
+    for start in range(lo, p0, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < p0
+        k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :] * stride_kd, mask=n_ok[:, None], other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vl + offs_d[None, :] * stride_vd, mask=n_ok[:, None], other=0.0)
+        m_i, l_i, acc = _online_step(q, k, v, m_i, l_i, acc, n_ok[None, :], scale_log2, PREC)
+    hi = tl.minimum(p0 + BLOCK_Q, L)
+    for start in range(p0, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < hi
+        k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :] * stride_kd, mask=n_ok[:, None], other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vl + offs_d[None, :] * stride_vd, mask=n_ok[:, None], other=0.0)
+        valid = n_ok[None, :] & (offs_n[None, :] <= pos[:, None])
+        m_i, l_i, acc = _online_step(q, k, v, m_i, l_i, acc, valid, scale_log2, PREC)
+    out = acc / l_i[:, None]
+    tl.store(o_ptr + b * stride_ob + head[:, None] * stride_oh + row[:, None] * stride_ol + offs_d[None, :] * stride_od,
+             out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
+    if STORE_LSE:
+        lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
+        tl.store(lse_ptr + (b * HQ + head) * LQ + row, lse, mask=row_ok)

@@ -1,0 +1,139 @@
+"""Triton kernels of stateful decoding over the compressed cache (docs/semantics.md section 5). @triton.jit only.
+
+The cache layout is tca.packed_cache.PackedKVCache: per (batch, KV head) a contiguous global segment in a flat
+buffer global_k/global_v [N_cap, D] (offset global_start, length global_len) plus a ring buffer of the local
+window local_k/local_v [B, HKV, W, D] (position p in slot p % W). A decode query attends to the global segment
+followed by the local positions [lo, i]: one virtual sequence of n_glob + n_loc keys.
+
+Split-K: program (bh, s) walks the chunks s, s + S, s + 2S, ... of that virtual sequence (S programs per head,
+fixed from shapes, so one query fills the GPU without reading any length on the host) and writes a partial
+(max, sum, acc) per query head of the group; combine_kernel merges the S partials.
+Shape letters: G query heads per KV head (padded to G_PAD >= 16 rows for tl.dot), CHUNK keys per step.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def decode_split_kernel(
+    q_ptr, gk_ptr, gv_ptr, gstart_ptr, glen_ptr, lk_ptr, lv_ptr,
+    part_m_ptr, part_l_ptr, part_acc_ptr,
+    stride_qb, stride_qh, stride_qd,
+    stride_lbh, stride_ls,
+    HKV, W, lo, n_loc, n_splits, scale_log2,
+    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, PREC: tl.constexpr,
+):
+    """q: [B, HQ, D]; global_k/v: [N_cap, D] (contiguous rows); local_k/v: [B*HKV, W, D] (row stride
+    stride_ls); lo: first local position, n_loc = i - lo + 1 local keys (same for every head).
+    part_m, part_l: [B*HKV, S, G_PAD] fp32; part_acc: [B*HKV, S, G_PAD, D] fp32."""
+    bh = tl.program_id(0)
+    s_id = tl.program_id(1)
+    b = bh // HKV
+    h = bh % HKV
+    offs_g = tl.arange(0, G_PAD)
+    offs_d = tl.arange(0, D)
+    q = tl.load(q_ptr + b * stride_qb + (h * G + offs_g)[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+                mask=(offs_g < G)[:, None], other=0.0)
+    g_start = tl.load(gstart_ptr + bh).to(tl.int64)
+    n_glob = tl.load(glen_ptr + bh).to(tl.int32)
+    n_total = n_glob + n_loc
+    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, D], tl.float32)
+    for c in range(s_id * CHUNK, n_total, n_splits * CHUNK):
+        offs_n = c + tl.arange(0, CHUNK)
+        n_ok = offs_n < n_total
+        is_glob = offs_n < n_glob
+        slot = (lo + offs_n - n_glob) % W
+        g_rows = g_start + offs_n.to(tl.int64)
+        ptr_k = tl.where(is_glob[:, None], gk_ptr + g_rows[:, None] * D, lk_ptr + bh * stride_lbh + slot[:, None] * stride_ls)
+        ptr_v = tl.where(is_glob[:, None], gv_ptr + g_rows[:, None] * D, lv_ptr + bh * stride_lbh + slot[:, None] * stride_ls)
+        k = tl.load(ptr_k + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+        v = tl.load(ptr_v + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+    base = bh * n_splits + s_id
+    tl.store(part_m_ptr + base * G_PAD + offs_g, m_i)
+    tl.store(part_l_ptr + base * G_PAD + offs_g, l_i)
+    tl.store(part_acc_ptr + (base * G_PAD + offs_g)[:, None] * D + offs_d[None, :], acc)
+
+
+@triton.jit
+def decode_combine_kernel(
+    part_m_ptr, part_l_ptr, part_acc_ptr, o_ptr,
+    stride_ob, stride_oh, stride_od,
+    HKV, n_splits,
+    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+):
+    """Merge the S partial softmaxes of one (batch, KV head): out [B, HQ, D] in o's dtype."""
+    bh = tl.program_id(0)
+    b = bh // HKV
+    h = bh % HKV
+    offs_g = tl.arange(0, G_PAD)
+    offs_d = tl.arange(0, D)
+    m = tl.full([G_PAD], float("-inf"), tl.float32)
+    l_sum = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, D], tl.float32)
+    for s_id in range(0, n_splits):
+        base = bh * n_splits + s_id
+        m_s = tl.load(part_m_ptr + base * G_PAD + offs_g)
+        l_s = tl.load(part_l_ptr + base * G_PAD + offs_g)
+        a_s = tl.load(part_acc_ptr + (base * G_PAD + offs_g)[:, None] * D + offs_d[None, :])
+        m_new = tl.maximum(m, m_s)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        w_old = tl.exp2(m - m_safe)
+        w_s = tl.exp2(m_s - m_safe)
+        l_sum = l_sum * w_old + l_s * w_s
+        acc = acc * w_old[:, None] + a_s * w_s[:, None]
+        m = m_new
+    out = acc / l_sum[:, None]
+    tl.store(o_ptr + b * stride_ob + (h * G + offs_g)[:, None] * stride_oh + offs_d[None, :] * stride_od,
+             out.to(o_ptr.dtype.element_ty), mask=(offs_g < G)[:, None])
+
+
+@triton.jit
+def compress_block_kernel(
+    q_ptr, lk_ptr, lv_ptr, keep_ptr, out_k_ptr, out_v_ptr, out_pos_ptr,
+    stride_qb, stride_qh, stride_qd,
+    stride_lbh, stride_ls,
+    HKV, slot0, start_pos, scale,
+    G: tl.constexpr, G_PAD: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr,
+):
+    """Section 5 step 2: score the block leaving the window (ring slots slot0 .. slot0 + BS, positions
+    start_pos ..) with the current query: mean over the group of a softmax over the block; keep its t
+    (keep[h]) best tokens, ties to the smaller position, in position order.
+    out_k/out_v: [B*HKV, BS, D] (first t rows written), out_pos: [B*HKV, BS] int64."""
+    bh = tl.program_id(0)
+    b = bh // HKV
+    h = bh % HKV
+    offs_g = tl.arange(0, G_PAD)
+    offs_t = tl.arange(0, BS)
+    offs_d = tl.arange(0, D)
+    g_ok = offs_g < G
+    q = tl.load(q_ptr + b * stride_qb + (h * G + offs_g)[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+                mask=g_ok[:, None], other=0.0)
+    rows = lk_ptr + bh * stride_lbh + (slot0 + offs_t)[:, None] * stride_ls + offs_d[None, :]
+    k = tl.load(rows)
+    x = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+    x = x - tl.max(x, axis=1)[:, None]
+    p = tl.exp(x)
+    p = p / tl.sum(p, axis=1)[:, None]
+    p = tl.where(g_ok[:, None], p, 0.0)
+    s = tl.sum(p, axis=0) / G
+    before = (s[None, :] > s[:, None]) | ((s[None, :] == s[:, None]) & (offs_t[None, :] < offs_t[:, None]))
+    rank = tl.sum(before.to(tl.int32), axis=1)
+    t = tl.load(keep_ptr + h)
+    keep = rank < t
+    slot = tl.cumsum(keep.to(tl.int32), axis=0) - 1
+    v = tl.load(lv_ptr + bh * stride_lbh + (slot0 + offs_t)[:, None] * stride_ls + offs_d[None, :])
+    dst = (bh * BS + slot)[:, None] * D + offs_d[None, :]
+    tl.store(out_k_ptr + dst, k, mask=keep[:, None])
+    tl.store(out_v_ptr + dst, v, mask=keep[:, None])
+    tl.store(out_pos_ptr + bh * BS + slot, (start_pos + offs_t).to(tl.int64), mask=keep)

@@ -1,0 +1,107 @@
+"""Triton kernels of the online selection (docs/semantics.md section 3, paper Eqs. 5-8). @triton.jit only.
+
+Shape letters: B batch, HKV key/value heads, G query heads per KV head (padded to G_PAD >= 16 rows for
+tl.dot), L keys, D head dim, J budgeted blocks, BS block size b. Logits are kept in log2 units
+(scale * log2(e) * q.k) so the kernels use exp2.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def last_query_logits_kernel(
+    q_ptr, k_ptr, logits_ptr, part_max_ptr, part_sum_ptr,
+    stride_qb, stride_qh, stride_qd,
+    stride_kb, stride_kh, stride_kl, stride_kd,
+    L, HKV, n_chunks, scale_log2,
+    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_L: tl.constexpr, PREC: tl.constexpr,
+):
+    """Eq. 5, pass 1: one read of K. logits[b, h, g, l] = scale*log2e * q_last[b, h*G+g] . k[b, h, l];
+    per chunk of BLOCK_L keys also the row max and sum of exp2 (combined on the host side by torch ops).
+
+    q: [B, HQ, D] (the last query row), k: [B, HKV, L, D]; logits: [B, HKV, G, L] fp32;
+    part_max, part_sum: [B, HKV, G, n_chunks] fp32.
+    """
+    bh = tl.program_id(0)
+    c = tl.program_id(1)
+    b = bh // HKV
+    h = bh % HKV
+    offs_g = tl.arange(0, G_PAD)
+    offs_d = tl.arange(0, D)
+    offs_l = c * BLOCK_L + tl.arange(0, BLOCK_L)
+    g_ok = offs_g < G
+    l_ok = offs_l < L
+    q = tl.load(q_ptr + b * stride_qb + (h * G + offs_g)[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+                mask=g_ok[:, None], other=0.0)
+    k = tl.load(k_ptr + b * stride_kb + h * stride_kh + offs_l[:, None] * stride_kl + offs_d[None, :] * stride_kd,
+                mask=l_ok[:, None], other=0.0)
+    x = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2  # [G_PAD, BLOCK_L]
+    x = tl.where(l_ok[None, :], x, float("-inf"))
+    row = bh * G + offs_g
+    tl.store(logits_ptr + row[:, None] * L + offs_l[None, :], x, mask=g_ok[:, None] & l_ok[None, :])
+    m = tl.max(x, axis=1)
+    s = tl.sum(tl.exp2(x - m[:, None]), axis=1)
+    tl.store(part_max_ptr + row * n_chunks + c, m, mask=g_ok)
+    tl.store(part_sum_ptr + row * n_chunks + c, s, mask=g_ok)
+
+
+@triton.jit
+def block_scores_kernel(
+    logits_ptr, row_max_ptr, row_sum_ptr, priority_ptr, rank_ptr,
+    L, J, mass_factor, alpha,
+    G: tl.constexpr, G_PAD: tl.constexpr, BS: tl.constexpr,
+):
+    """Eq. 5 (end) and Eq. 6 for one budgeted block j, plus each token's rank inside its block (Eq. 8).
+
+    s = mean over the group of exp2(logit - max) / sum; M_j = sum s, H_j = sum s^2 / M_j^2 (1 if M_j = 0),
+    priority = (1 - alpha) * mass_factor * M_j + alpha * (1 - H_j) with mass_factor J ("mean") or 1 ("none").
+    rank[t] = number of tokens of the block with larger s, or equal s and smaller position: the top-t
+    tokens are those of rank < t (ties to the smaller position), found without a sort (a BS x BS count).
+    priority: [B, HKV, J] fp32; rank: [B, HKV, J * BS] int32.
+    """
+    bh = tl.program_id(0)
+    j = tl.program_id(1)
+    offs_g = tl.arange(0, G_PAD)
+    offs_t = tl.arange(0, BS)
+    g_ok = offs_g < G
+    row = bh * G + offs_g
+    x = tl.load(logits_ptr + row[:, None] * L + (j * BS + offs_t)[None, :], mask=g_ok[:, None], other=float("-inf"))
+    m = tl.load(row_max_ptr + row, mask=g_ok, other=0.0)
+    z = tl.load(row_sum_ptr + row, mask=g_ok, other=1.0)
+    p = tl.exp2(x - m[:, None]) / z[:, None]
+    s = tl.sum(p, axis=0) / G  # [BS]
+    mass = tl.sum(s, axis=0)
+    squares = tl.sum(s * s, axis=0)
+    safe = tl.where(mass > 0, mass, 1.0)
+    herfindahl = tl.where(mass > 0, squares / (safe * safe), 1.0)
+    priority = (1 - alpha) * mass_factor * mass + alpha * (1 - herfindahl)
+    tl.store(priority_ptr + bh * J + j, priority)
+    # rank of token i = #{k : s_k > s_i or (s_k == s_i and k < i)}
+    s_i = s[:, None]
+    s_k = s[None, :]
+    before = (s_k > s_i) | ((s_k == s_i) & (offs_t[None, :] < offs_t[:, None]))
+    rank = tl.sum(before.to(tl.int32), axis=1)
+    tl.store(rank_ptr + bh * J * BS + j * BS + offs_t, rank)
+
+
+@triton.jit
+def compact_kernel(
+    rank_ptr, keep_ptr, offsets_ptr, indices_ptr,
+    J, stride_idx_bh,
+    BS: tl.constexpr,
+):
+    """Write the selected positions of block j (rank < t_j) in ascending order at offsets[j] of their head.
+
+    rank: [B, HKV, J * BS] int32, keep (t_j): [B, HKV, J] int32, offsets: [B, HKV, J + 1] int32 (exclusive
+    cumulative t_j), indices: [B, HKV, N] int32.
+    """
+    bh = tl.program_id(0)
+    j = tl.program_id(1)
+    offs_t = tl.arange(0, BS)
+    rank = tl.load(rank_ptr + bh * J * BS + j * BS + offs_t)
+    t = tl.load(keep_ptr + bh * J + j)
+    start = tl.load(offsets_ptr + bh * (J + 1) + j)
+    keep = rank < t
+    slot = tl.cumsum(keep.to(tl.int32), axis=0) - 1
+    tl.store(indices_ptr + bh * stride_idx_bh + start + slot, j * BS + offs_t, mask=keep)
