@@ -5,9 +5,11 @@ Each backend module below only *declares* its backend; the implementation is imp
 
 from . import registry
 from .reference import SPEC as _REFERENCE
+from .torch import SPEC as _TORCH
 from .triton import SPEC as _TRITON
 
 registry.register(_REFERENCE)
+registry.register(_TORCH)
 registry.register(_TRITON)
 
 __all__ = ["registry"]

@@ -1,0 +1,117 @@
+"""TCA attention given the selected global tokens (docs/semantics.md section 4, Eq. 2), chunked: no L x L tensor.
+
+The queries are processed in chunks of whole query blocks (all rows of one block share lo). A chunk whose
+first row has window start lo0 attends, in one softmax:
+  * the selected global keys before lo0: a prefix of each head's ascending selected list (gathered once), and
+  * the contiguous key range [lo0, chunk end), masked per row: key p is visible to row i when p <= i and
+    (p >= lo(i), the local band, or p is selected and p < lo(i), a global key that lies inside the range).
+Memory per chunk: [B, HQ, R, n + w + R] logits (R rows per chunk), never L x L. Accumulation in fp32 (fp64 stays
+fp64); GQA by viewing the G query heads of a KV head as extra rows of one matmul.
+
+Shape letters: B batch, HQ query heads, HKV key/value heads, G = HQ / HKV, L keys, LQ queries, D head dim,
+R rows of a chunk, C keys of a chunk's contiguous range, N selected tokens per head (padded).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ...geometry import window_start
+from .selection import compute_dtype
+
+# Rows per chunk: at least one block; about this many rows otherwise (trades Python overhead per chunk against
+# the wasted upper triangle of the chunk's [R, w + R] local tile).
+TARGET_CHUNK_ROWS = 256
+
+
+def chunk_rows(block_size: int, window: int) -> int:
+    """R: whole blocks, about TARGET_CHUNK_ROWS rows, and no more than half the window (bounded waste)."""
+    blocks = max(1, min(TARGET_CHUNK_ROWS, window // 2) // block_size)
+    return blocks * block_size
+
+
+def causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Dense causal attention with queries aligned to the end (only LQ == L or LQ == 1: no mask tensor needed)."""
+    LQ, L = q.shape[2], k.shape[2]
+    G = q.shape[1] // k.shape[1]
+    if G > 1:  # enable_gqa is not on every device's fused path; repeating K/V is cheap next to attention
+        k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=LQ == L and L > 1, scale=scale)
+
+
+def attend_indices(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    indices: torch.Tensor,
+    counts: torch.Tensor,
+    selected: torch.Tensor,
+    block_size: int,
+    window: int,
+    scale: float,
+    return_lse: bool = False,
+):
+    """Eq. 2 for every query row, chunk by chunk.
+
+    q [B, HQ, LQ, D] (row r at position L - LQ + r), k, v [B, HKV, L, D];
+    indices [B, HKV, N] ascending selected positions padded with values >= L, counts [B, HKV];
+    selected [B, HKV, P] bool, the selection mask over the first P (= J*b) positions.
+    Returns out [B, HQ, LQ, D] in q's dtype (and lse [B, HQ, LQ] fp32/fp64).
+    """
+    B, HQ, LQ, D = q.shape
+    HKV, L = k.shape[1], k.shape[2]
+    G = HQ // HKV
+    dt = compute_dtype(q.dtype)
+    b = block_size
+    offset = L - LQ
+    indices = indices.contiguous()
+    n_sel = indices.shape[-1]
+    if n_sel:
+        rows = indices.long().clamp_max(L - 1)[..., None].expand(-1, -1, -1, D)
+        k_sel, v_sel = k.gather(2, rows), v.gather(2, rows)  # [B, HKV, N, D]
+    P = selected.shape[-1]
+    out = torch.empty(B, HQ, LQ, D, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, HQ, LQ, dtype=dt, device=q.device) if return_lse else None
+    R = chunk_rows(b, window)
+    first = offset - offset % b  # position of the first block that holds a query
+    for start in range(first, L, R):
+        p0, p1 = max(start, offset), min(start + R, L)  # query positions [p0, p1)
+        lo0 = window_start(p0, b, window)
+        positions = torch.arange(p0, p1, device=q.device)
+        keys_pos = torch.arange(lo0, p1, device=q.device)
+        lo = window_start(positions, b, window)[:, None]  # [R, 1]
+        causal = keys_pos <= positions[:, None]  # [R, C]
+        visible = causal & (keys_pos >= lo)  # the local band
+        if lo0 < P and bool((lo > lo0).any()):
+            # Selected keys inside [lo0, lo(i)) are global for row i.
+            inside = selected[..., lo0 : min(P, p1)]
+            sel = torch.zeros(B, HKV, 1, keys_pos.numel(), dtype=torch.bool, device=q.device)
+            sel[..., 0, : inside.shape[-1]] = inside
+            visible = visible | (sel & (keys_pos < lo))  # [B, HKV, R, C]
+        keys, values = k[:, :, lo0:p1], v[:, :, lo0:p1]
+        n = 0
+        if n_sel and lo0 > 0:
+            prefix = torch.searchsorted(indices, torch.full((B, HKV, 1), lo0, dtype=indices.dtype, device=q.device))
+            n = int(prefix.max())
+        if n:
+            valid = (torch.arange(n, device=q.device) < prefix)[:, :, None, :]  # [B, HKV, 1, n]
+            keys = torch.cat([k_sel[:, :, :n], keys], dim=2)
+            values = torch.cat([v_sel[:, :, :n], values], dim=2)
+            visible = torch.cat([valid.expand(B, HKV, p1 - p0, n), visible.expand(B, HKV, -1, -1)], dim=-1)
+        qc = q[:, :, p0 - offset : p1 - offset].to(dt).reshape(B, HKV, G * (p1 - p0), D)
+        logits = torch.matmul(qc, keys.to(dt).transpose(-1, -2)).view(B, HKV, G, p1 - p0, -1)
+        logits.mul_(scale)
+        mask = visible if visible.dim() == 4 else visible[None, None]
+        logits.masked_fill_(~mask[:, :, None], -math.inf)
+        if return_lse:
+            row_lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+            weights = torch.exp(logits.sub_(row_lse))
+            lse[:, :, p0 - offset : p1 - offset] = row_lse.view(B, HQ, p1 - p0)
+        else:
+            weights = torch.softmax(logits, dim=-1)
+        chunk = torch.matmul(weights.view(B, HKV, G * (p1 - p0), -1), values.to(dt))
+        out[:, :, p0 - offset : p1 - offset] = chunk.view(B, HQ, p1 - p0, D).to(q.dtype)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,71 @@
+"""TorchBackend: the `torch` backend's entry points on validated "bhsd" inputs (see backends/registry.py).
+
+Shape letters: B batch, HQ query heads, HKV key/value heads, LQ queries, L keys, D head dim, K retain counts.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...budgets import block_keep_count
+from ...config import TCAConfig
+from ...geometry import num_budgeted_blocks
+from ...packed_cache import PackedKVCache
+from ...selection import Selection
+from . import selection as _selection
+from .attention import attend_indices, causal_sdpa
+from .decode import decode_step
+
+
+class TorchBackend:
+    """Pure PyTorch, chunked over query blocks: O(L (w + N)) work and O(R (w + N)) memory, any device."""
+
+    select = staticmethod(_selection.select)
+    select_indices = staticmethod(_selection.select_indices)
+
+    @staticmethod
+    def attend(q, k, v, selection: Selection, scale: float, return_lse: bool = False):
+        """Eq. 2 given a selection. q [B, HQ, LQ, D], k, v [B, HKV, L, D] -> out (, lse [B, HQ, LQ])."""
+        indices, counts = _selection.mask_to_indices(selection.mask.to(q.device), fill=k.shape[2])
+        return attend_indices(
+            q,
+            k,
+            v,
+            indices,
+            counts,
+            selection.mask.to(q.device),
+            selection.block_size,
+            selection.window,
+            scale,
+            return_lse,
+        )
+
+    @staticmethod
+    def attention(q, k, v, budgets: torch.Tensor, config: TCAConfig, scale: float, return_lse: bool = False):
+        """Section 4: select from the last query row, attend. budgets [HKV, K] float64."""
+        L, LQ = k.shape[2], q.shape[2]
+        if num_budgeted_blocks(L, config.block_size, config.window) == 0 and not return_lse and LQ in (L, 1):
+            return causal_sdpa(q, k, v, scale)  # L <= w: TCA is exact dense causal attention
+        mask, _ = _selection.select_parts(q, k, budgets, config, scale)
+        indices, counts = _selection.mask_to_indices(mask, fill=L)
+        return attend_indices(q, k, v, indices, counts, mask, config.block_size, config.window, scale, return_lse)
+
+    @staticmethod
+    def prefill(q, k, v, budgets: torch.Tensor, config: TCAConfig, scale: float):
+        """Attention over the prompt (LQ == L) and the PackedKVCache holding Sel U [J*b, L) per KV head."""
+        L = k.shape[2]
+        mask, _ = _selection.select_parts(q, k, budgets, config, scale)
+        indices, counts = _selection.mask_to_indices(mask, fill=L)
+        if mask.shape[-1] == 0:
+            out = causal_sdpa(q, k, v, scale)
+        else:
+            out = attend_indices(q, k, v, indices, counts, mask, config.block_size, config.window, scale)
+        cache = PackedKVCache.from_indices(
+            k, v, indices, counts, block_keep_count(budgets), config, scale, backend="torch"
+        )
+        return out, cache
+
+    @staticmethod
+    def decode(q, k, v, cache: PackedKVCache):
+        """One token at position cache.seq_len: compress the leaving block, append, attend. Mutates the cache."""
+        return decode_step(q, k, v, cache)
