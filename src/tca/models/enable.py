@@ -1,0 +1,87 @@
+"""Switch a transformers model to TCA attention and back (no edits of modeling code, no class patching)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..backends import registry
+from ..config import TCAConfig
+from ..plan import BudgetPlan
+from . import _hf
+from .attention import IMPLEMENTATIONS, SETTINGS_ATTRIBUTE, LayerSettings, register_all
+from .plans import resolve_plan
+from .shape import check_supported
+
+PREVIOUS_ATTRIBUTE = "_tca_previous_attn_implementation"
+
+
+def attention_modules(model, num_layers: int) -> list:
+    """The self-attention module of each layer, in layer order: the modules with an int `layer_idx` and a
+    `head_dim` (LlamaAttention, Qwen2Attention, MistralAttention, ...)."""
+    found: dict[int, torch.nn.Module] = {}
+    for module in model.modules():
+        index = getattr(module, "layer_idx", None)
+        if isinstance(index, int) and hasattr(module, "head_dim") and (hasattr(module, "q_proj") or hasattr(module, "qkv_proj")):
+            if index in found:
+                raise ValueError(f"found two attention modules for layer {index}; TCA supports one per layer")
+            found[index] = module
+    if sorted(found) != list(range(num_layers)):
+        raise ValueError(
+            f"expected one attention module per layer 0..{num_layers - 1}, found layers {sorted(found)}; "
+            "this architecture is not supported"
+        )
+    return [found[i] for i in range(num_layers)]
+
+
+def enable_tca(model, plan=None, config: TCAConfig | None = None, backend: str = "auto"):
+    """Switch `model` (a transformers causal LM) to TCA attention; returns the model.
+
+    plan: None (default budgets for every layer), a tca.BudgetPlan, or the path of a plan JSON file (from
+        `python -m tca calibrate`). It must match the model (layers, KV heads, head dim) and, when `config` is
+        given, its block size.
+    config: a tca.TCAConfig (default: the plan's, or TCAConfig()).
+    backend: "auto" (the best usable backend for the inputs) or a registered backend name; "reference" selects
+        the "tca_reference" implementation, the readable twin for A/B checks.
+
+    Generation keeps a compressed KV cache only with `past_key_values=tca.models.TCACache(model)`; with the
+    default dense cache every step runs stateless TCA over all cached tokens.
+    """
+    _hf.require()
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string (a name or 'auto'), got {type(backend).__name__}")
+    if backend != "auto":
+        registry.get(backend)  # unknown names fail here, with the list of known ones
+    shape = check_supported(model)
+    plan = resolve_plan(plan, shape, config)
+    register_all()
+    modules = attention_modules(model, shape.num_layers)
+    for index, module in enumerate(modules):
+        settings = LayerSettings(plan.config, plan.budgets(index), backend)
+        setattr(module, SETTINGS_ATTRIBUTE, settings)
+    implementation = "tca_reference" if backend == "reference" else "tca"
+    current = model.config._attn_implementation
+    if current not in IMPLEMENTATIONS:
+        setattr(model, PREVIOUS_ATTRIBUTE, current)
+    model.set_attn_implementation(implementation)
+    if model.config._attn_implementation != implementation:
+        raise ValueError(f"{type(model).__name__} refused attn_implementation={implementation!r}")
+    model.tca_plan = plan
+    return model
+
+
+def disable_tca(model):
+    """Restore the attention implementation the model had before enable_tca (default "sdpa"); returns it."""
+    previous = getattr(model, PREVIOUS_ATTRIBUTE, None) or "sdpa"
+    model.set_attn_implementation(previous)
+    for module in model.modules():
+        if SETTINGS_ATTRIBUTE in module.__dict__:
+            delattr(module, SETTINGS_ATTRIBUTE)
+    for name in (PREVIOUS_ATTRIBUTE, "tca_plan"):
+        if name in model.__dict__:
+            delattr(model, name)
+    return model
+
+
+def current_plan(model) -> BudgetPlan | None:
+    """The plan enable_tca installed on `model`, or None."""
+    return getattr(model, "tca_plan", None)
