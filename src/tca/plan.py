@@ -96,6 +96,18 @@ class BudgetPlan:
     def from_dict(cls, data: dict) -> BudgetPlan:
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ValueError(f"not a tca budget plan: expected 'format': {FORMAT!r}")
+        try:
+            return cls._from_dict(data)
+        except (KeyError, TypeError, AttributeError) as error:
+            # A missing field or a field of the wrong JSON type: say so as a ValueError, like every other check.
+            raise ValueError(
+                f"malformed tca budget plan ({type(error).__name__}: {error}); expected 'config' (a dict) and "
+                "'layers' (a list of layers, each a list of heads with 'budgets', 'retained_mass', 'cost', "
+                "'candidate'); save plans with BudgetPlan.save"
+            ) from error
+
+    @classmethod
+    def _from_dict(cls, data: dict) -> BudgetPlan:
         config = TCAConfig.from_dict(data["config"])
         n = config.num_retain_counts
         layers = []
