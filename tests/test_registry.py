@@ -1,0 +1,160 @@
+"""The backend registry: declared support, reasons, "auto" choice (warned once), lazy optional imports.
+
+Fake `Backend` records are registered for a test and always removed afterwards (fixture `fake_backend`).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import tca
+from conftest import make_qkv
+from tca.backends import registry
+from tca.backends.registry import Backend
+
+CFG = tca.TCAConfig(block_size=16, window=32)
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+@pytest.fixture
+def fake_backend():
+    """Register Backend records for one test; remove them (and restore any replaced one) afterwards."""
+    added, replaced = [], {}
+
+    def add(**fields) -> Backend:
+        fields.setdefault("summary", "a fake backend for tests")
+        fields.setdefault("implementation", "tca.backends.reference:ReferenceBackend")
+        fields.setdefault("devices", ("cpu",))
+        fields.setdefault("dtypes", (torch.float32, torch.float64))
+        backend = Backend(**fields)
+        if backend.name in registry._REGISTRY:
+            replaced[backend.name] = registry._REGISTRY[backend.name]
+        added.append(backend.name)
+        return registry.register(backend)
+
+    try:
+        yield add
+    finally:
+        for name in added:
+            registry._REGISTRY.pop(name, None)
+        registry._REGISTRY.update(replaced)
+
+
+@pytest.fixture
+def fresh_announcements(monkeypatch):
+    """Forget which "auto" choices were already announced, so this test sees the first announcement."""
+    monkeypatch.setattr(registry, "_ANNOUNCED", set())
+
+
+def inputs(dtype=torch.float64, D=16):
+    return make_qkv(1, 2, 1, 40, D, dtype=dtype, seed=0)
+
+
+def test_reference_is_registered_and_available():
+    assert "reference" in registry.names()
+    assert "reference" in tca.available_backends()
+    row = next(r for r in registry.report() if r["name"] == "reference")
+    assert row["usable"] and row["reasons"] == [] and row["decode"]
+
+
+def test_explicit_backend_that_cannot_run_lists_its_reasons(fake_backend):
+    fake_backend(
+        name="fake-gpu",
+        devices=("cuda",),
+        dtypes=(torch.float16,),
+        head_dims=(128,),
+        requires=(("tca_no_such_module_xyz", "pip install xyz"),),
+    )
+    with pytest.raises(tca.BackendUnavailableError) as info:
+        tca.attention(*inputs(), config=CFG, backend="fake-gpu")
+    message = str(info.value)
+    assert "backend 'fake-gpu' cannot run here" in message
+    assert "package 'tca_no_such_module_xyz' is not installed (pip install xyz)" in message
+    assert "device 'cpu' is not supported (supports cuda)" in message
+    assert "dtype float64 is not supported (supports float16)" in message
+    assert "head dim 16 is not supported (supports 128)" in message
+    assert isinstance(info.value, RuntimeError)
+
+
+def test_environment_reasons_are_reported(fake_backend):
+    fake_backend(name="fake-env", environment=lambda: ["needs a GPU of compute capability 9.0"])
+    with pytest.raises(tca.BackendUnavailableError, match="needs a GPU of compute capability 9.0"):
+        tca.attention(*inputs(), config=CFG, backend="fake-env")
+    row = next(r for r in registry.report() if r["name"] == "fake-env")
+    assert not row["usable"] and row["reasons"] == ["needs a GPU of compute capability 9.0"]
+    assert "fake-env" not in tca.available_backends()
+
+
+def test_backend_without_decode_cannot_prefill(fake_backend):
+    fake_backend(name="fake-nodecode", has_decode=False)
+    q, k, v = inputs()
+    assert torch.isfinite(tca.attention(q, k, v, config=CFG, backend="fake-nodecode")).all()
+    with pytest.raises(tca.BackendUnavailableError, match="stateful decoding is not implemented"):
+        tca.prefill(q, k, v, config=CFG, backend="fake-nodecode")
+
+
+def test_unknown_name_lists_the_known_ones(fake_backend):
+    fake_backend(name="fake-listed")
+    with pytest.raises(ValueError, match=r"unknown backend 'nope'; known backends: .*fake-listed.*\(or 'auto'\)"):
+        tca.attention(*inputs(), config=CFG, backend="nope")
+
+
+def test_auto_prefers_the_highest_priority_usable_backend(fake_backend, fresh_announcements):
+    fake_backend(name="fake-best", priority=10_000)
+    fake_backend(name="fake-broken", priority=20_000, environment=lambda: ["broken on purpose"])
+    assert registry.names()[:2] == ["fake-broken", "fake-best"]
+    chosen = registry.resolve("auto", "cpu", torch.float64, 16)
+    assert chosen.name == "fake-best"
+    assert tca.available_backends()[0] == "fake-best"
+
+
+def test_auto_warns_once_which_backend_it_chose(fresh_announcements):
+    q, k, v = inputs()
+    chosen = tca.available_backends()[0]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tca.attention(q, k, v, config=CFG)
+        tca.attention(q, k, v, config=CFG)
+        tca.attention(q, k, v, config=CFG, backend="reference")  # an explicit choice says nothing
+    choice = [w for w in caught if issubclass(w.category, tca.BackendChoiceWarning)]
+    assert len(choice) == 1
+    assert f"backend='auto' chose {chosen!r}" in str(choice[0].message)
+
+
+def test_auto_with_no_usable_backend_lists_every_reason(monkeypatch):
+    monkeypatch.setattr(registry, "_REGISTRY", {})
+    registry.register(Backend("only-gpu", "fake", "x:y", devices=("cuda",), dtypes=(torch.float16,)))
+    with pytest.raises(tca.BackendUnavailableError, match=r"no backend can run these inputs:\n  only-gpu: device"):
+        registry.resolve("auto", "cpu", torch.float32, 64)
+
+
+def test_report_for_given_inputs(fake_backend):
+    fake_backend(name="fake-hd", head_dims=(64, 128))
+    row = next(r for r in registry.report("cpu", torch.float32, 96) if r["name"] == "fake-hd")
+    assert row["reasons"] == ["head dim 96 is not supported (supports 64, 128)"]
+    assert row["head_dims"] == [64, 128]
+
+
+def test_implementation_is_loaded_lazily(fake_backend):
+    # Registering a record imports nothing; only load() does (and fails clearly for a missing module).
+    fake_backend(name="fake-lazy", implementation="tca_no_such_module_xyz.impl:Impl")
+    with pytest.raises(ModuleNotFoundError):
+        registry.get("fake-lazy").load()
+
+
+def test_import_tca_imports_no_optional_package():
+    code = (
+        "import sys, warnings; warnings.simplefilter('error'); import tca; "
+        "print(sorted(m for m in ('triton', 'flash_attn', 'transformers') if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], env={"PYTHONPATH": SRC, "PATH": ""}, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
