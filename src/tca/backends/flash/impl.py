@@ -1,0 +1,170 @@
+"""FlashBackend: TCA-Attention (semantics.md sections 4 and 5) as FlashAttention varlen calls merged by LSE.
+
+Prefill / stateless attention (plan.py says exactly what is sent):
+  1. selection (selection.py): sorted selected positions per (batch, KV head);
+  2. local call: one sequence per (batch, query head, query block c), keys [lo(c), end(c)) read in place
+     from k, causal bottom-right: the block-aligned window of section 2, exactly;
+  3. global call: the selected keys gathered once into [B, HKV, N, D]; query block c reads the prefix of
+     those before lo(c), not causal;
+  4. merge.py: one softmax over both (disjoint) parts.
+Decode over the PackedKVCache: compress the block leaving the window (scored by the current query, in torch),
+append the new token to the ring, then one query row per (batch, KV head) with its G query heads (native
+GQA) attends the global segment (read in place from the flat buffer) and the ring's window slots (one or two
+contiguous ranges), merged by LSE.
+
+Shape letters: B batch, HQ query heads, HKV key/value heads, G = HQ / HKV, L keys, LQ query rows, D head dim,
+N selected tokens per (batch, KV head), W ring slots, b block size.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...budgets import block_keep_count
+from ...geometry import window_start
+from ...packed_cache import PackedKVCache
+from ...selection import Selection
+from .generations import check_inputs, get_adapter
+from .merge import merge_two
+from .plan import PAD_POSITION, global_prefix_counts, global_segments, local_segments, query_blocks, rows_with_keys
+from .selection import pad_indices, select_indices
+
+
+def _call(adapter, q, k, v, seg, scale):
+    return adapter.varlen(
+        q, k, v, seg.cu_seqlens_q, seg.k_starts, seg.k_lens, seg.max_seqlen_q, seg.max_seqlen_k, seg.causal, scale
+    )
+
+
+def attend_indices(q, k, v, indices, counts, block_size: int, window: int, scale: float, return_lse=False, adapter=None):
+    """Section 4 given the selection: q [B, HQ, LQ, D], k, v [B, HKV, L, D] ("bhsd"), indices [B, HKV, N] int64
+    ascending padded with PAD_POSITION, counts [B, HKV]. Returns out [B, HQ, LQ, D] (and lse [B, HQ, LQ] fp32)."""
+    adapter = adapter or get_adapter()
+    check_inputs(adapter, q)
+    B, HQ, LQ, D = q.shape
+    HKV, L = k.shape[1], k.shape[2]
+    TQ = B * HQ * LQ
+    qf = q.contiguous().view(TQ, 1, D)  # one sequence per (batch, query head, block): free views of "bhsd"
+    kf = k.contiguous().view(B * HKV * L, 1, D)
+    vf = v.contiguous().view(B * HKV * L, 1, D)
+    local = local_segments(B, HQ, HKV, L, LQ, block_size, window, q.device)
+    res_local = _call(adapter, qf, kf, vf, local, scale)
+    out, lse = res_local.out, res_local.lse
+    n_max = indices.shape[-1]
+    if n_max > 0:
+        lo = query_blocks(L, LQ, block_size, window, q.device).lo
+        prefix = global_prefix_counts(indices, lo)  # [B, HKV, C]
+        if bool((prefix > 0).any()):
+            rows = indices.clamp(0, L - 1)[..., None].expand(-1, -1, -1, D)
+            ks = torch.gather(k, 2, rows).reshape(B * HKV * n_max, 1, D)
+            vs = torch.gather(v, 2, rows).reshape(B * HKV * n_max, 1, D)
+            glob = global_segments(prefix, B, HQ, HKV, LQ, L, block_size, window, n_max, q.device)
+            res_global = _call(adapter, qf, ks, vs, glob, scale)
+            out, lse = merge_two(out, lse, res_global.out, res_global.lse, rows_with_keys(glob, TQ), q.dtype)
+    out = out.reshape(B, HQ, LQ, D)
+    if return_lse:
+        return out, lse.reshape(B, HQ, LQ)
+    return out
+
+
+def compress_leaving_block(q, cache: PackedKVCache, start: int, end: int) -> None:
+    """Section 5 step 2: keep the t most important tokens of the block [start, end) leaving the window
+    (importance: mean over the group of softmax over the block of scale * q . k; ties to the smaller position)
+    and append them to the global segments. q: [B, HQ, 1, D]."""
+    B, HQ, _, D = q.shape
+    HKV = cache.num_kv_heads
+    G = HQ // HKV
+    slots = cache.local_slot_range(start, end)
+    kb, vb = cache.local_k[:, :, slots], cache.local_v[:, :, slots]  # [B, HKV, b, D]
+    qg = q[:, :, 0].float().view(B, HKV, G, D)
+    scores = (torch.einsum("bhgd,bhnd->bhgn", qg, kb.float()) * cache.scale).softmax(-1).mean(2)  # [B, HKV, b]
+    keep = cache.keep_per_block.to(q.device).view(1, HKV).expand(B, HKV)
+    order = scores.sort(dim=-1, descending=True, stable=True).indices  # ties: smaller position first
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(order.shape[-1], device=q.device).expand_as(order))
+    kept = rank < keep[..., None]
+    n = end - start
+    ascending = torch.where(kept, torch.arange(n, device=q.device), n).sort(dim=-1).values  # kept first, ascending
+    T = int(keep.max())
+    idx = ascending[..., :T].clamp_max(n - 1)
+    k_sel = torch.gather(kb, 2, idx[..., None].expand(-1, -1, -1, D))
+    v_sel = torch.gather(vb, 2, idx[..., None].expand(-1, -1, -1, D))
+    cache.append_global(k_sel, v_sel, start + idx, keep)
+
+
+def decode_attention(q, cache: PackedKVCache, position: int, adapter=None) -> torch.Tensor:
+    """One query row at `position` over the whole cache (its ring must already hold `position`).
+
+    q [B, HQ, 1, D] -> out [B, HQ, 1, D]. Sequences: one per (batch, KV head), its G query heads as heads.
+    """
+    adapter = adapter or get_adapter()
+    check_inputs(adapter, q)
+    B, HQ, _, D = q.shape
+    HKV, W = cache.num_kv_heads, cache.window_slots
+    G, S = HQ // HKV, B * cache.num_kv_heads
+    dev = q.device
+    qf = q.contiguous().view(S, G, D)
+    cu_q = torch.arange(S + 1, device=dev, dtype=torch.int32)
+    bh = torch.arange(S, device=dev, dtype=torch.int32)
+    lo = window_start(position, cache.config.block_size, cache.config.window)
+    first, count = lo % W, position - lo + 1
+    ring_k = cache.local_k.view(S * W, 1, D)
+    ring_v = cache.local_v.view(S * W, 1, D)
+    # The window's slots: [first, first + count) of the ring, wrapping at W into a second range [0, rest).
+    span = min(count, W - first)
+    res = adapter.varlen(qf, ring_k, ring_v, cu_q, bh * W + first, torch.full_like(bh, span), 1, span, False,
+                         cache.scale)
+    out, lse = res.out, res.lse
+    rest = count - span
+    all_rows = torch.ones(S, dtype=torch.bool, device=dev)
+    if rest > 0:
+        wrap = adapter.varlen(qf, ring_k, ring_v, cu_q, bh * W, torch.full_like(bh, rest), 1, rest, False, cache.scale)
+        out, lse = merge_two(out, lse, wrap.out, wrap.lse, all_rows, q.dtype)
+    lens = cache.global_len.reshape(S).to(dev)
+    n_max = int(lens.max()) if lens.numel() else 0
+    if n_max > 0:
+        gk = cache.global_k.view(-1, 1, D)
+        gv = cache.global_v.view(-1, 1, D)
+        starts = cache.global_start.reshape(S).to(device=dev, dtype=torch.int32)
+        glob = adapter.varlen(qf, gk, gv, cu_q, starts, lens.to(torch.int32), 1, n_max, False, cache.scale)
+        out, lse = merge_two(out, lse, glob.out, glob.lse, lens > 0, q.dtype)
+    return out.reshape(B, HQ, 1, D)
+
+
+class FlashBackend:
+    """The registry's implementation object (see registry.Backend): static methods on validated "bhsd" inputs."""
+
+    @staticmethod
+    def select(q, k, budgets, config, scale) -> Selection:
+        indices, counts = select_indices(q, k, budgets, config, scale)
+        return Selection.from_indices(indices.clamp_max(k.shape[2]), counts, config.block_size, config.window,
+                                      k.shape[2])
+
+    @staticmethod
+    def attend(q, k, v, selection: Selection, scale, return_lse=False):
+        indices, counts = pad_indices(*selection.padded_indices(fill=PAD_POSITION))
+        return attend_indices(q, k, v, indices, counts, selection.block_size, selection.window, scale, return_lse)
+
+    @staticmethod
+    def attention(q, k, v, budgets, config, scale, return_lse=False):
+        indices, counts = select_indices(q, k, budgets, config, scale)
+        return attend_indices(q, k, v, indices, counts, config.block_size, config.window, scale, return_lse)
+
+    @staticmethod
+    def prefill(q, k, v, budgets, config, scale):
+        indices, counts = select_indices(q, k, budgets, config, scale)
+        out = attend_indices(q, k, v, indices, counts, config.block_size, config.window, scale)
+        cache = PackedKVCache.from_indices(
+            k, v, indices.clamp_max(k.shape[2] - 1), counts, block_keep_count(budgets), config, scale, backend="flash"
+        )
+        return out, cache
+
+    @staticmethod
+    def decode(q, k, v, cache: PackedKVCache):
+        """Section 5: compress the block leaving the window (if it moved), append the token, attend."""
+        position = cache.seq_len
+        leaving = cache.leaving_block()
+        if leaving is not None:
+            compress_leaving_block(q, cache, *leaving)
+        cache.append_local(k, v)
+        return decode_attention(q, cache, position)
