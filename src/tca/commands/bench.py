@@ -1,0 +1,206 @@
+"""`python -m tca bench`: end-to-end generation dense vs TCA (time to first token, decode tokens/s, peak
+memory, KV-cache bytes) and, on a GPU, the per-layer kernel benchmark (benchmarks/bench_kernels.py).
+
+    python -m tca bench                                    # GPU: kernels + end to end; CPU: end to end, small
+    python -m tca bench --no-kernels --lengths 2048 --new-tokens 16 --out benchmarks/results/bench_e2e_cpu.json
+    python -m tca bench --model tiny --lengths 256 --new-tokens 4          # seconds, for tests
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HELP = "benchmarks: end-to-end generate dense vs TCA (TTFT, decode tok/s, memory); Triton kernels on a GPU"
+KERNEL_SCRIPT = Path("benchmarks") / "bench_kernels.py"
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def configure(parser) -> None:
+    parser.add_argument("--model", default="smollm2", choices=("smollm2", "tiny"))
+    parser.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda when available)")
+    parser.add_argument("--dtype", default="auto", help="auto: bfloat16 on a GPU, float32 on the CPU")
+    parser.add_argument("--backend", default="auto", help="TCA backend (auto: the best available)")
+    parser.add_argument("--lengths", type=_ints, help="prompt lengths (default: GPU 4096,8192,16384,32768; CPU 2048)")
+    parser.add_argument("--new-tokens", type=int, help="decoded tokens per run (default: GPU 128, CPU 16)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per point, median (GPU 3, CPU 1)")
+    parser.add_argument("--plan", help="budget plan JSON for TCA (default: the shipped SmolLM2 plan, or default budgets)")
+    parser.add_argument("--block-size", type=int, default=64, help="block size when no plan is given")
+    parser.add_argument("--window", type=int, default=512, help="window when no plan is given")
+    parser.add_argument("--out", help="results JSON")
+    parser.add_argument("--no-kernels", action="store_true", help="skip the kernel benchmark (GPU only anyway)")
+    parser.add_argument("--kernel-args", default="", help="extra arguments for benchmarks/bench_kernels.py")
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_reset(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak(device) -> int | None:
+    import torch
+
+    return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
+
+
+def generate_once(model, ids, new_tokens: int, cache) -> dict:
+    """Greedy prefill + decode with `cache`; times the first token and the decode steps separately."""
+    import torch
+
+    from tca.eval.harness import _cache_kwargs
+
+    device = ids.device
+    kwargs = _cache_kwargs(model, cache)
+    with torch.no_grad():
+        _sync(device)
+        start = time.perf_counter()
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **kwargs)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        _sync(device)
+        ttft = time.perf_counter() - start
+        start = time.perf_counter()
+        for _ in range(new_tokens - 1):
+            out = model(input_ids=token, use_cache=True, **kwargs)
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+        _sync(device)
+        decode = time.perf_counter() - start
+    return {"ttft_s": ttft, "decode_s": decode, "decode_tokens_per_s": (new_tokens - 1) / decode if decode > 0 else None}
+
+
+def end_to_end(model, tokenizer, lengths, new_tokens, repeats, plan, backend, progress=True) -> list[dict]:
+    """One row per (length, method): median TTFT and decode tokens/s, peak memory, KV-cache bytes."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from tca.eval.corpus import evaluation_text
+    from tca.eval.methods import Runner
+    from tca.models import TCACache, disable_tca, enable_tca
+
+    device = next(model.parameters()).device
+    text_ids = tokenizer.encode(evaluation_text(), add_special_tokens=False)
+    rows = []
+    points = [(L, m) for L in lengths for m in ("dense", "tca")]
+    for L, method in tqdm(points, desc="end to end", disable=not progress):
+        ids = torch.tensor([(text_ids * (1 + L // len(text_ids)))[:L]], device=device)
+        disable_tca(model)
+        if method == "tca":
+            enable_tca(model, plan=plan, backend=backend)
+
+        def make_cache(method=method):
+            if method == "tca":
+                return TCACache(model)
+            from transformers import DynamicCache
+
+            return DynamicCache()
+
+        generate_once(model, ids[:, : min(L, 1024)], 2, make_cache())  # warm-up (kernels compile here)
+        runs, peak, cache = [], None, None
+        for _ in range(repeats):
+            cache = make_cache()
+            _peak_reset(device)
+            base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+            runs.append(generate_once(model, ids, new_tokens, cache))
+            peak = _peak(device)
+            peak = None if peak is None else peak - base
+        runs.sort(key=lambda r: r["ttft_s"])
+        median = runs[len(runs) // 2]
+        kv_bytes = Runner.cache_bytes(cache)
+        rows.append({
+            "length": L, "method": method, "new_tokens": new_tokens, **median,
+            "ttft_s_all": [r["ttft_s"] for r in runs],
+            "peak_extra_bytes": peak, "kv_cache_bytes": kv_bytes,
+            "kept_fraction": Runner.kept_fraction(cache),
+        })
+        del cache
+    disable_tca(model)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| L | method | TTFT (ms) | decode tok/s | KV cache (MB) | kept | peak extra memory (MB) |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        peak = "-" if r["peak_extra_bytes"] is None else f"{r['peak_extra_bytes'] / 2**20:.0f}"
+        tps = "-" if r["decode_tokens_per_s"] is None else f"{r['decode_tokens_per_s']:.1f}"
+        lines.append(f"| {r['length']} | {r['method']} | {1000 * r['ttft_s']:.1f} | {tps} | "
+                     f"{r['kv_cache_bytes'] / 2**20:.2f} | {r['kept_fraction']:.3f} | {peak} |")
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    import torch
+
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    gpu = device.type == "cuda"
+    if gpu and not args.no_kernels:
+        if KERNEL_SCRIPT.is_file():
+            command = [sys.executable, str(KERNEL_SCRIPT), *args.kernel_args.split()]
+            print("kernels:", " ".join(command), flush=True)
+            status = subprocess.call(command)
+            if status:
+                print(f"the kernel benchmark exited with status {status}", file=sys.stderr)
+        else:
+            print(f"kernel benchmark skipped: {KERNEL_SCRIPT} not found (run from the repository root)", file=sys.stderr)
+    elif not gpu and not args.no_kernels:
+        print("kernel benchmark skipped: it needs a CUDA GPU (the end-to-end benchmark runs on any device)")
+    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (torch.bfloat16 if gpu else torch.float32)
+    lengths = args.lengths or ([4096, 8192, 16384, 32768] if gpu else [2048])
+    new_tokens = args.new_tokens or (128 if gpu else 16)
+    if new_tokens < 2:
+        raise ValueError(f"--new-tokens must be at least 2 (the first comes from the prefill), got {new_tokens}")
+    repeats = args.repeats or (3 if gpu else 1)
+    from tca.config import TCAConfig
+
+    if args.model == "tiny":
+        from tca.eval.tiny import tiny_llama
+
+        model, tokenizer = tiny_llama(0, dtype)
+        plan_name = "default budgets"
+        plan = None
+    else:
+        from tca.eval.methods import load_model
+
+        model, tokenizer = load_model(str(device), dtype)
+        plan = args.plan
+        if plan is None:
+            from tca.models.smollm2 import smollm2_plan_path
+
+            plan = str(smollm2_plan_path()) if smollm2_plan_path().is_file() else None
+        plan_name = plan or "default budgets"
+    model = model.to(device)
+    from tca.models import enable_tca
+
+    config = TCAConfig(block_size=args.block_size, window=args.window)
+    if plan is None:
+        from tca.models import default_plan, model_shape
+
+        plan = default_plan(model_shape(model), config)
+    enable_tca(model, plan=plan, backend=args.backend)  # validates the plan against the model once
+    rows = end_to_end(model, tokenizer, lengths, new_tokens, repeats, plan, args.backend)
+    print(table(rows))
+    if args.out:
+        meta = {
+            "model": args.model, "device": torch.cuda.get_device_name(device) if gpu else platform.processor() or "cpu",
+            "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__, "backend": args.backend,
+            "plan": str(plan_name), "repeats": repeats,
+        }
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"metadata": meta, "rows": rows}, indent=1) + "\n")
+        print("wrote", args.out)
+    return 0
