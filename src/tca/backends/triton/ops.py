@@ -154,14 +154,21 @@ def _attention_tiles(G: int, D: int, block_size: int):
     return g_pad, block_q, block_n
 
 
-def sparse_attention(q, k, v, indices, offsets, block_size: int, window: int, scale: float, return_lse: bool = False):
+def sparse_attention(
+    q, k, v, indices, offsets, block_size: int, window: int, scale: float, return_lse: bool = False, tiles=None
+):
     """Eq. 2 given a selection in compact form. q: [B, HQ, LQ, D] (bottom-right aligned), k, v: [B, HKV, L, D];
     indices [B, HKV, N] int32 sorted selected positions; offsets [B, HKV, J+1] int32 (selected below block j).
-    Returns out [B, HQ, LQ, D] (q's dtype) and lse [B, HQ, LQ] fp32 when asked."""
+    Returns out [B, HQ, LQ, D] (q's dtype) and lse [B, HQ, LQ] fp32 when asked.
+    tiles: optional overrides {"block_q", "block_n", "num_warps", "num_stages"} (benchmark sweeps)."""
     B, HQ, LQ, D = q.shape
     HKV, L = k.shape[1], k.shape[2]
     G = HQ // HKV
     g_pad, block_q, block_n = _attention_tiles(G, D, block_size)
+    tiles = tiles or {}
+    block_q, block_n = tiles.get("block_q", block_q), tiles.get("block_n", block_n)
+    if block_size % block_q:
+        raise ValueError(f"the query tile ({block_q}) must divide the block size ({block_size})")
     out = torch.empty_like(q)
     lse = torch.empty(B, HQ, LQ, device=q.device, dtype=torch.float32) if return_lse else out
     first = ((L - LQ) // block_q) * block_q
@@ -169,6 +176,7 @@ def sparse_attention(q, k, v, indices, offsets, block_size: int, window: int, sc
     indices = indices.contiguous()
     offsets = offsets.contiguous()
     extra = {} if INTERPRET else {"num_warps": 8 if block_q * g_pad * D >= 128 * 128 else 4, "num_stages": 2}
+    extra.update({key: tiles[key] for key in ("num_warps", "num_stages") if key in tiles})
     kernels_attention.sparse_prefill_kernel[(n_tiles, B * HKV)](
         q, k, v, out, lse, indices, offsets,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),

@@ -1,0 +1,88 @@
+"""Every available backend against the reference over a matrix of sequence lengths (generic: any backend that
+registers is covered, or skipped with its reasons).
+
+Stateless attention for each backend, and prefill + a few decode steps for those with has_decode. float32,
+small geometry (b=16, w=64) so it also runs through the Triton interpreter (nox session `crosscheck`).
+Shape letters: B, HQ, HKV, L, D.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tca
+from tca import reference
+from tca.backends import registry
+from tca.config import TCAConfig
+from tca.testing import assert_close, selection_difference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+CONFIG = TCAConfig(block_size=16, window=64)
+LENGTHS = [1, 15, 64, 65, 100, 160, 203]
+HEADS = [(4, 2), (2, 2)]
+D = 64
+BACKENDS = [name for name in registry.names() if name != "reference"]
+
+
+def _dtype(name) -> torch.dtype:
+    """float32 where the backend takes it, else its first supported dtype (flash kernels are fp16/bf16 only)."""
+    dtypes = registry.get(name).dtypes
+    return torch.float32 if torch.float32 in dtypes else dtypes[0]
+
+
+def _usable(name):
+    reasons = registry.get(name).reasons(DEVICE, _dtype(name), D)
+    if reasons:
+        pytest.skip(f"backend {name!r} cannot run here: {'; '.join(reasons)}")
+    return registry.get(name).load()
+
+
+def _inputs(HQ, HKV, L, seed, dtype):
+    gen = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(1, h, L, D, generator=gen).to(DEVICE, dtype) for h in (HQ, HKV, HKV))
+
+
+def _explain(impl, q, k):
+    """When outputs differ, the selection difference is the first thing to look at."""
+    if not hasattr(impl, "select") or k.shape[2] <= CONFIG.window:
+        return ""
+    p = tca.default_budgets(CONFIG.block_size).to(DEVICE).expand(k.shape[1], -1).contiguous()
+    return selection_difference(impl.select(q, k, p, CONFIG, D**-0.5), reference.select(q, k, p, CONFIG, D**-0.5))
+
+
+@pytest.mark.parametrize("HQ,HKV", HEADS)
+@pytest.mark.parametrize("L", LENGTHS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attention_matches_reference(backend, L, HQ, HKV):
+    impl = _usable(backend)
+    DTYPE = _dtype(backend)
+    q, k, v = _inputs(HQ, HKV, L, seed=L, dtype=DTYPE)
+    out = tca.attention(q, k, v, config=CONFIG, backend=backend)
+    ref = tca.attention(q.double(), k.double(), v.double(), config=CONFIG, backend="reference")
+    assert not torch.isnan(out).any()
+    try:
+        assert_close(out, ref, DTYPE)
+    except AssertionError as e:
+        raise AssertionError(f"{e}\nselection: {_explain(impl, q, k)}") from None
+
+
+@pytest.mark.parametrize("L", [40, 100, 203])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_prefill_decode_matches_reference(backend, L):
+    if not registry.get(backend).has_decode:
+        pytest.skip(f"backend {backend!r} has no stateful decode")
+    _usable(backend)
+    DTYPE = _dtype(backend)
+    HQ, HKV, steps = 4, 2, 20
+    q, k, v = _inputs(HQ, HKV, L + steps, seed=L + 7, dtype=DTYPE)
+    out, cache = tca.prefill(q[:, :, :L], k[:, :, :L], v[:, :, :L], config=CONFIG, backend=backend)
+    qr, kr, vr = q.double(), k.double(), v.double()  # the same (rounded) inputs, computed exactly
+    ref, ref_cache = tca.prefill(qr[:, :, :L], kr[:, :, :L], vr[:, :, :L], config=CONFIG, backend="reference")
+    assert_close(out, ref, DTYPE)
+    for i in range(L, L + steps):
+        sl = slice(i, i + 1)
+        got = tca.decode(q[:, :, sl], k[:, :, sl], v[:, :, sl], cache)
+        want = tca.decode(qr[:, :, sl], kr[:, :, sl], vr[:, :, sl], ref_cache)
+        assert not torch.isnan(got).any()
+        assert_close(got, want, DTYPE, msg=f"{backend} decode step at position {i}")

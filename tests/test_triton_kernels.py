@@ -1,0 +1,150 @@
+"""Layer 2: each Triton kernel against the reference given the SAME selection (no top-k in the comparison).
+
+Runs on a CUDA GPU, or on the CPU under TRITON_INTERPRET=1 (float32 and small shapes there).
+Shape letters: B, HQ, HKV, L, LQ, D, b block size, w window.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from tca import reference
+from tca.budgets import default_budgets
+from tca.config import TCAConfig
+from tca.selection import Selection
+from tca.testing import assert_close
+
+pytestmark = pytest.mark.triton
+CUDA = torch.cuda.is_available()
+if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("needs a CUDA GPU or TRITON_INTERPRET=1", allow_module_level=True)
+pytest.importorskip("triton")
+from tca.backends.triton import ops  # noqa: E402
+
+DEVICE = "cuda" if CUDA else "cpu"
+
+
+def make(B, HQ, HKV, L, D, LQ=None, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    LQ = L if LQ is None else LQ
+    q = torch.randn(B, HQ, LQ, D, generator=gen)
+    k = torch.randn(B, HKV, L, D, generator=gen)
+    v = torch.randn(B, HKV, L, D, generator=gen)
+    return (t.to(device=DEVICE, dtype=dtype) for t in (q, k, v))
+
+
+def random_selection(B, HKV, L, b, w, seed=0) -> Selection:
+    """A random selection (each budgeted block keeps a random number of random tokens, maybe none)."""
+    gen = torch.Generator().manual_seed(seed)
+    J = max(0, (L - 1) // b + 1 - w // b)
+    mask = torch.rand(B, HKV, J * b, generator=gen) < torch.rand(B, HKV, J, generator=gen).repeat_interleave(b, -1)
+    return Selection(mask.to(DEVICE), mask.view(B, HKV, J, b).sum(-1).to(DEVICE), b, w, L)
+
+
+@pytest.mark.parametrize(
+    "B,HQ,HKV,L,LQ,D,b,w",
+    [
+        (1, 4, 2, 300, 300, 64, 32, 64),  # GQA, L not a multiple of b
+        (2, 2, 2, 256, 256, 64, 32, 96),  # MHA, L a multiple of b
+        (1, 3, 1, 200, 200, 64, 16, 64),  # G = 3 (padded rows)
+        (1, 4, 2, 60, 60, 64, 16, 64),  # L <= w: dense causal
+        (1, 4, 2, 300, 37, 64, 32, 64),  # LQ < L, bottom-right
+        (1, 4, 2, 300, 1, 64, 32, 64),  # one query row
+    ],
+)
+def test_sparse_attention_matches_reference_given_selection(B, HQ, HKV, L, LQ, D, b, w):
+    q, k, v = make(B, HQ, HKV, L, D, LQ, seed=L + LQ)
+    selection = random_selection(B, HKV, L, b, w, seed=L)
+    out, lse = ops.TritonBackend.attend(q, k, v, selection, D**-0.5, return_lse=True)
+    ref, ref_lse = reference.attend(q.double(), k.double(), v.double(), selection, D**-0.5, return_lse=True)
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    assert_close(out, ref, torch.float32, msg="out")
+    assert_close(lse, ref_lse, torch.float32, lse=True, msg="lse")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="low precision needs a CUDA GPU (bf16 is wrong in the interpreter)")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("HQ,HKV,D", [(32, 8, 128), (9, 3, 64), (4, 4, 128)])
+def test_sparse_attention_low_precision_gpu(dtype, HQ, HKV, D):
+    L, b, w = 3000, 128, 1024
+    q, k, v = make(1, HQ, HKV, L, D, dtype=dtype, seed=HQ)
+    selection = random_selection(1, HKV, L, b, w, seed=D)
+    out, lse = ops.TritonBackend.attend(q, k, v, selection, D**-0.5, return_lse=True)
+    ref, ref_lse = reference.attend(q.double(), k.double(), v.double(), selection, D**-0.5, return_lse=True)
+    assert not torch.isnan(out).any()
+    # flash-attention's rule: at most 2x the error of the reference computed from the same low-precision
+    # inputs with its output rounded to the same dtype, plus the table's tolerance
+    plain = reference.attend(q, k, v, selection, D**-0.5)
+    bound = 2 * (plain.double() - ref).abs().max() + 1e-3
+    assert (out.double() - ref).abs().max() <= bound
+    assert_close(lse, ref_lse.float(), dtype, lse=True, msg="lse")
+
+
+def test_importance_logits_match_reference():
+    q, k, _ = make(2, 6, 2, 333, 64, seed=3)
+    scale = 64**-0.5
+    logits, row_max, row_sum = ops.last_query_importance_logits(q[:, :, -1], k, scale)
+    s = (torch.exp2(logits - row_max[..., None]) / row_sum[..., None]).mean(2)
+    ref = reference.selection.last_query_importance(q[:, :, -1].double(), k.double(), scale)
+    assert not torch.isnan(s).any()
+    torch.testing.assert_close(s.double(), ref, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("J", [1, 5, 37, 200])
+def test_budget_counts_match_reference(J):
+    gen = torch.Generator().manual_seed(J)
+    p = torch.rand(3, 8, generator=gen, dtype=torch.float64) ** 3
+    p = p / p.sum(-1, keepdim=True)
+    p = torch.cat([p, default_budgets(128)[None]])
+    assert torch.equal(ops.budget_counts(p, J), reference.selection.budget_counts(p, J))
+
+
+def test_decode_attention_over_built_cache():
+    """Split-K decode kernel vs a direct fp64 softmax over the cache's own tokens (cache built by hand)."""
+    from tca.packed_cache import PackedKVCache
+
+    B, HQ, HKV, L, D = 2, 4, 2, 260, 64
+    config = TCAConfig(block_size=32, window=64)
+    q, k, v = make(B, HQ, HKV, L + 1, D, seed=9)
+    gen = torch.Generator().manual_seed(1)
+    J = 260 // 32 + 1 - 2
+    mask = torch.rand(B, HKV, J * 32, generator=gen) < 0.3
+    counts = mask.sum(-1)
+    indices = torch.where(mask, torch.arange(J * 32), J * 32).sort(-1).values[..., : int(counts.max())]
+    cache = PackedKVCache.from_indices(
+        k[:, :, :L], v[:, :, :L], indices.to(DEVICE), counts.to(DEVICE), torch.tensor([4, 4]), config, D**-0.5, "triton"
+    )
+    cache.append_local(k[:, :, L:], v[:, :, L:])
+    out = ops.decode_attention(q[:, :, L:], cache, L)
+    assert not torch.isnan(out).any()
+    for bi in range(B):
+        for h in range(HKV):
+            kk, vv = cache.keys_of(bi, h).double(), cache.values_of(bi, h).double()
+            qq = q[bi, 2 * h : 2 * h + 2, L].double()
+            ref = torch.softmax(qq @ kk.T * D**-0.5, -1) @ vv
+            assert_close(out[bi, 2 * h : 2 * h + 2, 0], ref, torch.float32)
+
+
+def test_compress_block_kernel_matches_reference_rule():
+    """The leaving block's top-t by the current query's group-mean softmax, ties to the smaller position."""
+    from tca.packed_cache import PackedKVCache
+
+    B, HQ, HKV, L, D, b, w = 1, 4, 2, 128, 64, 32, 128
+    config = TCAConfig(block_size=b, window=w)
+    q, k, v = make(B, HQ, HKV, L + 1, D, seed=4)
+    empty = torch.zeros(B, HKV, 0, dtype=torch.long, device=DEVICE)
+    keep = torch.tensor([3, 7])
+    cache = PackedKVCache.from_indices(k[:, :, :L], v[:, :, :L], empty, empty.sum(-1), keep, config, D**-0.5, "triton")
+    start, end = cache.leaving_block()
+    ops.compress_leaving_block(q[:, :, L:], cache, start)
+    for h in range(HKV):
+        block = k[0, h, start:end].double()
+        scores = torch.softmax(q[0, 2 * h : 2 * h + 2, L].double() @ block.T * D**-0.5, -1).mean(0)
+        want = (scores.sort(descending=True, stable=True).indices[: int(keep[h])] + start).sort().values
+        got = cache.global_pos[int(cache.global_start[0, h]) : int(cache.global_start[0, h] + cache.global_len[0, h])]
+        assert got.tolist() == want.tolist()
+        assert torch.equal(cache.global_k[int(cache.global_start[0, h]) :][: int(keep[h])], k[0, h, want])
