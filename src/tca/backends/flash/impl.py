@@ -25,7 +25,7 @@ from ...geometry import window_start
 from ...packed_cache import PackedKVCache
 from ...selection import Selection
 from .generations import check_inputs, get_adapter
-from .merge import merge_two
+from .merge import merge
 from .plan import PAD_POSITION, global_prefix_counts, global_segments, local_segments, query_blocks, rows_with_keys
 from .selection import pad_indices, select_indices
 
@@ -55,12 +55,13 @@ def attend_indices(q, k, v, indices, counts, block_size: int, window: int, scale
         lo = query_blocks(L, LQ, block_size, window, q.device).lo
         prefix = global_prefix_counts(indices, lo)  # [B, HKV, C]
         if bool((prefix > 0).any()):
-            rows = indices.clamp(0, L - 1)[..., None].expand(-1, -1, -1, D)
-            ks = torch.gather(k, 2, rows).reshape(B * HKV * n_max, 1, D)
-            vs = torch.gather(v, 2, rows).reshape(B * HKV * n_max, 1, D)
+            # Gather the selected keys once: row (b, h, n) of [(B HKV N), 1, D] (padding reads key 0, never used).
+            base = torch.arange(B * HKV, device=q.device).view(B, HKV, 1) * L
+            rows = (base + indices.clamp(0, L - 1)).reshape(-1)
+            ks, vs = kf.index_select(0, rows), vf.index_select(0, rows)
             glob = global_segments(prefix, B, HQ, HKV, LQ, L, block_size, window, n_max, q.device)
             res_global = _call(adapter, qf, ks, vs, glob, scale)
-            out, lse = merge_two(out, lse, res_global.out, res_global.lse, rows_with_keys(glob, TQ), q.dtype)
+            out, lse = merge(out, lse, res_global.out, res_global.lse, rows_with_keys(glob, TQ), q.dtype)
     out = out.reshape(B, HQ, LQ, D)
     if return_lse:
         return out, lse.reshape(B, HQ, LQ)
@@ -119,7 +120,7 @@ def decode_attention(q, cache: PackedKVCache, position: int, adapter=None) -> to
     all_rows = torch.ones(S, dtype=torch.bool, device=dev)
     if rest > 0:
         wrap = adapter.varlen(qf, ring_k, ring_v, cu_q, bh * W, torch.full_like(bh, rest), 1, rest, False, cache.scale)
-        out, lse = merge_two(out, lse, wrap.out, wrap.lse, all_rows, q.dtype)
+        out, lse = merge(out, lse, wrap.out, wrap.lse, all_rows, q.dtype)
     lens = cache.global_len.reshape(S).to(dev)
     n_max = int(lens.max()) if lens.numel() else 0
     if n_max > 0:
@@ -127,7 +128,7 @@ def decode_attention(q, cache: PackedKVCache, position: int, adapter=None) -> to
         gv = cache.global_v.view(-1, 1, D)
         starts = cache.global_start.reshape(S).to(device=dev, dtype=torch.int32)
         glob = adapter.varlen(qf, gk, gv, cu_q, starts, lens.to(torch.int32), 1, n_max, False, cache.scale)
-        out, lse = merge_two(out, lse, glob.out, glob.lse, lens > 0, q.dtype)
+        out, lse = merge(out, lse, glob.out, glob.lse, lens > 0, q.dtype)
     return out.reshape(B, HQ, 1, D)
 
 

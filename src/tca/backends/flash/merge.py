@@ -27,3 +27,15 @@ def merge_two(out_1, lse_1, out_2, lse_2, has_second, out_dtype=None):
     second = torch.where(has_second[..., None], out_2.float(), 0.0)
     out = torch.addcmul(out_1.float() * w_1[..., None], second, w_2[..., None])
     return out.to(out_dtype), lse
+
+
+def merge(out_1, lse_1, out_2, lse_2, has_second, out_dtype=None):
+    """merge_two, fused in one Triton kernel on CUDA when Triton imports (merge_triton.py), else in torch."""
+    if out_1.is_cuda:
+        try:
+            from . import merge_triton
+        except Exception:  # noqa: BLE001 - no usable Triton: the torch merge computes the same
+            merge_triton = None
+        if merge_triton is not None:
+            return merge_triton.merge_two(out_1, lse_1, out_2, lse_2, has_second, out_dtype)
+    return merge_two(out_1, lse_1, out_2, lse_2, has_second, out_dtype)
