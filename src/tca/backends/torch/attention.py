@@ -24,7 +24,7 @@ from .selection import compute_dtype
 
 # Rows per chunk: at least one block; about this many rows otherwise (trades Python overhead per chunk against
 # the wasted upper triangle of the chunk's [R, w + R] local tile).
-TARGET_CHUNK_ROWS = 256
+TARGET_CHUNK_ROWS = int(__import__("os").environ.get("TCA_CHUNK", "256"))
 
 
 def chunk_rows(block_size: int, window: int) -> int:
@@ -77,27 +77,37 @@ def attend_indices(
     lse = torch.empty(B, HQ, LQ, dtype=dt, device=q.device) if return_lse else None
     R = chunk_rows(b, window)
     first = offset - offset % b  # position of the first block that holds a query
-    for start in range(first, L, R):
+    if offset == 0 and not return_lse:
+        # Rows before the window first moves (lo(i) = 0) are plain causal attention: the fused SDPA kernel.
+        head = min(L, window)
+        out[:, :, :head] = causal_sdpa(q[:, :, :head], k[:, :, :head], v[:, :, :head], scale)
+        first = head
+    starts = list(range(first, L, R))
+    if not starts:
+        return (out, lse) if return_lse else out
+    chunk_lo = [window_start(max(s, offset), b, window) for s in starts]
+    # Global keys of a chunk = the selected positions < lo0, a prefix of each sorted list: its length per head,
+    # for every chunk in one call (one host sync, not one per chunk).
+    if n_sel:
+        bounds = torch.tensor(chunk_lo, dtype=indices.dtype, device=q.device).expand(B, HKV, -1).contiguous()
+        prefix_all = torch.searchsorted(indices, bounds)  # [B, HKV, chunks]
+        prefix_max = prefix_all.amax(dim=(0, 1)).tolist()
+    for c, (start, lo0) in enumerate(zip(starts, chunk_lo, strict=True)):
         p0, p1 = max(start, offset), min(start + R, L)  # query positions [p0, p1)
-        lo0 = window_start(p0, b, window)
         positions = torch.arange(p0, p1, device=q.device)
         keys_pos = torch.arange(lo0, p1, device=q.device)
         lo = window_start(positions, b, window)[:, None]  # [R, 1]
-        causal = keys_pos <= positions[:, None]  # [R, C]
-        visible = causal & (keys_pos >= lo)  # the local band
-        if lo0 < P and bool((lo > lo0).any()):
-            # Selected keys inside [lo0, lo(i)) are global for row i.
+        visible = (keys_pos <= positions[:, None]) & (keys_pos >= lo)  # the local band [R, C]
+        if lo0 < P and window_start(p1 - 1, b, window) > lo0:
+            # Selected keys inside [lo0, lo(i)) are global for row i (blocks that left the window mid-chunk).
             inside = selected[..., lo0 : min(P, p1)]
             sel = torch.zeros(B, HKV, 1, keys_pos.numel(), dtype=torch.bool, device=q.device)
             sel[..., 0, : inside.shape[-1]] = inside
             visible = visible | (sel & (keys_pos < lo))  # [B, HKV, R, C]
         keys, values = k[:, :, lo0:p1], v[:, :, lo0:p1]
-        n = 0
-        if n_sel and lo0 > 0:
-            prefix = torch.searchsorted(indices, torch.full((B, HKV, 1), lo0, dtype=indices.dtype, device=q.device))
-            n = int(prefix.max())
+        n = prefix_max[c] if n_sel else 0
         if n:
-            valid = (torch.arange(n, device=q.device) < prefix)[:, :, None, :]  # [B, HKV, 1, n]
+            valid = (torch.arange(n, device=q.device) < prefix_all[:, :, c, None])[:, :, None, :]  # [B, HKV, 1, n]
             keys = torch.cat([k_sel[:, :, :n], keys], dim=2)
             values = torch.cat([v_sel[:, :, :n], values], dim=2)
             visible = torch.cat([valid.expand(B, HKV, p1 - p0, n), visible.expand(B, HKV, -1, -1)], dim=-1)
