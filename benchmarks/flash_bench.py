@@ -5,7 +5,7 @@
 bf16, B=1, one attention layer of Llama-3.1-8B's shape (32 query / 8 KV heads, D=128), default config
 (b=128, w=4096) and default budgets. Prefill: tca flash (selection + two varlen calls + merge, and each
 piece alone), tca triton, dense FA4 (flash_attn.cute) and cuDNN SDPA. Decode: one token over the compressed
-cache (flash vs triton) after a prefill. Also: max |flash - triton| given the same selection, peak extra memory.
+cache (flash vs triton) after a prefill, at --decode-lengths. Also: max |flash - triton| given the same selection, peak extra memory.
 Shape letters: B, HQ, HKV, L, D, b, w as in the package.
 """
 
@@ -140,7 +140,7 @@ def bench_length(L, args, rows):
         log(f"  max |flash - triton| = {row['max_abs_flash_vs_triton']:.3e}")
 
     # Decode: one token after a prefill (the cache grows by one token per timed call; negligible here).
-    if args.decode:
+    if L in [int(x) for x in args.decode_lengths.split(",") if x]:
         qd, kd, vd = (torch.randn(1, h, 1, D, device="cuda", dtype=torch.bfloat16, generator=gen) for h in (HQ, HKV, HKV))
         impls = {"flash": flash_impl.FlashBackend}
         if has_triton:
@@ -161,7 +161,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lengths", default="8192,32768,131072")
     parser.add_argument("--out", default="benchmarks/results/flash_h100.json")
-    parser.add_argument("--decode", action="store_true", help="also time one decode step")
+    parser.add_argument("--decode-lengths", default="32768", help="lengths at which one decode step is timed")
     args = parser.parse_args(argv)
     import triton
 
