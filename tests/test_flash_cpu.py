@@ -401,3 +401,31 @@ def test_attention_and_decode_match_the_reference(standin_adapter):
     attn = flash_impl.FlashBackend.attention(q, k, v, budgets, config, scale)
     assert_close(attn, reference.attention(q.float(), k.float(), v.float(), budgets, config, scale),
                  dtype=torch.float16, msg="attention")
+
+
+def test_decode_reads_exactly_the_cache_in_split_chunks(standin_adapter):
+    """One decode step: the chunks sent to flash (ring ranges, wrapping, and global segments) cover every
+    position the cache holds for each (batch, KV head) exactly once, and nothing else."""
+    config = TCAConfig(block_size=16, window=48)
+    B, HQ, HKV, L, D = 2, 4, 2, 100, 16
+    q, k, v = make_qkv(B, HQ, HKV, L + 1, D, dtype=torch.float16, seed=11)
+    budgets = random_budgets(HKV, 16, seed=3)
+    _, cache = flash_impl.FlashBackend.prefill(q[:, :, :L], k[:, :, :L], v[:, :, :L], budgets, config, D**-0.5)
+    calls = standin_adapter.fa.calls
+    calls.clear()
+    s = slice(L, L + 1)
+    flash_impl.FlashBackend.decode(q[:, :, s], k[:, :, s], v[:, :, s], cache)
+    W = cache.window_slots
+    ring_pos = torch.full((B * HKV * W,), -1, dtype=torch.long)
+    for p in cache.local_positions().tolist():
+        ring_pos.view(B * HKV, W)[:, p % W] = p
+    read = [[] for _ in range(B * HKV)]
+    for call in calls:
+        is_ring = call["k"].data_ptr() == cache.local_k.data_ptr()
+        parts = (call["cu_seqlens_q"].numel() - 1) // (B * HKV)
+        for seq, (start, n) in enumerate(zip(call["cu_seqlens_k"][:-1].tolist(), call["seqused_k"].tolist(), strict=True)):
+            rows = range(start, start + n)
+            read[seq // parts] += [int(ring_pos[r]) if is_ring else int(cache.global_pos[r]) for r in rows]
+        assert call["causal"] is False and call["max_seqlen_q"] == 1
+    for bh in range(B * HKV):
+        assert sorted(read[bh]) == cache.positions_of(bh // HKV, bh % HKV).tolist(), f"(batch, KV head) {bh}"

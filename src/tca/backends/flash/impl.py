@@ -10,7 +10,7 @@ Prefill / stateless attention (plan.py says exactly what is sent):
 Decode over the PackedKVCache: compress the block leaving the window (scored by the current query, in torch),
 append the new token to the ring, then one query row per (batch, KV head) with its G query heads (native
 GQA) attends the global segment (read in place from the flat buffer) and the ring's window slots (one or two
-contiguous ranges), merged by LSE.
+contiguous ranges), each cut into chunks so the GPU is filled (split-KV), all merged by LSE.
 
 Shape letters: B batch, HQ query heads, HKV key/value heads, G = HQ / HKV, L keys, LQ query rows, D head dim,
 N selected tokens per (batch, KV head), W ring slots, b block size.
@@ -93,10 +93,47 @@ def compress_leaving_block(q, cache: PackedKVCache, start: int, end: int) -> Non
     cache.append_global(k_sel, v_sel, start + idx, keep)
 
 
+def decode_splits(device: torch.device, sequences: int, longest: int) -> int:
+    """How many chunks each decode key segment is cut into, so that the GPU has ~2 CTAs per SM to fill
+    (one sequence per (batch, KV head) would leave most SMs idle); 2 on CPU, to exercise the path."""
+    if device.type != "cuda":
+        return 2 if longest > 1 else 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(-(-2 * sms // sequences), -(-longest // 128)))
+
+
+def _split_call(adapter, qf, buf_k, buf_v, starts, lens, longest: int, scale: float):
+    """Attend each of the S query rows (G heads) to its key segment cut into P chunks (split-KV).
+
+    qf [S, G, D]; starts, lens [S]. Returns out [S, P, G, D], lse [S, P, G], valid [S, P] (chunk not empty).
+    """
+    S, G, D = qf.shape
+    parts = decode_splits(qf.device, S, longest)
+    chunk = -(-longest // parts)
+    offsets = torch.arange(parts, device=qf.device, dtype=torch.int64) * chunk
+    seg_starts = (starts.long()[:, None] + offsets).reshape(-1).to(torch.int32)
+    seg_lens = (lens.long()[:, None] - offsets).clamp(0, chunk).reshape(-1).to(torch.int32)
+    q_rep = qf.repeat_interleave(parts, dim=0)  # [S*P, G, D], a few KB: one copy of the query per chunk
+    cu_q = torch.arange(S * parts + 1, device=qf.device, dtype=torch.int32)
+    res = adapter.varlen(q_rep, buf_k, buf_v, cu_q, seg_starts, seg_lens, 1, chunk, False, scale)
+    return res.out.view(S, parts, G, D), res.lse.reshape(S, parts, G), (seg_lens > 0).view(S, parts)
+
+
+def _combine(parts, out_dtype):
+    """One softmax over every chunk of every part: parts of (out [S, P, G, D], lse [S, P, G], valid [S, P])."""
+    out = torch.cat([p[0] for p in parts], dim=1).float()
+    valid = torch.cat([p[2] for p in parts], dim=1)[..., None]  # [S, P, 1]
+    lse = torch.where(valid, torch.cat([p[1] for p in parts], dim=1).float(), float("-inf"))
+    weights = torch.exp(lse - torch.logsumexp(lse, dim=1, keepdim=True))  # 0 for empty chunks
+    out = torch.where(valid[..., None], out, 0.0)
+    return (weights[..., None] * out).sum(1).to(out_dtype)  # [S, G, D]
+
+
 def decode_attention(q, cache: PackedKVCache, position: int, adapter=None) -> torch.Tensor:
     """One query row at `position` over the whole cache (its ring must already hold `position`).
 
-    q [B, HQ, 1, D] -> out [B, HQ, 1, D]. Sequences: one per (batch, KV head), its G query heads as heads.
+    q [B, HQ, 1, D] -> out [B, HQ, 1, D]. Sequences: one per (batch, KV head) with its G query heads as heads
+    (native GQA), each key segment read in place and cut into chunks (split-KV), all merged by LSE at the end.
     """
     adapter = adapter or get_adapter()
     check_inputs(adapter, q)
@@ -105,31 +142,24 @@ def decode_attention(q, cache: PackedKVCache, position: int, adapter=None) -> to
     G, S = HQ // HKV, B * cache.num_kv_heads
     dev = q.device
     qf = q.contiguous().view(S, G, D)
-    cu_q = torch.arange(S + 1, device=dev, dtype=torch.int32)
-    bh = torch.arange(S, device=dev, dtype=torch.int32)
+    bh = torch.arange(S, device=dev, dtype=torch.int64)
     lo = window_start(position, cache.config.block_size, cache.config.window)
     first, count = lo % W, position - lo + 1
     ring_k = cache.local_k.view(S * W, 1, D)
     ring_v = cache.local_v.view(S * W, 1, D)
     # The window's slots: [first, first + count) of the ring, wrapping at W into a second range [0, rest).
     span = min(count, W - first)
-    res = adapter.varlen(qf, ring_k, ring_v, cu_q, bh * W + first, torch.full_like(bh, span), 1, span, False,
-                         cache.scale)
-    out, lse = res.out, res.lse
+    parts = [_split_call(adapter, qf, ring_k, ring_v, bh * W + first, torch.full_like(bh, span), span, cache.scale)]
     rest = count - span
-    all_rows = torch.ones(S, dtype=torch.bool, device=dev)
     if rest > 0:
-        wrap = adapter.varlen(qf, ring_k, ring_v, cu_q, bh * W, torch.full_like(bh, rest), 1, rest, False, cache.scale)
-        out, lse = merge(out, lse, wrap.out, wrap.lse, all_rows, q.dtype)
+        parts.append(_split_call(adapter, qf, ring_k, ring_v, bh * W, torch.full_like(bh, rest), rest, cache.scale))
     lens = cache.global_len.reshape(S).to(dev)
     n_max = int(lens.max()) if lens.numel() else 0
     if n_max > 0:
-        gk = cache.global_k.view(-1, 1, D)
-        gv = cache.global_v.view(-1, 1, D)
-        starts = cache.global_start.reshape(S).to(device=dev, dtype=torch.int32)
-        glob = adapter.varlen(qf, gk, gv, cu_q, starts, lens.to(torch.int32), 1, n_max, False, cache.scale)
-        out, lse = merge(out, lse, glob.out, glob.lse, lens > 0, q.dtype)
-    return out.reshape(B, HQ, 1, D)
+        gk, gv = cache.global_k.view(-1, 1, D), cache.global_v.view(-1, 1, D)
+        starts = cache.global_start.reshape(S).to(dev)
+        parts.append(_split_call(adapter, qf, gk, gv, starts, lens, n_max, cache.scale))
+    return _combine(parts, q.dtype).view(B, HQ, 1, D)
 
 
 class FlashBackend:
