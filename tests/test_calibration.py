@@ -214,3 +214,9 @@ def test_plan_that_is_not_json_raises(tmp_path):
     path.write_text("{not json")
     with pytest.raises(ValueError):
         BudgetPlan.load(path)
+
+
+@pytest.mark.parametrize("num_rows", [1, 0, -3])
+def test_evaluated_rows_needs_two_rows(num_rows):
+    with pytest.raises(ValueError, match="num_rows must be an int >= 2"):
+        reference.evaluated_rows(100, 32, num_rows)

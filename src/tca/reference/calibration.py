@@ -28,6 +28,9 @@ DEFAULT_ROWS = 256
 
 def evaluated_rows(seq_len: int, window: int, num_rows: int = DEFAULT_ROWS) -> torch.Tensor:
     """Rows w .. L-1, or R of them evenly spread with both ends included (integer arithmetic)."""
+    if isinstance(num_rows, bool) or not isinstance(num_rows, int) or num_rows < 2:
+        # The spread formula divides by R - 1, and one row cannot include both ends.
+        raise ValueError(f"num_rows must be an int >= 2 (the rows include both w and L-1), got {num_rows!r}")
     if seq_len - window <= num_rows:
         return torch.arange(window, seq_len)
     m = torch.arange(num_rows)
