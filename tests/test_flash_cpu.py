@@ -82,7 +82,9 @@ class FA4StandIn(types.ModuleType):
         self.calls = []
 
     def flash_attn_varlen_func(self, q, k, v, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                               seqused_k, softmax_scale, causal, window_size, return_lse):
+                               seqused_k=None, softmax_scale, causal, window_size, return_lse):
+        if seqused_k is None:  # plain varlen: contiguous segments
+            seqused_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).to(torch.int32)
         self.calls.append(dict(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q.clone(), cu_seqlens_k=cu_seqlens_k.clone(),
                                seqused_k=seqused_k.clone(), max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
                                scale=softmax_scale, causal=causal, window_size=window_size, return_lse=return_lse))
@@ -197,6 +199,18 @@ def test_fa2_copies_segments_out_and_chunks_them():
     assert all(c["window_size"] == (-1, -1) and c["dropout_p"] == 0.0 for c in standin.calls)
     torch.testing.assert_close(chunked.out, whole.out)
     torch.testing.assert_close(chunked.lse, whole.lse)
+
+
+def test_fa4_copy_mode_sends_contiguous_copies_with_the_same_result():
+    standin = FA4StandIn()
+    q, k, v, cu_q, starts, lens = packed_problem(seed=2)
+    copied = fa4.FA4Adapter(module=standin, copy_kv=True).varlen(q, k, v, cu_q, starts, lens, 4, 6, True, 0.5)
+    in_place = fa4.FA4Adapter(module=FA4StandIn(), copy_kv=False).varlen(q, k, v, cu_q, starts, lens, 4, 6, True, 0.5)
+    (call,) = standin.calls
+    assert call["cu_seqlens_k"].tolist() == [0, 5, 11, 11]
+    torch.testing.assert_close(call["k"], torch.cat([k[0:5], k[2:8]]))
+    torch.testing.assert_close(copied.out, in_place.out)
+    torch.testing.assert_close(copied.lse, in_place.lse)
 
 
 @pytest.mark.parametrize("generation", ["fa4", "fa3", "fa2"])

@@ -77,3 +77,29 @@ def chunk_sequences(k_lens: torch.Tensor, max_keys: int) -> list[tuple[int, int]
         total += n
     chunks.append((start, len(lens)))
     return chunks
+
+
+MAX_PACKED_KEYS = 1 << 22  # copied key rows per flash call in copy mode (x HK x D x 2 bytes, for K and V)
+COPY_KV_ENV = "TCA_FLASH_COPY_KV"  # "1": copy key segments out even where flash could read them in place
+
+
+def packed_copies(q, k, v, cu_seqlens_q, k_starts, k_lens, max_keys: int, call) -> VarlenResult:
+    """Run a varlen attention whose key segments may overlap on a flash API that needs them contiguous.
+
+    Sequences are taken in chunks of at most `max_keys` copied key rows; each chunk's segments are copied
+    into a packed buffer and `call(q_chunk, k_packed, v_packed, cu_q, cu_k)` runs flash on it, returning
+    (out [TQc, H, D], lse [TQc, H]). A chunk without any key is not sent (out 0, lse -inf).
+    """
+    cu_q = cu_seqlens_q.long()
+    outs, lses = [], []
+    for first, last in chunk_sequences(k_lens, max_keys):
+        q0, q1 = int(cu_q[first]), int(cu_q[last])
+        rows, cu_k = gather_segments(k_starts[first:last], k_lens[first:last])
+        if rows.numel() == 0:
+            outs.append(q.new_zeros(q1 - q0, q.shape[1], v.shape[-1]))
+            lses.append(torch.full((q1 - q0, q.shape[1]), float("-inf"), device=q.device))
+            continue
+        out, lse = call(q[q0:q1], k[rows], v[rows], (cu_q[first : last + 1] - q0).to(torch.int32), cu_k)
+        outs.append(out)
+        lses.append(lse)
+    return VarlenResult(torch.cat(outs), torch.cat(lses))

@@ -12,12 +12,11 @@ import importlib
 
 import torch
 
-from .adapter import VarlenResult, chunk_sequences, fa_window, gather_segments, lse_rows_first
+from .adapter import MAX_PACKED_KEYS, fa_window, lse_rows_first, packed_copies
 
 MODULE = "flash_attn"
 GENERATION = "fa2"
 DTYPES = (torch.float16, torch.bfloat16)
-MAX_PACKED_KEYS = 1 << 22  # rows of copied keys per flash call (x H_K x D x 2 bytes x 2 for K and V)
 
 
 def head_dim_reason(head_dim: int, capability: tuple[int, int]) -> str | None:
@@ -29,7 +28,6 @@ def head_dim_reason(head_dim: int, capability: tuple[int, int]) -> str | None:
 class FA2Adapter:
     generation = GENERATION
     module_name = MODULE
-    reads_kv_in_place = False
 
     def __init__(self, module=None, max_packed_keys: int = MAX_PACKED_KEYS):
         self.fa = module if module is not None else importlib.import_module(MODULE)
@@ -37,29 +35,16 @@ class FA2Adapter:
 
     def varlen(self, q, k, v, cu_seqlens_q, k_starts, k_lens, max_seqlen_q, max_seqlen_k, causal, scale, window=None):
         """See adapter.py. q [TQ, H, D], k, v [TK, HK, D]  ->  VarlenResult(out [TQ, H, D], lse [TQ, H])."""
-        cu_q = cu_seqlens_q.long()
-        outs, lses = [], []
-        for first, last in chunk_sequences(k_lens, self.max_packed_keys):
-            q0, q1 = int(cu_q[first]), int(cu_q[last])
-            rows, cu_k = gather_segments(k_starts[first:last], k_lens[first:last])
-            if rows.numel() == 0:  # no keys at all in this chunk: FA2 refuses an empty k
-                outs.append(q.new_zeros(q1 - q0, q.shape[1], v.shape[-1]))
-                lses.append(torch.full((q1 - q0, q.shape[1]), float("-inf"), device=q.device))
-                continue
+
+        def call(qc, kc, vc, cu_q, cu_k):
             out, lse, _ = self.fa.flash_attn_varlen_func(
-                q[q0:q1],
-                k[rows],
-                v[rows],
-                (cu_q[first : last + 1] - q0).to(torch.int32),
-                cu_k,
-                int(max_seqlen_q),
-                int(max_seqlen_k),
+                qc, kc, vc, cu_q, cu_k, int(max_seqlen_q), int(max_seqlen_k),
                 dropout_p=0.0,
                 softmax_scale=float(scale),
                 causal=bool(causal),
                 window_size=fa_window(window, -1),
                 return_attn_probs=True,
             )
-            outs.append(out)
-            lses.append(lse_rows_first(lse, q1 - q0, q.shape[1]))
-        return VarlenResult(torch.cat(outs), torch.cat(lses))
+            return out, lse_rows_first(lse, qc.shape[0], qc.shape[1])
+
+        return packed_copies(q, k, v, cu_seqlens_q, k_starts, k_lens, self.max_packed_keys, call)

@@ -28,7 +28,6 @@ def head_dim_reason(head_dim: int, capability: tuple[int, int]) -> str | None:
 class FA3Adapter:
     generation = GENERATION
     module_name = MODULE
-    reads_kv_in_place = True
 
     def __init__(self, module=None):
         self.fa = module if module is not None else importlib.import_module(MODULE)

@@ -8,10 +8,19 @@ Windows use None for unlimited; the LSE comes back as [H, TQ] with return_lse=Tr
 from __future__ import annotations
 
 import importlib
+import os
 
 import torch
 
-from .adapter import VarlenResult, cu_seqlens_k_from_starts, fa_window, lse_rows_first
+from .adapter import (
+    COPY_KV_ENV,
+    MAX_PACKED_KEYS,
+    VarlenResult,
+    cu_seqlens_k_from_starts,
+    fa_window,
+    lse_rows_first,
+    packed_copies,
+)
 
 MODULE = "flash_attn.cute"
 GENERATION = "fa4"
@@ -30,13 +39,23 @@ def head_dim_reason(head_dim: int, capability: tuple[int, int]) -> str | None:
 class FA4Adapter:
     generation = GENERATION
     module_name = MODULE
-    reads_kv_in_place = True
 
-    def __init__(self, module=None):
+    def __init__(self, module=None, copy_kv: bool | None = None):
         self.fa = module if module is not None else importlib.import_module(MODULE)
+        self.copy_kv = os.environ.get(COPY_KV_ENV) == "1" if copy_kv is None else copy_kv
 
     def varlen(self, q, k, v, cu_seqlens_q, k_starts, k_lens, max_seqlen_q, max_seqlen_k, causal, scale, window=None):
         """See adapter.py. q [TQ, H, D], k, v [TK, HK, D]  ->  VarlenResult(out [TQ, H, D], lse [TQ, H])."""
+        if self.copy_kv:  # the fallback: contiguous copies, as for FA2
+            def call(qc, kc, vc, cu_q, cu_k):
+                out, lse = self.fa.flash_attn_varlen_func(
+                    qc, kc, vc, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=int(max_seqlen_q),
+                    max_seqlen_k=int(max_seqlen_k), softmax_scale=float(scale), causal=bool(causal),
+                    window_size=fa_window(window, None), return_lse=True,
+                )
+                return out, lse_rows_first(lse, qc.shape[0], qc.shape[1])
+
+            return packed_copies(q, k, v, cu_seqlens_q, k_starts, k_lens, MAX_PACKED_KEYS, call)
         out, lse = self.fa.flash_attn_varlen_func(
             q,
             k,
