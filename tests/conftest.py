@@ -5,9 +5,16 @@ Shape letters: B batch, HQ query heads, HKV key/value heads, L keys, LQ queries,
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
+
+# The CPU suite runs tiny tensors on a shared 2-core machine: with 2 intra-op threads, OpenMP barriers
+# spin against other processes and the same tests ran 40x slower (test_cache_reference.py: 45 s vs 1.1 s
+# with 1 thread, load average 4). One thread unless TCA_TEST_THREADS asks for more.
+torch.set_num_threads(int(os.environ.get("TCA_TEST_THREADS", "1")))
 
 # Property tests must stay fast on two cores: few examples, no per-example deadline.
 settings.register_profile(
