@@ -323,3 +323,29 @@ def test_long_prefill_allocates_nothing_quadratic(capsys):
         print(
             f"\n[torch backend] L={L} b={b} w={w} HQ={HQ}: {ours:.2f} s (largest tensor {probe.largest:,} elements); SDPA causal {sdpa:.2f} s"
         )
+
+
+# ------------------------------------------------------------------ CUDA (the GPU machine)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_prefill_and_decode_match_reference_on_cpu(dtype):
+    """The same function on CUDA: selection equal to the CPU reference's (fp32 scores), outputs within tolerance."""
+    B, HQ, HKV, L, D, b, w = 2, 8, 2, 1100, 64, 64, 256
+    config = TCAConfig(block_size=b, window=w)
+    q, k, v = make_qkv(B, HQ, HKV, L + 80, D, dtype=dtype, seed=41)
+    budgets = random_budgets(HKV, b, 41)
+    prompt = [t[:, :, :L] for t in (q, k, v)]
+    out, cache = tca.prefill(*(t.cuda() for t in prompt), budgets=budgets, config=config, backend="torch")
+    ref_out, ref_cache = tca.prefill(*prompt, budgets=budgets, config=config, backend="reference")
+    assert out.is_cuda and cache.device.type == "cuda"
+    assert_close(out.cpu(), ref_out, dtype, msg="prefill")
+    for i in range(L, L + 80):
+        step = [t[:, :, i : i + 1] for t in (q, k, v)]
+        got = tca.decode(*(t.cuda() for t in step), cache)
+        assert_close(got.cpu(), tca.decode(*step, ref_cache), dtype, msg=f"position {i}")
+    for bi in range(B):
+        for h in range(HKV):
+            assert cache.positions_of(bi, h).cpu().tolist() == ref_cache.positions[bi][h].tolist()

@@ -63,7 +63,6 @@ def attend_indices(
     """
     B, HQ, LQ, D = q.shape
     HKV, L = k.shape[1], k.shape[2]
-    G = HQ // HKV
     dt = compute_dtype(q.dtype)
     b = block_size
     offset = L - LQ
@@ -72,7 +71,6 @@ def attend_indices(
     if n_sel:
         rows = indices.long().clamp_max(L - 1)[..., None].expand(-1, -1, -1, D)
         k_sel, v_sel = k.gather(2, rows), v.gather(2, rows)  # [B, HKV, N, D]
-    P = selected.shape[-1]
     out = torch.empty(B, HQ, LQ, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, HQ, LQ, dtype=dt, device=q.device) if return_lse else None
     R = chunk_rows(b, window)
@@ -92,36 +90,84 @@ def attend_indices(
         bounds = torch.tensor(chunk_lo, dtype=indices.dtype, device=q.device).expand(B, HKV, -1).contiguous()
         prefix_all = torch.searchsorted(indices, bounds)  # [B, HKV, chunks]
         prefix_max = prefix_all.amax(dim=(0, 1)).tolist()
+        prefix_equal = (prefix_all.amin(dim=(0, 1)) == prefix_all.amax(dim=(0, 1))).tolist()
     for c, (start, lo0) in enumerate(zip(starts, chunk_lo, strict=True)):
         p0, p1 = max(start, offset), min(start + R, L)  # query positions [p0, p1)
-        positions = torch.arange(p0, p1, device=q.device)
-        keys_pos = torch.arange(lo0, p1, device=q.device)
-        lo = window_start(positions, b, window)[:, None]  # [R, 1]
-        visible = (keys_pos <= positions[:, None]) & (keys_pos >= lo)  # the local band [R, C]
-        if lo0 < P and window_start(p1 - 1, b, window) > lo0:
-            # Selected keys inside [lo0, lo(i)) are global for row i (blocks that left the window mid-chunk).
-            inside = selected[..., lo0 : min(P, p1)]
-            sel = torch.zeros(B, HKV, 1, keys_pos.numel(), dtype=torch.bool, device=q.device)
-            sel[..., 0, : inside.shape[-1]] = inside
-            visible = visible | (sel & (keys_pos < lo))  # [B, HKV, R, C]
-        keys, values = k[:, :, lo0:p1], v[:, :, lo0:p1]
         n = prefix_max[c] if n_sel else 0
-        if n:
-            valid = (torch.arange(n, device=q.device) < prefix_all[:, :, c, None])[:, :, None, :]  # [B, HKV, 1, n]
-            keys = torch.cat([k_sel[:, :, :n], keys], dim=2)
-            values = torch.cat([v_sel[:, :, :n], values], dim=2)
-            visible = torch.cat([valid.expand(B, HKV, p1 - p0, n), visible.expand(B, HKV, -1, -1)], dim=-1)
-        qc = q[:, :, p0 - offset : p1 - offset].to(dt).reshape(B, HKV, G * (p1 - p0), D)
-        logits = torch.matmul(qc, keys.to(dt).transpose(-1, -2)).view(B, HKV, G, p1 - p0, -1)
-        logits.mul_(scale)
-        mask = visible if visible.dim() == 4 else visible[None, None]
-        logits.masked_fill_(~mask[:, :, None], -math.inf)
+        valid = None  # [B, HKV, n], only where some head has fewer global keys than n
+        if n and not prefix_equal[c]:
+            valid = torch.arange(n, device=q.device) < prefix_all[:, :, c, None]
+        rows = slice(p0 - offset, p1 - offset)
+        chunk_out, chunk_lse = _attend_chunk(
+            q[:, :, rows],
+            k,
+            v,
+            k_sel[:, :, :n] if n else None,
+            v_sel[:, :, :n] if n else None,
+            valid,
+            selected,
+            p0,
+            p1,
+            lo0,
+            b,
+            window,
+            scale,
+            return_lse,
+        )
+        out[:, :, rows] = chunk_out.to(q.dtype)
         if return_lse:
-            row_lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-            weights = torch.exp(logits.sub_(row_lse))
-            lse[:, :, p0 - offset : p1 - offset] = row_lse.view(B, HQ, p1 - p0)
-        else:
-            weights = torch.softmax(logits, dim=-1)
-        chunk = torch.matmul(weights.view(B, HKV, G * (p1 - p0), -1), values.to(dt))
-        out[:, :, p0 - offset : p1 - offset] = chunk.view(B, HQ, p1 - p0, D).to(q.dtype)
+            lse[:, :, rows] = chunk_lse
     return (out, lse) if return_lse else out
+
+
+def _attend_chunk(q, k, v, k_glob, v_glob, valid, selected, p0, p1, lo0, b, window, scale, return_lse):
+    """Rows [p0, p1) (one or more whole blocks, all with window start >= lo0) in one softmax.
+
+    q [B, HQ, R, D]; keys: n global ones (k_glob [B, HKV, n, D] or None; valid [B, HKV, n] marks the real ones
+    when heads have fewer than n, else None) followed by
+    the contiguous range [lo0, p1). Returns out [B, HQ, R, D] in the compute dtype (and lse [B, HQ, R]).
+    Only the columns that some row of the chunk cannot see are masked (why: masking is a memory-bound pass
+    over the whole logits tile, as expensive as the softmax; most columns are visible to every row).
+    """
+    B, HQ, R, D = q.shape
+    HKV = k.shape[1]
+    G = HQ // HKV
+    dt = compute_dtype(q.dtype)
+    device = q.device
+    keys, values = k[:, :, lo0:p1], v[:, :, lo0:p1]
+    n = 0 if k_glob is None else k_glob.shape[2]
+    if n:
+        keys, values = torch.cat([k_glob, keys], dim=2), torch.cat([v_glob, values], dim=2)
+    # The scale is folded into the R x D queries rather than applied to the R x (n + C) logits.
+    qc = (q.to(dt) * scale).reshape(B, HKV, G * R, D)
+    logits = torch.matmul(qc, keys.to(dt).transpose(-1, -2)).view(B, HKV, G, R, n + p1 - lo0)
+    if valid is not None:
+        logits[..., :n].masked_fill_(~valid[:, :, None, None], -math.inf)  # padding of the shorter heads
+    # Local range: every row sees [lo_last, c0 * b) (lo_last = the largest window start in the chunk, c0 * b the
+    # start of the first row's block, both causal for every row); mask the columns before and after that span.
+    lo_last = window_start(p1 - 1, b, window)
+    full_end = max(lo_last, (p0 // b) * b)
+    positions = torch.arange(p0, p1, device=device)[:, None]  # [R, 1]
+    lo = window_start(positions, b, window)
+    for span, (first, last) in enumerate(((lo0, lo_last), (full_end, p1))):
+        if first >= last:
+            continue
+        keys_pos = torch.arange(first, last, device=device)
+        visible = (keys_pos <= positions) & (keys_pos >= lo)  # the local band [R, cols]
+        if span == 0 and first < selected.shape[-1]:
+            # Selected keys inside [lo0, lo(i)) are global for row i (blocks that left the window mid-chunk).
+            inside = selected[..., first : min(selected.shape[-1], last)]
+            sel = torch.zeros(B, HKV, 1, last - first, dtype=torch.bool, device=device)
+            sel[..., 0, : inside.shape[-1]] = inside
+            visible = visible | (sel & (keys_pos < lo))  # [B, HKV, R, cols]
+        mask = visible if visible.dim() == 4 else visible[None, None]
+        logits[..., n + first - lo0 : n + last - lo0].masked_fill_(~mask[:, :, None], -math.inf)
+    chunk_lse = None
+    if return_lse:
+        row_lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+        weights = torch.exp(logits.sub_(row_lse))
+        chunk_lse = row_lse.view(B, HQ, R)
+    else:
+        weights = torch.softmax(logits, dim=-1)
+    out = torch.matmul(weights.view(B, HKV, G * R, -1), values.to(dt))
+    return out.view(B, HQ, R, D), chunk_lse
