@@ -241,3 +241,14 @@ def test_calibration_candidates_span_one_to_b():
 def test_retain_counts():
     assert B.retain_counts(16).tolist() == [1, 2, 4, 8, 16]
     assert tca.TCAConfig(block_size=256, window=256).retain_counts == (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+@pytest.mark.parametrize("excess", [9e-5, -9e-5])
+@pytest.mark.parametrize("J", [7, 100_000])
+def test_counts_of_budgets_summing_to_one_within_tolerance(excess, J):
+    """Validation accepts sums within 1e-4; the counts must still be non-negative and add up to J
+    (beyond the spec's rule: see docs/semantics.md, Questions on the spec, 3)."""
+    p = torch.tensor([0.1, 0.2, 0.3, 0.2, 0.2 + excess], dtype=torch.float64)
+    n = R.budget_counts(p, J)
+    assert int(n.sum()) == J and (n >= 0).all()
+    assert len(R.psi(n, 16)) == J
