@@ -106,6 +106,22 @@ def test_zero_mass_block_has_herfindahl_one():
     assert h[0, 0].tolist() == [0.0, 0.5]
 
 
+@pytest.mark.parametrize("dtype,tiny", [(torch.float32, 1e-24), (torch.float64, 1e-170)])
+def test_tiny_block_mass_gives_the_true_herfindahl_not_nan(dtype, tiny):
+    """A block whose scores are all tiny but nonzero: sum s^2 and M^2 underflow, yet H_j is scale-free.
+    Uniform tiny block: H = 1/16. One tiny score: H = 1. Neither may be NaN (a NaN priority ranked first)."""
+    s = torch.zeros(1, 1, 64, dtype=dtype)
+    s[0, 0, 0] = 0.9  # block 0: a live block, H = 1
+    s[0, 0, 16:32] = tiny  # block 1: uniform, H = 1/16
+    s[0, 0, 37] = tiny  # block 2: one key, H = 1
+    s[0, 0, 60] = 0.1  # local
+    h = R.block_priority(s, 3, 16, 0.5, "none")[0, 0]
+    assert torch.isfinite(h).all()
+    expected = torch.tensor([0.5 * 0.9, 0.5 * 16 * tiny + 0.5 * (1 - 1 / 16), 0.5 * tiny], dtype=dtype)
+    torch.testing.assert_close(h, expected)
+    assert R.block_ranks(h[None, None])[0, 0].tolist() == [1, 0, 2]
+
+
 def test_block_priority_ignores_local_keys():
     # Only the first J blocks count; the mass of later (local) keys does not enter h_j.
     a = R.block_priority(importance_blocks(BLOCKS, tail=[0.0] * 20), 3, 16, 0.5, "mean")

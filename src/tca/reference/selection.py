@@ -41,7 +41,16 @@ def block_priority(importance: torch.Tensor, num_blocks: int, block_size: int, a
     mass = blocks.sum(-1)
     squares = (blocks**2).sum(-1)
     nonzero = mass > 0
-    herfindahl = torch.where(nonzero, squares / torch.where(nonzero, mass, 1) ** 2, 1)
+    safe = torch.where(nonzero, mass, 1)
+    herfindahl = squares / safe**2
+    # When every score of a block is tiny (fp32: below ~1e-19), sum s^2 and M^2 underflow: H_j came out NaN
+    # (0/0, which then ranked first) or ~0. There, evaluate the equal sum (s / M)^2, which cannot underflow;
+    # elsewhere keep the literal formula, bit for bit.
+    underflow = squares < torch.finfo(squares.dtype).tiny
+    if bool((underflow & nonzero).any()):
+        scaled = ((blocks / safe[..., None]) ** 2).sum(-1)
+        herfindahl = torch.where(underflow, scaled, herfindahl)
+    herfindahl = torch.where(nonzero, herfindahl, 1)
     m = mass * num_blocks if mass_scale == "mean" else mass
     return (1 - alpha) * m + alpha * (1 - herfindahl)
 
