@@ -51,6 +51,12 @@ def random_budgets(HKV: int, block_size: int, seed: int = 0) -> torch.Tensor:
     return p / p.sum(-1, keepdim=True)
 
 
+@pytest.fixture(autouse=True)
+def _seed_global_rng():
+    """Seed torch's global generator before every test, so even a stray torch.randn is reproducible."""
+    torch.manual_seed(0)
+
+
 @pytest.fixture
 def qkv_factory():
     return make_qkv
