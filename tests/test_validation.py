@@ -266,3 +266,7 @@ def test_decode_errors():
         tca.decode(q[:, :, -1:], k[:, :1, -1:], v[:, :1, -1:], cache)
     with pytest.raises(TypeError, match="share one dtype"):
         tca.decode(q[:, :, -1:].double(), k[:, :, -1:], v[:, :, -1:], cache)
+    with pytest.raises(ValueError, match="the cache has batch size 1 but the new token has 2"):
+        tca.decode(*(torch.cat([t[:, :, -1:]] * 2) for t in (q, k, v)), cache)
+    with pytest.raises(ValueError, match="the cache has head dim 8 but the new token has 4"):
+        tca.decode(*(t[:, :, -1:, :4] for t in (q, k, v)), cache)

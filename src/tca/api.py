@@ -81,6 +81,15 @@ def decode(q, k, v, cache, *, layout="bhsd"):
         raise ValueError(f"decode takes one new token: q and k must have 1 position, got {q.shape[2]} and {k.shape[2]}")
     if k.shape[1] != cache.num_kv_heads:
         raise ValueError(f"the cache has {cache.num_kv_heads} KV heads but k has {k.shape[1]}")
+    # Caches that know their batch size and head dim (reference, packed) are checked too: a mismatch
+    # would otherwise fail deep inside a backend, or silently decode the wrong sequences.
+    for what, name, given in (("batch size", "batch_size", k.shape[0]), ("head dim", "head_dim", k.shape[-1])):
+        expected = getattr(cache, name, None)
+        if expected is not None and expected != given:
+            raise ValueError(
+                f"the cache has {what} {expected} but the new token has {given}; decode continues the "
+                "sequences that tca.prefill started, with the same shapes"
+            )
     impl = registry.get(cache.backend).load()
     return from_bhsd(impl.decode(q, k, v, cache), layout)
 

@@ -55,6 +55,14 @@ class ReferenceKVCache:
     def num_kv_heads(self) -> int:
         return len(self.positions[0])
 
+    @property
+    def batch_size(self) -> int:
+        return len(self.positions)
+
+    @property
+    def head_dim(self) -> int:
+        return self.keys[0][0].shape[-1]
+
 
 def prefill(q, k, v, budgets: torch.Tensor, config: TCAConfig, scale: float):
     """Stateless TCA attention over the prompt, plus the cache that keeps Sel_g U [J*b, L).
