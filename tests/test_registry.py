@@ -158,3 +158,11 @@ def test_import_tca_imports_no_optional_package():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_backend_for_absent_devices_is_not_available(fake_backend):
+    fake_backend(name="fake_accel_only", devices=("fake_accel",))
+    rows = {row["name"]: row for row in registry.report()}
+    assert "fake_accel_only" not in tca.available_backends()
+    assert any("none of its devices" in r for r in rows["fake_accel_only"]["reasons"])
+    assert "reference" in tca.available_backends()

@@ -138,6 +138,8 @@ def report(device=None, dtype=None, head_dim=None) -> list[dict]:
         reasons = backend.environment_reasons()
         if device is not None:
             reasons += backend.input_reasons(torch.device(device), dtype or torch.float32, head_dim or 64)
+        elif not any(_device_present(d) for d in backend.devices):
+            reasons.append(f"none of its devices ({', '.join(backend.devices)}) is present on this machine")
         rows.append(
             {
                 "name": n,
@@ -152,3 +154,12 @@ def report(device=None, dtype=None, head_dim=None) -> list[dict]:
             }
         )
     return rows
+
+
+def _device_present(device_type: str) -> bool:
+    """Whether this machine has a device of this type (the CPU always)."""
+    if device_type == "cpu":
+        return True
+    module = getattr(torch, device_type, None)
+    is_available = getattr(module, "is_available", None)
+    return bool(is_available and is_available())
