@@ -6,7 +6,7 @@ import argparse
 import importlib
 
 # Listed here so `--help` shows them all; each module is imported only to build its parser.
-COMMANDS = ("info", "eval", "bench")
+COMMANDS = ("info", "demo", "calibrate", "eval", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
