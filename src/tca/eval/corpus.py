@@ -33,11 +33,19 @@ def _join(names: list[str]) -> str:
     return "\n\n".join(text[n].strip() for n in names)
 
 
+@functools.cache
 def calibration_text() -> str:
     """The calibration part (~155K characters): what `tca eval` calibrates its budget plans on."""
     return _join(topic_split()[0])
 
 
+@functools.cache
 def evaluation_text() -> str:
-    """The evaluation part (~310K characters): needle filler and perplexity text; disjoint from calibration."""
-    return _join(topic_split()[1])
+    """The evaluation part (~270K characters): needle filler and perplexity text; disjoint from calibration.
+
+    Some topics repeat paragraphs of others (e.g. "class" and "execmodel"): paragraphs of more than
+    80 characters that also occur in the calibration text are dropped.
+    """
+    calibration = calibration_text()
+    paragraphs = _join(topic_split()[1]).split("\n\n")
+    return "\n\n".join(p for p in paragraphs if len(p) <= 80 or p not in calibration)

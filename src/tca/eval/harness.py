@@ -172,6 +172,7 @@ def evaluate(
         runner.use(method)
         plan = runner.plan(method)
         info = method.describe()
+        info["backend"] = runner.backend
         if plan is not None:
             info["plan_keep_ratio"] = plan.mean_keep_ratio()
             info["config"] = plan.config.to_dict()
