@@ -317,21 +317,56 @@ def sweep(args):
         _sweep_tiles(name, L, q, k, v, sel, D)
 
 
-def _sweep_tiles(name, L, q, k, v, sel, D):
+def _sweep_tiles(name, L, q, k, v, sel, D, candidates=None) -> dict | None:
+    """Time the attention kernel under tile candidates; returns the fastest {"block_q", ...} (or None)."""
     from tca.backends.triton import ops
 
-    if True:
-        for bq in (16, 32, 64):
-            for bn in (32, 64, 128):
-                for nw in (4, 8):
-                    for ns in (2, 3):
-                        tiles = {"block_q": bq, "block_n": bn, "num_warps": nw, "num_stages": ns}
-                        try:
-                            ms = timeit(lambda tiles=tiles: ops.sparse_attention(
-                                q, k, v, sel["indices"], sel["offsets"], 128, 4096, D**-0.5, tiles=tiles), min_time=0.1)
-                            log(f"sweep {name} L={L} {tiles} {ms:.3f} ms")
-                        except Exception as e:  # noqa: BLE001
-                            log(f"sweep {name} {tiles} failed: {type(e).__name__}: {str(e)[:100]}")
+    if candidates is None:
+        candidates = [
+            {"block_q": bq, "block_n": bn, "num_warps": nw, "num_stages": ns}
+            for bq in (16, 32, 64) for bn in (32, 64, 128) for nw in (4, 8) for ns in (2, 3)
+        ]
+    best = (float("inf"), None)
+    for tiles in candidates:
+        try:
+            ms = timeit(lambda tiles=tiles: ops.sparse_attention(
+                q, k, v, sel["indices"], sel["offsets"], 128, 4096, D**-0.5, tiles=tiles), min_time=0.1)
+            log(f"sweep {name} L={L} {tiles} {ms:.3f} ms")
+            best = min(best, (ms, tiles), key=lambda x: x[0])
+        except Exception as e:  # noqa: BLE001
+            log(f"sweep {name} {tiles} failed: {type(e).__name__}: {str(e)[:100]}")
+    return best[1]
+
+
+SHORT_SWEEP = [
+    {"block_q": 32, "block_n": 64, "num_warps": 8, "num_stages": 3},
+    {"block_q": 32, "block_n": 64, "num_warps": 4, "num_stages": 3},
+    {"block_q": 16, "block_n": 64, "num_warps": 4, "num_stages": 3},
+    {"block_q": 32, "block_n": 32, "num_warps": 8, "num_stages": 3},
+    {"block_q": 32, "block_n": 128, "num_warps": 8, "num_stages": 2},
+    {"block_q": 64, "block_n": 64, "num_warps": 8, "num_stages": 2},
+]
+
+
+def pick_tiles(name, config) -> dict | None:
+    """A short sweep at 16K tokens; the winner drives every length of this shape (like triton.autotune)."""
+    import triton
+
+    from tca.backends.triton import ops
+    from tca.budgets import default_budgets
+
+    HQ, HKV, D = SHAPES[name]
+    L = 16384
+    q = torch.randn(1, HQ, L, D, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, HKV, L, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(1, HKV, L, D, device="cuda", dtype=torch.bfloat16)
+    budgets = default_budgets(config.block_size).cuda().expand(HKV, -1).contiguous()
+    sel = ops._select(q, k, budgets, config, D**-0.5)
+    best = _sweep_tiles(name, L, q, k, v, sel, D, SHORT_SWEEP)
+    if best is not None:
+        ops.TILE_OVERRIDES[(triton.next_power_of_2(HQ // HKV), D)] = best
+    log(f"tiles for {name}: {best}")
+    return best
 
 
 def main(argv=None):
@@ -342,6 +377,7 @@ def main(argv=None):
     parser.add_argument("--max-dense-len", type=int, default=131072)
     parser.add_argument("--flash-backend", action="store_true", help="also time tca's flash backend")
     parser.add_argument("--sweep-len", type=int, default=0, help="only sweep attention tiles at this length")
+    parser.add_argument("--no-sweep", action="store_true", help="keep the default tiles (no short sweep)")
     parser.add_argument("--report", default=None, help="write the plot and markdown table from a results JSON")
     args = parser.parse_args(argv)
     if args.report:
@@ -367,7 +403,9 @@ def main(argv=None):
     }
     log(json.dumps(meta))
     rows = []
+    meta["tiles"] = {}
     for name in args.shapes.split(","):
+        meta["tiles"][name] = pick_tiles(name, config) if not args.no_sweep else None
         for L in [int(x) for x in args.lengths.split(",")]:
             log(f"== {name} L={L}")
             rows += bench_prefill(name, SHAPES[name], L, config, budgets_by_name, dense, args)

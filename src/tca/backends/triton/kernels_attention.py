@@ -40,7 +40,8 @@ def sparse_prefill_kernel(
     selected positions; off: [B, HKV, J + 1] int32 (selected positions in blocks < j); out like q;
     lse: [B, HQ, LQ] fp32 (natural log)."""
     BLOCK_M: tl.constexpr = BLOCK_Q * G_PAD
-    t = tl.program_id(0)
+    # the last query tiles see the most keys: launch them first so the short ones fill the tail
+    t = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // HKV
     h = bh % HKV

@@ -16,6 +16,18 @@ import triton.language as tl
 
 
 @triton.jit
+def _decode_chunk(q, k, v, n_ok, m_i, l_i, acc, scale_log2, PREC: tl.constexpr):
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
+    s = tl.where(n_ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def decode_split_kernel(
     q_ptr, gk_ptr, gv_ptr, gstart_ptr, glen_ptr, lk_ptr, lv_ptr,
     part_m_ptr, part_l_ptr, part_acc_ptr,
@@ -26,7 +38,9 @@ def decode_split_kernel(
 ):
     """q: [B, HQ, D]; global_k/v: [N_cap, D] (contiguous rows); local_k/v: [B*HKV, W, D] (row stride
     stride_ls); lo: first local position, n_loc = i - lo + 1 local keys (same for every head).
-    part_m, part_l: [B*HKV, S, G_PAD] fp32; part_acc: [B*HKV, S, G_PAD, D] fp32."""
+    part_m, part_l: [B*HKV, S, G_PAD] fp32; part_acc: [B*HKV, S, G_PAD, D] fp32.
+    The global and the local chunks are walked in two loops with plain pointer arithmetic (a pointer chosen
+    per row between two buffers would lose the alignment facts that make the loads vectorised)."""
     bh = tl.program_id(0)
     s_id = tl.program_id(1)
     b = bh // HKV
@@ -35,30 +49,32 @@ def decode_split_kernel(
     offs_d = tl.arange(0, D)
     q = tl.load(q_ptr + b * stride_qb + (h * G + offs_g)[:, None] * stride_qh + offs_d[None, :] * stride_qd,
                 mask=(offs_g < G)[:, None], other=0.0)
-    g_start = tl.load(gstart_ptr + bh).to(tl.int64)
+    g_start = tl.load(gstart_ptr + bh)
     n_glob = tl.load(glen_ptr + bh).to(tl.int32)
-    n_total = n_glob + n_loc
+    n_glob_chunks = tl.cdiv(n_glob, CHUNK)
+    n_chunks = n_glob_chunks + tl.cdiv(n_loc, CHUNK)
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, D], tl.float32)
-    for c in range(s_id * CHUNK, n_total, n_splits * CHUNK):
-        offs_n = c + tl.arange(0, CHUNK)
-        n_ok = offs_n < n_total
-        is_glob = offs_n < n_glob
-        slot = (lo + offs_n - n_glob) % W
-        g_rows = g_start + offs_n.to(tl.int64)
-        ptr_k = tl.where(is_glob[:, None], gk_ptr + g_rows[:, None] * D, lk_ptr + bh * stride_lbh + slot[:, None] * stride_ls)
-        ptr_v = tl.where(is_glob[:, None], gv_ptr + g_rows[:, None] * D, lv_ptr + bh * stride_lbh + slot[:, None] * stride_ls)
-        k = tl.load(ptr_k + offs_d[None, :], mask=n_ok[:, None], other=0.0)
-        v = tl.load(ptr_v + offs_d[None, :], mask=n_ok[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
-        s = tl.where(n_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-        m_i = m_new
+    gk_base = gk_ptr + g_start * D
+    gv_base = gv_ptr + g_start * D
+    for c in range(s_id, n_glob_chunks, n_splits):
+        offs_n = c * CHUNK + tl.arange(0, CHUNK)
+        n_ok = offs_n < n_glob
+        k = tl.load(gk_base + offs_n[:, None] * D + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+        v = tl.load(gv_base + offs_n[:, None] * D + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+        m_i, l_i, acc = _decode_chunk(q, k, v, n_ok, m_i, l_i, acc, scale_log2, PREC)
+    # local chunks continue the same round-robin over this head's chunk list
+    first_local = n_glob_chunks + (s_id - n_glob_chunks % n_splits + n_splits) % n_splits
+    lk_base = lk_ptr + bh * stride_lbh
+    lv_base = lv_ptr + bh * stride_lbh
+    for c in range(first_local, n_chunks, n_splits):
+        offs_n = (c - n_glob_chunks) * CHUNK + tl.arange(0, CHUNK)
+        n_ok = offs_n < n_loc
+        slot = (lo + offs_n) % W
+        k = tl.load(lk_base + slot[:, None] * stride_ls + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+        v = tl.load(lv_base + slot[:, None] * stride_ls + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+        m_i, l_i, acc = _decode_chunk(q, k, v, n_ok, m_i, l_i, acc, scale_log2, PREC)
     base = bh * n_splits + s_id
     tl.store(part_m_ptr + base * G_PAD + offs_g, m_i)
     tl.store(part_l_ptr + base * G_PAD + offs_g, l_i)
