@@ -13,9 +13,10 @@ import triton.language as tl
 
 
 @triton.jit
-def _online_step(q, k, v, m_i, l_i, acc, valid, scale_log2, PREC: tl.constexpr):
+def _online_step(q, k, v, m_i, l_i, acc, valid, scale_log2, PREC: tl.constexpr, MASK: tl.constexpr):
     s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
-    s = tl.where(valid, s, float("-inf"))
+    if MASK:
+        s = tl.where(valid, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
@@ -61,30 +62,39 @@ def sparse_prefill_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     lo = tl.maximum((p0 // block_size + 1) * block_size - window, 0)
-    # global part: the selected positions below lo, gathered by index
+    # global part: the selected positions below lo, gathered by index (full chunks unmasked, then the tail)
     n_glob = tl.load(off_ptr + bh * stride_off_bh + lo // block_size)
-    for start in range(0, n_glob, BLOCK_N):
+    idx_base = idx_ptr + bh * stride_idx_bh
+    n_full = (n_glob // BLOCK_N) * BLOCK_N
+    for start in range(0, n_full, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
+        kpos = tl.load(idx_base + offs_n)
+        k = tl.load(k_base + kpos[:, None] * stride_kl + offs_d[None, :] * stride_kd)
+        v = tl.load(v_base + kpos[:, None] * stride_vl + offs_d[None, :] * stride_vd)
+        m_i, l_i, acc = _online_step(q, k, v, m_i, l_i, acc, None, scale_log2, PREC, False)
+    if n_full < n_glob:
+        offs_n = n_full + tl.arange(0, BLOCK_N)
         n_ok = offs_n < n_glob
-        kpos = tl.load(idx_ptr + bh * stride_idx_bh + offs_n, mask=n_ok, other=0)
+        kpos = tl.load(idx_base + offs_n, mask=n_ok, other=0)
         k = tl.load(k_base + kpos[:, None] * stride_kl + offs_d[None, :] * stride_kd, mask=n_ok[:, None], other=0.0)
         v = tl.load(v_base + kpos[:, None] * stride_vl + offs_d[None, :] * stride_vd, mask=n_ok[:, None], other=0.0)
-        m_i, l_i, acc = _online_step(q, k, v, m_i, l_i, acc, n_ok[None, :], scale_log2, PREC)
-    # local part: [lo, p0) is visible to every row; the diagonal tile needs the causal mask
-    for start in range(lo, p0, BLOCK_N):
+        m_i, l_i, acc = _online_step(q, k, v, m_i, l_i, acc, n_ok[None, :], scale_log2, PREC, True)
+    # local part: whole chunks of [lo, p0) are visible to every row (no mask); the rest up to the diagonal
+    # gets the causal mask
+    mid = lo + ((p0 - lo) // BLOCK_N) * BLOCK_N
+    for start in range(lo, mid, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < p0
-        k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :] * stride_kd, mask=n_ok[:, None], other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vl + offs_d[None, :] * stride_vd, mask=n_ok[:, None], other=0.0)
-        m_i, l_i, acc = _online_step(q, k, v, m_i, l_i, acc, n_ok[None, :], scale_log2, PREC)
+        k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :] * stride_kd)
+        v = tl.load(v_base + offs_n[:, None] * stride_vl + offs_d[None, :] * stride_vd)
+        m_i, l_i, acc = _online_step(q, k, v, m_i, l_i, acc, None, scale_log2, PREC, False)
     hi = tl.minimum(p0 + BLOCK_Q, L)
-    for start in range(p0, hi, BLOCK_N):
+    for start in range(mid, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         n_ok = offs_n < hi
         k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :] * stride_kd, mask=n_ok[:, None], other=0.0)
         v = tl.load(v_base + offs_n[:, None] * stride_vl + offs_d[None, :] * stride_vd, mask=n_ok[:, None], other=0.0)
         valid = n_ok[None, :] & (offs_n[None, :] <= pos[:, None])
-        m_i, l_i, acc = _online_step(q, k, v, m_i, l_i, acc, valid, scale_log2, PREC)
+        m_i, l_i, acc = _online_step(q, k, v, m_i, l_i, acc, valid, scale_log2, PREC, True)
     out = acc / l_i[:, None]
     tl.store(o_ptr + b * stride_ob + head[:, None] * stride_oh + row[:, None] * stride_ol + offs_d[None, :] * stride_od,
              out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
