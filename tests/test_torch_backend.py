@@ -306,7 +306,7 @@ class _LargestOutput(TorchFunctionMode):
 
 
 def test_long_prefill_allocates_nothing_quadratic(capsys):
-    """L = 16K, b = 128, w = 1024: every intermediate stays far below L x L (a chunk holds R x (w + R + N))."""
+    """L = 16K, b = 128, w = 1024: no intermediate is larger than the inputs (a chunk holds G R x (N + w + R))."""
     L, b, w, HQ, HKV, D = 16384, 128, 1024, 3, 1, 64
     config = TCAConfig(block_size=b, window=w)
     q, k, v = make_qkv(1, HQ, HKV, L, D, dtype=torch.float32, seed=16)
@@ -315,7 +315,8 @@ def test_long_prefill_allocates_nothing_quadratic(capsys):
         out = TorchBackend.attention(q, k, v, tca.default_budgets(b).expand(HKV, -1), config, 1 / 8)
         ours = time.perf_counter() - start
     assert not torch.isnan(out).any()
-    assert probe.largest < L * L // 16, f"an intermediate of {probe.largest} elements (L*L = {L * L})"
+    # Nothing bigger than q itself (L*HQ*D = 3.1M elements; a chunk's logits are ~1.3M; L*L would be 268M).
+    assert probe.largest <= q.numel(), f"an intermediate of {probe.largest} elements (q: {q.numel()}, L*L = {L * L})"
     start = time.perf_counter()
     F.scaled_dot_product_attention(q, k.expand(-1, HQ, -1, -1), v.expand(-1, HQ, -1, -1), is_causal=True)
     sdpa = time.perf_counter() - start
