@@ -1,0 +1,75 @@
+"""The quality harness end to end on a tiny random Llama (seconds): CLI, JSON, tables, plots, target checks."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from tca.cli import main  # noqa: E402
+from tca.eval import report  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def smoke_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval") / "quality_smoke.json"
+    plots = out.parent / "quality_smoke"
+    assert main(["eval", "--model", "tiny", "--preset", "smoke", "--out", str(out), "--plots", str(plots), "--quiet"]) == 0
+    return json.loads(out.read_text()), out, plots
+
+
+def test_smoke_run_writes_every_method_sample_and_document(smoke_results):
+    results, _, _ = smoke_results
+    assert list(results["methods"]) == ["dense", "tca-tau0.9", "tca-fixed17"]
+    # smoke grid: 2 tasks x 1 length x 1 depth x 1 sample; perplexity: 1 document x 2 modes
+    assert len(results["needles"]) == 3 * 2
+    assert len(results["perplexity"]) == 3 * 2
+    for row in results["perplexity"]:
+        assert math.isfinite(row["nll"]) and row["nll"] > 0
+    for row in results["needles"]:
+        assert 0.0 <= row["score"] <= 1.0
+        assert 0.0 < row["kept_fraction"] <= 1.0
+
+
+def test_dense_decode_and_prefill_perplexity_agree(smoke_results):
+    """Teacher-forced decoding through a dense cache computes the same NLL as one forward pass."""
+    results, _, _ = smoke_results
+    nll = {row["mode"]: row["nll"] for row in results["perplexity"] if row["method"] == "dense"}
+    assert nll["decode"] == pytest.approx(nll["prefill"], rel=1e-4)
+
+
+def test_fixed_budget_really_compresses_the_cache(smoke_results):
+    results, _, _ = smoke_results
+    assert report.kept_fraction(results, "dense") == 1.0
+    assert report.kept_fraction(results, "tca-fixed17") < 0.6
+
+
+def test_tables_plots_and_from_json(smoke_results, capsys):
+    results, out, plots = smoke_results
+    for suffix in ("tradeoff", "needle_grid", "tasks"):
+        assert (out.parent / f"{plots.name}_{suffix}.png").stat().st_size > 1000
+    table = report.markdown_table(results)
+    assert table.count("\n") == 1 + len(results["methods"])
+    assert main(["eval", "--from-json", str(out)]) == 0
+    assert "tca-fixed17" in capsys.readouterr().out
+
+
+def test_needle_misses_count_only_cells_dense_solves():
+    rows = [
+        {"method": m, "task": "niah_single", "length": 2048, "depth": d, "index": 0, "score": s}
+        for m, d, s in [("dense", 0.1, 1.0), ("dense", 0.5, 0.0), ("tca", 0.1, 0.0), ("tca", 0.5, 1.0)]
+    ]
+    results = {"methods": {"dense": {}, "tca": {}}, "needles": rows, "perplexity": []}
+    misses, total, missed = report.needle_misses(results, "tca")
+    assert (misses, total) == (1, 1)
+    assert missed[0]["depth"] == 0.1
+
+
+def test_bad_arguments_are_clear():
+    with pytest.raises(ValueError, match="unknown methods"):
+        main(["eval", "--model", "tiny", "--preset", "smoke", "--methods", "nope", "--quiet"])
+    with pytest.raises(ValueError, match="unknown tasks"):
+        main(["eval", "--model", "tiny", "--preset", "smoke", "--tasks", "passkey", "--quiet"])
