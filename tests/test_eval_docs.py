@@ -1,0 +1,27 @@
+"""docs/backends.md is generated from the registry: it must match what the registry declares now."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+@pytest.mark.skipif(bool(os.environ.get("TRITON_INTERPRET")), reason="the interpreter changes what triton declares")
+def test_backends_page_is_up_to_date():
+    spec = importlib.util.spec_from_file_location("generate_backends", DOCS / "generate_backends.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--check"]) == 0, "run: PYTHONPATH=src python docs/generate_backends.py"
+
+
+def test_backends_page_lists_every_registered_backend():
+    from tca.backends import registry
+
+    text = (DOCS / "backends.md").read_text()
+    for name in registry.names():
+        assert f"| `{name}` |" in text
