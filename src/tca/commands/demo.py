@@ -8,7 +8,9 @@ times, the real KV-cache bytes and the fraction of tokens TCA kept. About a minu
 
 from __future__ import annotations
 
-import os
+import contextlib
+import io
+import sys
 import time
 import warnings
 
@@ -62,14 +64,13 @@ def run(args) -> int:
     total = time.perf_counter()
     print("tca demo: SmolLM2-135M-Instruct (CPU, float32), a passkey hidden in Python's pydoc text")
     start = time.perf_counter()
-    os.environ["TQDM_DISABLE"], previous = "1", os.environ.get("TQDM_DISABLE")  # the GGUF loader's progress bar
+    chatter = io.StringIO()  # the GGUF loader's progress bar: shown only if loading fails
     try:
-        model, tokenizer = load_smollm2()
-    finally:
-        if previous is None:
-            del os.environ["TQDM_DISABLE"]
-        else:
-            os.environ["TQDM_DISABLE"] = previous
+        with contextlib.redirect_stderr(chatter):
+            model, tokenizer = load_smollm2()
+    except Exception:
+        sys.stderr.write(chatter.getvalue())
+        raise
     print(f"  model loaded in {time.perf_counter() - start:.1f} s")
     prompt = passkey_prompt(tokenizer, args.tokens, args.depth, args.passkey)
     L = prompt.input_ids.shape[1]
