@@ -23,7 +23,7 @@ ANSWER_PREFIX = "The pass key is"
 class PasskeyPrompt:
     input_ids: torch.Tensor  # [1, L]
     passkey: str
-    needle_token: int  # position of the needle's first token
+    needle_token: int  # position of the token that completes the passkey's first appearance
 
 
 def passkey_prompt(tokenizer, num_tokens: int = 2048, depth: float = 0.1, passkey: str = "68413",
@@ -43,8 +43,7 @@ def passkey_prompt(tokenizer, num_tokens: int = 2048, depth: float = 0.1, passke
     before, after = tokenizer.decode(filler[:cut]), tokenizer.decode(filler[cut:])
     content = f"{before}\n{needle}\n{after}\n\n{QUESTION}"
     ids = _encode(tokenizer, _chat(tokenizer, content))
-    needle_ids = _encode(tokenizer, _chat(tokenizer, f"{before}\n{needle}"))
-    return PasskeyPrompt(torch.tensor([ids]), passkey, len(needle_ids) - len(_encode(tokenizer, needle)) - 5)
+    return PasskeyPrompt(torch.tensor([ids]), passkey, _first_token_completing(tokenizer, ids, passkey))
 
 
 def found(answer: str, passkey: str) -> bool:
@@ -58,6 +57,18 @@ def _chat(tokenizer, content: str) -> str:
     else:
         prompt = content + "\n"
     return prompt + ANSWER_PREFIX
+
+
+def _first_token_completing(tokenizer, ids: list[int], text: str) -> int:
+    """The smallest i such that the decoded ids[: i + 1] contain `text` (binary search: decoding is monotone)."""
+    lo, hi = 0, len(ids) - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if text in tokenizer.decode(ids[: mid + 1]):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
 
 
 def _encode(tokenizer, text: str) -> list[int]:
