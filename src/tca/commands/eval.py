@@ -99,7 +99,8 @@ def run(args) -> int:
         unknown = [m for m in wanted if m not in {x.name for x in methods}]
         if unknown:
             raise ValueError(f"unknown methods {unknown} for preset {args.preset!r}; known: {', '.join(m.name for m in methods)}")
-        methods = [m for m in methods if m.name in wanted]
+        by_name = {m.name: m for m in methods}
+        methods = [by_name[name] for name in wanted]  # run in the order asked
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
     if args.model == "tiny":

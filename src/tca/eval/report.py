@@ -83,6 +83,22 @@ def _pct(x: float, base: float) -> str:
     return f"{100 * (x / base - 1):+.1f}%"
 
 
+def ordered_methods(results: dict) -> list[str]:
+    """Dense first, then calibrated plans by tau, then fixed budgets by size, then the rest as run."""
+    def key(item):
+        index, (name, info) = item
+        kind = info.get("kind")
+        if kind == "dense":
+            return (0, 0.0, index)
+        if kind == "calibrated":
+            return (1, (info.get("config") or {}).get("tau", 0.0), index)
+        if kind == "fixed" and name.startswith("tca-fixed"):
+            return (2, info.get("mu") or 0.0, index)
+        return (3, 0.0, index)
+
+    return [name for _, (name, _) in sorted(enumerate(results["methods"].items()), key=key)]
+
+
 def markdown_table(results: dict, baseline: str = BASELINE) -> str:
     """One row per method: kept KV fraction, needle accuracy per task, misses vs dense, decode perplexity
     per length with its change against dense."""
@@ -90,7 +106,7 @@ def markdown_table(results: dict, baseline: str = BASELINE) -> str:
     head = ["method", "kept KV"] + [f"kept@{length_label(L)}" for L in lengths] + tasks + ["misses vs dense"]
     head += [f"ppl@{length_label(L)}" for L in ppl_lengths]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name in results["methods"]:
+    for name in ordered_methods(results):
         row = [f"`{name}`", _fmt(kept_fraction(results, name), 3)]
         row += [_fmt(kept_fraction(results, name, L), 3) for L in lengths]
         row += [_fmt(needle_scores(results, name, t)) for t in tasks]
