@@ -14,12 +14,13 @@ import triton.language as tl
 
 @triton.jit
 def _online_step(q, k, v, m_i, l_i, acc, valid, scale_log2, PREC: tl.constexpr, MASK: tl.constexpr):
-    s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
+    # raw scores; the scale is folded into the exponent (one FMA per score, as in FlashAttention-2)
+    s = tl.dot(q, tl.trans(k), input_precision=PREC)
     if MASK:
         s = tl.where(valid, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1) * scale_log2)
     alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
+    p = tl.exp2(s * scale_log2 - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
     return m_new, l_i, acc

@@ -86,32 +86,33 @@ def decode_combine_kernel(
     part_m_ptr, part_l_ptr, part_acc_ptr, o_ptr,
     stride_ob, stride_oh, stride_od,
     HKV, n_splits,
-    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, S_BLOCK: tl.constexpr,
 ):
-    """Merge the S partial softmaxes of one (batch, KV head): out [B, HQ, D] in o's dtype."""
+    """Merge the S partial softmaxes of one (batch, KV head, query head g): out [B, HQ, D] in o's dtype.
+    One program per query head, S_BLOCK partials per step (a serial walk over S would be latency-bound)."""
     bh = tl.program_id(0)
+    g = tl.program_id(1)
     b = bh // HKV
     h = bh % HKV
-    offs_g = tl.arange(0, G_PAD)
     offs_d = tl.arange(0, D)
-    m = tl.full([G_PAD], float("-inf"), tl.float32)
-    l_sum = tl.zeros([G_PAD], tl.float32)
-    acc = tl.zeros([G_PAD, D], tl.float32)
-    for s_id in range(0, n_splits):
-        base = bh * n_splits + s_id
-        m_s = tl.load(part_m_ptr + base * G_PAD + offs_g)
-        l_s = tl.load(part_l_ptr + base * G_PAD + offs_g)
-        a_s = tl.load(part_acc_ptr + (base * G_PAD + offs_g)[:, None] * D + offs_d[None, :])
-        m_new = tl.maximum(m, m_s)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        w_old = tl.exp2(m - m_safe)
-        w_s = tl.exp2(m_s - m_safe)
-        l_sum = l_sum * w_old + l_s * w_s
-        acc = acc * w_old[:, None] + a_s * w_s[:, None]
-        m = m_new
-    out = acc / l_sum[:, None]
-    tl.store(o_ptr + b * stride_ob + (h * G + offs_g)[:, None] * stride_oh + offs_d[None, :] * stride_od,
-             out.to(o_ptr.dtype.element_ty), mask=(offs_g < G)[:, None])
+    m = tl.full([S_BLOCK], float("-inf"), tl.float32)
+    for s0 in range(0, n_splits, S_BLOCK):
+        offs_s = s0 + tl.arange(0, S_BLOCK)
+        m = tl.maximum(m, tl.load(part_m_ptr + ((bh * n_splits + offs_s) * G_PAD + g), mask=offs_s < n_splits,
+                                  other=float("-inf")))
+    m_max = tl.max(m, axis=0)
+    l_sum = tl.zeros([S_BLOCK], tl.float32)
+    acc = tl.zeros([S_BLOCK, D], tl.float32)
+    for s0 in range(0, n_splits, S_BLOCK):
+        offs_s = s0 + tl.arange(0, S_BLOCK)
+        ok = offs_s < n_splits
+        row = (bh * n_splits + offs_s) * G_PAD + g
+        m_s = tl.load(part_m_ptr + row, mask=ok, other=float("-inf"))
+        w = tl.exp2(m_s - m_max)  # splits that saw no key have m = -inf: weight 0
+        l_sum += tl.load(part_l_ptr + row, mask=ok, other=0.0) * w
+        acc += tl.load(part_acc_ptr + row[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0) * w[:, None]
+    out = tl.sum(acc, axis=0) / tl.sum(l_sum, axis=0)
+    tl.store(o_ptr + b * stride_ob + (h * G + g) * stride_oh + offs_d * stride_od, out.to(o_ptr.dtype.element_ty))
 
 
 @triton.jit

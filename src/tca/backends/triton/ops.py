@@ -157,7 +157,7 @@ def _attention_tiles(G: int, D: int, block_size: int) -> dict:
     tiles = {
         "block_q": min(block_size, max(16, 128 // g_pad)),
         "block_n": 64 if D <= 128 else 32,
-        "num_warps": 8 if D >= 128 else 4,
+        "num_warps": 8,
         "num_stages": 3,
     }
     tiles.update(TILE_OVERRIDES.get((g_pad, D), {}))
@@ -217,8 +217,9 @@ def _compact_from_selection(selection: Selection):
 def _decode_splits(device: torch.device, bh: int, n_est: int, chunk: int) -> int:
     if INTERPRET or device.type != "cuda":
         return 2  # exercise the split-and-merge path cheaply
+    # about two programs per SM in all, each walking at least two chunks: the partials stay small
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(triton.cdiv(n_est, chunk), triton.cdiv(4 * sms, bh)))
+    return max(1, min(triton.cdiv(n_est, 2 * chunk), triton.cdiv(2 * sms, bh)))
 
 
 def compress_leaving_block(q, cache, start: int) -> None:
@@ -271,8 +272,8 @@ def decode_attention(q, cache, position: int):
     )
     out = torch.empty_like(q)
     o1 = out[:, :, 0]
-    kernels_decode.decode_combine_kernel[(B * HKV,)](
-        part_m, part_l, part_acc, o1, *o1.stride(), HKV, splits, G=G, G_PAD=g_pad, D=D,
+    kernels_decode.decode_combine_kernel[(B * HKV, G)](
+        part_m, part_l, part_acc, o1, *o1.stride(), HKV, splits, G=G, G_PAD=g_pad, D=D, S_BLOCK=32,
     )
     return out
 
