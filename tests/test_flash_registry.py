@@ -115,7 +115,8 @@ def test_import_tca_and_report_never_import_flash(tmp_path):
     code = (
         "import sys, tca\n"
         "rows = {r['name']: r for r in tca.backends.registry.report()}\n"
-        "assert rows['flash']['reasons'] == [] or 'capability' in rows['flash']['reasons'][0], rows['flash']\n"
+        "reasons = rows['flash']['reasons']\n"
+        "assert reasons == [] or 'capability' in reasons[0] or 'none of its devices' in reasons[0], rows['flash']\n"
         "assert not [m for m in sys.modules if m.startswith('flash_attn')], 'flash imported'\n"
         "print('ok')\n"
     )
