@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .report import BASELINE, _lengths, _tasks, kept_fraction, length_label, needle_scores, perplexity
+from .report import BASELINE, _lengths, _tasks, kept_fraction, length_label, needle_scores, ordered_methods, perplexity
 
 
 def _pyplot():
@@ -29,7 +29,7 @@ def tradeoff(results: dict, path: str | Path, methods: list[str] | None = None) 
     """Two panels against the kept-KV fraction (one point per method and length): mean needle accuracy
     over all tasks, and decode perplexity relative to dense."""
     plt = _pyplot()
-    methods = methods or list(results["methods"])
+    methods = methods or ordered_methods(results)
     fig, (acc, ppl) = plt.subplots(1, 2, figsize=(11, 4.2))
     for L in _lengths(results, "needles"):
         pts = sorted((kept_fraction(results, m, L), needle_scores(results, m, length=L), m) for m in methods)
@@ -64,7 +64,7 @@ def tradeoff(results: dict, path: str | Path, methods: list[str] | None = None) 
 def needle_grid(results: dict, path: str | Path, methods: list[str] | None = None, task: str = "niah_single") -> Path:
     """Depth x length accuracy heatmaps of `task`, one panel per method."""
     plt = _pyplot()
-    methods = methods or list(results["methods"])
+    methods = methods or ordered_methods(results)
     rows = [r for r in results["needles"] if r["task"] == task]
     depths = sorted({r["depth"] for r in rows})
     lengths = sorted({r["length"] for r in rows})
@@ -98,7 +98,7 @@ def needle_grid(results: dict, path: str | Path, methods: list[str] | None = Non
 def task_bars(results: dict, path: str | Path, methods: list[str] | None = None) -> Path:
     """Needle accuracy per task (grouped bars), one bar per method: the ablation view."""
     plt = _pyplot()
-    methods = methods or list(results["methods"])
+    methods = methods or ordered_methods(results)
     tasks = _tasks(results)
     fig, ax = plt.subplots(figsize=(1.5 + 1.1 * len(methods), 3.6))
     width = 0.8 / max(1, len(tasks))
