@@ -27,12 +27,15 @@ class Method:
 
     kind: "dense", "calibrated" (a plan from `calibrate_model` at config.tau) or "fixed" (every head of
     every layer gets the log-Gaussian budgets of mean `mu`, no calibration).
+    cache: "compressed" (TCACache: what TCA deploys) or "full" (a diagnostic: TCA attention with
+    transformers' dense cache, so each decode step selects afresh from everything and nothing is dropped).
     """
 
     name: str
     kind: str
     config: TCAConfig | None = None
     mu: float | None = None
+    cache: str = "compressed"  # "full": TCA attention over a dense cache (a fresh selection at every step)
 
     def describe(self) -> dict:
         return {
@@ -40,6 +43,7 @@ class Method:
             "kind": self.kind,
             "config": self.config.to_dict() if self.config else None,
             "mu": self.mu,
+            "cache": self.cache,
         }
 
 
@@ -110,9 +114,10 @@ class Runner:
     def plan(self, method: Method) -> BudgetPlan | None:
         if method.kind == "dense":
             return None
-        if method.name not in self.plans:
+        key = method.name.removesuffix("-fullcache")  # the diagnostic twin shares its method's plan
+        if key not in self.plans:
             if method.kind == "fixed":
-                self.plans[method.name] = fixed_plan(method.config, method.mu, *model_shape(self.model))
+                self.plans[key] = fixed_plan(method.config, method.mu, *model_shape(self.model))
             else:
                 if self.calibration_ids is None:
                     raise ValueError(f"method {method.name!r} needs calibration ids (Runner(calibration_ids=...))")
@@ -122,10 +127,10 @@ class Runner:
                 self.active = None
                 ids = self.calibration_ids.to(self.model.device)
                 with torch.no_grad():
-                    self.plans[method.name] = calibrate_model(
+                    self.plans[key] = calibrate_model(
                         self.model, ids, config=method.config, tau=method.config.tau, progress=self.progress
                     )
-        return self.plans[method.name]
+        return self.plans[key]
 
     def use(self, method: Method) -> None:
         """Switch the model to `method` (calibrating its plan first if needed)."""
@@ -146,7 +151,7 @@ class Runner:
 
     def new_cache(self):
         """A fresh KV cache for the active method: TCACache (compressed) or transformers' DynamicCache."""
-        if self.active is not None and self.active.kind != "dense":
+        if self.active is not None and self.active.kind != "dense" and self.active.cache == "compressed":
             from ..models import TCACache
 
             return TCACache(self.model)

@@ -5,6 +5,8 @@
 - "ablation": the paper's ablations around the small-model configuration (b=64, w=512, alpha 0.5,
   mass_scale "mean"): alpha, mass_scale, block size, window, all at one fixed budget (~31% of each
   budgeted block) so only the ablated choice changes; single and multi-key needles at 2K and 4K.
+- "cachediag": a diagnostic: the same plans with the compressed cache and with a full cache (fresh
+  selection at every decode step), to tell selection losses from cache-compression losses.
 - "smoke": a seconds-long run for tests and a first check on a new machine.
 """
 
@@ -17,7 +19,7 @@ from ..config import TCAConfig
 from .harness import Grid
 from .methods import SMALL_MODEL_CONFIG, Method, calibrated, dense, fixed
 
-PRESETS = ("main", "ablation", "smoke")
+PRESETS = ("main", "ablation", "cachediag", "smoke")
 TINY_CONFIG = TCAConfig(block_size=16, window=64)
 
 
@@ -56,6 +58,15 @@ def preset(name: str) -> tuple[list[Method], Grid, int]:
             ppl_modes=["decode"],
         )
         return ablation_methods(), grid, 4096
+    if name == "cachediag":
+        # Is it the selection or the cache compression that loses needles? The same plans with a full
+        # cache: every decode step selects afresh from all tokens (nothing is dropped for good).
+        methods = [dense()]
+        for m in (calibrated(0.99), fixed(4)):
+            methods += [m, replace(m, name=m.name + "-fullcache", cache="full")]
+        grid = Grid(tasks=["niah_single", "niah_multikey"], lengths=[2048], depths=[0.1, 0.3, 0.5, 0.7, 0.9],
+                    samples=2, ppl_lengths=[])
+        return methods, grid, 4096
     if name == "smoke":
         grid = Grid(tasks=["niah_single", "vt"], lengths=[512], depths=[0.5], ppl_lengths=[160], ppl_docs=1, ppl_tokens=8)
         return [dense(), calibrated(0.9, TINY_CONFIG), fixed(1, TINY_CONFIG)], grid, 256
