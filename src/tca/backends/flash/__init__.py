@@ -98,7 +98,10 @@ SPEC = Backend(
     # The head dims every generation runs (FA4 on Blackwell: <= 128 or 256; FA3: 64, 96, 128, 192, 256).
     head_dims=(64, 96, 128, 256),
     has_decode=True,
-    priority=20,
+    # Above triton (30): on an H100 with FA4, 128K-token prefill took 55 ms here vs 72 ms for the triton backend
+    # (benchmarks/results/flash_h100*.json), and issue 4 asks auto to prefer flash where it is installed and
+    # faster at 128K. It is slower below ~32K tokens and at decode (host overhead of FA4's Python interface).
+    priority=35,
     environment=environment_reasons,
 )
 

@@ -47,21 +47,26 @@ def attend_indices(q, k, v, indices, counts, block_size: int, window: int, scale
     qf = q.contiguous().view(TQ, 1, D)  # one sequence per (batch, query head, block): free views of "bhsd"
     kf = k.contiguous().view(B * HKV * L, 1, D)
     vf = v.contiguous().view(B * HKV * L, 1, D)
+    # Plan everything first: the plan needs a few host syncs (lengths for max_seqlen_k), which cost nothing
+    # while the GPU queue is empty but would stall the host behind the first flash call if taken after it.
     local = local_segments(B, HQ, HKV, L, LQ, block_size, window, q.device)
-    res_local = _call(adapter, qf, kf, vf, local, scale)
-    out, lse = res_local.out, res_local.lse
+    glob = None
     n_max = indices.shape[-1]
     if n_max > 0:
         lo = query_blocks(L, LQ, block_size, window, q.device).lo
         prefix = global_prefix_counts(indices, lo)  # [B, HKV, C]
-        if bool((prefix > 0).any()):
+        if int(prefix.max()) > 0:
+            glob = global_segments(prefix, B, HQ, HKV, LQ, L, block_size, window, n_max, q.device)
+            has_global = rows_with_keys(glob, TQ)
             # Gather the selected keys once: row (b, h, n) of [(B HKV N), 1, D] (padding reads key 0, never used).
             base = torch.arange(B * HKV, device=q.device).view(B, HKV, 1) * L
             rows = (base + indices.clamp(0, L - 1)).reshape(-1)
             ks, vs = kf.index_select(0, rows), vf.index_select(0, rows)
-            glob = global_segments(prefix, B, HQ, HKV, LQ, L, block_size, window, n_max, q.device)
-            res_global = _call(adapter, qf, ks, vs, glob, scale)
-            out, lse = merge(out, lse, res_global.out, res_global.lse, rows_with_keys(glob, TQ), q.dtype)
+    res_local = _call(adapter, qf, kf, vf, local, scale)
+    out, lse = res_local.out, res_local.lse
+    if glob is not None:
+        res_global = _call(adapter, qf, ks, vs, glob, scale)
+        out, lse = merge(out, lse, res_global.out, res_global.lse, has_global, q.dtype)
     out = out.reshape(B, HQ, LQ, D)
     if return_lse:
         return out, lse.reshape(B, HQ, LQ)
@@ -86,7 +91,7 @@ def compress_leaving_block(q, cache: PackedKVCache, start: int, end: int) -> Non
     kept = rank < keep[..., None]
     n = end - start
     ascending = torch.where(kept, torch.arange(n, device=q.device), n).sort(dim=-1).values  # kept first, ascending
-    T = int(keep.max())
+    T = int(cache.keep_per_block.max())  # from the host copy: no device sync
     idx = ascending[..., :T].clamp_max(n - 1)
     k_sel = torch.gather(kb, 2, idx[..., None].expand(-1, -1, -1, D))
     v_sel = torch.gather(vb, 2, idx[..., None].expand(-1, -1, -1, D))
@@ -147,14 +152,15 @@ def decode_attention(q, cache: PackedKVCache, position: int, adapter=None) -> to
     first, count = lo % W, position - lo + 1
     ring_k = cache.local_k.view(S * W, 1, D)
     ring_v = cache.local_v.view(S * W, 1, D)
+    # Host syncs first (the longest global segment), before any flash call is queued.
+    lens = cache.global_len.reshape(S).to(dev)
+    n_max = int(lens.max()) if lens.numel() else 0
     # The window's slots: [first, first + count) of the ring, wrapping at W into a second range [0, rest).
     span = min(count, W - first)
     parts = [_split_call(adapter, qf, ring_k, ring_v, bh * W + first, torch.full_like(bh, span), span, cache.scale)]
     rest = count - span
     if rest > 0:
         parts.append(_split_call(adapter, qf, ring_k, ring_v, bh * W, torch.full_like(bh, rest), rest, cache.scale))
-    lens = cache.global_len.reshape(S).to(dev)
-    n_max = int(lens.max()) if lens.numel() else 0
     if n_max > 0:
         gk, gv = cache.global_k.view(-1, 1, D), cache.global_v.view(-1, 1, D)
         starts = cache.global_start.reshape(S).to(dev)
