@@ -98,10 +98,11 @@ SPEC = Backend(
     # The head dims every generation runs (FA4 on Blackwell: <= 128 or 256; FA3: 64, 96, 128, 192, 256).
     head_dims=(64, 96, 128, 256),
     has_decode=True,
-    # Above triton (30): on an H100 with FA4, 128K-token prefill took 55 ms here vs 72 ms for the triton backend
-    # (benchmarks/results/flash_h100*.json), and issue 4 asks auto to prefer flash where it is installed and
-    # faster at 128K. It is slower below ~32K tokens and at decode (host overhead of FA4's Python interface).
-    priority=35,
+    # Below triton (30), measured (docs/benchmarks.md, H100 + FA4): at 128K prefill flash is faster on the Llama
+    # shape (55 vs 72 ms; 52 vs 63 ms in the Triton issue's run) but slower on SmolLM2's (16.5 vs 14.5 ms), slower
+    # below ~32K tokens, and ~40x slower per decode step (FA4's Python overhead on 2-3 small calls). auto picks
+    # the backend once per prefill and decodes on it, so it keeps triton; ask for backend="flash" explicitly.
+    priority=20,
     environment=environment_reasons,
 )
 
