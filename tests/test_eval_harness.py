@@ -73,3 +73,24 @@ def test_bad_arguments_are_clear():
         main(["eval", "--model", "tiny", "--preset", "smoke", "--methods", "nope", "--quiet"])
     with pytest.raises(ValueError, match="unknown tasks"):
         main(["eval", "--model", "tiny", "--preset", "smoke", "--tasks", "passkey", "--quiet"])
+
+
+def test_full_cache_twin_shares_the_plan_and_keeps_everything():
+    from dataclasses import replace
+
+    import torch
+
+    from tca.eval.harness import Grid, evaluate
+    from tca.eval.methods import Runner, fixed
+    from tca.eval.presets import TINY_CONFIG
+    from tca.eval.tiny import tiny_llama
+
+    model, tokenizer = tiny_llama(seed=1)
+    compressed = fixed(1, TINY_CONFIG)
+    full = replace(compressed, name=compressed.name + "-fullcache", cache="full")
+    runner = Runner(model, "auto", torch.zeros(1, 8, dtype=torch.long), progress=False)
+    grid = Grid(tasks=["niah_single"], lengths=[512], depths=[0.5], ppl_lengths=[])
+    results = evaluate(runner, tokenizer, [compressed, full], grid, progress=False)
+    assert list(runner.plans) == [compressed.name]
+    assert report.kept_fraction(results, full.name) == 1.0
+    assert report.kept_fraction(results, compressed.name) < 0.6
