@@ -105,3 +105,75 @@ def compact_kernel(
     keep = rank < t
     slot = tl.cumsum(keep.to(tl.int32), axis=0) - 1
     tl.store(indices_ptr + bh * stride_idx_bh + start + slot, j * BS + offs_t, mask=keep)
+
+
+@triton.jit
+def row_stats_kernel(part_max_ptr, part_sum_ptr, row_max_ptr, row_sum_ptr, n_chunks, BLOCK: tl.constexpr):
+    """Merge the per-chunk (max, sum of exp2) of one query head's logits row: row_max, row_sum [B*HKV*G]."""
+    row = tl.program_id(0)
+    m = tl.full([BLOCK], float("-inf"), tl.float32)
+    for c0 in range(0, n_chunks, BLOCK):
+        offs = c0 + tl.arange(0, BLOCK)
+        m = tl.maximum(m, tl.load(part_max_ptr + row * n_chunks + offs, mask=offs < n_chunks, other=float("-inf")))
+    m_all = tl.max(m, axis=0)
+    s = tl.zeros([BLOCK], tl.float32)
+    for c0 in range(0, n_chunks, BLOCK):
+        offs = c0 + tl.arange(0, BLOCK)
+        ok = offs < n_chunks
+        pm = tl.load(part_max_ptr + row * n_chunks + offs, mask=ok, other=float("-inf"))
+        s += tl.load(part_sum_ptr + row * n_chunks + offs, mask=ok, other=0.0) * tl.exp2(pm - m_all)
+    tl.store(row_max_ptr + row, m_all)
+    tl.store(row_sum_ptr + row, tl.sum(s, axis=0))
+
+
+@triton.jit
+def block_keep_kernel(
+    budgets_ptr, order_ptr, keep_ptr, offsets_ptr, HKV, J,
+    NK: tl.constexpr, NK_PAD: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    """Eq. 7 for one (batch, KV head), on the device in one program.
+
+    Counts n_k = floor(p_k J) plus the remaining units by largest remainder (fractional parts descending, ties
+    to the larger k; a deficit, for budgets summing to a hair over 1, is taken back from the smallest
+    fractional parts first); Psi = each k repeated n_k times in descending order; the block of priority rank i
+    (order[i], from a stable descending sort) keeps t = Psi[i]. Then offsets = exclusive cumsum of t over
+    blocks. budgets: [HKV, NK] fp64; order: [B, HKV, J] int64; keep: [B, HKV, J] int32;
+    offsets: [B, HKV, J + 1] int32.
+    """
+    bh = tl.program_id(0)
+    h = bh % HKV
+    k = tl.arange(0, NK_PAD)
+    k_ok = k < NK
+    p = tl.load(budgets_ptr + h * NK + k, mask=k_ok, other=0.0)
+    exact = p * J
+    floor = tl.floor(exact)
+    frac = tl.where(k_ok, exact - floor, -1.0)
+    counts = floor.to(tl.int32)
+    # rank of each k by fractional part, descending, ties to the larger k (padding ranks last)
+    ahead = ((frac[None, :] > frac[:, None]) | ((frac[None, :] == frac[:, None]) & (k[None, :] > k[:, None])))
+    rank = tl.sum((ahead & k_ok[None, :]).to(tl.int32), axis=1)
+    remaining = J - tl.sum(counts, axis=0)
+    x = remaining - rank - 1
+    counts += tl.where(k_ok & (x >= 0), x // NK + 1, 0)
+    deficit = tl.maximum(-remaining, 0)
+    held_before = tl.sum(tl.where((rank[None, :] > rank[:, None]) & k_ok[None, :], counts[None, :], 0), axis=1)
+    counts -= tl.minimum(tl.maximum(deficit - held_before, 0), counts)
+    # Psi: larger k first; k occupies ranks [start_k, start_k + n_k)
+    start = tl.sum(tl.where((k[None, :] > k[:, None]) & k_ok[None, :], counts[None, :], 0), axis=1)
+    value = (1 << k).to(tl.int32)
+    for i0 in range(0, J, BLOCK_J):
+        i = i0 + tl.arange(0, BLOCK_J)
+        ok = i < J
+        hit = (i[:, None] >= start[None, :]) & (i[:, None] < (start + counts)[None, :]) & k_ok[None, :]
+        t = tl.sum(tl.where(hit, value[None, :], 0), axis=1)
+        block = tl.load(order_ptr + bh * J + i, mask=ok, other=0)
+        tl.store(keep_ptr + bh * J + block, t, mask=ok)
+    tl.debug_barrier()  # the scattered stores above are read back below by the same program
+    tl.store(offsets_ptr + bh * (J + 1), 0)
+    carry = tl.zeros([], tl.int32)
+    for j0 in range(0, J, BLOCK_J):
+        j = j0 + tl.arange(0, BLOCK_J)
+        ok = j < J
+        t = tl.load(keep_ptr + bh * J + j, mask=ok, other=0)
+        tl.store(offsets_ptr + bh * (J + 1) + j + 1, carry + tl.cumsum(t, axis=0), mask=ok)
+        carry += tl.sum(t, axis=0)
