@@ -350,3 +350,16 @@ def test_cuda_prefill_and_decode_match_reference_on_cpu(dtype):
     for bi in range(B):
         for h in range(HKV):
             assert cache.positions_of(bi, h).cpu().tolist() == ref_cache.positions[bi][h].tolist()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_block_priority_with_tiny_nonzero_importance_equals_reference(dtype):
+    """Blocks whose scores are tiny but not zero: sum s^2 underflows; both must use sum (s / M)^2, never NaN."""
+    tiny = torch.finfo(dtype).tiny
+    importance = torch.rand(1, 2, 64, dtype=dtype, generator=torch.Generator().manual_seed(0))
+    importance[..., :16] *= tiny ** 0.5 * 1e-3  # block 0: squares underflow, mass does not
+    importance[..., 16:32] = 0  # block 1: M = 0, H = 1
+    ours = torch_selection.block_priority(importance, 4, 16, 0.5, "mean")
+    ref = reference.block_priority(importance, 4, 16, 0.5, "mean")
+    assert not torch.isnan(ours).any()
+    assert torch.equal(ours, ref)

@@ -39,7 +39,14 @@ def block_priority(importance: torch.Tensor, num_blocks: int, block_size: int, a
     mass = blocks.sum(-1)
     squares = (blocks**2).sum(-1)
     nonzero = mass > 0
-    herfindahl = torch.where(nonzero, squares / torch.where(nonzero, mass, 1) ** 2, 1)
+    safe = torch.where(nonzero, mass, 1)
+    herfindahl = squares / safe**2
+    # Tiny (not zero) scores underflow sum s^2 and M^2 (NaN or ~0); the equal sum (s / M)^2 cannot. Same rule
+    # as the reference, so both agree bit for bit.
+    underflow = squares < torch.finfo(squares.dtype).tiny
+    if bool((underflow & nonzero).any()):
+        herfindahl = torch.where(underflow, ((blocks / safe[..., None]) ** 2).sum(-1), herfindahl)
+    herfindahl = torch.where(nonzero, herfindahl, 1)
     m = mass * num_blocks if mass_scale == "mean" else mass
     return (1 - alpha) * m + alpha * (1 - herfindahl)
 
