@@ -71,3 +71,17 @@ def test_selection_matches_reference(B, HQ, HKV, L, b, w, mass_scale, budget):
     valid = torch.arange(n) < ref_counts[..., None]
     assert torch.equal(indices[..., :n].long().cpu()[valid], ref_idx[valid])
     assert (indices[..., :n].cpu()[~valid] == -1).all()  # padding after the end
+
+
+def test_selection_with_tiny_mass_blocks_matches_reference():
+    """Blocks whose scores are ~1e-26 (sum s^2 underflows in fp32): the Herfindahl index must follow the
+    reference's underflow rule instead of becoming NaN (which would rank those blocks first)."""
+    B, HQ, HKV, L, D, b, w = 1, 2, 1, 160, 64, 16, 64
+    config = TCAConfig(block_size=b, window=w)
+    q, k = separated_inputs(B, HQ, HKV, L, D, seed=5)
+    k[..., : 3 * b, 0] -= 60.0 / q[0, 0, 0, 0].item() * D**0.5  # blocks 0-2: logits about 60 below the rest
+    p = default_budgets(b).to(DEVICE).expand(HKV, -1).contiguous()
+    mine = ops.TritonBackend.select(q, k, p, config, D**-0.5)
+    ref = reference.select(q.double(), k.double(), p, config, D**-0.5)
+    assert torch.equal(mine.block_budgets.cpu(), ref.block_budgets.cpu())
+    assert torch.equal(mine.mask.cpu(), ref.mask.cpu()), selection_difference(mine, ref)

@@ -74,7 +74,10 @@ def block_scores_kernel(
     mass = tl.sum(s, axis=0)
     squares = tl.sum(s * s, axis=0)
     safe = tl.where(mass > 0, mass, 1.0)
-    herfindahl = tl.where(mass > 0, squares / (safe * safe), 1.0)
+    # as the reference: where sum s^2 underflows (every score below ~1e-19), use the equal sum (s / M)^2
+    scaled = tl.sum((s / safe) * (s / safe), axis=0)
+    herfindahl = tl.where(squares < 1.1754943508222875e-38, scaled, squares / (safe * safe))
+    herfindahl = tl.where(mass > 0, herfindahl, 1.0)
     priority = (1 - alpha) * mass_factor * mass + alpha * (1 - herfindahl)
     tl.store(priority_ptr + bh * J + j, priority)
     # rank of token i = #{k : s_k > s_i or (s_k == s_i and k < i)}
