@@ -76,7 +76,8 @@ def block_scores_kernel(
     safe = tl.where(mass > 0, mass, 1.0)
     # as the reference: where sum s^2 underflows (every score below ~1e-19), use the equal sum (s / M)^2
     scaled = tl.sum((s / safe) * (s / safe), axis=0)
-    herfindahl = tl.where(squares < 1.1754943508222875e-38, scaled, squares / (safe * safe))
+    tiny = squares < 1.1754943508222875e-38
+    herfindahl = tl.where(tiny, scaled, squares / tl.where(tiny, 1.0, safe * safe))
     herfindahl = tl.where(mass > 0, herfindahl, 1.0)
     priority = (1 - alpha) * mass_factor * mass + alpha * (1 - herfindahl)
     tl.store(priority_ptr + bh * J + j, priority)
