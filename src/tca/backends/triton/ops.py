@@ -53,10 +53,44 @@ def last_query_importance_logits(q_last: torch.Tensor, k: torch.Tensor, scale: f
         G=G, G_PAD=_rows_pad(G), D=D, BLOCK_L=block_l, PREC=_precision(k.dtype),
         num_warps=4,
     )
-    row_max = torch.empty(B, HKV, G, device=k.device, dtype=torch.float32)
-    row_sum = torch.empty_like(row_max)
-    kernels_selection.row_stats_kernel[(B * HKV * G,)](part_max, part_sum, row_max, row_sum, n_chunks, BLOCK=256)
+    row_max = part_max.amax(-1)
+    row_sum = (part_sum * torch.exp2(part_max - row_max[..., None])).sum(-1)
     return logits, row_max, row_sum
+
+
+def budget_counts(budgets: torch.Tensor, num_blocks: int) -> torch.Tensor:
+    """Eq. 7 counts on the device (largest remainder, ties of fractional parts to the larger k). [choice]
+
+    budgets: [HKV, len(K)] float64 -> int64 [HKV, len(K)], rows summing to J. Same rule as
+    tca.reference.selection.budget_counts, without a host synchronisation."""
+    exact = budgets.to(torch.float64) * num_blocks
+    counts = exact.floor().long()
+    fraction = exact - counts
+    n = budgets.shape[-1]
+    by_k_desc = torch.arange(n - 1, -1, -1, device=budgets.device)
+    order = by_k_desc[fraction[..., by_k_desc].sort(dim=-1, descending=True, stable=True).indices]
+    remaining = num_blocks - counts.sum(-1, keepdim=True)
+    slot = torch.arange(n, device=budgets.device)
+    extra = (torch.div(remaining - slot - 1, n, rounding_mode="floor") + 1).clamp_min(0)
+    counts = counts.scatter_add(-1, order, extra)
+    # budgets summing to a hair over 1 can leave a deficit: take it back from the smallest fractions first
+    deficit = (-remaining).clamp_min(0)
+    ascending = order.flip(-1)
+    held = counts.gather(-1, ascending)
+    before = held.cumsum(-1) - held
+    take = torch.minimum((deficit - before).clamp_min(0), held)
+    return counts.scatter_add(-1, ascending, -take)
+
+
+def block_keep_from_ranks(ranks: torch.Tensor, budgets: torch.Tensor, block_size: int) -> torch.Tensor:
+    """t_j = Psi[r_j]: ranks [B, HKV, J] int64, budgets [HKV, len(K)] -> int32 [B, HKV, J]."""
+    B, H, J = ranks.shape
+    counts = budget_counts(budgets, J)  # [HKV, len(K)]
+    n = counts.shape[-1]
+    k_desc = 2 ** torch.arange(n - 1, -1, -1, device=ranks.device)
+    ends = counts.flip(-1).cumsum(-1)  # Psi[r] is the k of the first descending group whose end exceeds r
+    group = torch.searchsorted(ends.expand(B, H, n).contiguous(), ranks.contiguous(), right=True).clamp_max(n - 1)
+    return k_desc[group].to(torch.int32)
 
 
 def _select(q: torch.Tensor, k: torch.Tensor, budgets: torch.Tensor, config, scale: float) -> dict:
@@ -84,16 +118,13 @@ def _select(q: torch.Tensor, k: torch.Tensor, budgets: torch.Tensor, config, sca
         L, J, mass_factor, float(config.alpha),
         G=G, G_PAD=_rows_pad(G), BS=b, num_warps=4 if b <= 128 else 8,
     )
-    # Ranking of J blocks (ties to the smaller index): a stable sort, on the device; then Eq. 7 and the
-    # per-block offsets in one small kernel per head (no host synchronisation, few launches).
-    order = priority.sort(dim=-1, descending=True, stable=True).indices.contiguous()
-    keep = torch.empty(B, HKV, J, device=dev, dtype=torch.int32)
-    offsets = torch.empty(B, HKV, J + 1, device=dev, dtype=torch.int32)
-    n_k = budgets.shape[-1]
-    kernels_selection.block_keep_kernel[(B * HKV,)](
-        budgets.to(torch.float64).contiguous(), order, keep, offsets, HKV, J,
-        NK=n_k, NK_PAD=max(16, triton.next_power_of_2(n_k)), BLOCK_J=256,
-    )
+    # Ranking of J blocks (ties to the smaller index): a stable sort, on the device.
+    order = priority.sort(dim=-1, descending=True, stable=True).indices
+    ranks = torch.empty_like(order)
+    ranks.scatter_(-1, order, torch.arange(J, device=dev).expand_as(order))
+    keep = block_keep_from_ranks(ranks, budgets, b)
+    offsets = torch.zeros(B, HKV, J + 1, device=dev, dtype=torch.int32)
+    torch.cumsum(keep, dim=-1, out=offsets[..., 1:])
     indices = torch.full((B, HKV, J * b), -1, device=dev, dtype=torch.int32)
     kernels_selection.compact_kernel[(B * HKV, J)](rank, keep, offsets, indices, J, indices.stride(1), BS=b)
     return {"rank": rank, "keep": keep, "offsets": offsets, "indices": indices, "counts": offsets[..., -1]}
