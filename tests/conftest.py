@@ -60,3 +60,14 @@ def _seed_global_rng():
 @pytest.fixture
 def qkv_factory():
     return make_qkv
+
+
+def require_triton() -> str:
+    """Skip the calling test module unless Triton kernels can run here (a CUDA GPU, or the CPU interpreter with
+    TRITON_INTERPRET=1) and triton imports; return the device to run them on ("cuda" or "cpu")."""
+    cuda = torch.cuda.is_available()
+    if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs a CUDA GPU or TRITON_INTERPRET=1", allow_module_level=True)
+    pytest.importorskip("triton")
+    return "cuda" if cuda else "cpu"
+

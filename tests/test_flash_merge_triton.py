@@ -6,19 +6,15 @@ Shape letters: T rows, H heads, N keys, D head dim.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-pytestmark = pytest.mark.triton
-CUDA = torch.cuda.is_available()
-if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("needs a CUDA GPU or TRITON_INTERPRET=1", allow_module_level=True)
-pytest.importorskip("triton")
-from tca.backends.flash import merge, merge_triton  # noqa: E402
+from conftest import require_triton
 
-DEVICE = "cuda" if CUDA else "cpu"
+pytestmark = pytest.mark.triton
+DEVICE = require_triton()
+CUDA = DEVICE == "cuda"
+from tca.backends.flash import merge, merge_triton  # noqa: E402
 
 
 def pieces(T, H, N, D, seed):

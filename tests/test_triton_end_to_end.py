@@ -7,25 +7,21 @@ Shape letters: B, HQ, HKV, L, D, b block size, w window.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 import tca
+from conftest import require_triton
 from tca import reference
 from tca.budgets import default_budgets
 from tca.config import TCAConfig
 from tca.testing import assert_close, selection_difference
 
 pytestmark = pytest.mark.triton
-CUDA = torch.cuda.is_available()
-if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("needs a CUDA GPU or TRITON_INTERPRET=1", allow_module_level=True)
-pytest.importorskip("triton")
+DEVICE = require_triton()
+CUDA = DEVICE == "cuda"
 from tca.backends.triton import ops  # noqa: E402
 
-DEVICE = "cuda" if CUDA else "cpu"
 CASES = [
     # B, HQ, HKV, L, D, b, w
     (1, 4, 2, 300, 64, 32, 64),  # GQA, L % b != 0, L > w

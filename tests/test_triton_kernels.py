@@ -6,11 +6,10 @@ Shape letters: B, HQ, HKV, L, LQ, D, b block size, w window.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
+from conftest import require_triton
 from tca import reference
 from tca.budgets import default_budgets
 from tca.config import TCAConfig
@@ -18,13 +17,9 @@ from tca.selection import Selection
 from tca.testing import assert_close
 
 pytestmark = pytest.mark.triton
-CUDA = torch.cuda.is_available()
-if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("needs a CUDA GPU or TRITON_INTERPRET=1", allow_module_level=True)
-pytest.importorskip("triton")
+DEVICE = require_triton()
+CUDA = DEVICE == "cuda"
 from tca.backends.triton import ops  # noqa: E402
-
-DEVICE = "cuda" if CUDA else "cpu"
 
 
 def make(B, HQ, HKV, L, D, LQ=None, dtype=torch.float32, seed=0):

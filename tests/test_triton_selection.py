@@ -7,24 +7,19 @@ Shape letters: B, HQ, HKV, L, D, b block size, w window, J budgeted blocks.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
+from conftest import require_triton
 from tca import reference
 from tca.budgets import default_budgets, dense_budgets, log_gaussian_budgets
 from tca.config import TCAConfig
 from tca.testing import selection_difference
 
 pytestmark = pytest.mark.triton
-CUDA = torch.cuda.is_available()
-if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("needs a CUDA GPU or TRITON_INTERPRET=1", allow_module_level=True)
-pytest.importorskip("triton")
+DEVICE = require_triton()
+CUDA = DEVICE == "cuda"
 from tca.backends.triton import ops  # noqa: E402
-
-DEVICE = "cuda" if CUDA else "cpu"
 
 
 def separated_inputs(B, HQ, HKV, L, D, seed):
