@@ -12,7 +12,10 @@ from .report import BASELINE, _lengths, _tasks, kept_fraction, length_label, nee
 
 
 def _pyplot():
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as error:
+        raise ImportError('plots need matplotlib: pip install "tca[eval]" (or pip install matplotlib)') from error
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
