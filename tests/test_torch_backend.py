@@ -42,7 +42,7 @@ def _same_selection(actual, expected):
 def test_registered_with_the_documented_capabilities():
     spec = registry.get("torch")
     assert spec.priority == 10 and spec.has_decode and spec.head_dims is None
-    assert set(spec.devices) == {"cpu", "cuda", "mps"}
+    assert set(spec.devices) == {"cpu", "cuda"}
     assert set(spec.dtypes) == {torch.float16, torch.bfloat16, torch.float32, torch.float64}
     assert spec.load() is TorchBackend
     assert spec.reasons("cpu", torch.float32, 80) == []

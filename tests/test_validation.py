@@ -270,3 +270,12 @@ def test_decode_errors():
         tca.decode(*(torch.cat([t[:, :, -1:]] * 2) for t in (q, k, v)), cache)
     with pytest.raises(ValueError, match="the cache has head dim 8 but the new token has 4"):
         tca.decode(*(t[:, :, -1:, :4] for t in (q, k, v)), cache)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_decode_rejects_a_dtype_other_than_the_caches(backend):
+    q, k, v = qkv()
+    _, cache = tca.prefill(q, k, v, config=CFG, backend=backend)
+    other = torch.float32 if q.dtype == torch.float64 else torch.float64
+    with pytest.raises(ValueError, match="the cache holds dtype"):
+        tca.decode(*(t[:, :, -1:].to(other) for t in (q, k, v)), cache)

@@ -90,6 +90,13 @@ def decode(q, k, v, cache, *, layout="bhsd"):
                 f"the cache has {what} {expected} but the new token has {given}; decode continues the "
                 "sequences that tca.prefill started, with the same shapes"
             )
+    for what, given in (("dtype", q.dtype), ("device", q.device)):
+        expected = getattr(cache, what, None)
+        if expected is not None and expected != given:
+            raise ValueError(
+                f"the cache holds {what} {expected} but the new token is {given}; decode with the same {what} "
+                "as tca.prefill (convert with .to(...))"
+            )
     impl = registry.get(cache.backend).load()
     return from_bhsd(impl.decode(q, k, v, cache), layout)
 

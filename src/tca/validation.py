@@ -94,7 +94,8 @@ def check_budgets(budgets, num_kv_heads: int, config: TCAConfig, device) -> torc
             f"budgets must have shape [{n}] or [{num_kv_heads}, {n}] (one probability per retain count "
             f"{config.retain_counts} for block_size {config.block_size}), got {tuple(budgets.shape)}"
         )
-    p = budgets.detach().to(device=device, dtype=torch.float64)
+    # Validate on the CPU (a few numbers: no device syncs), then move once.
+    p = budgets.detach().to(device="cpu", dtype=torch.float64)
     if not torch.isfinite(p).all():
         raise ValueError("budgets contain NaN or infinity; they must be finite probabilities")
     if (p < 0).any():
@@ -106,4 +107,4 @@ def check_budgets(budgets, num_kv_heads: int, config: TCAConfig, device) -> torc
             f"each budget configuration must sum to 1 (within {BUDGET_SUM_TOLERANCE}), got sums {sums.tolist()}; "
             "normalise with budgets / budgets.sum(-1, keepdim=True)"
         )
-    return p.contiguous()
+    return p.to(device).contiguous()

@@ -52,6 +52,14 @@ class ReferenceKVCache:
         return sum(t.numel() * t.element_size() for rows in (self.keys, self.values) for row in rows for t in row)
 
     @property
+    def dtype(self) -> torch.dtype:
+        return self.keys[0][0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.keys[0][0].device
+
+    @property
     def num_kv_heads(self) -> int:
         return len(self.positions[0])
 

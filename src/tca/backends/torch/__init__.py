@@ -1,6 +1,6 @@
 """The `torch` backend: pure PyTorch, memory-efficient (chunked over query blocks, no L x L tensor), any device.
 
-It is what backend="auto" runs where no Triton or flash-attn backend can (CPU, MPS, GPUs without Triton).
+It is what backend="auto" runs where no Triton or flash-attn backend can (CPU, GPUs without Triton).
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from ..registry import Backend
 
 SPEC = Backend(
     name="torch",
-    summary="pure PyTorch, chunked over query blocks, no L x L tensors; CPU/CUDA/MPS, any head dim, decode on PackedKVCache",
+    summary="pure PyTorch, chunked over query blocks, no L x L tensors; CPU/CUDA, any head dim, decode on PackedKVCache",
     implementation="tca.backends.torch.impl:TorchBackend",
-    devices=("cpu", "cuda", "mps"),
+    devices=("cpu", "cuda"),  # MPS has no float64, which the budgets and the fp64 path use
     dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
     head_dims=None,
     has_decode=True,
