@@ -11,6 +11,8 @@ Shapes: out_* [T, H, D], lse_* [T, H] float32, has_second [T] or [T, H] bool.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -31,11 +33,17 @@ def merge_two(out_1, lse_1, out_2, lse_2, has_second, out_dtype=None):
 
 def merge(out_1, lse_1, out_2, lse_2, has_second, out_dtype=None):
     """merge_two, fused in one Triton kernel on CUDA when Triton imports (merge_triton.py), else in torch."""
-    if out_1.is_cuda:
-        try:
-            from . import merge_triton
-        except Exception:  # noqa: BLE001 - no usable Triton: the torch merge computes the same
-            merge_triton = None
-        if merge_triton is not None:
-            return merge_triton.merge_two(out_1, lse_1, out_2, lse_2, has_second, out_dtype)
+    fused = _import_merge_triton() if out_1.is_cuda else None
+    if fused is not None:
+        return fused.merge_two(out_1, lse_1, out_2, lse_2, has_second, out_dtype)
     return merge_two(out_1, lse_1, out_2, lse_2, has_second, out_dtype)
+
+
+@functools.cache
+def _import_merge_triton():
+    """The fused merge, or None where triton is not installed (the torch merge computes the same); looked up once."""
+    try:
+        from . import merge_triton
+    except ImportError:
+        return None
+    return merge_triton

@@ -6,19 +6,26 @@ Shape letters: B batch, HKV key/value heads, N selected positions (padded to the
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .plan import PAD_POSITION
 
 
 def _triton_ops(device: torch.device):
-    if device.type != "cuda":
-        return None
+    return _import_triton_ops() if device.type == "cuda" else None
+
+
+@functools.cache
+def _import_triton_ops():
+    """The Triton selection, or None where triton is not installed (looked up once). Other import errors
+    are bugs and propagate: a silent fallback would hide them behind equal outputs."""
     try:
-        from ..triton import ops  # imports triton; absent or broken Triton -> the torch selection
-    except Exception:  # noqa: BLE001 - any import failure of the optional kernels means "use torch"
+        from ..triton import ops
+    except ImportError:
         return None
-    return ops if hasattr(ops, "select_indices") else None
+    return ops
 
 
 def select_indices(q, k, budgets, config, scale) -> tuple[torch.Tensor, torch.Tensor]:
