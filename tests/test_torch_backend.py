@@ -363,3 +363,12 @@ def test_block_priority_with_tiny_nonzero_importance_equals_reference(dtype):
     ref = reference.block_priority(importance, 4, 16, 0.5, "mean")
     assert not torch.isnan(ours).any()
     assert torch.equal(ours, ref)
+
+
+def test_budget_counts_deficit_with_tied_fractions_takes_from_the_smaller_k_first():
+    """Budgets summing to a hair over 1 (accepted within tolerance): floors overshoot J by 4, all fractional
+    parts tie at 0, so the 4 units come back from the smallest k that holds any."""
+    p = torch.tensor([0.0] + [0.25 + 2**-16] * 4, dtype=torch.float64)
+    expected = torch.tensor([0, 16381, 16385, 16385, 16385])
+    assert torch.equal(reference.budget_counts(p, 2**16), expected)
+    assert torch.equal(torch_selection.budget_counts(p, 2**16), expected)

@@ -95,7 +95,7 @@ def _take_back(counts, fraction, deficit):
     counts = counts.clone()
     flat_c, flat_f, flat_d = counts.view(-1, counts.shape[-1]), fraction.reshape(-1, counts.shape[-1]), deficit.view(-1)
     for row in range(flat_c.shape[0]):
-        for idx in flat_f[row].argsort().tolist():
+        for idx in flat_f[row].sort(stable=True).indices.tolist():  # ties: the smaller k gives first
             while flat_d[row] > 0 and flat_c[row, idx] > 0:
                 flat_c[row, idx] -= 1
                 flat_d[row] -= 1
