@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 
 BASELINE = "dense"
 
@@ -120,20 +119,6 @@ def markdown_table(results: dict, baseline: str = BASELINE) -> str:
             delta = "" if name == baseline else f" ({_pct(p, perplexity(results, baseline, L))})"
             row.append(_fmt(p, 3) + delta)
         lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines)
-
-
-def needle_grid_table(results: dict, method: str, task: str = "niah_single") -> str:
-    """Depth x length accuracy of one method on one task, as markdown."""
-    cells = defaultdict(list)
-    for r in results["needles"]:
-        if r["method"] == method and r["task"] == task:
-            cells[(r["depth"], r["length"])].append(r["score"])
-    depths = sorted({d for d, _ in cells})
-    lengths = sorted({L for _, L in cells})
-    lines = ["| depth \\ length | " + " | ".join(length_label(L) for L in lengths) + " |", "|---|" + "---|" * len(lengths)]
-    for d in depths:
-        lines.append(f"| {d:g} | " + " | ".join(_fmt(_mean(cells[(d, L)])) for L in lengths) + " |")
     return "\n".join(lines)
 
 

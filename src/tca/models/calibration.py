@@ -27,7 +27,7 @@ from ..reference.calibration import DEFAULT_ROWS, choose_budgets, dense_rows, ev
 from ..reference.selection import block_budgets, block_priority, last_query_importance, select_tokens
 from ..selection import Selection
 from . import _hf
-from .attention import register, tca_mask
+from .attention import register
 from .shape import check_supported
 
 CALIBRATE_IMPLEMENTATION = "tca_calibrate"
@@ -147,8 +147,7 @@ def calibrate_model(
         )
     shape = check_supported(model)
     candidates = calibration_candidates(config.block_size, config.num_candidates, config.sigma)
-    register(CALIBRATE_IMPLEMENTATION, calibrate_attention_forward)
-    _ = tca_mask  # the calibration implementation shares TCA's mask rules (no padding, causal only)
+    register(CALIBRATE_IMPLEMENTATION, calibrate_attention_forward)  # with TCA's mask rules (causal, no padding)
     bar = _progress_bar(shape.num_layers, progress)
     recorder = _Recorder(config, candidates, num_rows, bar)
     previous = model.config._attn_implementation

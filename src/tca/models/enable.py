@@ -6,7 +6,6 @@ import torch
 
 from ..backends import registry
 from ..config import TCAConfig
-from ..plan import BudgetPlan
 from . import _hf
 from .attention import IMPLEMENTATIONS, SETTINGS_ATTRIBUTE, LayerSettings, register_all
 from .plans import resolve_plan
@@ -80,8 +79,3 @@ def disable_tca(model):
         if name in model.__dict__:
             delattr(model, name)
     return model
-
-
-def current_plan(model) -> BudgetPlan | None:
-    """The plan enable_tca installed on `model`, or None."""
-    return getattr(model, "tca_plan", None)

@@ -165,15 +165,10 @@ def _attend_chunk(q, k, v, k_glob, v_glob, valid, selected, p0, p1, lo0, b, wind
             visible = visible | (sel & (keys_pos < lo))  # [B, HKV, R, cols]
         mask = visible if visible.dim() == 4 else visible[None, None]
         logits[..., n + first - lo0 : n + last - lo0].masked_fill_(~mask[:, :, None], -math.inf)
-    chunk_lse = None
-    if return_lse:
-        row_lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-        weights = torch.exp(logits.sub_(row_lse))
-        chunk_lse = row_lse.view(B, HQ, R)
-    else:
-        weights = torch.softmax(logits, dim=-1)
+    row_lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    weights = torch.exp(logits.sub_(row_lse))
     out = torch.matmul(weights.view(B, HKV, G * R, -1), values.to(dt))
-    return out.view(B, HQ, R, D), chunk_lse
+    return out.view(B, HQ, R, D), row_lse.view(B, HQ, R)
 
 
 def _attend_chunk_sdpa(q, keys, values, valid, selected, p0, p1, lo0, b, window, scale):
