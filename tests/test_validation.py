@@ -279,3 +279,39 @@ def test_decode_rejects_a_dtype_other_than_the_caches(backend):
     other = torch.float32 if q.dtype == torch.float64 else torch.float64
     with pytest.raises(ValueError, match="the cache holds dtype"):
         tca.decode(*(t[:, :, -1:].to(other) for t in (q, k, v)), cache)
+
+
+def test_decode_rejects_another_number_of_query_heads():
+    q, k, v = qkv()
+    _, cache = tca.prefill(q, k, v, config=CFG, backend="reference")
+    doubled = torch.cat([q[:, :, -1:]] * 2, dim=1)
+    with pytest.raises(ValueError, match="number of query heads"):
+        tca.decode(doubled, k[:, :, -1:], v[:, :, -1:], cache)
+
+
+def test_budget_helpers_reject_bad_arguments():
+    with pytest.raises(ValueError, match="sigma must be"):
+        tca.log_gaussian_budgets(1.0, 0.0, 16)
+    for make in (tca.default_budgets, tca.dense_budgets):
+        with pytest.raises(ValueError, match="power of two in 16..256"):
+            make(100)
+
+
+def test_one_dimensional_budgets_of_the_wrong_length_report_the_given_shape():
+    with pytest.raises(ValueError, match=r"got \(3,\)"):
+        tca.attention(*qkv(), budgets=torch.ones(3) / 3, config=CFG, backend="reference")
+
+
+def test_sequence_first_tensors_get_a_layout_hint():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="layout='bshd'"):
+        tca.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), config=CFG, backend="reference")
+
+
+def test_scale_accepts_real_numbers_and_zero_dim_tensors():
+    import numpy as np
+
+    q, k, v = qkv()
+    expected = tca.attention(q, k, v, scale=0.25, config=CFG, backend="reference")
+    for scale in (np.float32(0.25), torch.tensor(0.25)):
+        torch.testing.assert_close(tca.attention(q, k, v, scale=scale, config=CFG, backend="reference"), expected)

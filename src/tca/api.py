@@ -65,6 +65,7 @@ def prefill(q, k, v, *, budgets=None, config=None, scale=None, layout="bhsd", ba
             "use tca.attention for LQ < L"
         )
     out, cache = impl.prefill(q, k, v, budgets, config, scale)
+    cache.num_query_heads = q.shape[1]  # decode checks it: another head count would silently regroup heads
     return from_bhsd(out, layout), cache
 
 
@@ -83,7 +84,12 @@ def decode(q, k, v, cache, *, layout="bhsd"):
         raise ValueError(f"the cache has {cache.num_kv_heads} KV heads but k has {k.shape[1]}")
     # Caches that know their batch size and head dim (reference, packed) are checked too: a mismatch
     # would otherwise fail deep inside a backend, or silently decode the wrong sequences.
-    for what, name, given in (("batch size", "batch_size", k.shape[0]), ("head dim", "head_dim", k.shape[-1])):
+    checked = (
+        ("batch size", "batch_size", k.shape[0]),
+        ("head dim", "head_dim", k.shape[-1]),
+        ("number of query heads", "num_query_heads", q.shape[1]),
+    )
+    for what, name, given in checked:
         expected = getattr(cache, name, None)
         if expected is not None and expected != given:
             raise ValueError(

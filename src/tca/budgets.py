@@ -11,6 +11,11 @@ import math
 import torch
 
 
+def _check_block_size(block_size: int) -> None:
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 16 or block_size > 256 or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two in 16..256, got {block_size!r}; try 64 or 128")
+
+
 def retain_counts(block_size: int) -> torch.Tensor:
     """K = [1, 2, 4, ..., b] as an int64 tensor."""
     return 2 ** torch.arange(int(math.log2(block_size)) + 1)
@@ -18,6 +23,11 @@ def retain_counts(block_size: int) -> torch.Tensor:
 
 def log_gaussian_budgets(mu: float, sigma: float, block_size: int) -> torch.Tensor:
     """p_mu[k] = phi(log2 k) / sum phi, phi(x) = exp(-(x - mu)^2 / (2 sigma^2)). float64, shape [len(K)]."""
+    _check_block_size(block_size)
+    if not isinstance(sigma, (int, float)) or isinstance(sigma, bool) or not math.isfinite(sigma) or sigma <= 0:
+        raise ValueError(f"sigma must be a finite number > 0, got {sigma!r}")
+    if not isinstance(mu, (int, float)) or isinstance(mu, bool) or not math.isfinite(mu):
+        raise ValueError(f"mu must be a finite number (log2 of the centre retain count), got {mu!r}")
     x = torch.arange(int(math.log2(block_size)) + 1, dtype=torch.float64)
     phi = torch.exp(-((x - mu) ** 2) / (2 * sigma**2))
     return phi / phi.sum()
@@ -30,6 +40,7 @@ def default_budgets(block_size: int) -> torch.Tensor:
 
 def dense_budgets(block_size: int) -> torch.Tensor:
     """All mass on k = b: every token of every budgeted block is kept (TCA equals dense attention)."""
+    _check_block_size(block_size)
     p = torch.zeros(int(math.log2(block_size)) + 1, dtype=torch.float64)
     p[-1] = 1.0
     return p

@@ -7,6 +7,7 @@ passed these checks, in the "bhsd" layout: q [B, HQ, LQ, D], k and v [B, HKV, L,
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -56,12 +57,13 @@ def to_bhsd(q, k, v, layout: str):
             f"zero-size dimension: q {tuple(q.shape)}, k {tuple(k.shape)} (bhsd order); TCA needs at least one "
             "batch element, head, query, key and head-dim entry"
         )
+    hint = "" if layout == "bshd" else "; if your tensors are [B, L, H, D] (flash-attn's layout), pass layout='bshd'"
     if HQ % HKV:
-        raise ValueError(f"query heads ({HQ}) must be a multiple of key/value heads ({HKV})")
+        raise ValueError(f"query heads ({HQ}) must be a multiple of key/value heads ({HKV}){hint}")
     if LQ > L:
         raise ValueError(
             f"more queries ({LQ}) than keys ({L}): queries are aligned to the end of the keys (bottom-right causal), "
-            "so Lq <= L is required; pass all keys up to the last query"
+            f"so Lq <= L is required; pass all keys up to the last query{hint}"
         )
     return q, k, v
 
@@ -73,7 +75,9 @@ def from_bhsd(out: torch.Tensor, layout: str) -> torch.Tensor:
 def check_scale(scale, head_dim: int) -> float:
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+    if isinstance(scale, torch.Tensor) and scale.numel() == 1:
+        scale = scale.item()  # a 0-d tensor (one host sync, at most once per call)
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale must be a finite number > 0 or None (meaning 1/sqrt(D)), got {scale!r}")
     return float(scale)
 
@@ -87,13 +91,13 @@ def check_budgets(budgets, num_kv_heads: int, config: TCAConfig, device) -> torc
         raise TypeError(f"budgets must be None or a torch.Tensor of probabilities, got {type(budgets).__name__}")
     if not budgets.is_floating_point():
         raise TypeError(f"budgets must be a floating-point tensor, got {budgets.dtype}")
-    if budgets.dim() == 1:
-        budgets = budgets.expand(num_kv_heads, -1)
-    if budgets.dim() != 2 or tuple(budgets.shape) != (num_kv_heads, n):
+    given = tuple(budgets.shape)
+    if given not in ((n,), (num_kv_heads, n)):
         raise ValueError(
             f"budgets must have shape [{n}] or [{num_kv_heads}, {n}] (one probability per retain count "
-            f"{config.retain_counts} for block_size {config.block_size}), got {tuple(budgets.shape)}"
+            f"{config.retain_counts} for block_size {config.block_size}), got {given}"
         )
+    budgets = budgets.expand(num_kv_heads, n)
     # Validate on the CPU (a few numbers: no device syncs), then move once.
     p = budgets.detach().to(device="cpu", dtype=torch.float64)
     if not torch.isfinite(p).all():
