@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -120,9 +122,10 @@ def resolve(name: str, device, dtype: torch.dtype, head_dim: int, decode: bool =
             if key not in _ANNOUNCED:
                 _ANNOUNCED.add(key)
                 warnings.warn(
-                    f"tca: backend='auto' chose {backend.name!r} for {key[1]} inputs",
+                    f"tca: backend='auto' chose {backend.name!r} for {key[1]} inputs "
+                    "(name a backend to choose yourself, or filter tca.BackendChoiceWarning)",
                     BackendChoiceWarning,
-                    stacklevel=3,
+                    stacklevel=_caller_stacklevel(),
                 )
             return backend
         why[candidate] = reasons
@@ -163,3 +166,14 @@ def _device_present(device_type: str) -> bool:
     module = getattr(torch, device_type, None)
     is_available = getattr(module, "is_available", None)
     return bool(is_available and is_available())
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _caller_stacklevel() -> int:
+    """The warnings stacklevel of the first frame outside the tca package, so a warning points at user code."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level
