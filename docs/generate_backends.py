@@ -35,7 +35,9 @@ FOOTER = """
 ## Choosing
 
 - **GPU, fp16/bf16**: `triton` (on-device selection, GQA-packed sparse prefill, split-K decode over the
-  compressed cache); `flash` when a FlashAttention package is installed and Triton is not.
+  compressed cache), what `auto` picks. `flash` runs TCA on FlashAttention-4: name it explicitly for long
+  prefills with many heads (Llama-3.1-8B shape, 128K tokens on an H100: 55.6 ms vs triton's 67.9 ms), not for
+  decoding or short prompts, where its host overhead makes it slower ([benchmarks.md](benchmarks.md)).
 - **CPU, or any device without Triton**: `torch` (pure PyTorch, chunked, no L x L tensors).
 - **Tests and A/B checks**: `reference`, the readable oracle (O(LQ x L) memory; small inputs).
   With transformers, `enable_tca(model, backend="reference")` selects the `"tca_reference"` twin.
@@ -53,7 +55,9 @@ def render() -> str:
         dtypes = ", ".join(str(d).removeprefix("torch.") for d in b.dtypes)
         head_dims = "any" if b.head_dims is None else ", ".join(map(str, b.head_dims))
         needs = "; ".join(f"`{module}` ({hint})" for module, hint in b.requires) or "torch, einops"
-        if b.environment is not None:
+        if b.needs:
+            needs += " + " + b.needs
+        elif b.environment is not None:
             needs += " + machine checks"
         lines.append(
             f"| `{name}` | {b.priority} | {', '.join(b.devices)} | {dtypes} | {head_dims} | "

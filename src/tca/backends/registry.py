@@ -48,6 +48,7 @@ class Backend:
     priority: int = 0  # "auto" prefers higher
     requires: tuple[tuple[str, str], ...] = ()  # (module, how to install)
     environment: Callable[[], list[str]] | None = field(default=None, compare=False)
+    needs: str = ""  # what `environment` checks, in words (for docs and `tca info`)
 
     def environment_reasons(self) -> list[str]:
         """Why this backend cannot run on this machine at all (missing packages, settings)."""

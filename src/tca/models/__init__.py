@@ -1,10 +1,10 @@
 """tca.models: run Hugging Face causal LMs (transformers >= 5) with TCA-Attention.
 
-    from tca.models import load_smollm2, enable_tca, TCACache
+    from tca.models import load_smollm2, enable_tca, TCACache, cache_kwargs
     model, tokenizer = load_smollm2()
     enable_tca(model, plan="plan.json")                 # or plan=None for default budgets
     cache = TCACache(model)                             # the compressed KV cache
-    out = model.generate(ids, past_key_values=cache, max_new_tokens=32)
+    out = model.generate(ids, **cache_kwargs(model, cache), max_new_tokens=32)  # past_key_values= or cache=
     print(cache.nbytes, cache.kept_fraction())
 
 Attention is switched by registration ("tca", "tca_reference" in transformers' AttentionInterface and

@@ -133,7 +133,7 @@ class TCACache(Cache):
 
         model = tca.models.enable_tca(model, plan)
         cache = tca.models.TCACache(model)
-        out = model.generate(input_ids, past_key_values=cache, max_new_tokens=32)   # or cache=cache
+        out = model.generate(input_ids, **cache_kwargs(model, cache), max_new_tokens=32)  # the right keyword for this transformers
         cache.nbytes, cache.kept_fraction()
 
     Batches must hold sequences of equal length (no padding). One cache serves one generation: make a new

@@ -42,7 +42,7 @@ def enable_tca(model, plan=None, config: TCAConfig | None = None, backend: str =
     backend: "auto" (the best usable backend for the inputs) or a registered backend name; "reference" selects
         the "tca_reference" implementation, the readable twin for A/B checks.
 
-    Generation keeps a compressed KV cache only with `past_key_values=tca.models.TCACache(model)`; with the
+    Generation keeps a compressed KV cache only with a `tca.models.TCACache(model)` (`**cache_kwargs(model, cache)`); with the
     default dense cache every step runs stateless TCA over all cached tokens.
     """
     _hf.require()

@@ -104,6 +104,7 @@ SPEC = Backend(
     # the backend once per prefill and decodes on it, so it keeps triton; ask for backend="flash" explicitly.
     priority=20,
     environment=environment_reasons,
+    needs="a FlashAttention package: FA4 `flash-attn-4` (the one exercised on an H100), FA3 or FA2; a CUDA GPU",
 )
 
 __all__ = ["SPEC", "GENERATIONS", "PREFERENCE", "installed_generations", "chosen_generation", "environment_reasons"]
