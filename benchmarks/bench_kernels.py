@@ -448,8 +448,10 @@ def report(path: str) -> None:
         sp = f"{r['speedup_vs_fastest_dense']:.2f}x" if "speedup_vs_fastest_dense" in r else ""
         share = f"{100 * r['select_share']:.1f}%" if "select_share" in r else ""
         err = r.get("rel_err_sampled", r.get("rel_err"))
+        kept = f"{r['kv_kept']:.3f}" if "kv_kept" in r else ""  # blank where not measured, never a made-up 1.0
+        peak = f"{r['peak_gib']:.2f}" if "peak_gib" in r else ""
         print(f"| {r['shape']} | {r['L'] // 1024}K | {r['phase']} | {r['impl']} | {ms:.3f} | {sp} | {rate} | {share} | "
-              f"{r.get('kv_kept', 1.0):.3f} | {r.get('peak_gib', float('nan')):.2f} | {'' if err is None else f'{err:.1e}'} |")
+              f"{kept} | {peak} | {'' if err is None else f'{err:.1e}'} |")
 
 
 if __name__ == "__main__":
