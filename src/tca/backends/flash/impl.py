@@ -24,6 +24,7 @@ from ...budgets import block_keep_count
 from ...geometry import window_start
 from ...packed_cache import PackedKVCache
 from ...selection import Selection
+from ..torch.decode import compress_leaving_block
 from .generations import check_inputs, get_adapter
 from .merge import merge
 from .plan import PAD_POSITION, global_prefix_counts, global_segments, local_segments, query_blocks, rows_with_keys
@@ -71,31 +72,6 @@ def attend_indices(q, k, v, indices, counts, block_size: int, window: int, scale
     if return_lse:
         return out, lse.reshape(B, HQ, LQ)
     return out
-
-
-def compress_leaving_block(q, cache: PackedKVCache, start: int, end: int) -> None:
-    """Section 5 step 2: keep the t most important tokens of the block [start, end) leaving the window
-    (importance: mean over the group of softmax over the block of scale * q . k; ties to the smaller position)
-    and append them to the global segments. q: [B, HQ, 1, D]."""
-    B, HQ, _, D = q.shape
-    HKV = cache.num_kv_heads
-    G = HQ // HKV
-    slots = cache.local_slot_range(start, end)
-    kb, vb = cache.local_k[:, :, slots], cache.local_v[:, :, slots]  # [B, HKV, b, D]
-    qg = q[:, :, 0].float().view(B, HKV, G, D)
-    scores = (torch.einsum("bhgd,bhnd->bhgn", qg, kb.float()) * cache.scale).softmax(-1).mean(2)  # [B, HKV, b]
-    keep = cache.keep_per_block.to(q.device).view(1, HKV).expand(B, HKV)
-    order = scores.sort(dim=-1, descending=True, stable=True).indices  # ties: smaller position first
-    rank = torch.empty_like(order)
-    rank.scatter_(-1, order, torch.arange(order.shape[-1], device=q.device).expand_as(order))
-    kept = rank < keep[..., None]
-    n = end - start
-    ascending = torch.where(kept, torch.arange(n, device=q.device), n).sort(dim=-1).values  # kept first, ascending
-    T = int(cache.keep_per_block.max())  # from the host copy: no device sync
-    idx = ascending[..., :T].clamp_max(n - 1)
-    k_sel = torch.gather(kb, 2, idx[..., None].expand(-1, -1, -1, D))
-    v_sel = torch.gather(vb, 2, idx[..., None].expand(-1, -1, -1, D))
-    cache.append_global(k_sel, v_sel, start + idx, keep)
 
 
 def decode_splits(device: torch.device, sequences: int, longest: int) -> int:
@@ -201,7 +177,8 @@ class FlashBackend:
         """Section 5: compress the block leaving the window (if it moved), append the token, attend."""
         position = cache.seq_len
         leaving = cache.leaving_block()
-        if leaving is not None:
-            compress_leaving_block(q, cache, *leaving)
+        if leaving is not None:  # the same step as the torch backend's: FlashAttention has no top-k
+            B, HQ, _, D = q.shape
+            compress_leaving_block(cache, q[:, :, 0].float().view(B, cache.num_kv_heads, -1, D), *leaving)
         cache.append_local(k, v)
         return decode_attention(q, cache, position)

@@ -25,7 +25,7 @@ def compress_leaving_block(cache: PackedKVCache, q: torch.Tensor, start: int, en
     block_v = cache.local_v[:, :, cache.local_slot_range(start, end)]
     scores = torch.matmul(q, block_k.to(dt).transpose(-1, -2)).mul(cache.scale).softmax(-1).mean(2)  # [B, HKV, b]
     keep = cache.keep_per_block.to(q.device)  # [HKV]
-    T = int(keep.max())
+    T = int(cache.keep_per_block.max())  # the host copy: no device sync
     top = scores.sort(dim=-1, descending=True, stable=True).indices[..., :T]  # ties: smaller offset first
     valid = torch.arange(T, device=q.device) < keep[:, None]  # [HKV, T]
     # Position order inside the segment: sort the kept offsets, invalid ones last.
