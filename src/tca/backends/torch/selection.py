@@ -61,6 +61,7 @@ def block_ranks(priority: torch.Tensor) -> torch.Tensor:
 
 def budget_counts(budgets: torch.Tensor, num_blocks: int) -> torch.Tensor:
     """Eq. 7 counts n_k = floor(p[k] J) plus the largest remainders (ties to the larger k). [HKV, K] -> int64 [HKV, K].
+    Vectorised, no host synchronisation (the Triton backend uses it too).
 
     Budgets that sum to 1 only within tolerance may leave K or more units (spread cyclically over the same
     order) or a deficit (taken back from the smallest fractional parts), as docs/semantics.md fixes it.
@@ -75,22 +76,14 @@ def budget_counts(budgets: torch.Tensor, num_blocks: int) -> torch.Tensor:
     slot = torch.arange(n, device=budgets.device)
     extra = (torch.div(remaining - slot - 1, n, rounding_mode="floor") + 1).clamp_min(0)
     counts = counts.scatter_add(-1, order, extra)
+    # A deficit (budgets summing to a hair over 1) comes back from the smallest fractional parts first, ties
+    # from the smaller k: walk that order (the reverse of `order`), each count giving what is still owed.
     deficit = (-remaining).clamp_min(0)
-    if bool((deficit > 0).any()):
-        counts = _take_back(counts, fraction, deficit)
-    return counts
-
-
-def _take_back(counts, fraction, deficit):
-    """Remove `deficit` units from the smallest fractional parts first (rare: budgets summing to slightly > 1)."""
-    counts = counts.clone()
-    flat_c, flat_f, flat_d = counts.view(-1, counts.shape[-1]), fraction.reshape(-1, counts.shape[-1]), deficit.view(-1)
-    for row in range(flat_c.shape[0]):
-        for idx in flat_f[row].sort(stable=True).indices.tolist():  # ties: the smaller k gives first
-            while flat_d[row] > 0 and flat_c[row, idx] > 0:
-                flat_c[row, idx] -= 1
-                flat_d[row] -= 1
-    return counts
+    ascending = order.flip(-1)
+    held = counts.gather(-1, ascending)
+    before = held.cumsum(-1) - held
+    take = torch.minimum((deficit - before).clamp_min(0), held)
+    return counts.scatter_add(-1, ascending, -take)
 
 
 def block_budgets(priority: torch.Tensor, budgets: torch.Tensor, block_size: int) -> torch.Tensor:

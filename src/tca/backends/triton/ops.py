@@ -16,6 +16,7 @@ import triton
 from ...budgets import block_keep_count
 from ...geometry import num_budgeted_blocks, window_start
 from ...selection import Selection
+from ..torch.selection import budget_counts  # Eq. 7 counts: vectorised torch, shared with the torch backend
 from . import kernels_attention, kernels_decode, kernels_selection
 
 LOG2E = 1.4426950408889634
@@ -56,30 +57,6 @@ def last_query_importance_logits(q_last: torch.Tensor, k: torch.Tensor, scale: f
     row_max = part_max.amax(-1)
     row_sum = (part_sum * torch.exp2(part_max - row_max[..., None])).sum(-1)
     return logits, row_max, row_sum
-
-
-def budget_counts(budgets: torch.Tensor, num_blocks: int) -> torch.Tensor:
-    """Eq. 7 counts on the device (largest remainder, ties of fractional parts to the larger k). [choice]
-
-    budgets: [HKV, len(K)] float64 -> int64 [HKV, len(K)], rows summing to J. Same rule as
-    tca.reference.selection.budget_counts, without a host synchronisation."""
-    exact = budgets.to(torch.float64) * num_blocks
-    counts = exact.floor().long()
-    fraction = exact - counts
-    n = budgets.shape[-1]
-    by_k_desc = torch.arange(n - 1, -1, -1, device=budgets.device)
-    order = by_k_desc[fraction[..., by_k_desc].sort(dim=-1, descending=True, stable=True).indices]
-    remaining = num_blocks - counts.sum(-1, keepdim=True)
-    slot = torch.arange(n, device=budgets.device)
-    extra = (torch.div(remaining - slot - 1, n, rounding_mode="floor") + 1).clamp_min(0)
-    counts = counts.scatter_add(-1, order, extra)
-    # budgets summing to a hair over 1 can leave a deficit: take it back from the smallest fractions first
-    deficit = (-remaining).clamp_min(0)
-    ascending = order.flip(-1)
-    held = counts.gather(-1, ascending)
-    before = held.cumsum(-1) - held
-    take = torch.minimum((deficit - before).clamp_min(0), held)
-    return counts.scatter_add(-1, ascending, -take)
 
 
 def block_keep_from_ranks(ranks: torch.Tensor, budgets: torch.Tensor, block_size: int) -> torch.Tensor:
