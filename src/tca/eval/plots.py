@@ -23,6 +23,16 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path) -> Path:
+    """Lay out, write `fig` to the PNG `path` (creating its folder), close it; return the path."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def _label(ax, x, y, text):
     if not (math.isnan(x) or math.isnan(y)):
         ax.annotate(text, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
@@ -56,12 +66,7 @@ def tradeoff(results: dict, path: str | Path, methods: list[str] | None = None) 
     ppl.set(xlabel="kept KV fraction (cache positions held / total)", ylabel="perplexity change vs dense (%)",
             title="Perplexity of real text (decode through the cache)", xlim=(0, 1.05))
     ppl.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def needle_grid(results: dict, path: str | Path, methods: list[str] | None = None, task: str = "niah_single") -> Path:
@@ -90,12 +95,7 @@ def needle_grid(results: dict, path: str | Path, methods: list[str] | None = Non
         ax.set_xlabel("context length")
     axes[0][0].set_ylabel("needle depth")
     fig.suptitle(f"{task}: accuracy by depth and length", fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def task_bars(results: dict, path: str | Path, methods: list[str] | None = None) -> Path:
