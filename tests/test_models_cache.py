@@ -185,16 +185,6 @@ def test_several_tokens_after_prefill_equal_one_at_a_time():
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_padded_batch_raises_a_clear_error():
-    model = tiny_model("llama")
-    enable_tca(model, config=CONFIG)
-    ids = _ids(40, B=2)
-    mask = torch.ones_like(ids)
-    mask[0, :5] = 0
-    with pytest.raises(ValueError, match="padded batches"):
-        model.generate(ids, attention_mask=mask, max_new_tokens=2, **cache_kwargs(model, TCACache(model)))
-
-
 def test_cache_with_a_dense_attention_raises():
     model = tiny_model("llama")
     cache = TCACache(model)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import torch
 
 from .backends import registry
+from .backends.common.packed_cache import PackedKVCache
 from .config import TCAConfig
+from .reference.cache import ReferenceKVCache
 from .validation import check_budgets, check_config, check_scale, from_bhsd, to_bhsd
 
 
@@ -69,41 +71,42 @@ def prefill(q, k, v, *, budgets=None, config=None, scale=None, layout="bhsd", ba
     return from_bhsd(out, layout), cache
 
 
-def decode(q, k, v, cache, *, layout="bhsd"):
-    """Decode one token: append its key/value to `cache`, compress the block leaving the window, attend.
+def decode(q, k, v, cache, *, layout="bhsd", backend="auto"):
+    """Decode one token: compress the block leaving the window, append the token's key/value, attend.
 
-    q: [B, HQ, 1, D], k, v: [B, HKV, 1, D] (or "bshd"). Runs on the backend that made the cache; mutates it.
+    q: [B, HQ, 1, D], k, v: [B, HKV, 1, D] (or "bshd"). Mutates `cache`. A PackedKVCache (every backend but
+    the reference makes one) decodes on `backend`: "auto" takes the fastest decode kernels for the device
+    (Triton on a GPU), whichever backend prefilled; the reference's cache decodes on the reference.
     """
     q, k, v = to_bhsd(q, k, v, layout)
-    for name in ("backend", "seq_len", "num_kv_heads"):
-        if not hasattr(cache, name):
-            raise TypeError(f"cache must be a cache returned by tca.prefill, got {type(cache).__name__}")
+    if not isinstance(cache, (PackedKVCache, ReferenceKVCache)):
+        raise TypeError(f"cache must be a cache returned by tca.prefill, got {type(cache).__name__}")
     if q.shape[2] != 1 or k.shape[2] != 1:
         raise ValueError(f"decode takes one new token: q and k must have 1 position, got {q.shape[2]} and {k.shape[2]}")
     if k.shape[1] != cache.num_kv_heads:
         raise ValueError(f"the cache has {cache.num_kv_heads} KV heads but k has {k.shape[1]}")
-    # Caches that know their batch size and head dim (reference, packed) are checked too: a mismatch
-    # would otherwise fail deep inside a backend, or silently decode the wrong sequences.
+    # A mismatch would otherwise fail deep inside a backend, or silently decode the wrong sequences.
     checked = (
-        ("batch size", "batch_size", k.shape[0]),
-        ("head dim", "head_dim", k.shape[-1]),
-        ("number of query heads", "num_query_heads", q.shape[1]),
+        ("batch size", cache.batch_size, k.shape[0]),
+        ("head dim", cache.head_dim, k.shape[-1]),
+        ("number of query heads", getattr(cache, "num_query_heads", None), q.shape[1]),
     )
-    for what, name, given in checked:
-        expected = getattr(cache, name, None)
+    for what, expected, given in checked:
         if expected is not None and expected != given:
             raise ValueError(
                 f"the cache has {what} {expected} but the new token has {given}; decode continues the "
                 "sequences that tca.prefill started, with the same shapes"
             )
-    for what, given in (("dtype", q.dtype), ("device", q.device)):
-        expected = getattr(cache, what, None)
-        if expected is not None and expected != given:
+    for what, expected, given in (("dtype", cache.dtype, q.dtype), ("device", cache.device, q.device)):
+        if expected != given:
             raise ValueError(
                 f"the cache holds {what} {expected} but the new token is {given}; decode with the same {what} "
                 "as tca.prefill (convert with .to(...))"
             )
-    impl = registry.get(cache.backend).load()
+    if isinstance(cache, PackedKVCache):
+        impl = registry.resolve_decode(backend, q.device, q.dtype, q.shape[-1]).load()
+    else:
+        impl = registry.get("reference").load()
     return from_bhsd(impl.decode(q, k, v, cache), layout)
 
 

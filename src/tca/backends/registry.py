@@ -46,6 +46,9 @@ class Backend:
     head_dims: tuple[int, ...] | None = None  # None: any head dim
     has_decode: bool = True
     priority: int = 0  # "auto" prefers higher
+    # Decoding on the shared PackedKVCache: "auto" takes the usable backend of highest decode_priority, whatever
+    # backend prefilled (prefill and decode are chosen per phase). None: it cannot decode a PackedKVCache.
+    decode_priority: int | None = None
     requires: tuple[tuple[str, str], ...] = ()  # (module, how to install)
     environment: Callable[[], list[str]] | None = field(default=None, compare=False)
     needs: str = ""  # what `environment` checks, in words (for docs and `tca info`)
@@ -132,6 +135,25 @@ def resolve(name: str, device, dtype: torch.dtype, head_dim: int, decode: bool =
         why[candidate] = reasons
     detail = "\n".join(f"  {n}: {'; '.join(r)}" for n, r in why.items())
     raise BackendUnavailableError(f"no backend can run these inputs:\n{detail}")
+
+
+def resolve_decode(name: str, device, dtype: torch.dtype, head_dim: int) -> Backend:
+    """The backend whose kernels decode a PackedKVCache: the named one, or for "auto" the usable one of highest
+    decode_priority (each phase takes its fastest backend: e.g. flash prefill, triton decode)."""
+    if name != "auto":
+        backend = resolve(name, device, dtype, head_dim, decode=True)
+        if backend.decode_priority is None:
+            raise BackendUnavailableError(f"backend {name!r} cannot decode a PackedKVCache (its decode needs its own cache)")
+        return backend
+    why = {}
+    candidates = sorted((b for b in _REGISTRY.values() if b.decode_priority is not None), key=lambda b: -b.decode_priority)
+    for backend in candidates:
+        reasons = backend.reasons(device, dtype, head_dim, decode=True)
+        if not reasons:
+            return backend
+        why[backend.name] = reasons
+    detail = "\n".join(f"  {n}: {'; '.join(r)}" for n, r in why.items())
+    raise BackendUnavailableError(f"no backend can decode these inputs:\n{detail}")
 
 
 def report(device=None, dtype=None, head_dim=None) -> list[dict]:

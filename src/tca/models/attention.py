@@ -4,10 +4,13 @@ Plugged in by registration (transformers' AttentionInterface and AttentionMaskIn
 `modeling_*` files or patching model classes. The attention function receives the module (which knows its
 `layer_idx`) and q [B, HQ, LQ, D], k, v [B, HKV, L, D] after the model's cache update:
 
-- keys tagged by a TCACache layer (see cache.py): that layer's compressed state is prefilled or decoded
-  (semantics.md section 5), so the KV memory really shrinks;
-- untagged keys (no cache, or a dense DynamicCache): stateless TCA attention over them (section 4), queries
+- keys handed over by a TCACache layer (see cache.py and `handoff` below): that layer's compressed state is
+  prefilled or decoded (semantics.md section 5), so the KV memory really shrinks;
+- other keys (no cache, or a dense DynamicCache): stateless TCA attention over them (section 4), queries
   aligned to the end of the keys, with a fresh selection from the last query.
+
+Left-padded batches: the mask function hands the 2D padding mask to the attention function, which runs each
+sequence on its own tokens (prefill), and the compressed cache keeps each sequence's own length (decode).
 
 Per-layer settings (TCAConfig, budgets [HKV, len(K)] of the layer, backend) live on the attention module
 instance as `_tca_settings` (set by enable_tca); without them the defaults apply.
@@ -15,6 +18,7 @@ instance as `_tca_settings` (set by enable_tca); without them the defaults apply
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +28,28 @@ from ..config import TCAConfig
 
 IMPLEMENTATIONS = {"tca": None, "tca_reference": "reference"}  # name -> forced backend (None: the settings')
 SETTINGS_ATTRIBUTE = "_tca_settings"
-CACHE_TAG = "_tca_cache_layer"
+
+
+class _Handoff(threading.local):
+    """The TCACache layer whose `update` just returned these keys, waiting for the attention call.
+
+    transformers calls `cache.update(k, v, layer_idx)` right before the attention function of the same layer
+    and passes it the returned keys; the attention function claims the layer by the identity of those keys.
+    """
+
+    layer = None
+    keys = None
+
+    def offer(self, layer, keys: torch.Tensor) -> None:
+        self.layer, self.keys = layer, keys
+
+    def take(self, keys: torch.Tensor):
+        layer, mine = self.layer, self.keys is keys
+        self.layer = self.keys = None
+        return layer if mine else None
+
+
+handoff = _Handoff()
 
 
 @dataclass
@@ -49,7 +74,7 @@ def layer_settings(module) -> LayerSettings:
 
 
 def _check_call(attention_mask, dropout: float, kwargs: dict) -> None:
-    if attention_mask is not None:
+    if attention_mask is not None and not (attention_mask.dim() == 2 and attention_mask.dtype == torch.bool):
         raise ValueError(
             "TCA attention is causal by construction and takes no attention mask, but got a "
             f"{tuple(attention_mask.shape)} mask (a custom 4D mask, or a model that builds its own); "
@@ -64,6 +89,37 @@ def _check_call(attention_mask, dropout: float, kwargs: dict) -> None:
         raise ValueError(f"TCA attention is for inference: attention dropout must be 0, got {dropout}; call model.eval()")
 
 
+def left_padding(attention_mask: torch.Tensor | None, length: int) -> list[int] | None:
+    """Pad tokens at the start of each sequence, from a 2D padding mask [B, >= length] (None: no padding).
+
+    Reads the mask on the host (a prefill happens once per generation). Only left padding is supported: a
+    sequence's real tokens must be contiguous and end at the last position."""
+    if attention_mask is None:
+        return None
+    mask = attention_mask[:, -length:].cpu()
+    counts = (~mask).sum(-1)
+    if not bool(counts.any()):
+        return None
+    expected = torch.arange(length)[None, :] >= counts[:, None]
+    if not torch.equal(mask, expected):
+        raise ValueError(
+            "TCA supports left-padded batches only (each row of the attention_mask: zeros, then ones); pad on the "
+            "left, e.g. tokenizer.padding_side = 'left'"
+        )
+    if bool((counts == length).any()):
+        raise ValueError("a sequence of the batch is all padding; remove it from the batch")
+    return counts.tolist()
+
+
+def per_sequence(fn, q, k, v, pads: list[int]) -> torch.Tensor:
+    """Run fn(q_b, k_b, v_b) -> out_b on each sequence's own tokens (left padding dropped); padding rows get 0.
+    q [B, HQ, LQ, D], k, v [B, HKV, L, D] with LQ == L."""
+    out = torch.zeros_like(q)
+    for b, pad in enumerate(pads):
+        out[b : b + 1, :, pad:] = fn(q[b : b + 1, :, pad:], k[b : b + 1, :, pad:], v[b : b + 1, :, pad:])
+    return out
+
+
 def _forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, backend=None, **kwargs):
     """q [B, HQ, LQ, D], k, v [B, HKV, L, D] -> (out [B, LQ, HQ, D], None), as transformers expects."""
     import tca
@@ -71,13 +127,21 @@ def _forward(module, query, key, value, attention_mask, scaling=None, dropout=0.
     _check_call(attention_mask, dropout, kwargs)
     settings = layer_settings(module)
     backend = backend or settings.backend
-    layer = getattr(key, CACHE_TAG, None)
+    layer = handoff.take(key)
     if layer is not None:
-        out = layer.attend(query, key, value, settings, scaling, backend)
+        out = layer.attend(query, key, value, settings, scaling, backend, attention_mask)
     else:
-        out = tca.attention(
-            query, key, value, budgets=settings.budgets, config=settings.config, scale=scaling, backend=backend
-        )
+
+        def stateless(q, k, v):
+            return tca.attention(q, k, v, budgets=settings.budgets, config=settings.config, scale=scaling, backend=backend)
+
+        pads = left_padding(attention_mask, key.shape[2])
+        if pads and query.shape[2] != key.shape[2]:
+            raise ValueError(
+                "stateless TCA over a padded batch needs the whole sequence at once; generate with a "
+                "tca.models.TCACache to decode padded batches"
+            )
+        out = per_sequence(stateless, query, key, value, pads) if pads else stateless(query, key, value)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -91,27 +155,25 @@ def tca_reference_attention_forward(module, query, key, value, attention_mask, s
     return _forward(module, query, key, value, attention_mask, scaling, dropout, backend="reference", **kwargs)
 
 
-def tca_mask(*args, attention_mask=None, mask_function=None, **kwargs):
-    """Mask interface for the TCA implementations: no mask is built (TCA's causal structure is implicit).
+def tca_mask(*args, attention_mask=None, mask_function=None, q_length=None, **kwargs):
+    """Mask interface for the TCA implementations: no 4D mask is built (TCA's causal structure is implicit).
 
-    Padded batches (a 2D attention_mask with zeros) and non-causal mask functions (sliding windows, packed
-    sequences, bidirectional blocks) raise a clear error instead of being silently ignored.
+    A 2D padding mask with zeros is handed to the attention function as it is (bool), which runs each sequence
+    on its own tokens; decode steps (one query) get None, since the compressed cache knows each sequence's
+    length (and reading the mask would synchronise with the device). Non-causal mask functions (sliding
+    windows, packed sequences, bidirectional blocks) raise a clear error instead of being silently ignored.
     """
     from transformers.masking_utils import causal_mask_function
 
-    if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
-        raise ValueError(
-            "TCA attention does not support padded batches (the attention_mask has zeros): its selection and "
-            "compressed cache assume every sequence of the batch has the same length. Run sequences of equal "
-            "length together, or one at a time"
-        )
     if mask_function is not None and mask_function is not causal_mask_function:
         name = getattr(mask_function, "__name__", type(mask_function).__name__)
         raise ValueError(
             f"TCA attention supports plain causal masks only, got the mask function {name!r} (sliding window, "
             "packed sequences or a custom overlay)"
         )
-    return None
+    if attention_mask is None or attention_mask.dim() != 2 or q_length == 1:
+        return None
+    return attention_mask.to(torch.bool)
 
 
 def register(name: str, function) -> None:

@@ -2,12 +2,14 @@
 
 In transformers >= 5 the modeling code calls `cache.update(k, v, layer_idx)` *before* the attention function,
 and the attention function never sees the cache. So `update` does not store anything: it returns the new
-tokens' k/v as fresh views tagged with their cache layer (attribute `_tca_cache_layer`), and the "tca"
-attention function (attention.py), which also has the queries that TCA's selection needs, prefills or decodes
-that layer's compressed state:
+tokens' k/v and offers its layer to the attention call that receives exactly those keys (attention.handoff);
+the "tca" attention function (attention.py), which also has the queries that TCA's selection needs, prefills
+or decodes that layer's compressed state (a tca cache that follows the cache contract, KVCache):
 
-- prefill (first call): `tca.prefill` keeps, per batch element and KV head, only Sel_g U [J*b, L) (ragged);
-- later calls: one `tca.decode` per new token (append, compress the block leaving the window, attend).
+- prefill (first call): `tca.prefill` keeps, per sequence and KV head, only Sel_g U [J*b, L) (ragged); a
+  left-padded batch is prefilled sequence by sequence and joined into one cache of per-sequence lengths;
+- later calls: one `tca.decode` per new token (compress the block leaving the window, append, attend), on the
+  fastest decode kernels for the device, whichever backend prefilled.
 
 Shape letters: B batch, HQ query heads, HKV key/value heads, L tokens, D head dim.
 """
@@ -17,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from . import _hf
-from .attention import CACHE_TAG, IMPLEMENTATIONS
+from .attention import IMPLEMENTATIONS, handoff, left_padding
 from .shape import check_supported, text_config
 
 _hf.require()
@@ -38,6 +40,7 @@ class TCACacheLayer(CacheLayerMixin):
         self.layer_idx = layer_idx
         self._model_config = model_config
         self._awaiting_attention = False
+        self.decode_backend = "auto"
 
     # -- transformers' Cache protocol ---------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -52,9 +55,8 @@ class TCACacheLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         self.seen += key_states.shape[-2]
         self._awaiting_attention = True
-        keys, values = key_states.view(key_states.shape), value_states.view(value_states.shape)
-        setattr(keys, CACHE_TAG, self)
-        return keys, values
+        handoff.offer(self, key_states)
+        return key_states, value_states
 
     def get_mask_sizes(self, query_length: int, *args, **kwargs) -> tuple[int, int]:
         return self.seen + query_length, 0
@@ -102,20 +104,57 @@ class TCACacheLayer(CacheLayerMixin):
                 "call (its keys lost their tag, or the attention is not 'tca'); the compressed cache is out of sync"
             )
 
-    def attend(self, q, k, v, settings, scale, backend) -> torch.Tensor:
-        """Prefill (first call) or decode token by token. q [B, HQ, LQ, D], k, v [B, HKV, LQ, D] -> [B, HQ, LQ, D]."""
+    def attend(self, q, k, v, settings, scale, backend, attention_mask=None) -> torch.Tensor:
+        """Prefill (first call) or decode token by token. q [B, HQ, LQ, D], k, v [B, HKV, LQ, D] -> [B, HQ, LQ, D].
+
+        attention_mask: the 2D padding mask of a left-padded prompt (prefill only), or None."""
         import tca
+        from tca.backends.common.packed_cache import PackedKVCache
 
         self._awaiting_attention = False
+        self._leave_inference_tensors()
         if self.state is None:
-            out, self.state = tca.prefill(
-                q, k, v, budgets=settings.budgets, config=settings.config, scale=scale, backend=backend
-            )
+
+            def prefill(qb, kb, vb):
+                return tca.prefill(qb, kb, vb, budgets=settings.budgets, config=settings.config, scale=scale, backend=backend)
+
+            pads = left_padding(attention_mask, k.shape[2])
+            if not pads:
+                out, self.state = prefill(q, k, v)
+                return out
+            out = torch.zeros_like(q)
+            states = []
+            for b, pad in enumerate(pads):
+                out[b : b + 1, :, pad:], state = prefill(q[b : b + 1, :, pad:], k[b : b + 1, :, pad:], v[b : b + 1, :, pad:])
+                states.append(state)
+            if not all(isinstance(s, PackedKVCache) for s in states):
+                raise ValueError(
+                    "padded batches need a backend with the packed cache (torch, triton or flash); the reference's "
+                    "cache holds one length for the whole batch: run the sequences one at a time"
+                )
+            self.state = PackedKVCache.concat(states)
+            self.state.num_query_heads = q.shape[1]
             return out
         # Later chunks (a decode step, or several tokens appended to a filled cache) go one token at a time:
         # token r attends to the compressed past plus tokens r' <= r of the chunk, exactly as in section 5.
-        outs = [tca.decode(q[:, :, r : r + 1], k[:, :, r : r + 1], v[:, :, r : r + 1], self.state) for r in range(q.shape[2])]
+        kwargs = {"backend": self.decode_backend} if isinstance(self.state, PackedKVCache) else {}
+        outs = [tca.decode(q[:, :, r : r + 1], k[:, :, r : r + 1], v[:, :, r : r + 1], self.state, **kwargs)
+                for r in range(q.shape[2])]
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+    def _leave_inference_tensors(self) -> None:
+        """A cache filled under torch.inference_mode() holds inference tensors, which cannot be updated in place
+        outside it: copy them once into normal tensors (the reverse direction needs nothing)."""
+        state = self.state
+        if state is None or torch.is_inference_mode_enabled():
+            return
+        tensors = {name: t for name, t in vars(state).items() if isinstance(t, torch.Tensor) and t.is_inference()}
+        for name, t in tensors.items():
+            setattr(state, name, t.clone())
+        for rows_name in ("keys", "values", "positions"):  # the reference cache: ragged lists [b][h]
+            rows = getattr(state, rows_name, None)
+            if isinstance(rows, list):
+                setattr(state, rows_name, [[t.clone() if t.is_inference() else t for t in row] for row in rows])
 
     @property
     def nbytes(self) -> int:
@@ -136,20 +175,53 @@ class TCACache(Cache):
         out = model.generate(input_ids, **cache_kwargs(model, cache), max_new_tokens=32)  # the right keyword for this transformers
         cache.nbytes, cache.kept_fraction()
 
-    Batches must hold sequences of equal length (no padding). One cache serves one generation: make a new
-    one (or call `cache.reset()`) for the next prompt.
+    Batches may hold prompts of different lengths, left-padded (the attention_mask of a tokenizer with
+    padding_side="left"): each sequence is prefilled on its own tokens and decoded at its own position, so a
+    batched run gives each prompt's tokens alone. One cache serves one generation: make a new one (or call
+    `cache.reset()`) for the next prompt.
+
+    decode_backend: "auto" (the fastest decode kernels for the device: Triton on a GPU, else torch) or a
+    backend name; prefill runs on the model's TCA backend (enable_tca's `backend`).
     """
 
-    def __init__(self, model=None, num_layers: int | None = None):
+    def __init__(self, model=None, num_layers: int | None = None, decode_backend: str = "auto"):
         config = None
+        self.shape = None
         if model is not None:
-            check_supported(model)
+            if not hasattr(model, "config"):
+                raise TypeError(f"TCACache(model): expected a transformers model, got {type(model).__name__}")
+            self.shape = check_supported(model)
             config = text_config(model)
             num_layers = config.num_hidden_layers
         if num_layers is None:
             raise ValueError("TCACache needs the model (TCACache(model)) or num_layers")
+        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+            raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
+        if not isinstance(decode_backend, str):
+            raise TypeError(f"decode_backend must be a backend name or 'auto', got {type(decode_backend).__name__}")
+        if decode_backend != "auto":
+            from tca.backends import registry
+
+            registry.get(decode_backend)  # unknown names fail here, listing the known ones
         layers = [TCACacheLayer(config, index) for index in range(num_layers)]
+        for layer in layers:
+            layer.decode_backend = decode_backend
         super().__init__(layers=layers)
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        """transformers' entry point; checks that this cache was made for the model that calls it."""
+        if not 0 <= layer_idx < len(self.layers):
+            raise ValueError(
+                f"this TCACache has {len(self.layers)} layers but the model asked for layer {layer_idx}: it was made "
+                "for another model; make one with TCACache(model) for this model"
+            )
+        if self.shape is not None and (key_states.shape[1], key_states.shape[-1]) != (self.shape.num_kv_heads, self.shape.head_dim):
+            raise ValueError(
+                f"this TCACache was made for a model with {self.shape.num_kv_heads} KV heads of dim {self.shape.head_dim}, "
+                f"but got keys of {key_states.shape[1]} heads of dim {key_states.shape[-1]}; make one with "
+                "TCACache(model) for this model"
+            )
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     @property
     def nbytes(self) -> int:
@@ -159,7 +231,13 @@ class TCACache(Cache):
     @property
     def used_nbytes(self) -> int:
         """Bytes of keys and values holding kept tokens (nbytes minus spare capacity, if the backend has any)."""
-        return sum(int(getattr(layer.state, "used_nbytes", layer.state.nbytes)) for layer in self.layers if layer.state is not None)
+        from tca.backends.common.packed_cache import PackedKVCache
+
+        return sum(
+            int(layer.state.used_nbytes if isinstance(layer.state, PackedKVCache) else layer.state.nbytes)
+            for layer in self.layers
+            if layer.state is not None
+        )
 
     @property
     def seq_len(self) -> int:
@@ -175,7 +253,7 @@ class TCACache(Cache):
         filled = [layer for layer in self.layers if layer.state is not None]
         if not filled:
             return 1.0
-        dense = sum(layer.lengths.numel() * layer.state.seq_len for layer in filled)
+        dense = sum(_dense_positions(layer.state) * layer.lengths.shape[1] for layer in filled)
         return self.kept_tokens() / dense
 
     def dense_nbytes(self) -> int:
@@ -183,15 +261,13 @@ class TCACache(Cache):
         total = 0
         for layer in self.layers:
             if layer.state is not None:
-                B, H = layer.lengths.shape
-                d = _head_dim(layer.state)
-                total += 2 * B * H * layer.state.seq_len * d * torch.empty((), dtype=layer.dtype).element_size()
+                H = layer.lengths.shape[1]
+                element = torch.empty((), dtype=layer.dtype).element_size()
+                total += 2 * H * _dense_positions(layer.state) * layer.state.head_dim * element
         return total
 
 
-def _head_dim(state) -> int:
-    for name in ("local_k", "global_k"):
-        t = getattr(state, name, None)
-        if isinstance(t, torch.Tensor):
-            return t.shape[-1]
-    return state.keys[0][0].shape[-1]  # ReferenceKVCache: ragged lists [b][h] of [n, D]
+def _dense_positions(state) -> int:
+    """Positions a dense cache of the same sequences holds per KV head, summed over the batch (padding excluded)."""
+    seq_lens = getattr(state, "seq_lens", None)  # PackedKVCache: one length per sequence
+    return sum(seq_lens) if seq_lens is not None else state.seq_len * state.batch_size

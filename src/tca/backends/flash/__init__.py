@@ -103,6 +103,7 @@ SPEC = Backend(
     # below ~32K tokens, and ~40x slower per decode step (FA4's Python overhead on 2-3 small calls). auto picks
     # the backend once per prefill and decodes on it, so it keeps triton; ask for backend="flash" explicitly.
     priority=20,
+    decode_priority=0,
     environment=environment_reasons,
     needs="a FlashAttention package: FA4 `flash-attn-4` (the one exercised on an H100), FA3 or FA2; a CUDA GPU",
 )

@@ -22,9 +22,10 @@ import torch
 
 from ...budgets import block_keep_count
 from ...geometry import window_start
-from ...packed_cache import PackedKVCache
 from ...selection import Selection
-from ..torch.decode import compress_leaving_block
+from ..common import decode_torch
+from ..common.packed_cache import PackedKVCache
+from ..common.protocol import decode_step
 from .generations import check_inputs, get_adapter
 from .merge import merge
 from .plan import PAD_POSITION, global_prefix_counts, global_segments, local_segments, query_blocks, rows_with_keys
@@ -110,11 +111,12 @@ def _combine(parts, out_dtype):
     return (weights[..., None] * out).sum(1).to(out_dtype)  # [S, G, D]
 
 
-def decode_attention(q, cache: PackedKVCache, position: int, adapter=None) -> torch.Tensor:
-    """One query row at `position` over the whole cache (its ring must already hold `position`).
+def decode_attention(q, cache: PackedKVCache, adapter=None) -> torch.Tensor:
+    """One query row per sequence at its newest position over the whole cache (the ring already holds it).
 
     q [B, HQ, 1, D] -> out [B, HQ, 1, D]. Sequences: one per (batch, KV head) with its G query heads as heads
     (native GQA), each key segment read in place and cut into chunks (split-KV), all merged by LSE at the end.
+    Lengths come from the cache's host mirror: no device synchronisation.
     """
     adapter = adapter or get_adapter()
     check_inputs(adapter, q)
@@ -124,24 +126,39 @@ def decode_attention(q, cache: PackedKVCache, position: int, adapter=None) -> to
     dev = q.device
     qf = q.contiguous().view(S, G, D)
     bh = torch.arange(S, device=dev, dtype=torch.int64)
-    lo = window_start(position, cache.config.block_size, cache.config.window)
-    first, count = lo % W, position - lo + 1
+    # Per sequence: the window's slots [first, first + count) of the ring, wrapping at W into [0, rest).
+    newest = [n - 1 for n in cache.seq_lens]
+    lo = [window_start(i, cache.config.block_size, cache.config.window) for i in newest]
+    first = [low % W for low in lo]
+    count = [i - low + 1 for i, low in zip(newest, lo, strict=True)]
+    span = [min(c, W - f) for c, f in zip(count, first, strict=True)]
+    rest = [c - s for c, s in zip(count, span, strict=True)]
+
+    def per_head(values):  # [B] host ints -> [S] device, each sequence's value for each of its KV heads
+        return torch.tensor(values, dtype=torch.int64).repeat_interleave(HKV).to(dev, non_blocking=True)
+
     ring_k = cache.local_k.view(S * W, 1, D)
     ring_v = cache.local_v.view(S * W, 1, D)
-    # Host syncs first (the longest global segment), before any flash call is queued.
-    lens = cache.global_len.reshape(S).to(dev)
-    n_max = int(lens.max()) if lens.numel() else 0
-    # The window's slots: [first, first + count) of the ring, wrapping at W into a second range [0, rest).
-    span = min(count, W - first)
-    parts = [_split_call(adapter, qf, ring_k, ring_v, bh * W + first, torch.full_like(bh, span), span, cache.scale)]
-    rest = count - span
-    if rest > 0:
-        parts.append(_split_call(adapter, qf, ring_k, ring_v, bh * W, torch.full_like(bh, rest), rest, cache.scale))
+    parts = [_split_call(adapter, qf, ring_k, ring_v, bh * W + per_head(first), per_head(span), max(span), cache.scale)]
+    if max(rest) > 0:
+        parts.append(_split_call(adapter, qf, ring_k, ring_v, bh * W, per_head(rest), max(rest), cache.scale))
+    n_max = int(cache.global_len_host.max()) if cache.global_len_host.numel() else 0
     if n_max > 0:
         gk, gv = cache.global_k.view(-1, 1, D), cache.global_v.view(-1, 1, D)
-        starts = cache.global_start.reshape(S).to(dev)
-        parts.append(_split_call(adapter, qf, gk, gv, starts, lens, n_max, cache.scale))
+        parts.append(_split_call(adapter, qf, gk, gv, cache.global_start.reshape(S), cache.global_len.reshape(S),
+                                 n_max, cache.scale))
     return _combine(parts, q.dtype).view(B, HQ, 1, D)
+
+
+class CacheKernels:
+    """The flash backend's decode work on the PackedKVCache: torch compression (FlashAttention has no top-k),
+    FlashAttention split-KV attention."""
+
+    compress = staticmethod(decode_torch.compress)
+
+    @staticmethod
+    def attend(cache, q):
+        return decode_attention(q, cache)
 
 
 class FlashBackend:
@@ -168,17 +185,15 @@ class FlashBackend:
         indices, counts = select_indices(q, k, budgets, config, scale)
         out = attend_indices(q, k, v, indices, counts, config.block_size, config.window, scale)
         cache = PackedKVCache.from_indices(
-            k, v, indices.clamp_max(k.shape[2] - 1), counts, block_keep_count(budgets), config, scale, backend="flash"
+            k, v, indices.clamp_max(k.shape[2] - 1), counts, block_keep_count(budgets), config, scale,
+            kernels=CacheKernels,
         )
         return out, cache
 
+    cache_kernels = CacheKernels
+
     @staticmethod
     def decode(q, k, v, cache: PackedKVCache):
-        """Section 5: compress the block leaving the window (if it moved), append the token, attend."""
-        position = cache.seq_len
-        leaving = cache.leaving_block()
-        if leaving is not None:  # the same step as the torch backend's: FlashAttention has no top-k
-            B, HQ, _, D = q.shape
-            compress_leaving_block(cache, q[:, :, 0].float().view(B, cache.num_kv_heads, -1, D), *leaving)
-        cache.append_local(k, v)
-        return decode_attention(q, cache, position)
+        """Section 5: compress the block leaving the window (if it moves), append the token, attend."""
+        cache.kernels = CacheKernels
+        return decode_step(cache, q, k, v)

@@ -18,4 +18,5 @@ SPEC = Backend(
     head_dims=None,
     has_decode=True,
     priority=10,
+    decode_priority=10,
 )

@@ -10,11 +10,12 @@ import torch
 from ...budgets import block_keep_count
 from ...config import TCAConfig
 from ...geometry import num_budgeted_blocks
-from ...packed_cache import PackedKVCache
 from ...selection import Selection
 from . import selection as _selection
 from .attention import attend_indices, causal_sdpa
-from .decode import decode_step
+from ..common import decode_torch
+from ..common.packed_cache import PackedKVCache
+from ..common.protocol import decode_step
 
 
 class TorchBackend:
@@ -61,11 +62,14 @@ class TorchBackend:
         else:
             out = attend_indices(q, k, v, indices, counts, mask, config.block_size, config.window, scale)
         cache = PackedKVCache.from_indices(
-            k, v, indices, counts, block_keep_count(budgets), config, scale, backend="torch"
+            k, v, indices, counts, block_keep_count(budgets), config, scale, kernels=decode_torch
         )
         return out, cache
 
     @staticmethod
     def decode(q, k, v, cache: PackedKVCache):
         """One token at position cache.seq_len: compress the leaving block, append, attend. Mutates the cache."""
-        return decode_step(q, k, v, cache)
+        cache.kernels = decode_torch
+        return decode_step(cache, q, k, v)
+
+    cache_kernels = decode_torch

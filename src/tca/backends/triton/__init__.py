@@ -30,6 +30,7 @@ SPEC = Backend(
     head_dims=(16, 32, 64, 128),
     has_decode=True,
     priority=30,
+    decode_priority=30,
     requires=(("triton", 'pip install "tca[triton]"'),),
     environment=_environment,
 )

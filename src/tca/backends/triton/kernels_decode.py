@@ -1,9 +1,11 @@
 """Triton kernels of stateful decoding over the compressed cache (docs/semantics.md section 5). @triton.jit only.
 
-The cache layout is tca.packed_cache.PackedKVCache: per (batch, KV head) a contiguous global segment in a flat
-buffer global_k/global_v [N_cap, D] (offset global_start, length global_len) plus a ring buffer of the local
-window local_k/local_v [B, HKV, W, D] (position p in slot p % W). A decode query attends to the global segment
-followed by the local positions [lo, i]: one virtual sequence of n_glob + n_loc keys.
+The cache layout is tca.backends.common.packed_cache.PackedKVCache: per (batch, KV head) a contiguous global
+segment in a flat buffer global_k/global_v [N_cap, D] (offset global_start, length global_len) plus a ring
+buffer of the local window local_k/local_v [B, HKV, W, D] (position p in slot p % W). A decode query of
+sequence b attends to the global segment followed by the local positions [lo(i_b), i_b]: one virtual sequence
+of n_glob + n_loc keys. Every length and position is read on the device (positions [B]: each sequence's next
+position), so a step never synchronises with the host and can be captured in a CUDA graph.
 
 Split-K: program (bh, s) walks the chunks s, s + S, s + 2S, ... of that virtual sequence (S programs per head,
 fixed from shapes, so one query fills the GPU without reading any length on the host) and writes a partial
@@ -33,11 +35,12 @@ def decode_split_kernel(
     part_m_ptr, part_l_ptr, part_acc_ptr,
     stride_qb, stride_qh, stride_qd,
     stride_lbh, stride_ls,
-    HKV, W, lo, n_loc, n_splits, scale_log2,
+    pos_ptr, HKV, W, block_size, window, n_splits, scale_log2,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, PREC: tl.constexpr,
 ):
     """q: [B, HQ, D]; global_k/v: [N_cap, D] (contiguous rows); local_k/v: [B*HKV, W, D] (row stride
-    stride_ls); lo: first local position, n_loc = i - lo + 1 local keys (same for every head).
+    stride_ls); pos: [B] int64 next position (the newest is pos - 1, already in the ring), so the local keys
+    are lo(i) .. i with lo(i) = max(0, (i // b + 1) * b - w).
     part_m, part_l: [B*HKV, S, G_PAD] fp32; part_acc: [B*HKV, S, G_PAD, D] fp32.
     The global and the local chunks are walked in two loops with plain pointer arithmetic (a pointer chosen
     per row between two buffers would lose the alignment facts that make the loads vectorised)."""
@@ -45,6 +48,9 @@ def decode_split_kernel(
     s_id = tl.program_id(1)
     b = bh // HKV
     h = bh % HKV
+    i = tl.load(pos_ptr + b).to(tl.int32) - 1
+    lo = tl.maximum((i // block_size + 1) * block_size - window, 0)
+    n_loc = i - lo + 1
     offs_g = tl.arange(0, G_PAD)
     offs_d = tl.arange(0, D)
     q = tl.load(q_ptr + b * stride_qb + (h * G + offs_g)[:, None] * stride_qh + offs_d[None, :] * stride_qd,
@@ -117,25 +123,31 @@ def decode_combine_kernel(
 
 @triton.jit
 def compress_block_kernel(
-    q_ptr, lk_ptr, lv_ptr, keep_ptr, out_k_ptr, out_v_ptr, out_pos_ptr,
+    q_ptr, lk_ptr, lv_ptr, keep_ptr, pos_ptr,
+    gk_ptr, gv_ptr, gpos_ptr, gstart_ptr, glen_ptr,
     stride_qb, stride_qh, stride_qd,
     stride_lbh, stride_ls,
-    HKV, slot0, start_pos, scale,
+    HKV, W, window, scratch, scale,
     G: tl.constexpr, G_PAD: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr,
 ):
-    """Section 5 step 2: score the block leaving the window (ring slots slot0 .. slot0 + BS, positions
-    start_pos ..) with the current query: mean over the group of a softmax over the block; keep its t
-    (keep[h]) best tokens, ties to the smaller position, in position order.
-    out_k/out_v: [B*HKV, BS, D] (first t rows written), out_pos: [B*HKV, BS] int64."""
+    """Section 5 step 1 for the next token i = pos[b] of every sequence: if the window moves, score the block
+    [lo(i-1), lo(i)) leaving it with the current query (mean over the group of a softmax over the block), keep
+    its t = keep[h] best tokens (ties to the smaller position) and append them, in position order, to the
+    global segment of (b, h) (rows global_start + global_len ..), advancing global_len. Otherwise nothing is
+    appended (the rows go to the scratch row). The capacity was reserved on the host beforehand."""
     bh = tl.program_id(0)
     b = bh // HKV
     h = bh % HKV
+    i = tl.load(pos_ptr + b)
+    start = tl.maximum(((i - 1) // BS + 1) * BS - window, 0)
+    moves = tl.maximum((i // BS + 1) * BS - window, 0) > start
     offs_g = tl.arange(0, G_PAD)
     offs_t = tl.arange(0, BS)
     offs_d = tl.arange(0, D)
     g_ok = offs_g < G
     q = tl.load(q_ptr + b * stride_qb + (h * G + offs_g)[:, None] * stride_qh + offs_d[None, :] * stride_qd,
                 mask=g_ok[:, None], other=0.0)
+    slot0 = start % W
     rows = lk_ptr + bh * stride_lbh + (slot0 + offs_t)[:, None] * stride_ls + offs_d[None, :]
     k = tl.load(rows)
     x = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
@@ -146,11 +158,14 @@ def compress_block_kernel(
     s = tl.sum(p, axis=0) / G
     before = (s[None, :] > s[:, None]) | ((s[None, :] == s[:, None]) & (offs_t[None, :] < offs_t[:, None]))
     rank = tl.sum(before.to(tl.int32), axis=1)
-    t = tl.load(keep_ptr + h)
+    t = tl.load(keep_ptr + h).to(tl.int32) * moves.to(tl.int32)
     keep = rank < t
-    slot = tl.cumsum(keep.to(tl.int32), axis=0) - 1
+    n_have = tl.load(glen_ptr + bh)
+    dst_row = tl.load(gstart_ptr + bh) + n_have + tl.cumsum(keep.to(tl.int32), axis=0) - 1
+    dst_row = tl.where(keep, dst_row, scratch)
     v = tl.load(lv_ptr + bh * stride_lbh + (slot0 + offs_t)[:, None] * stride_ls + offs_d[None, :])
-    dst = (bh * BS + slot)[:, None] * D + offs_d[None, :]
-    tl.store(out_k_ptr + dst, k, mask=keep[:, None])
-    tl.store(out_v_ptr + dst, v, mask=keep[:, None])
-    tl.store(out_pos_ptr + bh * BS + slot, (start_pos + offs_t).to(tl.int64), mask=keep)
+    dst = dst_row[:, None] * D + offs_d[None, :]
+    tl.store(gk_ptr + dst, k, mask=keep[:, None])
+    tl.store(gv_ptr + dst, v, mask=keep[:, None])
+    tl.store(gpos_ptr + dst_row, (start + offs_t).to(tl.int64), mask=keep)
+    tl.store(glen_ptr + bh, n_have + t)

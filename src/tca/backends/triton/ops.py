@@ -16,6 +16,8 @@ import triton
 from ...budgets import block_keep_count
 from ...geometry import num_budgeted_blocks, window_start
 from ...selection import Selection
+from ..common.packed_cache import PackedKVCache
+from ..common.protocol import decode_step
 from ..torch.selection import budget_counts  # Eq. 7 counts: vectorised torch, shared with the torch backend
 from . import kernels_attention, kernels_decode, kernels_selection
 
@@ -199,60 +201,53 @@ def _decode_splits(device: torch.device, bh: int, n_est: int, chunk: int) -> int
     return max(1, min(triton.cdiv(n_est, 2 * chunk), triton.cdiv(2 * sms, bh)))
 
 
-def compress_leaving_block(q, cache, start: int) -> None:
-    """Section 5 step 2: keep the top-t tokens of the block [start, start + b) leaving the window, scored by
-    the current query q [B, HQ, 1, D], and append them to the global segments (before the local write)."""
-    B, HQ, _, D = q.shape
-    HKV = cache.local_k.shape[1]
-    W = cache.local_k.shape[2]
-    b = cache.config.block_size
-    G = HQ // HKV
-    keep = cache.keep_per_block.to(device=q.device, dtype=torch.int32)
-    out_k = torch.empty(B * HKV, b, D, device=q.device, dtype=cache.local_k.dtype)
-    out_v = torch.empty_like(out_k)
-    out_pos = torch.empty(B * HKV, b, device=q.device, dtype=torch.int64)
-    q1 = q[:, :, 0]
-    kernels_decode.compress_block_kernel[(B * HKV,)](
-        q1, cache.local_k, cache.local_v, keep, out_k, out_v, out_pos,
-        *q1.stride(), cache.local_k.stride(1), cache.local_k.stride(2),
-        HKV, start % W, start, cache.scale,
-        G=G, G_PAD=_rows_pad(G), BS=b, D=D, PREC=_precision(q.dtype),
-    )
-    counts = keep.long().expand(B, HKV)
-    cache.append_global(out_k.view(B, HKV, b, D), out_v.view(B, HKV, b, D), out_pos.view(B, HKV, b), counts)
+class CacheKernels:
+    """The device work of a decode step on the PackedKVCache (its `kernels`), as Triton kernels: no host
+    synchronisation, fixed grids, every length read on the device (so a step can be captured in a CUDA graph)."""
 
+    @staticmethod
+    def compress(cache, q) -> None:
+        """Section 5 step 1 for every sequence: the block leaving its window (if it moves) keeps its top-t.
+        q [B, HQ, 1, D]. The capacity must be reserved (PackedKVCache.compress_leaving does)."""
+        B, HQ, _, D = q.shape
+        HKV, W = cache.num_kv_heads, cache.window_slots
+        G = HQ // HKV
+        q1 = q[:, :, 0]
+        kernels_decode.compress_block_kernel[(B * HKV,)](
+            q1, cache.local_k, cache.local_v, cache.keep, cache.positions_t,
+            cache.global_k, cache.global_v, cache.global_pos, cache.global_start, cache.global_len,
+            *q1.stride(), cache.local_k.stride(1), cache.local_k.stride(2),
+            HKV, W, cache.config.window, cache.global_k.shape[0] - 1, cache.scale,
+            G=G, G_PAD=_rows_pad(G), BS=cache.config.block_size, D=D, PREC=_precision(q.dtype),
+        )
 
-def decode_attention(q, cache, position: int):
-    """One query per head over global segment + local ring positions [lo(position), position].
-    q: [B, HQ, 1, D] -> out [B, HQ, 1, D]."""
-    B, HQ, _, D = q.shape
-    HKV, W = cache.local_k.shape[1], cache.local_k.shape[2]
-    G = HQ // HKV
-    g_pad = _rows_pad(G)
-    lo = window_start(position, cache.config.block_size, cache.config.window)
-    n_loc = position - lo + 1
-    chunk = 64
-    n_est = cache.global_k.shape[0] // max(1, B * HKV) + n_loc
-    splits = _decode_splits(q.device, B * HKV, n_est, chunk)
-    part_m = torch.empty(B * HKV, splits, g_pad, device=q.device, dtype=torch.float32)
-    part_l = torch.empty_like(part_m)
-    part_acc = torch.empty(B * HKV, splits, g_pad, D, device=q.device, dtype=torch.float32)
-    q1 = q[:, :, 0]
-    gstart = cache.global_start.to(device=q.device).contiguous()
-    glen = cache.global_len.to(device=q.device).contiguous()
-    kernels_decode.decode_split_kernel[(B * HKV, splits)](
-        q1, cache.global_k, cache.global_v, gstart, glen, cache.local_k, cache.local_v,
-        part_m, part_l, part_acc,
-        *q1.stride(), cache.local_k.stride(1), cache.local_k.stride(2),
-        HKV, W, lo, n_loc, splits, cache.scale * LOG2E,
-        G=G, G_PAD=g_pad, D=D, CHUNK=chunk, PREC=_precision(q.dtype),
-    )
-    out = torch.empty_like(q)
-    o1 = out[:, :, 0]
-    kernels_decode.decode_combine_kernel[(B * HKV, G)](
-        part_m, part_l, part_acc, o1, *o1.stride(), HKV, splits, G=G, G_PAD=g_pad, D=D, S_BLOCK=32,
-    )
-    return out
+    @staticmethod
+    def attend(cache, q):
+        """One query per head over its global segment + local window. q: [B, HQ, 1, D] -> out [B, HQ, 1, D]."""
+        B, HQ, _, D = q.shape
+        HKV, W = cache.num_kv_heads, cache.window_slots
+        G = HQ // HKV
+        g_pad = _rows_pad(G)
+        chunk = 64
+        n_est = cache.global_k.shape[0] // max(1, B * HKV) + W  # from shapes: fixed between reallocations
+        splits = _decode_splits(q.device, B * HKV, n_est, chunk)
+        part_m = torch.empty(B * HKV, splits, g_pad, device=q.device, dtype=torch.float32)
+        part_l = torch.empty_like(part_m)
+        part_acc = torch.empty(B * HKV, splits, g_pad, D, device=q.device, dtype=torch.float32)
+        q1 = q[:, :, 0]
+        kernels_decode.decode_split_kernel[(B * HKV, splits)](
+            q1, cache.global_k, cache.global_v, cache.global_start, cache.global_len, cache.local_k, cache.local_v,
+            part_m, part_l, part_acc,
+            *q1.stride(), cache.local_k.stride(1), cache.local_k.stride(2),
+            cache.positions_t, HKV, W, cache.config.block_size, cache.config.window, splits, cache.scale * LOG2E,
+            G=G, G_PAD=g_pad, D=D, CHUNK=chunk, PREC=_precision(q.dtype),
+        )
+        out = torch.empty_like(q)
+        o1 = out[:, :, 0]
+        kernels_decode.decode_combine_kernel[(B * HKV, G)](
+            part_m, part_l, part_acc, o1, *o1.stride(), HKV, splits, G=G, G_PAD=g_pad, D=D, S_BLOCK=32,
+        )
+        return out
 
 
 # ----------------------------------------------------------------------------------------------- backend
@@ -275,23 +270,18 @@ class TritonBackend:
             q, k, v, sel["indices"], sel["offsets"], config.block_size, config.window, scale, return_lse
         )
 
+    cache_kernels = CacheKernels
+
     @staticmethod
     def prefill(q, k, v, budgets, config, scale):
-        from ...packed_cache import PackedKVCache
-
         sel = _select(q, k, budgets, config, scale)
         out = sparse_attention(q, k, v, sel["indices"], sel["offsets"], config.block_size, config.window, scale)
-        selection = to_selection(sel, config, k.shape[2])
-        cache = PackedKVCache.from_prefill(
-            k, v, selection, block_keep_count(budgets), config, scale, backend="triton"
+        cache = PackedKVCache.from_indices(
+            k, v, sel["indices"], sel["counts"], block_keep_count(budgets), config, scale, kernels=CacheKernels
         )
         return out, cache
 
     @staticmethod
     def decode(q, k, v, cache):
-        position = cache.seq_len
-        leaving = cache.leaving_block()
-        if leaving is not None:
-            compress_leaving_block(q, cache, leaving[0])
-        cache.append_local(k, v)
-        return decode_attention(q, cache, position)
+        cache.kernels = CacheKernels
+        return decode_step(cache, q, k, v)
