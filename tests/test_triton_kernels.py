@@ -98,23 +98,26 @@ def test_budget_counts_match_reference(J):
     assert torch.equal(ops.budget_counts(p, J), reference.selection.budget_counts(p, J))
 
 
+def _built_cache(B, HQ, HKV, L, D, config, density, keep, seed):
+    from tca.backends.common.packed_cache import PackedKVCache
+
+    q, k, v = make(B, HQ, HKV, L + 1, D, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    J = max(0, (L - 1) // config.block_size + 1 - config.window // config.block_size)
+    mask = torch.rand(B, HKV, J * config.block_size, generator=gen) < density
+    counts = mask.sum(-1)
+    indices = torch.where(mask, torch.arange(J * config.block_size), J * config.block_size).sort(-1).values
+    cache = PackedKVCache.from_indices(k[:, :, :L], v[:, :, :L], indices.to(DEVICE), counts.to(DEVICE),
+                                       torch.tensor(keep), config, D**-0.5, kernels=ops.CacheKernels)
+    return q, k, v, cache
+
+
 def test_decode_attention_over_built_cache():
     """Split-K decode kernel vs a direct fp64 softmax over the cache's own tokens (cache built by hand)."""
-    from tca.packed_cache import PackedKVCache
-
     B, HQ, HKV, L, D = 2, 4, 2, 260, 64
-    config = TCAConfig(block_size=32, window=64)
-    q, k, v = make(B, HQ, HKV, L + 1, D, seed=9)
-    gen = torch.Generator().manual_seed(1)
-    J = 260 // 32 + 1 - 2
-    mask = torch.rand(B, HKV, J * 32, generator=gen) < 0.3
-    counts = mask.sum(-1)
-    indices = torch.where(mask, torch.arange(J * 32), J * 32).sort(-1).values[..., : int(counts.max())]
-    cache = PackedKVCache.from_indices(
-        k[:, :, :L], v[:, :, :L], indices.to(DEVICE), counts.to(DEVICE), torch.tensor([4, 4]), config, D**-0.5, "triton"
-    )
-    cache.append_local(k[:, :, L:], v[:, :, L:])
-    out = ops.decode_attention(q[:, :, L:], cache, L)
+    q, k, v, cache = _built_cache(B, HQ, HKV, L, D, TCAConfig(block_size=32, window=64), 0.3, [4, 4], seed=9)
+    cache.append(k[:, :, L:], v[:, :, L:])
+    out = cache.attend(q[:, :, L:])
     assert not torch.isnan(out).any()
     for bi in range(B):
         for h in range(HKV):
@@ -124,22 +127,48 @@ def test_decode_attention_over_built_cache():
             assert_close(out[bi, 2 * h : 2 * h + 2, 0], ref, torch.float32)
 
 
+def test_decode_kernels_equal_the_torch_step_on_sequences_of_different_lengths():
+    """compress + attend of the Triton kernels vs the torch step, over a batch joined from prompts of different
+    lengths (each sequence at its own position; its window moves at its own steps)."""
+    from tca.backends.common import decode_torch
+    from tca.backends.common.packed_cache import PackedKVCache
+
+    config = TCAConfig(block_size=16, window=64)
+    parts = [_built_cache(1, 4, 2, L, 64, config, 0.4, [3, 5], seed=L) for L in (150, 97, 64)]
+    triton_cache = PackedKVCache.concat([c for *_, c in parts])
+    torch_parts = [_built_cache(1, 4, 2, L, 64, config, 0.4, [3, 5], seed=L)[3] for L in (150, 97, 64)]
+    torch_cache = PackedKVCache.concat(torch_parts)
+    torch_cache.kernels = decode_torch
+    gen = torch.Generator().manual_seed(0)
+    for step in range(40):
+        q, k, v = (torch.randn(3, H, 1, 64, generator=gen).to(DEVICE) for H in (4, 2, 2))
+        got = tca_decode_step(triton_cache, q, k, v)
+        want = tca_decode_step(torch_cache, q, k, v)
+        assert_close(got, want, torch.float32, msg=f"step {step}")
+        for b in range(3):
+            for h in range(2):
+                assert triton_cache.positions_of(b, h).tolist() == torch_cache.positions_of(b, h).tolist()
+        assert torch.equal(triton_cache.global_len.cpu(), triton_cache.global_len_host)
+
+
+def tca_decode_step(cache, q, k, v):
+    from tca.backends.common.protocol import decode_step
+
+    return decode_step(cache, q, k, v)
+
+
 def test_compress_block_kernel_matches_reference_rule():
     """The leaving block's top-t by the current query's group-mean softmax, ties to the smaller position."""
-    from tca.packed_cache import PackedKVCache
-
     B, HQ, HKV, L, D, b, w = 1, 4, 2, 128, 64, 32, 128
-    config = TCAConfig(block_size=b, window=w)
-    q, k, v = make(B, HQ, HKV, L + 1, D, seed=4)
-    empty = torch.zeros(B, HKV, 0, dtype=torch.long, device=DEVICE)
-    keep = torch.tensor([3, 7])
-    cache = PackedKVCache.from_indices(k[:, :, :L], v[:, :, :L], empty, empty.sum(-1), keep, config, D**-0.5, "triton")
-    start, end = cache.leaving_block()
-    ops.compress_leaving_block(q[:, :, L:], cache, start)
+    q, k, v, cache = _built_cache(B, HQ, HKV, L, D, TCAConfig(block_size=b, window=w), 0.0, [3, 7], seed=4)
+    start = 0  # lo(127) = 0, lo(128) = 32: the block [0, 32) leaves when 128 arrives
+    cache.compress_leaving(q[:, :, L:])
     for h in range(HKV):
-        block = k[0, h, start:end].double()
+        block = k[0, h, start : start + b].double()
         scores = torch.softmax(q[0, 2 * h : 2 * h + 2, L].double() @ block.T * D**-0.5, -1).mean(0)
-        want = (scores.sort(descending=True, stable=True).indices[: int(keep[h])] + start).sort().values
-        got = cache.global_pos[int(cache.global_start[0, h]) : int(cache.global_start[0, h] + cache.global_len[0, h])]
+        keep = [3, 7][h]
+        want = (scores.sort(descending=True, stable=True).indices[:keep] + start).sort().values
+        s = int(cache.global_start[0, h])
+        got = cache.global_pos[s : s + int(cache.global_len[0, h])]
         assert got.tolist() == want.tolist()
-        assert torch.equal(cache.global_k[int(cache.global_start[0, h]) :][: int(keep[h])], k[0, h, want])
+        assert torch.equal(cache.global_k[s : s + keep], k[0, h, want])

@@ -241,7 +241,7 @@ class PackedKVCache:
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write k, v [B, HKV, 1, D] of each sequence's next position into its ring slot, then advance."""
-        self.reserve(1)
+        self._reserve_ring(self.seq_len + 1)
         decode_torch.ring_write(self, k, v)
         self.positions_t += 1
         self._append_host()
@@ -298,15 +298,17 @@ class PackedKVCache:
         A segment that must grow gets room for `slack_blocks` more leaving blocks beyond the need, so growth is
         rare and the spare capacity stays under one block per head. The ring grows to cover the planned length.
         """
-        longest = self.seq_len + tokens
-        if self.window_slots < min(self.config.window, longest):
-            self._grow_ring(ring_slots(longest, self.config))
+        self._reserve_ring(self.seq_len + tokens)
         need = self.global_len_host + self.blocks_leaving(tokens)[:, None] * self.keep_host[None, :]
         if bool((need <= self.global_cap).all()):
             return
         spare = slack_blocks * self.keep_host[None, :]
         new_cap = torch.where(need > self.global_cap, need + spare, self.global_cap)
         self._regrow_global(new_cap)
+
+    def _reserve_ring(self, longest: int) -> None:
+        if self.window_slots < min(self.config.window, longest):
+            self._grow_ring(ring_slots(longest, self.config))
 
     def _regrow_global(self, new_cap: torch.Tensor) -> None:
         # Row r of the new buffer belongs to segment s = the last one starting at or before r; it copies row

@@ -1,0 +1,168 @@
+"""Decode steps captured in a CUDA graph: one replay per token instead of thousands of small launches.
+
+    cache = TCACache(model)                                   # or transformers' StaticCache for dense models
+    out = model.generate(ids, custom_generate=tca.models.graph_decoding, max_new_tokens=128,
+                         **cache_kwargs(model, cache))
+
+`graph_decoding` is a transformers `custom_generate` callable: `generate` still prepares the inputs, the logits
+processors and the stopping criteria; this loop prefills eagerly, captures one single-token forward of the
+model (every layer's compress, ring write and attention, on the device, no host synchronisation) and replays it.
+It needs a cache whose decode step is static: a TCACache (its compressed caches reserve room for the whole
+generation first) or a transformers StaticCache (the dense baseline, captured the same way). Greedy and
+sampling; no beams.
+
+Shape letters: B batch, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._hf import cache_argument
+
+
+class StepGraph:
+    """One decode step of `model` (B sequences, one token each) captured in a CUDA graph.
+
+    step(tokens [B, 1], positions [B, 1]) -> logits [B, V]: copies the inputs into the static buffers, replays,
+    then lets the caches advance their host bookkeeping (what the replay did on the device).
+    """
+
+    def __init__(self, model, cache, tokens: torch.Tensor, positions: torch.Tensor, cache_position: torch.Tensor):
+        self.model, self.cache = model, cache
+        self.tokens, self.positions = tokens.clone(), positions.clone()
+        self.cache_position = cache_position.clone()
+        self.kwargs = {cache_argument(model): cache, "use_cache": True}
+        self.graph = torch.cuda.CUDAGraph()
+        self.logits = None
+
+    def capture(self) -> torch.Tensor:
+        """Warm up once on a side stream (a real step: it advances the caches), then capture a second step
+        whose host bookkeeping is rolled back (capturing records kernels, it does not run them)."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            logits = self._forward()
+        torch.cuda.current_stream().wait_stream(stream)
+        self._advance_inputs()
+        saved = _host_state(self.cache)
+        with torch.cuda.graph(self.graph):
+            self.logits = self._forward()
+        _restore_host_state(self.cache, saved)
+        return logits
+
+    def _forward(self) -> torch.Tensor:
+        out = self.model(
+            input_ids=self.tokens, position_ids=self.positions, cache_position=self.cache_position, **self.kwargs
+        )
+        return out.logits[:, -1]
+
+    def _advance_inputs(self) -> None:
+        self.positions += 1
+        self.cache_position += 1
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Replay one step for tokens [B, 1] (positions follow on from the last step)."""
+        self.tokens.copy_(tokens)
+        self.graph.replay()
+        _advance_host(self.cache)
+        self._advance_inputs()
+        return self.logits
+
+
+def _host_state(cache):
+    """What the host knows of the cache (TCACache: per layer, lengths and positions), to undo a capture."""
+    return [
+        (layer.seen, None if layer.state is None else (list(layer.state.seq_lens), layer.state.global_len_host.clone()))
+        for layer in _tca_layers(cache)
+    ]
+
+
+def _restore_host_state(cache, saved) -> None:
+    for layer, (seen, state) in zip(_tca_layers(cache), saved, strict=True):
+        layer.seen = seen
+        if state is not None:
+            layer.state.seq_lens, layer.state.global_len_host = state[0], state[1]
+
+
+def _advance_host(cache) -> None:
+    for layer in _tca_layers(cache):
+        layer.seen += 1
+        layer.state.advance_host()
+
+
+def _tca_layers(cache):
+    from .cache import TCACacheLayer
+
+    return [layer for layer in getattr(cache, "layers", []) if isinstance(layer, TCACacheLayer)]
+
+
+def prepare_static(cache, new_tokens: int) -> None:
+    """Reserve room for `new_tokens` more steps in every compressed layer and switch it to static shapes."""
+    for layer in _tca_layers(cache):
+        if layer.state is None:
+            raise ValueError("graph decoding needs the cache prefilled first")
+        layer.state.reserve(new_tokens + 2)  # + the warm-up step and one spare
+        layer.state.static = True
+
+
+def graph_decoding(
+    model,
+    input_ids: torch.LongTensor,
+    logits_processor,
+    stopping_criteria,
+    generation_config,
+    synced_gpus: bool = False,
+    streamer=None,
+    **model_kwargs,
+):
+    """A transformers `custom_generate` callable: eager prefill, then decode steps replayed from a CUDA graph.
+
+    Returns the sequences [B, prompt + new] like greedy/sampling `generate` (no dict outputs)."""
+    if input_ids.device.type != "cuda":
+        raise ValueError("graph_decoding needs a CUDA device (CUDA graphs); call generate without custom_generate")
+    if generation_config.num_beams and generation_config.num_beams > 1:
+        raise ValueError("graph_decoding does not support beam search (num_beams > 1)")
+    name = cache_argument(model)
+    cache = model_kwargs.get(name) or model_kwargs.get("past_key_values") or model_kwargs.get("cache")
+    if cache is None:
+        raise ValueError(f"graph_decoding needs a cache passed to generate ({name}=TCACache(model) or a StaticCache)")
+    mask = model_kwargs.get("attention_mask")
+    B, L = input_ids.shape
+    if mask is None:
+        mask = torch.ones_like(input_ids)
+    positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
+    max_new = generation_config.max_new_tokens or (generation_config.max_length - L)
+    pad_id = generation_config._pad_token_tensor
+    with torch.no_grad():
+        out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                    logits_to_keep=1, **{name: cache})
+        logits = out.logits[:, -1].float()
+        sequences = input_ids
+        unfinished = torch.ones(B, dtype=torch.bool, device=input_ids.device)
+        graph = None
+        next_position = positions[:, -1:] + 1
+        for step in range(max_new):
+            scores = logits_processor(sequences, logits)
+            if generation_config.do_sample:
+                token = torch.multinomial(scores.softmax(-1), 1)
+            else:
+                token = scores.argmax(-1, keepdim=True)
+            if pad_id is not None:
+                token = torch.where(unfinished[:, None], token, pad_id)
+            sequences = torch.cat([sequences, token], dim=-1)
+            if streamer is not None:
+                streamer.put(token.cpu())
+            unfinished &= ~stopping_criteria(sequences, scores)
+            if step == max_new - 1 or not bool(unfinished.any()):
+                break
+            if graph is None:
+                prepare_static(cache, max_new)
+                cache_position = torch.tensor([L + step], device=input_ids.device)
+                graph = StepGraph(model, cache, token, next_position, cache_position)
+                logits = graph.capture().float()
+            else:
+                logits = graph.step(token).float()
+    if streamer is not None:
+        streamer.end()
+    return sequences
