@@ -253,8 +253,9 @@ def bench_prefill(name, shape, L, config, budgets_by_name, dense, args) -> list[
         except Exception as e:  # noqa: BLE001
             log(f"  {dname} decode L={L} failed: {type(e).__name__}: {str(e)[:160]}")
     fastest_dec = min(dense_dec.items(), key=lambda kv: kv[1]) if dense_dec else (None, float("nan"))
-    from tca.budgets import block_keep_count
     from tca.packed_cache import PackedKVCache
+
+    from tca.budgets import block_keep_count
 
     for bname, p in budgets_by_name.items():
         budgets = p.to("cuda").expand(HKV, -1).contiguous()

@@ -73,65 +73,98 @@ def kv_bytes(cache) -> int:
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 
 
-def make_cache(model, method: str, mode: str, B: int, max_len: int):
+def prefill(model, method: str, ids: torch.Tensor):
+    """Prefill ids [B, L] into a fresh cache (TCACache, or a DynamicCache for dense). -> (cache, token, seconds)."""
     import transformers
 
-    if method == "tca":
-        return TCACache(model)
-    if mode == "graph":
-        return transformers.StaticCache(config=model.config, max_cache_len=max_len)
-    return transformers.DynamicCache(config=model.config)
-
-
-def run(model, method: str, mode: str, ids: torch.Tensor, new_tokens: int) -> dict:
-    """Prefill ids [B, L], then decode new_tokens tokens greedily; times both phases separately."""
     device = ids.device
-    B, L = ids.shape
-    cache = make_cache(model, method, mode, B, L + new_tokens + 4)
-    kwargs = cache_kwargs(model, cache)
-    peak_reset(device)
+    cache = TCACache(model) if method == "tca" else transformers.DynamicCache(config=model.config)
     with torch.no_grad():
         start = now(device)
-        out = model(input_ids=ids, use_cache=True, logits_to_keep=1, cache_position=torch.arange(L, device=device), **kwargs)
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
         token = out.logits[:, -1].argmax(-1, keepdim=True)
-        ttft = now(device) - start
-        del out
-        positions = torch.full((B, 1), L, device=device)
+        seconds = now(device) - start
+    return cache, token, seconds
+
+
+def to_static(model, cache, extra: int):
+    """A transformers StaticCache holding a DynamicCache's tokens, with room for `extra` more (graph decoding)."""
+    import transformers
+
+    L = cache.get_seq_length()
+    static = transformers.StaticCache(config=model.config, max_cache_len=L + extra)
+    positions = torch.arange(L, device=cache.layers[0].keys.device)
+    for index, layer in enumerate(cache.layers):
+        static.update(layer.keys, layer.values, index, {"cache_position": positions})
+    return static
+
+
+def decode(model, cache, token, mode: str, new_tokens: int) -> float:
+    """Seconds per decoded token (mean over new_tokens, after one warm-up step), eager or graph-replayed."""
+    device = token.device
+    B = token.shape[0]
+    L = cache.get_seq_length() if not isinstance(cache, TCACache) else cache.seq_len
+    positions = torch.full((B, 1), L, device=device)
+    with torch.no_grad():
         if mode == "graph":
-            if method == "tca":
+            if isinstance(cache, TCACache):
                 prepare_static(cache, new_tokens + 4)
             graph = StepGraph(model, cache, token, positions, torch.tensor([L], device=device))
             token = graph.capture().argmax(-1, keepdim=True)
             start = now(device)
             for _ in range(new_tokens):
                 token = graph.step(token).argmax(-1, keepdim=True)
-            decode = (now(device) - start) / new_tokens
-        else:
-            step = lambda t, p: model(input_ids=t, position_ids=p, use_cache=True, **kwargs).logits[:, -1]
-            token = step(token, positions).argmax(-1, keepdim=True)  # warm-up step
+            return (now(device) - start) / new_tokens
+        kwargs = cache_kwargs(model, cache)
+        step = lambda t, p: model(input_ids=t, position_ids=p, use_cache=True, **kwargs).logits[:, -1]
+        token = step(token, positions).argmax(-1, keepdim=True)  # warm-up step
+        positions = positions + 1
+        start = now(device)
+        for _ in range(new_tokens):
+            token = step(token, positions).argmax(-1, keepdim=True)
             positions = positions + 1
-            start = now(device)
-            for _ in range(new_tokens):
-                token = step(token, positions).argmax(-1, keepdim=True)
-                positions = positions + 1
-            decode = (now(device) - start) / new_tokens
-    result = {"method": method, "mode": mode, "batch": B, "length": L, "ttft_s": ttft, "decode_ms": decode * 1e3,
-              "tokens_per_s": B / decode, "peak_bytes": peak(device), "kv_bytes": kv_bytes(cache)}
+        return (now(device) - start) / new_tokens
+
+
+def measure(model, method: str, ids: torch.Tensor, new_tokens: int, repeats: int, modes) -> list[dict]:
+    """TTFT over `repeats` prefills (median, spread), then decode on the last cache in each mode."""
+    device = ids.device
+    B, L = ids.shape
+    ttfts = []
+    for _ in range(repeats):
+        cache = None
+        peak_reset(device)
+        cache, token, seconds = prefill(model, method, ids)
+        ttfts.append(seconds)
+    prefill_peak = peak(device)
+    kv = kv_bytes(cache)
+    ttfts.sort()
+    base = {"method": method, "batch": B, "length": L, "ttft_s": ttfts[len(ttfts) // 2],
+            "ttft_spread_s": ttfts[-1] - ttfts[0], "ttft_repeats": repeats, "kv_bytes": kv, "peak_bytes": prefill_peak}
     if method == "tca":
-        result["kept_fraction"] = cache.kept_fraction()
-    return result
+        base["kept_fraction"] = cache.kept_fraction()
+    rows, prefilled = [], cache
+    for mode in modes:
+        if mode == "graph" and method == "dense":
+            cache = to_static(model, cache, 2 * new_tokens + 16)
+        peak_reset(device)
+        seconds = decode(model, cache, token, mode, new_tokens)
+        rows.append(dict(base, mode=mode, decode_ms=seconds * 1e3, tokens_per_s=B / seconds,
+                         decode_peak_bytes=peak(device), decode_tokens=new_tokens))
+    return rows, prefilled
 
 
 def largest_batch(model, method, template_cache, L, new_tokens, free_bytes) -> dict:
-    """Decode throughput of the largest batch whose caches fit: replicas of one measured prompt's cache."""
-    device = next(model.parameters()).device
-    per_sequence = kv_bytes(template_cache)
-    B = max(1, int(free_bytes // (per_sequence * 1.05)))
+    """Eager decode throughput of the largest batch whose caches fit: replicas of one measured prompt's cache."""
     import transformers
 
     from tca.backends.common.packed_cache import PackedKVCache
 
+    device = next(model.parameters()).device
+    per_sequence = kv_bytes(template_cache)
+    B = max(1, int(free_bytes // (per_sequence * 1.02)))
     while B >= 1:
+        cache = None
         try:
             if method == "tca":
                 cache = TCACache(model)
@@ -140,26 +173,18 @@ def largest_batch(model, method, template_cache, L, new_tokens, free_bytes) -> d
                     layer.state.num_query_heads = src.state.num_query_heads
                     layer.seen, layer.is_initialized = src.seen, True
                     layer.device, layer.dtype = src.device, src.dtype
-                prepare_static(cache, new_tokens + 4)
+                    layer.decode_backend = src.decode_backend
             else:
-                cache = transformers.StaticCache(config=model.config, max_cache_len=L + new_tokens + 4)
-                for layer, src in zip(cache.layers, template_cache.layers, strict=True):
-                    layer.lazy_initialization(src.keys.expand(B, -1, -1, -1), src.values.expand(B, -1, -1, -1))
-                    layer.keys.copy_(src.keys.expand(B, -1, -1, -1))
-                    layer.values.copy_(src.values.expand(B, -1, -1, -1))
+                cache = transformers.DynamicCache(config=model.config)
+                for index, src in enumerate(template_cache.layers):
+                    cache.update(src.keys.expand(B, -1, -1, -1).contiguous(), src.values.expand(B, -1, -1, -1).contiguous(), index)
             token = torch.zeros(B, 1, dtype=torch.long, device=device)
-            positions = torch.full((B, 1), L, device=device)
-            with torch.no_grad():
-                graph = StepGraph(model, cache, token, positions, torch.tensor([L], device=device))
-                graph.capture()
-                start = now(device)
-                for _ in range(new_tokens):
-                    graph.step(token)
-                decode = (now(device) - start) / new_tokens
-            return {"method": method, "mode": "graph", "batch": B, "length": L, "decode_ms": decode * 1e3,
-                    "tokens_per_s": B / decode, "kv_bytes": kv_bytes(cache), "peak_bytes": peak(device)}
+            peak_reset(device)
+            seconds = decode(model, cache, token, "eager", new_tokens)
+            return {"method": method, "mode": "eager", "batch": B, "length": L, "decode_ms": seconds * 1e3,
+                    "tokens_per_s": B / seconds, "kv_bytes": kv_bytes(cache), "peak_bytes": peak(device)}
         except torch.OutOfMemoryError:
-            cache = graph = None
+            cache = None
             torch.cuda.empty_cache()
             B -= 1
     return {"method": method, "batch": 0}
@@ -206,43 +231,33 @@ def main(argv=None):
         results["triton"] = triton.__version__
     except ImportError:
         pass
-    points = [(L, mode, method) for L in lengths for mode in modes for method in ("dense", "tca")]
     templates = {}
-    for L, mode, method in tqdm(points, desc="e2e"):
+    for L, method in tqdm([(L, m) for L in lengths for m in ("dense", "tca")], desc="e2e"):
         if method == "tca":
             enable_tca(model, config=config)
         else:
             model.set_attn_implementation("sdpa")
         ids = torch.randint(0, model.config.vocab_size, (1, L), device=device)
-        runs = []
-        for _ in range(args.repeats):
-            row = run(model, method, mode, ids, args.new_tokens)
-            runs.append(row)
-        ttfts = sorted(r["ttft_s"] for r in runs)
-        decodes = sorted(r["decode_ms"] for r in runs)
-        row = dict(runs[len(runs) // 2], ttft_s=ttfts[len(ttfts) // 2], ttft_spread_s=ttfts[-1] - ttfts[0],
-                   decode_ms=decodes[len(decodes) // 2], decode_spread_ms=decodes[-1] - decodes[0])
-        results["rows"].append(row)
-        print(json.dumps(row), flush=True)
+        rows, cache = measure(model, method, ids, args.new_tokens, args.repeats, modes)
+        templates[method] = cache if L == lengths[-1] else None
+        del cache
+        for row in rows:
+            results["rows"].append(row)
+            print(json.dumps(row), flush=True)
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
     if args.batch_search and device.type == "cuda":
         L = lengths[-1]
-        ids = torch.randint(0, model.config.vocab_size, (1, L), device=device)
         for method in ("dense", "tca"):
             if method == "tca":
                 enable_tca(model, config=config)
             else:
                 model.set_attn_implementation("sdpa")
-            import transformers
-
-            cache = TCACache(model) if method == "tca" else transformers.DynamicCache(config=model.config)
-            with torch.no_grad():
-                model(input_ids=ids, use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
+            template = templates.pop(method)
             torch.cuda.empty_cache()
-            free = torch.cuda.mem_get_info(device)[0] - 3 * 2**30  # room for activations and the graph pool
-            row = largest_batch(model, method, cache, L, args.new_tokens, free + kv_bytes(cache))
-            del cache
+            free = torch.cuda.mem_get_info(device)[0] - 4 * 2**30  # room for activations of a decode step
+            row = largest_batch(model, method, template, L, args.new_tokens, free + kv_bytes(template))
+            del template
             torch.cuda.empty_cache()
             results["rows"].append(row)
             print(json.dumps(row), flush=True)
@@ -265,10 +280,9 @@ def print_table(results):
               f"{d['decode_ms']:>10.2f}/{r['decode_ms']:<10.2f} {r['decode_ms'] / d['decode_ms']:>6.2f} "
               f"{d['kv_bytes'] / 2**30:>8.2f}/{r['kv_bytes'] / 2**30:<8.2f}")
     for r in results["rows"]:
-        if r["batch"] > 1 or r.get("mode") == "graph" and "ttft_s" not in r:
-            if "ttft_s" not in r:
-                print(f"largest batch {r['method']}: B={r['batch']} at L={r.get('length')}: "
-                      f"{r.get('tokens_per_s', math.nan):.1f} tokens/s")
+        if "ttft_s" not in r:
+            print(f"largest batch {r['method']}: B={r['batch']} at L={r.get('length')}: "
+                  f"{r.get('tokens_per_s', math.nan):.1f} tokens/s")
 
 
 if __name__ == "__main__":

@@ -11,11 +11,11 @@ from ...budgets import block_keep_count
 from ...config import TCAConfig
 from ...geometry import num_budgeted_blocks
 from ...selection import Selection
-from . import selection as _selection
-from .attention import attend_indices, causal_sdpa
 from ..common import decode_torch
 from ..common.packed_cache import PackedKVCache
 from ..common.protocol import decode_step
+from . import selection as _selection
+from .attention import attend_indices, causal_sdpa
 
 
 class TorchBackend:

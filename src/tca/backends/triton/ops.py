@@ -14,7 +14,7 @@ import torch
 import triton
 
 from ...budgets import block_keep_count
-from ...geometry import num_budgeted_blocks, window_start
+from ...geometry import num_budgeted_blocks
 from ...selection import Selection
 from ..common.packed_cache import PackedKVCache
 from ..common.protocol import decode_step
