@@ -126,7 +126,9 @@ def streaming_chunk(q, k, v, cache: ReferenceKVCache, budgets: torch.Tensor) -> 
                     queries[:, -1], keys, leaving, budgets[h : h + 1], config, scale
                 )
             positions_row = positions.to(q.device)
-            visible = (kept & (positions_row < lo)) | ((positions_row >= lo) & (positions_row <= query_positions[:, None]))
+            visible = (kept & (positions_row < lo)) | (
+                (positions_row >= lo) & (positions_row <= query_positions[:, None])
+            )
             logits = einsum(queries.to(dt), keys.to(dt), "g i d, n d -> g i n") * scale
             weights = logits.masked_fill(~visible, float("-inf")).softmax(-1)
             out[bi, h * G : (h + 1) * G] = einsum(weights, values.to(dt), "g i n, n d -> g i d").to(q.dtype)
