@@ -12,9 +12,9 @@ import math
 
 import pytest
 import torch
-from conftest import make_qkv, random_budgets
 
 import tca
+from conftest import make_qkv, random_budgets
 from tca.geometry import window_start
 from tca.reference import (
     attention,
