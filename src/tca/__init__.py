@@ -11,10 +11,19 @@
 Optional packages (triton, flash_attn, transformers) are imported only when used.
 """
 
-from .api import attention, available_backends, decode, prefill
+from .api import (
+    attention,
+    available_backends,
+    decode,
+    finish_prefill,
+    prefill,
+    prefill_chunk,
+    prefill_in_chunks,
+    start_prefill,
+)
 from .backends.registry import BackendChoiceWarning, BackendUnavailableError
 from .budgets import default_budgets, dense_budgets, log_gaussian_budgets
-from .chunked import ChunkedPrefill, finish_prefill, prefill_chunk, prefill_in_chunks, start_prefill
+from .chunked import ChunkedPrefill
 from .config import TCAConfig
 from .plan import BudgetPlan
 from .selection import Selection
