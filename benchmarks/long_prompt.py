@@ -19,6 +19,11 @@ cache object, so only one chunk's activations are ever live:
 
 Results go to $OUT/long_prompt.json (or --out); a short table is printed last.
 
+--backend names the tca backend behind the default cache (tca.start_prefill / prefill_chunk / finish_prefill /
+decode per layer): it must declare chunked prefill (`python -m tca info`, docs/backends.md). The reference
+declares it but is only practical at --tiny sizes; the full run needs a fast backend with chunked prefill, or
+another cache given with --cache.
+
 The cache interface (what --cache must build; LongPromptCache below is the reference through tca's API):
 
     make_cache(mode: str, num_layers: int, config: tca.TCAConfig, backend: str) -> cache
