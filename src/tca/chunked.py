@@ -53,14 +53,16 @@ class ChunkedPrefill:
                 )
         self = cls("streaming", budgets, cache.config, cache.scale, cache.backend)
         self._impl, self._backend, self._state, self.seq_len = spec.load(), cache.backend, cache, cache.seq_len
-        self._shape = {
-            "batch size": cache.batch_size,
-            "number of KV heads": cache.num_kv_heads,
-            "number of query heads": getattr(cache, "num_query_heads", None),
-            "head dim": cache.head_dim,
-            "dtype": cache.dtype,
-            "device": cache.device,
-        }
+        # What the cache knows of its shapes (a cache type may not know all; those are not checked).
+        known = (
+            ("batch size", "batch_size"),
+            ("number of KV heads", "num_kv_heads"),
+            ("number of query heads", "num_query_heads"),
+            ("head dim", "head_dim"),
+            ("dtype", "dtype"),
+            ("device", "device"),
+        )
+        self._shape = {what: getattr(cache, name, None) for what, name in known}
         return self
 
     @property
@@ -128,8 +130,8 @@ class ChunkedPrefill:
         shape = _shape(q, k)
         if self._shape is None:
             self._shape = shape
-        elif self._shape["number of query heads"] is None:  # a continued cache that did not know it
-            self._shape["number of query heads"] = shape["number of query heads"]
+        else:  # a continued cache may not have known some of them
+            self._shape = {what: shape[what] if known is None else known for what, known in self._shape.items()}
         self.seq_len += k.shape[2]
         if self.mode == "streaming" and self.seq_len % self.config.block_size:
             self._ended_mid_block = self.seq_len
