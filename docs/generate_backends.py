@@ -3,8 +3,8 @@
     PYTHONPATH=src python docs/generate_backends.py            # rewrites docs/backends.md
     PYTHONPATH=src python docs/generate_backends.py --check    # exits 1 if docs/backends.md is stale
 
-Only what a backend *declares* goes in the table (devices, dtypes, head dims, decode, auto priority, packages);
-whether it runs on a given machine is what `python -m tca info` says there.
+Only what a backend *declares* goes in the table (devices, dtypes, head dims, decode, chunked prefill, auto
+priority, packages); whether it runs on a given machine is what `python -m tca info` says there.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ Which backends can run on *your* machine, and why the others cannot: `python -m 
 
 ## Capabilities (declared in the registry)
 
-| backend | auto priority | devices | dtypes | head dims | stateful decode | needs | what it is |
-|---|---|---|---|---|---|---|---|
+| backend | auto priority | devices | dtypes | head dims | stateful decode | chunked prefill | needs | what it is |
+|---|---|---|---|---|---|---|---|---|
 """
 
 FOOTER = """
@@ -61,7 +61,7 @@ def render() -> str:
             needs += " + machine checks"
         lines.append(
             f"| `{name}` | {b.priority} | {', '.join(b.devices)} | {dtypes} | {head_dims} | "
-            f"{'yes' if b.has_decode else 'no'} | {needs} | {b.summary} |"
+            f"{'yes' if b.has_decode else 'no'} | {'yes' if b.has_chunked_prefill else 'no'} | {needs} | {b.summary} |"
         )
     return HEADER + "\n".join(lines) + "\n" + FOOTER
 

@@ -14,6 +14,12 @@ MARKS = [
     "[choice: largest remainder]",
     "[choice: compress the block that leaves the window",
     "[choice: per-row retained mass, the quantity the error bound uses]",
+    # Chunked and streaming prefill (section 5b).
+    "[choice: each chunk is the stateless rule on its prefix]",
+    "[choice: exact chunks of any size]",
+    "[choice: the blocks leaving during a chunk are budgeted together by Eqs. 5-8, scored by the chunk's last query]",
+    "[choice: compress before attending, as decoding does]",
+    "[choice: streaming chunks end on block boundaries]",
 ]
 
 

@@ -4,13 +4,26 @@
     out = tca.attention(q, k, v)                  # stateless, [B, H, L, D]
     out, cache = tca.prefill(q, k, v)             # + the compressed KV cache
     out = tca.decode(q1, k1, v1, cache)           # one token at a time
+    state = tca.start_prefill(mode="streaming")   # a long prompt, chunk by chunk:
+    out = tca.prefill_chunk(q, k, v, state)       #   once per chunk, in order
+    cache = tca.finish_prefill(state)             #   then decode
 
 Optional packages (triton, flash_attn, transformers) are imported only when used.
 """
 
-from .api import attention, available_backends, decode, prefill
+from .api import (
+    attention,
+    available_backends,
+    decode,
+    finish_prefill,
+    prefill,
+    prefill_chunk,
+    prefill_in_chunks,
+    start_prefill,
+)
 from .backends.registry import BackendChoiceWarning, BackendUnavailableError
 from .budgets import default_budgets, dense_budgets, log_gaussian_budgets
+from .chunked import ChunkedPrefill
 from .config import TCAConfig
 from .plan import BudgetPlan
 from .selection import Selection
@@ -21,6 +34,7 @@ __all__ = [
     "BackendChoiceWarning",
     "BackendUnavailableError",
     "BudgetPlan",
+    "ChunkedPrefill",
     "Selection",
     "TCAConfig",
     "attention",
@@ -28,6 +42,10 @@ __all__ = [
     "decode",
     "default_budgets",
     "dense_budgets",
+    "finish_prefill",
     "log_gaussian_budgets",
     "prefill",
+    "prefill_chunk",
+    "prefill_in_chunks",
+    "start_prefill",
 ]

@@ -1,4 +1,5 @@
-"""Public entry points: stateless `attention`, stateful `prefill` + `decode`.
+"""Public entry points: stateless `attention`, stateful `prefill` + `decode`, and a long prompt chunk by chunk
+(`start_prefill`, `prefill_chunk`, `finish_prefill`, `prefill_in_chunks`).
 
 Inputs are validated once here (validation.py); backends get "bhsd" tensors, float64 budgets [HKV, len(K)]
 and a scale, and are chosen through the registry.
@@ -10,6 +11,7 @@ import torch
 
 from .backends import registry
 from .backends.common.packed_cache import PackedKVCache
+from .chunked import MODES, ChunkedPrefill
 from .config import TCAConfig
 from .reference.cache import ReferenceKVCache
 from .validation import check_budgets, check_config, check_scale, from_bhsd, to_bhsd
@@ -113,3 +115,100 @@ def decode(q, k, v, cache, *, layout="bhsd", backend="auto"):
 def available_backends() -> list[str]:
     """Names of the backends that can run on this machine, in backend="auto" order."""
     return [row["name"] for row in registry.report() if row["usable"]]
+
+
+# Long prompts, chunk by chunk (docs/semantics.md section 5b); the state lives in chunked.py.
+
+
+def start_prefill(*, mode="exact", budgets=None, config=None, scale=None, backend="auto", cache=None):
+    """Begin a prefill that takes the prompt chunk by chunk; feed it with `prefill_chunk`, end it with
+    `finish_prefill`.
+
+        state = tca.start_prefill(mode="streaming")
+        for q, k, v in chunks:                       # the whole prompt need not exist at once
+            out = tca.prefill_chunk(q, k, v, state)
+        cache = tca.finish_prefill(state)            # then tca.decode(q1, k1, v1, cache)
+
+    mode: "exact" (each chunk's output is the stateless rule on its prefix; the dense KV is held until
+    `finish_prefill`, which returns the one-shot prefill's cache) or "streaming" (bounded memory: blocks leaving
+    the window are compressed after every chunk; every chunk but the last must end on a multiple of
+    config.block_size). budgets, config, scale, backend: as in `prefill`. cache: a cache from `prefill`,
+    `finish_prefill` or `decode` to extend in streaming mode (mutated; its config, scale and backend are kept;
+    budgets default to the ones it records).
+    """
+    if cache is None:
+        return ChunkedPrefill(mode, budgets, check_config(config), scale, backend)
+    for name in ("backend", "seq_len", "num_kv_heads", "config", "scale"):
+        if not hasattr(cache, name):
+            raise TypeError(
+                f"cache must be a cache made by tca.prefill or tca.finish_prefill, got {type(cache).__name__}"
+            )
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "exact":
+        raise ValueError(
+            "exact chunked prefill cannot continue a compressed cache (it needs the dense keys of every earlier "
+            "token); continue it with mode='streaming'"
+        )
+    if config is not None or scale is not None:
+        raise ValueError("a continued cache keeps its own config and scale; leave config and scale unset")
+    if backend not in ("auto", cache.backend):
+        raise ValueError(f"the cache was made by backend {cache.backend!r} and continues there, not on {backend!r}")
+    if budgets is not None:
+        budgets = check_budgets(budgets, cache.num_kv_heads, cache.config, cache.device)
+    return ChunkedPrefill.continuing(cache, budgets)
+
+
+def prefill_chunk(q, k, v, state, *, position=None, layout="bhsd"):
+    """Prefill the next chunk of the prompt; returns its attention output (q's layout and dtype).
+
+    q: [B, HQ, n, D], k, v: [B, HKV, n, D] ("bhsd") or [B, n, H, D] with layout="bshd": the n tokens that
+    follow the ones prefilled so far. position: the chunk's first position, checked when given. Mutates
+    `state`; on any error the state (and a continued cache) is left as it was.
+    """
+    if not isinstance(state, ChunkedPrefill):
+        raise TypeError(f"state must be a tca.ChunkedPrefill made by tca.start_prefill, got {type(state).__name__}")
+    q, k, v = to_bhsd(q, k, v, layout)
+    state.check_chunk(q, k, position)
+    setup = None
+    if state.backend is None:  # the first chunk: its shapes validate the scale and budgets, and pick the backend
+        scale = check_scale(state.scale, q.shape[-1])
+        budgets = check_budgets(state.budgets, k.shape[1], state.config, q.device)
+        spec = registry.resolve(state.requested_backend, q.device, q.dtype, q.shape[-1], decode=True, chunked=True)
+        setup = (spec.name, spec.load(), budgets, scale)
+    return from_bhsd(state.extend(q, k, v, setup), layout)
+
+
+def finish_prefill(state):
+    """End a chunked prefill; returns the compressed cache of section 5, which `decode` continues."""
+    if not isinstance(state, ChunkedPrefill):
+        raise TypeError(f"state must be a tca.ChunkedPrefill made by tca.start_prefill, got {type(state).__name__}")
+    return state.finish()
+
+
+def prefill_in_chunks(
+    q, k, v, *, chunk_size, mode="exact", budgets=None, config=None, scale=None, layout="bhsd", backend="auto"
+):
+    """`prefill` of a prompt already in memory, `chunk_size` tokens at a time (the last chunk may be shorter).
+
+    q: [B, HQ, L, D], k, v: [B, HKV, L, D] (or "bshd"). Returns (out in q's layout: every chunk's output,
+    concatenated; cache). Streaming mode needs chunk_size to be a multiple of config.block_size.
+    """
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+        raise TypeError(f"chunk_size must be an int, got {type(chunk_size).__name__}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
+    state = start_prefill(mode=mode, budgets=budgets, config=config, scale=scale, backend=backend)
+    block = state.config.block_size
+    if mode == "streaming" and chunk_size % block:
+        raise ValueError(
+            f"streaming chunks must be multiples of the block size {block} (all but the last), got chunk_size="
+            f"{chunk_size}; try {max(block, chunk_size // block * block)}"
+        )
+    q, k, v = to_bhsd(q, k, v, layout)
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"a prefill needs one query per key (LQ == L), got LQ={q.shape[2]}, L={k.shape[2]}")
+    outs = [
+        prefill_chunk(*(t[:, :, s : s + chunk_size] for t in (q, k, v)), state) for s in range(0, k.shape[2], chunk_size)
+    ]
+    return from_bhsd(torch.cat(outs, dim=2), layout), finish_prefill(state)

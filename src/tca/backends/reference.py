@@ -17,4 +17,5 @@ SPEC = Backend(
     devices=("cpu", "cuda"),
     dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
     priority=0,
+    has_chunked_prefill=True,
 )

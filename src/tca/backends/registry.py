@@ -34,7 +34,10 @@ class Backend:
     implementation: "module:attribute", imported on first use; the object provides
         attention(q, k, v, budgets, config, scale, return_lse), prefill(q, k, v, budgets, config, scale)
         and decode(q, k, v, cache), on "bhsd" inputs that passed validation; select(...) and attend(...)
-        when it can also run the two halves (for the layered tests).
+        when it can also run the two halves (for the layered tests); with has_chunked_prefill, the chunked
+        prefill of docs/semantics.md section 5b: exact_chunk(q, k, v, state, budgets, config, scale) ->
+        (out, new state), exact_finish(state) -> cache, empty_cache(B, HKV, D, dtype, device, budgets, config,
+        scale) -> cache and streaming_chunk(q, k, v, cache, budgets) -> out (mutating the cache).
     environment: extra checks of the machine (e.g. a GPU capability), returning reasons.
     """
 
@@ -45,6 +48,7 @@ class Backend:
     dtypes: tuple[torch.dtype, ...]
     head_dims: tuple[int, ...] | None = None  # None: any head dim
     has_decode: bool = True
+    has_chunked_prefill: bool = False  # tca.prefill_chunk (section 5b)
     priority: int = 0  # "auto" prefers higher
     # Decoding on the shared PackedKVCache: "auto" takes the usable backend of highest decode_priority, whatever
     # backend prefilled (prefill and decode are chosen per phase). None: it cannot decode a PackedKVCache.
@@ -64,7 +68,9 @@ class Backend:
             reasons += self.environment()
         return reasons
 
-    def input_reasons(self, device: torch.device, dtype: torch.dtype, head_dim: int, decode: bool = False) -> list[str]:
+    def input_reasons(
+        self, device: torch.device, dtype: torch.dtype, head_dim: int, decode: bool = False, chunked: bool = False
+    ) -> list[str]:
         """Why this backend cannot run inputs of this device, dtype and head dim."""
         reasons = []
         if device.type not in self.devices:
@@ -76,10 +82,12 @@ class Backend:
             reasons.append(f"head dim {head_dim} is not supported (supports {', '.join(map(str, self.head_dims))})")
         if decode and not self.has_decode:
             reasons.append("stateful decoding is not implemented")
+        if chunked and not self.has_chunked_prefill:
+            reasons.append(chunked_prefill_missing())
         return reasons
 
-    def reasons(self, device, dtype, head_dim, decode=False) -> list[str]:
-        return self.environment_reasons() + self.input_reasons(torch.device(device), dtype, head_dim, decode)
+    def reasons(self, device, dtype, head_dim, decode=False, chunked=False) -> list[str]:
+        return self.environment_reasons() + self.input_reasons(torch.device(device), dtype, head_dim, decode, chunked)
 
     def load(self):
         module, _, attribute = self.implementation.partition(":")
@@ -107,20 +115,26 @@ def names() -> list[str]:
     return [b.name for b in sorted(_REGISTRY.values(), key=lambda b: -b.priority)]
 
 
-def resolve(name: str, device, dtype: torch.dtype, head_dim: int, decode: bool = False) -> Backend:
+def chunked_prefill_missing() -> str:
+    """The reason a backend without chunked prefill gives, naming those that have it."""
+    having = [n for n in names() if _REGISTRY[n].has_chunked_prefill]
+    return f"chunked prefill is not implemented (chunked prefill is implemented on: {', '.join(having) or 'none'})"
+
+
+def resolve(name: str, device, dtype: torch.dtype, head_dim: int, decode: bool = False, chunked: bool = False) -> Backend:
     """The backend to run: the named one if it can, or for "auto" the best usable one."""
     if not isinstance(name, str):
         raise TypeError(f"backend must be a string (a name or 'auto'), got {type(name).__name__}")
     if name != "auto":
         backend = get(name)
-        reasons = backend.reasons(device, dtype, head_dim, decode)
+        reasons = backend.reasons(device, dtype, head_dim, decode, chunked)
         if reasons:
             raise BackendUnavailableError(f"backend {name!r} cannot run here: " + "; ".join(reasons))
         return backend
     why = {}
     for candidate in names():
         backend = _REGISTRY[candidate]
-        reasons = backend.reasons(device, dtype, head_dim, decode)
+        reasons = backend.reasons(device, dtype, head_dim, decode, chunked)
         if not reasons:
             key = (backend.name, f"{torch.device(device).type}/{dtype}")
             if key not in _ANNOUNCED:
@@ -176,6 +190,7 @@ def report(device=None, dtype=None, head_dim=None) -> list[dict]:
                 "dtypes": [str(d).removeprefix("torch.") for d in backend.dtypes],
                 "head_dims": "any" if backend.head_dims is None else list(backend.head_dims),
                 "decode": backend.has_decode,
+                "chunked_prefill": backend.has_chunked_prefill,
                 "priority": backend.priority,
             }
         )

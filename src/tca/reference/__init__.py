@@ -5,8 +5,9 @@ This package imports nothing from `tca.backends`.
 """
 
 from .attention import attend, dense_causal_attention, kept_key_mask
-from .cache import ReferenceKVCache, decode_step, prefill
+from .cache import ReferenceKVCache, cache_from_selection, decode_step, prefill
 from .calibration import calibrate, evaluated_rows, retained_mass
+from .chunked import DensePrefillState, empty_cache, exact_chunk, exact_finish, streaming_chunk
 from .selection import (
     block_budgets,
     block_priority,
@@ -25,6 +26,7 @@ def attention(q, k, v, budgets, config, scale, return_lse=False):
 
 
 __all__ = [
+    "DensePrefillState",
     "ReferenceKVCache",
     "attend",
     "attention",
@@ -32,10 +34,14 @@ __all__ = [
     "block_priority",
     "block_ranks",
     "budget_counts",
+    "cache_from_selection",
     "calibrate",
     "decode_step",
     "dense_causal_attention",
+    "empty_cache",
     "evaluated_rows",
+    "exact_chunk",
+    "exact_finish",
     "kept_key_mask",
     "last_query_importance",
     "prefill",
@@ -43,4 +49,5 @@ __all__ = [
     "retained_mass",
     "select",
     "select_tokens",
+    "streaming_chunk",
 ]

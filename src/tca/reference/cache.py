@@ -79,13 +79,21 @@ def prefill(q, k, v, budgets: torch.Tensor, config: TCAConfig, scale: float):
     """
     selection: Selection = select(q, k, budgets, config, scale)
     out = attend(q, k, v, selection, scale)
+    return out, cache_from_selection(k, v, selection, budgets, config, scale)
+
+
+def cache_from_selection(k, v, selection: Selection, budgets: torch.Tensor, config: TCAConfig, scale: float):
+    """The cache that keeps Sel_g U [J*b, L) of dense keys and values (section 5, after a prefill).
+
+    k, v: [B, HKV, L, D], selection made for these L keys, budgets: [HKV, len(K)]  ->  ReferenceKVCache.
+    """
     L = k.shape[2]
     J_b = selection.num_blocks * config.block_size
     kept = selection.full_mask()
     kept[..., J_b:] = True  # the local part of the last query: [J*b, L)
     B, H = kept.shape[:2]
     positions = [[kept[b, h].nonzero().squeeze(-1) for h in range(H)] for b in range(B)]
-    cache = ReferenceKVCache(
+    return ReferenceKVCache(
         keys=[[k[b, h, positions[b][h]] for h in range(H)] for b in range(B)],
         values=[[v[b, h, positions[b][h]] for h in range(H)] for b in range(B)],
         positions=positions,
@@ -94,7 +102,6 @@ def prefill(q, k, v, budgets: torch.Tensor, config: TCAConfig, scale: float):
         scale=scale,
         seq_len=L,
     )
-    return out, cache
 
 
 def decode_step(q, k, v, cache: ReferenceKVCache) -> torch.Tensor:
