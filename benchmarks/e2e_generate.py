@@ -73,12 +73,21 @@ def kv_bytes(cache) -> int:
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 
 
+def use(model, method: str, config) -> None:
+    """Switch the model to `method`: "dense" (sdpa) or "tca-<backend>" (TCA prefill on that backend; decode on
+    the fastest decode kernels, chosen per phase)."""
+    if method == "dense":
+        model.set_attn_implementation("sdpa")
+    else:
+        enable_tca(model, config=config, backend=method.removeprefix("tca-"))
+
+
 def prefill(model, method: str, ids: torch.Tensor):
     """Prefill ids [B, L] into a fresh cache (TCACache, or a DynamicCache for dense). -> (cache, token, seconds)."""
     import transformers
 
     device = ids.device
-    cache = TCACache(model) if method == "tca" else transformers.DynamicCache(config=model.config)
+    cache = TCACache(model) if method != "dense" else transformers.DynamicCache(config=model.config)
     with torch.no_grad():
         start = now(device)
         out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
@@ -141,7 +150,7 @@ def measure(model, method: str, ids: torch.Tensor, new_tokens: int, repeats: int
     ttfts.sort()
     base = {"method": method, "batch": B, "length": L, "ttft_s": ttfts[len(ttfts) // 2],
             "ttft_spread_s": ttfts[-1] - ttfts[0], "ttft_repeats": repeats, "kv_bytes": kv, "peak_bytes": prefill_peak}
-    if method == "tca":
+    if method != "dense":
         base["kept_fraction"] = cache.kept_fraction()
     rows, prefilled = [], cache
     for mode in modes:
@@ -166,7 +175,7 @@ def largest_batch(model, method, template_cache, L, new_tokens, free_bytes) -> d
     while B >= 1:
         cache = None
         try:
-            if method == "tca":
+            if method != "dense":
                 cache = TCACache(model)
                 for layer, src in zip(cache.layers, template_cache.layers, strict=True):
                     layer.state = PackedKVCache.concat([_copy_state(src.state) for _ in range(B)])
@@ -212,6 +221,9 @@ def main(argv=None):
     parser.add_argument("--batch-search", action="store_true", help="largest batch at the longest length")
     parser.add_argument("--window", type=int, default=4096)
     parser.add_argument("--block-size", type=int, default=128)
+    parser.add_argument("--methods", default="dense,tca-triton,tca-flash",
+                        help="dense and tca-<prefill backend>; a TCA backend that cannot run here is skipped")
+    parser.add_argument("--warmup", type=int, default=4096, help="prompt length of the untimed warm-up runs")
     parser.add_argument("--out", default="e2e.json")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -231,12 +243,15 @@ def main(argv=None):
         results["triton"] = triton.__version__
     except ImportError:
         pass
+    methods = [m for m in args.methods.split(",") if m == "dense" or _usable(m.removeprefix("tca-"), device, dtype)]
+    results["methods"] = methods
+    for method in methods:  # compile kernels, pick cuBLAS/cuDNN algorithms, fill the allocator: not timed
+        use(model, method, config)
+        ids = torch.randint(0, model.config.vocab_size, (1, args.warmup), device=device)
+        measure(model, method, ids, 4, 1, modes)
     templates = {}
-    for L, method in tqdm([(L, m) for L in lengths for m in ("dense", "tca")], desc="e2e"):
-        if method == "tca":
-            enable_tca(model, config=config)
-        else:
-            model.set_attn_implementation("sdpa")
+    for L, method in tqdm([(L, m) for L in lengths for m in methods], desc="e2e"):
+        use(model, method, config)
         ids = torch.randint(0, model.config.vocab_size, (1, L), device=device)
         rows, cache = measure(model, method, ids, args.new_tokens, args.repeats, modes)
         templates[method] = cache if L == lengths[-1] else None
@@ -248,11 +263,8 @@ def main(argv=None):
             json.dump(results, f, indent=1)
     if args.batch_search and device.type == "cuda":
         L = lengths[-1]
-        for method in ("dense", "tca"):
-            if method == "tca":
-                enable_tca(model, config=config)
-            else:
-                model.set_attn_implementation("sdpa")
+        for method in methods:
+            use(model, method, config)
             template = templates.pop(method)
             torch.cuda.empty_cache()
             free = torch.cuda.mem_get_info(device)[0] - 4 * 2**30  # room for activations of a decode step
@@ -266,19 +278,28 @@ def main(argv=None):
     print_table(results)
 
 
+def _usable(backend: str, device, dtype) -> bool:
+    from tca.backends import registry
+
+    try:
+        registry.resolve(backend, device, dtype, 128, decode=True)
+        return True
+    except (registry.BackendUnavailableError, ValueError) as error:
+        print(f"skipping tca-{backend}: {error}")
+        return False
+
+
 def print_table(results):
     rows = {(r["length"], r.get("mode"), r["method"], r["batch"]): r for r in results["rows"]}
     print(f"{results['device']}  torch {results['torch']}  transformers {results.get('transformers')}")
-    print(f"{'L':>7} {'mode':>6} {'TTFT dense/tca (s)':>20} {'ratio':>6} {'decode ms dense/tca':>22} {'ratio':>6} {'KV GiB dense/tca':>18}")
-    for (L, mode, method, B), r in sorted(rows.items(), key=lambda kv: (kv[0][0], str(kv[0][1]), kv[0][3])):
-        if method != "tca" or B != 1:
-            continue
+    print(f"{'L':>7} {'mode':>6} {'method':>11} {'TTFT s (x dense)':>18} {'decode ms (x dense)':>20} {'KV GiB':>7} {'kept':>5}")
+    for (L, mode, method, B), r in sorted(rows.items(), key=lambda kv: (kv[0][0], str(kv[0][1]), kv[0][2])):
         d = rows.get((L, mode, "dense", 1))
-        if d is None:
+        if B != 1 or d is None:
             continue
-        print(f"{L:>7} {mode:>6} {d['ttft_s']:>9.3f}/{r['ttft_s']:<9.3f} {d['ttft_s'] / r['ttft_s']:>6.2f} "
-              f"{d['decode_ms']:>10.2f}/{r['decode_ms']:<10.2f} {r['decode_ms'] / d['decode_ms']:>6.2f} "
-              f"{d['kv_bytes'] / 2**30:>8.2f}/{r['kv_bytes'] / 2**30:<8.2f}")
+        print(f"{L:>7} {mode:>6} {method:>11} {r['ttft_s']:>8.3f} ({d['ttft_s'] / r['ttft_s']:4.2f}x) "
+              f"{r['decode_ms']:>9.2f} ({r['decode_ms'] / d['decode_ms']:4.2f}x) {r['kv_bytes'] / 2**30:>7.2f} "
+              f"{r.get('kept_fraction', 1.0):>5.2f}")
     for r in results["rows"]:
         if "ttft_s" not in r:
             print(f"largest batch {r['method']}: B={r['batch']} at L={r.get('length')}: "

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 
 from .backends import registry
+from .backends.common import dense
+from .backends.crossover import crossover
 from .backends.common.packed_cache import PackedKVCache
 from .chunked import MODES, ChunkedPrefill
 from .config import TCAConfig
@@ -22,8 +24,24 @@ def _prepare(q, k, v, budgets, config, scale, layout, backend, decode=False):
     q, k, v = to_bhsd(q, k, v, layout)
     scale = check_scale(scale, q.shape[-1])
     budgets = check_budgets(budgets, k.shape[1], config, q.device)
-    impl = registry.resolve(backend, q.device, q.dtype, q.shape[-1], decode=decode).load()
+    impl = registry.resolve(_by_length(backend, q, k), q.device, q.dtype, q.shape[-1], decode=decode).load()
     return q, k, v, budgets, config, scale, impl
+
+
+def _by_length(backend: str, q: torch.Tensor, k: torch.Tensor) -> str:
+    """backend="auto" for a long prompt: flash where it is the faster prefill (tca.backends.crossover)."""
+    if backend != "auto" or k.shape[2] < crossover(q.device).flash_from:
+        return backend
+    try:
+        registry.resolve("flash", q.device, q.dtype, q.shape[-1], decode=True)
+        return "flash"
+    except (registry.BackendUnavailableError, ValueError):
+        return backend
+
+
+def _runs_dense(backend: str, k: torch.Tensor) -> bool:
+    """backend="auto" below the measured crossover runs exact dense attention (TCA with dense budgets)."""
+    return backend == "auto" and k.shape[2] < crossover(k.device).dense_below
 
 
 def attention(
@@ -49,6 +67,8 @@ def attention(
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
     q, k, v, budgets, config, scale, impl = _prepare(q, k, v, budgets, config, scale, layout, backend)
+    if _runs_dense(backend, k) and not return_lse:
+        return from_bhsd(dense.causal_attention(q, k, v, scale), layout)
     result = impl.attention(q, k, v, budgets, config, scale, return_lse)
     if return_lse:
         out, lse = result
@@ -68,7 +88,10 @@ def prefill(q, k, v, *, budgets=None, config=None, scale=None, layout="bhsd", ba
             f"prefill needs one query per key (LQ == L), got LQ={q.shape[2]}, L={k.shape[2]}; "
             "use tca.attention for LQ < L"
         )
-    out, cache = impl.prefill(q, k, v, budgets, config, scale)
+    if _runs_dense(backend, k):
+        out, cache = dense.prefill(q, k, v, config, scale)
+    else:
+        out, cache = impl.prefill(q, k, v, budgets, config, scale)
     cache.num_query_heads = q.shape[1]  # decode checks it: another head count would silently regroup heads
     return from_bhsd(out, layout), cache
 

@@ -101,6 +101,7 @@ _ANNOUNCED: set[tuple[str, str]] = set()
 def register(backend: Backend) -> Backend:
     """Add a backend (replacing one of the same name). Returns it, so it can decorate a module constant."""
     _REGISTRY[backend.name] = backend
+    _DECODE_CHOICES.clear()
     return backend
 
 
@@ -151,9 +152,23 @@ def resolve(name: str, device, dtype: torch.dtype, head_dim: int, decode: bool =
     raise BackendUnavailableError(f"no backend can run these inputs:\n{detail}")
 
 
+_DECODE_CHOICES: dict[tuple, Backend] = {}
+
+
 def resolve_decode(name: str, device, dtype: torch.dtype, head_dim: int) -> Backend:
     """The backend whose kernels decode a PackedKVCache: the named one, or for "auto" the usable one of highest
-    decode_priority (each phase takes its fastest backend: e.g. flash prefill, triton decode)."""
+    decode_priority (each phase takes its fastest backend: e.g. flash prefill, triton decode).
+
+    Memoised per (name, device type, dtype, head dim): a decode step runs once per layer and token, and probing
+    the environment each time would cost more than the attention at short contexts."""
+    key = (name, torch.device(device).type, dtype, head_dim)
+    choice = _DECODE_CHOICES.get(key)
+    if choice is None:
+        choice = _DECODE_CHOICES[key] = _resolve_decode(name, device, dtype, head_dim)
+    return choice
+
+
+def _resolve_decode(name: str, device, dtype: torch.dtype, head_dim: int) -> Backend:
     if name != "auto":
         backend = resolve(name, device, dtype, head_dim, decode=True)
         if backend.decode_priority is None:
