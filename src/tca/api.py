@@ -11,8 +11,8 @@ import torch
 
 from .backends import registry
 from .backends.common import dense
-from .backends.crossover import crossover
 from .backends.common.packed_cache import PackedKVCache
+from .backends.crossover import crossover
 from .chunked import MODES, ChunkedPrefill
 from .config import TCAConfig
 from .reference.cache import ReferenceKVCache

@@ -10,7 +10,7 @@ Name a backend explicitly to run the plan's budgets at every length.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -32,7 +32,7 @@ DEFAULT_CUDA = MEASURED["H100"]
 CPU = Crossover(dense_below=0, flash_from=1 << 62, measured="CPU: no crossover (TCA's torch backend is not slower)")
 
 
-@lru_cache(maxsize=None)
+@cache
 def for_device(device_type: str, index: int = 0) -> Crossover:
     """The crossover of this device (memoised: one name lookup per device)."""
     if device_type != "cuda":
