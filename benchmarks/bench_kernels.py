@@ -253,18 +253,18 @@ def bench_prefill(name, shape, L, config, budgets_by_name, dense, args) -> list[
         except Exception as e:  # noqa: BLE001
             log(f"  {dname} decode L={L} failed: {type(e).__name__}: {str(e)[:160]}")
     fastest_dec = min(dense_dec.items(), key=lambda kv: kv[1]) if dense_dec else (None, float("nan"))
-    from tca.packed_cache import PackedKVCache
-
+    from tca.backends.common.packed_cache import PackedKVCache
     from tca.budgets import block_keep_count
 
     for bname, p in budgets_by_name.items():
         budgets = p.to("cuda").expand(HKV, -1).contiguous()
         sel = ops._select(q[:, :, :-1], k[:, :, :-1], budgets, config, scale)
         cache = PackedKVCache.from_indices(
-            k[:, :, :-1], v[:, :, :-1], sel["indices"], sel["counts"], block_keep_count(budgets), config, scale, "triton"
+            k[:, :, :-1], v[:, :, :-1], sel["indices"], sel["counts"], block_keep_count(budgets), config, scale,
+            kernels=ops.CacheKernels,
         )
-        cache.append_local(k[:, :, -1:], v[:, :, -1:])
-        step = lambda cache=cache: ops.decode_attention(q1, cache, L - 1)  # noqa: E731
+        cache.append(k[:, :, -1:], v[:, :, -1:])
+        step = lambda cache=cache: cache.attend(q1)  # noqa: E731
         ms = timeit(step)
         msg = timeit_graph(step)
         best = min(ms, msg or ms)
