@@ -83,7 +83,7 @@ def use(model, method: str, config) -> None:
     elif method == "dense-kernels":
         from tca.models import dense_plan, model_shape
 
-        enable_tca(model, plan=dense_plan(model_shape(model), config), backend="triton")
+        enable_tca(model, plan=dense_plan(model_shape(model), config))
     else:
         enable_tca(model, config=config, backend=method.removeprefix("tca-"))
 
@@ -169,8 +169,8 @@ def measure(model, method: str, ids: torch.Tensor, new_tokens: int, repeats: int
     return rows, prefilled
 
 
-def largest_batch(model, method, template_cache, L, new_tokens, free_bytes) -> dict:
-    """Eager decode throughput of the largest batch whose caches fit: replicas of one measured prompt's cache."""
+def largest_batch(model, method, template_cache, L, new_tokens, free_bytes, mode) -> dict:
+    """Decode throughput of the largest batch whose caches fit: replicas of one measured prompt's cache."""
     import transformers
 
     from tca.backends.common.packed_cache import PackedKVCache
@@ -195,8 +195,8 @@ def largest_batch(model, method, template_cache, L, new_tokens, free_bytes) -> d
                     cache.update(src.keys.expand(B, -1, -1, -1).contiguous(), src.values.expand(B, -1, -1, -1).contiguous(), index)
             token = torch.zeros(B, 1, dtype=torch.long, device=device)
             peak_reset(device)
-            seconds = decode(model, cache, token, "eager", new_tokens)
-            return {"method": method, "mode": "eager", "batch": B, "length": L, "decode_ms": seconds * 1e3,
+            seconds = decode(model, cache, token, mode, new_tokens)
+            return {"method": method, "mode": mode, "batch": B, "length": L, "decode_ms": seconds * 1e3,
                     "tokens_per_s": B / seconds, "kv_bytes": kv_bytes(cache), "peak_bytes": peak(device)}
         except torch.OutOfMemoryError:
             cache = None
@@ -256,33 +256,25 @@ def main(argv=None):
         use(model, method, config)
         ids = torch.randint(0, model.config.vocab_size, (1, args.warmup), device=device)
         measure(model, method, ids, 4, 1, modes)
-    templates = {}
+    # At the longest length each method's prompt cache is the template of its largest-batch run, done right away
+    # so that one template at a time is in memory. Dense: transformers' DynamicCache (eager; it concatenates,
+    # so a step briefly holds the cache twice) and dense budgets on tca's static cache (graph); TCA: graph.
+    batch_modes = {"dense": "eager", "dense-kernels": "graph", "tca-triton": "graph"}
     for L, method in tqdm([(L, m) for L in lengths for m in methods], desc="e2e"):
         use(model, method, config)
         ids = torch.randint(0, model.config.vocab_size, (1, L), device=device)
         repeats = 1 if method == "dense-kernels" else args.repeats  # a decode baseline: its prefill is not compared
         rows, cache = measure(model, method, ids, args.new_tokens, repeats, modes)
-        templates[method] = cache if L == lengths[-1] and method in ("dense", "tca-triton") else None
+        if args.batch_search and device.type == "cuda" and L == lengths[-1] and method in batch_modes:
+            torch.cuda.empty_cache()
+            free = torch.cuda.mem_get_info(device)[0] - 4 * 2**30  # room for activations of a decode step
+            rows.append(largest_batch(model, method, cache, L, args.new_tokens, free + kv_bytes(cache), batch_modes[method]))
         del cache
         for row in rows:
             results["rows"].append(row)
             print(json.dumps(row), flush=True)
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
-    if args.batch_search and device.type == "cuda":
-        L = lengths[-1]
-        for method in [m for m in methods if m in ("dense", "tca-triton")]:
-            use(model, method, config)
-            template = templates.pop(method)
-            torch.cuda.empty_cache()
-            free = torch.cuda.mem_get_info(device)[0] - 4 * 2**30  # room for activations of a decode step
-            row = largest_batch(model, method, template, L, args.new_tokens, free + kv_bytes(template))
-            del template
-            torch.cuda.empty_cache()
-            results["rows"].append(row)
-            print(json.dumps(row), flush=True)
-            with open(args.out, "w") as f:
-                json.dump(results, f, indent=1)
     print_table(results)
 
 
@@ -303,7 +295,7 @@ def print_table(results):
     print(f"{'L':>7} {'mode':>6} {'method':>11} {'TTFT s (x dense)':>18} {'decode ms (x dense)':>20} {'KV GiB':>7} {'kept':>5}")
     print("(x dense: against the fastest dense path of the same mode in this run: TTFT speed-up, decode time ratio)")
     for (L, mode, method, B), r in sorted(rows.items(), key=lambda kv: (kv[0][0], str(kv[0][1]), kv[0][2])):
-        dense = [rows[key] for key in ((L, mode, "dense", 1), (L, mode, "dense-kernels", 1)) if key in rows]
+        dense = [rows[key] for key in ((L, mode, "dense", 1), (L, mode, "dense-kernels", 1)) if "ttft_s" in rows.get(key, {})]
         if B != 1 or not dense:
             continue
         ttft = min(d["ttft_s"] for d in dense)
