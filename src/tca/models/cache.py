@@ -217,6 +217,16 @@ class TCACache(Cache):
             layer.decode_backend = decode_backend
         super().__init__(layers=layers)
 
+    def reset(self) -> None:
+        """Empty every layer for the next prompt. Sliding-window layers are replaced by fresh ones: some
+        transformers releases reset a dynamic layer by zeroing its tensors in place, which would leave stale
+        positions in front of the next prompt's keys."""
+        for index, layer in enumerate(self.layers):
+            if isinstance(layer, TCACacheLayer):
+                layer.reset()
+            else:
+                self.layers[index] = DynamicSlidingWindowLayer(sliding_window=layer.sliding_window)
+
     @staticmethod
     def tca_layers(layers) -> list[TCACacheLayer]:
         """The compressed layers (a hybrid model's sliding-window layers are transformers' own)."""
