@@ -175,3 +175,14 @@ def test_gpt_oss_attention_sinks_are_refused():
         enable_tca(model)
     with pytest.raises(ValueError, match="sinks"):
         TCACache(model)
+
+
+def test_graph_decoding_refuses_hybrid_models():
+    from tca.models.graphs import graph_decoding
+
+    model = tiny_model("ministral")
+    enable_tca(model, config=CONFIG)
+    ids = _ids(40)
+    with torch.no_grad(), pytest.raises(ValueError, match="hybrid"):
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False,
+                       custom_generate=graph_decoding, **cache_kwargs(model, TCACache(model)))
