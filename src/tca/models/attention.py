@@ -212,7 +212,9 @@ def tca_mask(*args, attention_mask=None, mask_function=None, q_length=None, **kw
 
     if mask_function is not None and mask_function is not causal_mask_function:
         kwargs["allow_is_causal_skip"] = False
-        return sdpa_mask(*args, attention_mask=attention_mask, mask_function=mask_function, q_length=q_length, **kwargs)
+        if q_length is not None:  # passed on only if given: the mask arguments differ between transformers releases
+            kwargs["q_length"] = q_length
+        return sdpa_mask(*args, attention_mask=attention_mask, mask_function=mask_function, **kwargs)
     if attention_mask is None or attention_mask.dim() != 2 or q_length == 1:
         return None
     return attention_mask.to(torch.bool)
