@@ -67,8 +67,8 @@ def test_a_config_with_the_plans_block_size_replaces_its_geometry():
 def test_unsupported_models_and_settings_raise():
     with pytest.raises(ValueError, match="sliding-window"):
         enable_tca(tiny_model("mistral", sliding_window=64))
-    with pytest.raises(ValueError, match="sliding_attention"):
-        enable_tca(tiny_model("qwen2", use_sliding_window=True, sliding_window=64, max_window_layers=1))
+    with pytest.raises(ValueError, match="no full-attention layer"):
+        enable_tca(tiny_model("qwen2", use_sliding_window=True, sliding_window=64, max_window_layers=0))
     model = tiny_model("llama")
     with pytest.raises(ValueError, match="unknown backend"):
         enable_tca(model, backend="no-such-backend")

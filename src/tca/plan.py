@@ -51,8 +51,11 @@ class BudgetPlan:
         return torch.tensor([head.budgets for head in self.layers[layer]], dtype=torch.float64)
 
     def mean_keep_ratio(self) -> float:
-        """Mean over layers and heads of E[p*] / b (of the budgeted blocks; the window is always kept)."""
-        ratios = [h.keep_ratio(self.config.block_size) for layer in self.layers for h in layer]
+        """Mean over layers and heads of E[p*] / b (of the budgeted blocks; the window is always kept). The
+        layers listed in metadata["native_layers"] (a hybrid model's sliding-window layers, which keep the
+        model's own attention) are left out."""
+        native = set(self.metadata.get("native_layers", ()))
+        ratios = [h.keep_ratio(self.config.block_size) for i, layer in enumerate(self.layers) if i not in native for h in layer]
         return sum(ratios) / len(ratios) if ratios else 1.0
 
     def check_matches(self, num_layers: int, num_kv_heads: int, block_size: int | None = None) -> None:

@@ -14,10 +14,15 @@ sequence on its own tokens (prefill), and the compressed cache keeps each sequen
 
 Per-layer settings (TCAConfig, budgets [HKV, len(K)] of the layer, backend) live on the attention module
 instance as `_tca_settings` (set by enable_tca); without them the defaults apply.
+
+Hybrid models: the settings of a sliding-window layer name the model's own implementation ("sdpa" or
+"eager"), and the attention function hands that layer to it unchanged; the mask function builds the
+sliding-window mask those layers need (transformers' sdpa_mask, materialised; eager gets it as 0 / -inf).
 """
 
 from __future__ import annotations
 
+import sys
 import threading
 from dataclasses import dataclass
 
@@ -28,6 +33,7 @@ from ..config import TCAConfig
 
 IMPLEMENTATIONS = {"tca": None, "tca_reference": "reference"}  # name -> forced backend (None: the settings')
 SETTINGS_ATTRIBUTE = "_tca_settings"
+NATIVE_IMPLEMENTATIONS = ("sdpa", "eager")  # what sliding-window layers of a hybrid model may keep
 
 
 class _Handoff(threading.local):
@@ -54,11 +60,15 @@ handoff = _Handoff()
 
 @dataclass
 class LayerSettings:
-    """What one attention layer needs: config, budgets [HKV, len(K)] float64, backend name or "auto"."""
+    """What one attention layer needs: config, budgets [HKV, len(K)] float64, backend name or "auto".
+
+    native: None for a TCA layer; for a sliding-window layer of a hybrid model, the model's own implementation
+    ("sdpa" or "eager") that keeps running it (config and budgets are then unused)."""
 
     config: TCAConfig
     budgets: torch.Tensor
     backend: str = "auto"
+    native: str | None = None
 
 
 def layer_settings(module) -> LayerSettings:
@@ -77,9 +87,12 @@ def _check_call(attention_mask, dropout: float, kwargs: dict) -> None:
     if attention_mask is not None and not (attention_mask.dim() == 2 and attention_mask.dtype == torch.bool):
         raise ValueError(
             "TCA attention is causal by construction and takes no attention mask, but got a "
-            f"{tuple(attention_mask.shape)} mask (a custom 4D mask, or a model that builds its own); "
-            "run without a custom mask"
+            f"{tuple(attention_mask.shape)} mask (a custom 4D mask, a non-causal mask function such as packed "
+            "sequences or an overlay, or a model that builds its own); run without a custom mask"
         )
+    for name, what in (("softcap", "attention logit softcapping"), ("s_aux", "attention sinks")):
+        if kwargs.get(name) is not None:
+            raise ValueError(f"TCA does not implement {what} ({name}={kwargs[name]!r}), which this layer uses")
     if kwargs.get("sliding_window") is not None:
         raise ValueError(
             f"TCA replaces full causal attention, but this layer uses a sliding window ({kwargs['sliding_window']}); "
@@ -124,8 +137,10 @@ def _forward(module, query, key, value, attention_mask, scaling=None, dropout=0.
     """q [B, HQ, LQ, D], k, v [B, HKV, L, D] -> (out [B, LQ, HQ, D], None), as transformers expects."""
     import tca
 
-    _check_call(attention_mask, dropout, kwargs)
     settings = layer_settings(module)
+    if settings.native is not None:
+        return native_attention(settings.native, module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+    _check_call(attention_mask, dropout, kwargs)
     backend = backend or settings.backend
     layer = handoff.take(key)
     if layer is not None:
@@ -145,6 +160,31 @@ def _forward(module, query, key, value, attention_mask, scaling=None, dropout=0.
     return out.transpose(1, 2).contiguous(), None
 
 
+def native_attention(name: str, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Run a sliding-window layer of a hybrid model on the model's own implementation `name` (sdpa or eager).
+
+    attention_mask: the materialised boolean mask [B, 1, LQ, L] from tca_mask (sdpa's format); eager takes it
+    as 0 / dtype-min, exactly as transformers' eager_mask builds it. eager is the modeling file's own
+    `eager_attention_forward` (the function the model itself calls for "eager")."""
+    if name == "sdpa":
+        from transformers import AttentionInterface
+
+        function = AttentionInterface()["sdpa"]
+    elif name == "eager":
+        function = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+        if function is None:
+            raise ValueError(
+                f"{type(module).__name__} has no eager_attention_forward in its modeling file; load the model with "
+                "attn_implementation='sdpa' before enable_tca"
+            )
+        if attention_mask is not None and attention_mask.dtype == torch.bool:
+            zero = torch.zeros((), device=attention_mask.device, dtype=query.dtype)
+            attention_mask = torch.where(attention_mask, zero, torch.finfo(query.dtype).min)
+    else:
+        raise ValueError(f"sliding-window layers keep one of {NATIVE_IMPLEMENTATIONS}, got {name!r}")
+    return function(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+
+
 def tca_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """The "tca" implementation: the backend of the layer's settings (enable_tca's `backend`, "auto" default)."""
     return _forward(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
@@ -156,21 +196,25 @@ def tca_reference_attention_forward(module, query, key, value, attention_mask, s
 
 
 def tca_mask(*args, attention_mask=None, mask_function=None, q_length=None, **kwargs):
-    """Mask interface for the TCA implementations: no 4D mask is built (TCA's causal structure is implicit).
+    """Mask interface for the TCA implementations: no 4D mask is built for causal masks (TCA's causal structure
+    is implicit).
 
     A 2D padding mask with zeros is handed to the attention function as it is (bool), which runs each sequence
     on its own tokens; decode steps (one query) get None, since the compressed cache knows each sequence's
-    length (and reading the mask would synchronise with the device). Non-causal mask functions (sliding
-    windows, packed sequences, bidirectional blocks) raise a clear error instead of being silently ignored.
+    length (and reading the mask would synchronise with the device).
+
+    Other mask functions (the sliding-window mask of a hybrid model's sliding layers, packed sequences,
+    overlays) get the full boolean mask [B, 1, LQ, L] of transformers' sdpa_mask, never skipped: the
+    sliding-window layers run on the model's own attention with it, and a TCA layer handed such a mask raises
+    a clear error instead of silently ignoring it.
     """
-    from transformers.masking_utils import causal_mask_function
+    from transformers.masking_utils import causal_mask_function, sdpa_mask
 
     if mask_function is not None and mask_function is not causal_mask_function:
-        name = getattr(mask_function, "__name__", type(mask_function).__name__)
-        raise ValueError(
-            f"TCA attention supports plain causal masks only, got the mask function {name!r} (sliding window, "
-            "packed sequences or a custom overlay)"
-        )
+        kwargs["allow_is_causal_skip"] = False
+        if q_length is not None:  # passed on only if given: the mask arguments differ between transformers releases
+            kwargs["q_length"] = q_length
+        return sdpa_mask(*args, attention_mask=attention_mask, mask_function=mask_function, **kwargs)
     if attention_mask is None or attention_mask.dim() != 2 or q_length == 1:
         return None
     return attention_mask.to(torch.bool)

@@ -11,6 +11,10 @@ or decodes that layer's compressed state (a tca cache that follows the cache con
 - later calls: one `tca.decode` per new token (compress the block leaving the window, append, attend), on the
   fastest decode kernels for the device, whichever backend prefilled.
 
+Hybrid models: the sliding-window layers (config.layer_types) get transformers' own DynamicSlidingWindowLayer,
+which the model's own attention reads as it would from its default cache; only full-attention layers are
+TCACacheLayers.
+
 Shape letters: B batch, HQ query heads, HKV key/value heads, L tokens, D head dim.
 """
 
@@ -23,7 +27,7 @@ from .attention import IMPLEMENTATIONS, handoff, left_padding
 from .shape import check_supported, text_config
 
 _hf.require()
-from transformers.cache_utils import Cache, CacheLayerMixin  # noqa: E402
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer  # noqa: E402
 
 
 class TCACacheLayer(CacheLayerMixin):
@@ -203,10 +207,30 @@ class TCACache(Cache):
             from tca.backends import registry
 
             registry.get(decode_backend)  # unknown names fail here, listing the known ones
-        layers = [TCACacheLayer(config, index) for index in range(num_layers)]
-        for layer in layers:
+        native = self.shape.native_layers if self.shape is not None else ()
+        layers = [
+            DynamicSlidingWindowLayer(sliding_window=config.sliding_window) if index in native
+            else TCACacheLayer(config, index)
+            for index in range(num_layers)
+        ]
+        for layer in self.tca_layers(layers):
             layer.decode_backend = decode_backend
         super().__init__(layers=layers)
+
+    def reset(self) -> None:
+        """Empty every layer for the next prompt. Sliding-window layers are replaced by fresh ones: some
+        transformers releases reset a dynamic layer by zeroing its tensors in place, which would leave stale
+        positions in front of the next prompt's keys."""
+        for index, layer in enumerate(self.layers):
+            if isinstance(layer, TCACacheLayer):
+                layer.reset()
+            else:
+                self.layers[index] = DynamicSlidingWindowLayer(sliding_window=layer.sliding_window)
+
+    @staticmethod
+    def tca_layers(layers) -> list[TCACacheLayer]:
+        """The compressed layers (a hybrid model's sliding-window layers are transformers' own)."""
+        return [layer for layer in layers if isinstance(layer, TCACacheLayer)]
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         """transformers' entry point; checks that this cache was made for the model that calls it."""
@@ -225,41 +249,54 @@ class TCACache(Cache):
 
     @property
     def nbytes(self) -> int:
-        """Bytes allocated for keys and values, all layers: the KV memory this cache really holds."""
-        return sum(layer.nbytes for layer in self.layers)
+        """Bytes allocated for keys and values, all layers (a hybrid model's sliding-window layers included):
+        the KV memory this cache really holds."""
+        return sum(layer.nbytes for layer in self.tca_layers(self.layers)) + self._native_nbytes()
 
     @property
     def used_nbytes(self) -> int:
         """Bytes of keys and values holding kept tokens (nbytes minus spare capacity, if the backend has any)."""
         from tca.backends.common.packed_cache import PackedKVCache
 
-        return sum(
+        return self._native_nbytes() + sum(
             int(layer.state.used_nbytes if isinstance(layer.state, PackedKVCache) else layer.state.nbytes)
-            for layer in self.layers
+            for layer in self.tca_layers(self.layers)
             if layer.state is not None
+        )
+
+    def _native_nbytes(self) -> int:
+        """Bytes of the sliding-window layers' keys and values (held as transformers holds them)."""
+        return sum(
+            int(t.numel() * t.element_size())
+            for layer in self.layers
+            if not isinstance(layer, TCACacheLayer)
+            for t in (layer.keys, layer.values)
+            if isinstance(t, torch.Tensor)
         )
 
     @property
     def seq_len(self) -> int:
         """Tokens seen so far."""
-        return self.layers[0].seen if self.layers else 0
+        return self.layers[0].get_seq_length() if self.layers else 0
 
     def kept_tokens(self) -> int:
-        """Tokens kept, summed over layers, batch elements and KV heads."""
-        return sum(int(layer.lengths.sum()) for layer in self.layers if layer.state is not None)
+        """Tokens kept by the TCA layers, summed over layers, batch elements and KV heads."""
+        return sum(int(layer.lengths.sum()) for layer in self.tca_layers(self.layers) if layer.state is not None)
 
     def kept_fraction(self) -> float:
-        """Kept tokens / tokens a dense cache would hold (same layers, batch, KV heads, sequence length)."""
-        filled = [layer for layer in self.layers if layer.state is not None]
+        """Kept tokens / tokens a dense cache would hold in the TCA layers (same layers, batch, KV heads,
+        sequence length). A hybrid model's sliding-window layers are not counted: they hold their window."""
+        filled = [layer for layer in self.tca_layers(self.layers) if layer.state is not None]
         if not filled:
             return 1.0
         dense = sum(_dense_positions(layer.state) * layer.lengths.shape[1] for layer in filled)
         return self.kept_tokens() / dense
 
     def dense_nbytes(self) -> int:
-        """Bytes a dense cache of the same sequence would hold: 2 (K and V) x B x HKV x seq_len x D per layer."""
-        total = 0
-        for layer in self.layers:
+        """Bytes the model's own dense cache would hold for the same sequence: 2 (K and V) x B x HKV x seq_len x D
+        per TCA layer, plus the sliding-window layers as they are (they are the same in both)."""
+        total = self._native_nbytes()
+        for layer in self.tca_layers(self.layers):
             if layer.state is not None:
                 H = layer.lengths.shape[1]
                 element = torch.empty((), dtype=layer.dtype).element_size()

@@ -18,16 +18,17 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from ..budgets import calibration_candidates
+from ..budgets import calibration_candidates, dense_budgets, expected_cost
 from ..config import TCAConfig
 from ..geometry import num_budgeted_blocks
-from ..plan import BudgetPlan
+from ..plan import BudgetPlan, HeadBudget
 from ..reference.attention import kept_key_mask
 from ..reference.calibration import DEFAULT_ROWS, choose_budgets, dense_rows, evaluated_rows
 from ..reference.selection import block_budgets, block_priority, last_query_importance, select_tokens
 from ..selection import Selection
 from . import _hf
-from .attention import register
+from .attention import native_attention, register
+from .enable import native_implementation
 from .shape import check_supported
 
 CALIBRATE_IMPLEMENTATION = "tca_calibrate"
@@ -80,8 +81,9 @@ def retained_mass(q, k, candidates: torch.Tensor, config: TCAConfig, scale: floa
 class _Recorder:
     """Collects a_m per layer while the calibration forward pass runs."""
 
-    def __init__(self, config: TCAConfig, candidates: torch.Tensor, num_rows: int, bar):
+    def __init__(self, config: TCAConfig, candidates: torch.Tensor, num_rows: int, bar, native_layers=(), native=None):
         self.config, self.candidates, self.num_rows, self.bar = config, candidates, num_rows, bar
+        self.native_layers, self.native = frozenset(native_layers), native  # layers that keep the model's attention
         self.masses: dict[int, torch.Tensor] = {}
 
     def record(self, layer: int, q, k, scale: float) -> None:
@@ -101,6 +103,8 @@ def calibrate_attention_forward(module, query, key, value, attention_mask, scali
     recorder = _RECORDER.get()
     if recorder is None:
         raise RuntimeError("the 'tca_calibrate' attention only runs inside tca.models.calibrate_model")
+    if module.layer_idx in recorder.native_layers:  # a hybrid model's sliding-window layer: not calibrated
+        return native_attention(recorder.native, module, query, key, value, attention_mask, scaling, dropout, **kwargs)
     if query.shape[2] != key.shape[2]:
         raise ValueError("calibration runs one full forward pass without a cache (LQ == L)")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
@@ -148,8 +152,9 @@ def calibrate_model(
     shape = check_supported(model)
     candidates = calibration_candidates(config.block_size, config.num_candidates, config.sigma)
     register(CALIBRATE_IMPLEMENTATION, calibrate_attention_forward)  # with TCA's mask rules (causal, no padding)
-    bar = _progress_bar(shape.num_layers, progress)
-    recorder = _Recorder(config, candidates, num_rows, bar)
+    bar = _progress_bar(len(shape.tca_layers), progress)
+    native = native_implementation(model) if shape.native_layers else None
+    recorder = _Recorder(config, candidates, num_rows, bar, shape.native_layers, native)
     previous = model.config._attn_implementation
     token = _RECORDER.set(recorder)
     start = time.perf_counter()
@@ -163,10 +168,14 @@ def calibrate_model(
         model.set_attn_implementation(previous)
         if bar is not None:
             bar.close()
-    missing = [i for i in range(shape.num_layers) if i not in recorder.masses]
+    missing = [i for i in shape.tca_layers if i not in recorder.masses]
     if missing:
         raise RuntimeError(f"layers {missing} did not run the calibration attention; this architecture is not supported")
-    layers = [choose_budgets(recorder.masses[i], candidates, config.tau, config.block_size) for i in range(shape.num_layers)]
+    layers = [
+        choose_budgets(recorder.masses[i], candidates, config.tau, config.block_size) if i in recorder.masses
+        else _unused_entry(shape.num_kv_heads, config.block_size)
+        for i in range(shape.num_layers)
+    ]
     metadata = {
         **shape.to_dict(),
         "text": text_source,
@@ -176,6 +185,14 @@ def calibrate_model(
         "seconds": round(time.perf_counter() - start, 2),
     }
     return BudgetPlan(config=config, layers=layers, metadata=metadata)
+
+
+def _unused_entry(num_kv_heads: int, block_size: int) -> list[HeadBudget]:
+    """The plan entry of a sliding-window layer, which keeps the model's attention: dense budgets, never read
+    (the plan's metadata lists the layer under native_layers)."""
+    head = HeadBudget(budgets=[float(x) for x in dense_budgets(block_size)], retained_mass=1.0,
+                      cost=float(expected_cost(dense_budgets(block_size))), candidate=None)
+    return [head] * num_kv_heads
 
 
 def _accepts(model, name: str) -> bool:

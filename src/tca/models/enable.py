@@ -7,7 +7,7 @@ import torch
 from ..backends import registry
 from ..config import TCAConfig
 from . import _hf
-from .attention import IMPLEMENTATIONS, SETTINGS_ATTRIBUTE, LayerSettings, register_all
+from .attention import IMPLEMENTATIONS, NATIVE_IMPLEMENTATIONS, SETTINGS_ATTRIBUTE, LayerSettings, register_all
 from .plans import resolve_plan
 from .shape import check_supported
 
@@ -42,6 +42,11 @@ def enable_tca(model, plan=None, config: TCAConfig | None = None, backend: str =
     backend: "auto" (the best usable backend for the inputs) or a registered backend name; "reference" selects
         the "tca_reference" implementation, the readable twin for A/B checks.
 
+    Hybrid models (config.layer_types with sliding_attention layers: Gemma 2/3, Qwen2 with sliding layers,
+    Ministral, ...) run TCA on their full-attention layers only; the sliding-window layers keep the model's
+    own implementation ("sdpa" or "eager") and mask. The plan still has one entry per layer; those of the
+    sliding layers are unused.
+
     Generation keeps a compressed KV cache only with a `tca.models.TCACache(model)` (`**cache_kwargs(model, cache)`); with the
     default dense cache every step runs stateless TCA over all cached tokens.
     """
@@ -54,8 +59,9 @@ def enable_tca(model, plan=None, config: TCAConfig | None = None, backend: str =
     plan = resolve_plan(plan, shape, config)
     register_all()
     modules = attention_modules(model, shape.num_layers)
+    native = native_implementation(model) if shape.native_layers else None
     for index, module in enumerate(modules):
-        settings = LayerSettings(plan.config, plan.budgets(index), backend)
+        settings = LayerSettings(plan.config, plan.budgets(index), backend, native if index in shape.native_layers else None)
         setattr(module, SETTINGS_ATTRIBUTE, settings)
     implementation = "tca_reference" if backend == "reference" else "tca"
     current = model.config._attn_implementation
@@ -66,6 +72,20 @@ def enable_tca(model, plan=None, config: TCAConfig | None = None, backend: str =
         raise ValueError(f"{type(model).__name__} refused attn_implementation={implementation!r}")
     model.tca_plan = plan
     return model
+
+
+def native_implementation(model) -> str:
+    """The model's own attention implementation (the one it had before enable_tca), which the sliding-window
+    layers of a hybrid model keep: "sdpa" or "eager"."""
+    current = model.config._attn_implementation
+    name = (getattr(model, PREVIOUS_ATTRIBUTE, None) or "sdpa") if current in IMPLEMENTATIONS else current
+    if name not in NATIVE_IMPLEMENTATIONS:
+        raise ValueError(
+            f"the sliding-window layers of a hybrid model keep the model's own attention, which TCA can run for "
+            f"{NATIVE_IMPLEMENTATIONS}; this model uses {name!r}: call model.set_attn_implementation('sdpa') "
+            "(or load it with attn_implementation='sdpa') before enable_tca"
+        )
+    return name
 
 
 def disable_tca(model):

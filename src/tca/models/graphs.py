@@ -119,14 +119,19 @@ def graph_decoding(
     """A transformers `custom_generate` callable: eager prefill, then decode steps replayed from a CUDA graph.
 
     Returns the sequences [B, prompt + new] like greedy/sampling `generate` (no dict outputs)."""
-    if input_ids.device.type != "cuda":
-        raise ValueError("graph_decoding needs a CUDA device (CUDA graphs); call generate without custom_generate")
     if generation_config.num_beams and generation_config.num_beams > 1:
         raise ValueError("graph_decoding does not support beam search (num_beams > 1)")
     name = cache_argument(model)
     cache = model_kwargs.get(name) or model_kwargs.get("past_key_values") or model_kwargs.get("cache")
     if cache is None:
         raise ValueError(f"graph_decoding needs a cache passed to generate ({name}=TCACache(model) or a StaticCache)")
+    if _tca_layers(cache) and len(_tca_layers(cache)) != len(cache.layers):
+        # A hybrid model's sliding-window layers grow by concatenation and get a new mask every step, which a
+        # replayed graph would not redo.
+        raise ValueError("graph_decoding does not support hybrid models (sliding-window layers); call generate "
+                         "without custom_generate")
+    if input_ids.device.type != "cuda":
+        raise ValueError("graph_decoding needs a CUDA device (CUDA graphs); call generate without custom_generate")
     mask = model_kwargs.get("attention_mask")
     B, L = input_ids.shape
     if mask is None:

@@ -79,3 +79,9 @@ def check_plan(plan: BudgetPlan, shape: ModelShape, config: TCAConfig | None = N
             f"budget plan was calibrated for head dim {head_dim} but the model has {shape.head_dim}; "
             "calibrate for this model"
         )
+    native = plan.metadata.get("native_layers")
+    if native is not None and tuple(native) != shape.native_layers:
+        raise ValueError(
+            f"budget plan was made for a model whose sliding-window layers are {list(native)}, but this model's are "
+            f"{list(shape.native_layers)}; calibrate for this model"
+        )
