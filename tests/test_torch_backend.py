@@ -233,7 +233,6 @@ def test_prefill_and_decode_match_reference_step_by_step(case, budget_kind):
         budgets = one_hot
     out, cache = tca.prefill(q, k, v, budgets=budgets, config=config, scale=SCALE, backend="torch")
     ref_out, ref_cache = tca.prefill(q, k, v, budgets=budgets, config=config, scale=SCALE, backend="reference")
-    assert cache.backend == "torch"
     assert_close(out, ref_out, torch.float64, msg="prefill")
     gen = torch.Generator().manual_seed(case[3])
     moves = 0
@@ -241,7 +240,7 @@ def test_prefill_and_decode_match_reference_step_by_step(case, budget_kind):
         qs = torch.randn(B, HQ, 1, D, generator=gen, dtype=torch.float64)
         ks = torch.randn(B, HKV, 1, D, generator=gen, dtype=torch.float64)
         vs = torch.randn(B, HKV, 1, D, generator=gen, dtype=torch.float64)
-        moves += cache.leaving_block() is not None
+        moves += any(cache._leaving_host())
         out = tca.decode(qs, ks, vs, cache)
         assert_close(out, tca.decode(qs, ks, vs, ref_cache), torch.float64, msg=f"step {step}")
         for bi in range(B):
