@@ -177,7 +177,7 @@ def largest_batch(model, method, template_cache, L, new_tokens, free_bytes, mode
 
     device = next(model.parameters()).device
     per_sequence = kv_bytes(template_cache)
-    B = max(1, int(free_bytes // (per_sequence * 1.02)))
+    B = max(1, int(free_bytes // (per_sequence * 1.02))) + 1  # one more than the estimate: out of memory steps down
     while B >= 1:
         cache = None
         try:
@@ -296,7 +296,7 @@ def print_table(results):
     print("(x dense: against the fastest dense path of the same mode in this run: TTFT speed-up, decode time ratio)")
     for (L, mode, method, B), r in sorted(rows.items(), key=lambda kv: (kv[0][0], str(kv[0][1]), kv[0][2])):
         dense = [rows[key] for key in ((L, mode, "dense", 1), (L, mode, "dense-kernels", 1)) if "ttft_s" in rows.get(key, {})]
-        if B != 1 or not dense:
+        if B != 1 or not dense or "ttft_s" not in r:
             continue
         ttft = min(d["ttft_s"] for d in dense)
         decode = min(d["decode_ms"] for d in dense)
