@@ -92,14 +92,7 @@ class TorchBackend:
 
     @staticmethod
     def streaming_chunk(q, k, v, cache, budgets):
-        return chunked_prefill.streaming_chunk(choose_leaving, attend_virtual, q, k, v, cache, budgets)
-
-
-def choose_leaving(importance, num_blocks: int, budgets, config: TCAConfig):
-    """Eqs. 6-8 on the J_c leaving blocks: importance [B, HKV, J_c*b] -> kept [B, HKV, J_c*b] bool."""
-    b = config.block_size
-    priority = _selection.block_priority(importance, num_blocks, b, config.alpha, config.mass_scale)
-    return _selection.select_mask(importance, _selection.block_budgets(priority, budgets, b), b)
+        return chunked_prefill.streaming_chunk(_selection.choose_leaving, attend_virtual, q, k, v, cache, budgets)
 
 
 def attend_virtual(q, keys, values, selected, config: TCAConfig, scale: float):
