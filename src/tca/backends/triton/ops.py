@@ -19,8 +19,7 @@ from ...selection import Selection
 from ..common import chunked_prefill
 from ..common.packed_cache import PackedKVCache
 from ..common.protocol import decode_step
-# Eq. 7 counts and the streaming prefill's choice in leaving blocks: vectorised torch, shared with the torch backend
-from ..torch.selection import budget_counts, choose_leaving
+from ..torch.selection import budget_counts, choose_leaving  # Eq. 7 counts, streaming's choice: shared torch code
 from . import kernels_attention, kernels_decode, kernels_selection
 
 LOG2E = 1.4426950408889634
