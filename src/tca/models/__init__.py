@@ -21,6 +21,7 @@ _EXPORTS = {
     "attention_modules": "enable",
     "TCACache": "cache",
     "TCACacheLayer": "cache",
+    "prefill_in_chunks": "chunked",
     "calibrate_model": "calibration",
     "default_calibration_text": "calibration",
     "calibration_ids": "calibration",
