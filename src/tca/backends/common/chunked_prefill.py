@@ -191,38 +191,12 @@ def _last_query_importance(q_last, keys, held, scale: float) -> torch.Tensor:
 
 def _commit(cache: PackedKVCache, keys, values, kept, n_pad: int, lo_before: int, k, v) -> None:
     """Append the kept tokens of the leaving blocks to the global segments, the chunk to the ring; advance."""
-    B, HKV = kept.shape[:2]
-    n = k.shape[2]
-    s = cache.seq_len
-    e = s + n
     if kept.shape[-1]:
-        counts_host = kept.sum(-1).cpu()  # the chunk's one host synchronisation
-        need = cache.global_len_host + counts_host
-        if bool((need > cache.global_cap).any()):
-            # Room for about a quarter more than needed, so a long prompt's segments regrow O(log) times.
-            cache._regrow_global(torch.where(need > cache.global_cap, need + need // 4, cache.global_cap))
+        counts = kept.sum(-1)
+        counts_host = counts.cpu()  # the chunk's one host synchronisation
         width = int(counts_host.max())
-        if width:
-            dest = torch.where(kept, kept.long().cumsum(-1) - 1, width)  # unkept go to a spare column
-            within = torch.full((B, HKV, width + 1), 0, dtype=torch.int64, device=kept.device)
-            within.scatter_(-1, dest, torch.arange(kept.shape[-1], device=kept.device).expand_as(dest))
-            within = within[..., :width]  # [B, HKV, width] block offsets of the kept tokens, in order
-            counts = counts_host.to(kept.device)
-            valid = torch.arange(width, device=kept.device) < counts[..., None]
-            scratch = cache.global_k.shape[0] - 1
-            rows = torch.where(valid, (cache.global_start + cache.global_len)[..., None] + torch.arange(
-                width, device=kept.device), scratch)
-            gather = (n_pad + within)[..., None].expand(-1, -1, -1, keys.shape[-1])
-            cache.global_k[rows] = keys.gather(2, gather)
-            cache.global_v[rows] = values.gather(2, gather)
-            cache.global_pos[rows] = lo_before + within
-            cache.global_len += counts
-        cache.global_len_host += counts_host
-    cache._reserve_ring(e)
-    W = cache.window_slots
-    first = max(s, e - W)  # earlier positions of the chunk are overwritten within it: not written at all
-    slots = torch.arange(first, e, device=cache.device) % W
-    cache.local_k[:, :, slots] = k[:, :, first - s :].to(cache.dtype)
-    cache.local_v[:, :, slots] = v[:, :, first - s :].to(cache.dtype)
-    cache.positions_t += n
-    cache.seq_lens = [e] * B
+        # Block offsets of the kept tokens, in order, padded to the widest head (stable sort puts kept first).
+        within = torch.sort(~kept, dim=-1, stable=True).indices[..., :width]  # [B, HKV, width]
+        gather = (n_pad + within)[..., None].expand(-1, -1, -1, keys.shape[-1])
+        cache.append_kept(keys.gather(2, gather), values.gather(2, gather), lo_before + within, counts_host)
+    cache.append_chunk(k, v)
