@@ -83,6 +83,10 @@ def test_streaming_keeps_the_cache_at_window_plus_kept_tokens(arch):
             held = layer.chunked._state
             assert torch.equal(held.lengths, held.global_len_host + window)  # kept tokens + the window, no more
             assert held.window_slots <= CONFIG.window
+            # Allocated: the ring (B * HKV * w), the kept tokens and the room a segment gets when it grows (a
+            # quarter of what it holds then, rounded down per segment), plus the scratch row.
+            kept = int(held.global_len_host.sum())
+            assert held.nbytes <= element * (2 * 2 * CONFIG.window + kept + kept // 4 + 2 * 2 + 1)
         assert cache.nbytes == sum(layer.chunked.nbytes for layer in cache.layers)
     cache.end_chunked_prefill()
     assert cache.used_nbytes < cache.dense_nbytes() and cache.nbytes < cache.dense_nbytes()
