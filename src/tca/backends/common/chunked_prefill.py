@@ -196,7 +196,7 @@ def _commit(cache: PackedKVCache, keys, values, kept, n_pad: int, lo_before: int
         counts_host = counts.cpu()  # the chunk's one host synchronisation
         width = int(counts_host.max())
         # Block offsets of the kept tokens, in order, padded to the widest head (stable sort puts kept first).
-        within = torch.sort(~kept, dim=-1, stable=True).indices[..., :width]  # [B, HKV, width]
+        within = torch.sort((~kept).to(torch.int8), dim=-1, stable=True).indices[..., :width]  # [B, HKV, width]
         gather = (n_pad + within)[..., None].expand(-1, -1, -1, keys.shape[-1])
         cache.append_kept(keys.gather(2, gather), values.gather(2, gather), lo_before + within, counts_host)
     cache.append_chunk(k, v)
