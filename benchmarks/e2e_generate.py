@@ -290,7 +290,7 @@ def _usable(backend: str, device, dtype) -> bool:
 
 
 def print_table(results):
-    rows = {(r["length"], r.get("mode"), r["method"], r["batch"]): r for r in results["rows"]}
+    rows = {(r["length"], r.get("mode"), r["method"], r["batch"]): r for r in results["rows"] if "ttft_s" in r}
     print(f"{results['device']}  torch {results['torch']}  transformers {results.get('transformers')}")
     print(f"{'L':>7} {'mode':>6} {'method':>11} {'TTFT s (x dense)':>18} {'decode ms (x dense)':>20} {'KV GiB':>7} {'kept':>5}")
     print("(x dense: against the fastest dense path of the same mode in this run: TTFT speed-up, decode time ratio)")

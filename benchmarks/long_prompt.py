@@ -1,6 +1,6 @@
 """A very long prompt through a Llama-3.1-8B-shaped model, chunk by chunk: streaming and exact chunked prefill.
 
-    PYTHONPATH=src python benchmarks/long_prompt.py --backend triton            # GPU, the full run
+    PYTHONPATH=src python benchmarks/long_prompt.py                             # GPU, the full run (triton)
     PYTHONPATH=src python benchmarks/long_prompt.py --tiny                      # CPU smoke test (seconds)
     PYTHONPATH=src python benchmarks/long_prompt.py --cache mymodule:make_cache # another cache implementation
 
@@ -20,11 +20,12 @@ cache object, so only one chunk's activations are ever live:
 Results go to $OUT/long_prompt.json (or --out); a short table is printed last.
 
 --backend names the tca backend behind the default cache (tca.start_prefill / prefill_chunk / finish_prefill /
-decode per layer): it must declare chunked prefill (`python -m tca info`, docs/backends.md). The reference
-declares it but is only practical at --tiny sizes; the full run needs a fast backend with chunked prefill, or
-another cache given with --cache.
+decode per layer, and tca.prefill for the one-shot run): it must declare chunked prefill (`python -m tca info`,
+docs/backends.md). "auto" (the default) resolves once to the fastest such backend for the device (triton on a
+GPU, torch elsewhere), so chunked and one-shot runs use the same one; the resolved name is recorded. The
+reference also declares chunked prefill but is only practical at --tiny sizes.
 
-The cache interface (what --cache must build; LongPromptCache below is the reference through tca's API):
+The cache interface (what --cache must build; LongPromptCache below is tca's public API):
 
     make_cache(mode: str, num_layers: int, config: tca.TCAConfig, backend: str) -> cache
         mode: "streaming", "exact" or "oneshot" (one chunk holding the whole prompt, as tca.prefill).
@@ -118,13 +119,13 @@ class LongPromptCache:
         return sum(held)
 
 
-def make_reference_cache(mode, num_layers, config, backend):
+def make_tca_cache(mode, num_layers, config, backend):
     return LongPromptCache(mode, num_layers, config, backend)
 
 
 def load_factory(spec: str | None):
     if spec is None:
-        return make_reference_cache
+        return make_tca_cache
     module, _, name = spec.partition(":")
     return getattr(importlib.import_module(module), name or "make_cache")
 
@@ -327,6 +328,11 @@ def main(argv=None) -> dict:
         config = tca.TCAConfig()
     if args.chunk % config.block_size:
         raise SystemExit(f"--chunk must be a multiple of the block size {config.block_size} (streaming chunks)")
+    if args.cache is None:  # one concrete backend for every run (auto could pick another for tca.prefill)
+        from tca.backends import registry
+
+        chosen = registry.resolve(args.backend, device, dtype, shape["head_dim"], decode=True, chunked=True)
+        args.backend = chosen.name
     max_positions = max(args.long_length + args.decode_tokens, args.short_length)
     model = build_model(shape, max_positions, dtype, device, seed=0)
     factory = load_factory(args.cache)

@@ -86,3 +86,31 @@ def test_prefill_decode_matches_reference(backend, L):
         want = tca.decode(qr[:, :, sl], kr[:, :, sl], vr[:, :, sl], ref_cache)
         assert not torch.isnan(got).any()
         assert_close(got, want, DTYPE, msg=f"{backend} decode step at position {i}")
+
+
+@pytest.mark.parametrize("mode,chunk", [("exact", 40), ("streaming", 48)])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_chunked_prefill_matches_reference(backend, mode, chunk):
+    """Chunk by chunk against the reference's chunked prefill (section 5b), then the caches and two decode steps."""
+    if not registry.get(backend).has_chunked_prefill:
+        pytest.skip(f"backend {backend!r} has no chunked prefill")
+    _usable(backend)
+    DTYPE = _dtype(backend)
+    HQ, HKV, L, steps = 4, 2, 150, 2
+    q, k, v = _inputs(HQ, HKV, L + steps, seed=L + 11, dtype=DTYPE)
+    qr, kr, vr = q.double(), k.double(), v.double()
+    state = tca.start_prefill(mode=mode, config=CONFIG, backend=backend)
+    ref_state = tca.start_prefill(mode=mode, config=CONFIG, backend="reference")
+    for s in range(0, L, chunk):
+        e = min(L, s + chunk)
+        got = tca.prefill_chunk(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], state)
+        want = tca.prefill_chunk(qr[:, :, s:e], kr[:, :, s:e], vr[:, :, s:e], ref_state)
+        assert_close(got, want, DTYPE, msg=f"{backend} {mode} chunk [{s}, {e})")
+    cache, ref_cache = tca.finish_prefill(state), tca.finish_prefill(ref_state)
+    positions = [[cache.positions_of(0, h).tolist() for h in range(HKV)]]
+    assert positions == [[p.tolist() for p in row] for row in ref_cache.positions]
+    for i in range(L, L + steps):
+        sl = slice(i, i + 1)
+        got = tca.decode(q[:, :, sl], k[:, :, sl], v[:, :, sl], cache)
+        want = tca.decode(qr[:, :, sl], kr[:, :, sl], vr[:, :, sl], ref_cache)
+        assert_close(got, want, DTYPE, msg=f"{backend} decode step at position {i} after a {mode} chunked prefill")

@@ -37,11 +37,13 @@ def test_the_driver_is_the_models_forward(bench):
     torch.testing.assert_close(hidden, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_tiny_run_reports_every_figure(bench, tmp_path):
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_tiny_run_reports_every_figure(bench, tmp_path, backend):
     out = tmp_path / "long_prompt.json"
-    args = ["--tiny", "--backend", "reference", "--long-length", "128", "--short-length", "64", "--chunk", "32"]
+    args = ["--tiny", "--backend", backend, "--long-length", "128", "--short-length", "64", "--chunk", "32"]
     bench.main([*args, "--decode-tokens", "2", "--out", str(out)])
     result = json.loads(out.read_text())
+    assert result["backend"] == backend
     s = result["streaming"]
     assert s["prompt_tokens"] == 128 and s["decode_tokens"] == 2
     assert s["time_to_first_token_s"] > 0 and s["decode_ms_per_token"] > 0
@@ -51,3 +53,10 @@ def test_tiny_run_reports_every_figure(bench, tmp_path):
     # Here the first chunk (32 tokens) fits the window (--tiny: w = 32), so every layer's earlier keys are the
     # one-shot prefill's and the last chunk's rows are too: the first token must agree.
     assert e["same_first_token"]
+
+
+def test_the_default_cache_runs_on_the_fastest_backend_with_chunked_prefill(bench, tmp_path):
+    out = tmp_path / "long_prompt.json"
+    args = ["--tiny", "--long-length", "64", "--chunk", "32", "--decode-tokens", "1", "--skip", "exact"]
+    result = bench.main([*args, "--out", str(out)])
+    assert result["backend"] not in ("auto", "reference")  # torch on a CPU, triton on a GPU

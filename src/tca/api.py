@@ -156,12 +156,12 @@ def start_prefill(*, mode="exact", budgets=None, config=None, scale=None, backen
     `finish_prefill`, which returns the one-shot prefill's cache) or "streaming" (bounded memory: blocks leaving
     the window are compressed after every chunk; every chunk but the last must end on a multiple of
     config.block_size). budgets, config, scale, backend: as in `prefill`. cache: a cache from `prefill`,
-    `finish_prefill` or `decode` to extend in streaming mode (mutated; its config, scale and backend are kept;
-    budgets default to the ones it records).
+    `finish_prefill` or `decode` to extend in streaming mode (mutated; its config and scale are kept; budgets
+    default to the ones it records; a PackedKVCache continues on `backend`, the reference's cache on the reference).
     """
     if cache is None:
         return ChunkedPrefill(mode, budgets, check_config(config), scale, backend)
-    for name in ("backend", "seq_len", "num_kv_heads", "config", "scale"):
+    for name in ("seq_len", "num_kv_heads", "head_dim", "dtype", "device", "config", "scale"):
         if not hasattr(cache, name):
             raise TypeError(
                 f"cache must be a cache made by tca.prefill or tca.finish_prefill, got {type(cache).__name__}"
@@ -175,11 +175,12 @@ def start_prefill(*, mode="exact", budgets=None, config=None, scale=None, backen
         )
     if config is not None or scale is not None:
         raise ValueError("a continued cache keeps its own config and scale; leave config and scale unset")
-    if backend not in ("auto", cache.backend):
-        raise ValueError(f"the cache was made by backend {cache.backend!r} and continues there, not on {backend!r}")
+    bound = getattr(cache, "backend", None)  # a cache of one backend's own type (the reference's) stays there
+    if bound is not None and backend not in ("auto", bound):
+        raise ValueError(f"the cache was made by backend {bound!r} and continues there, not on {backend!r}")
     if budgets is not None:
         budgets = check_budgets(budgets, cache.num_kv_heads, cache.config, cache.device)
-    return ChunkedPrefill.continuing(cache, budgets)
+    return ChunkedPrefill.continuing(cache, budgets, backend)
 
 
 def prefill_chunk(q, k, v, state, *, position=None, layout="bhsd"):

@@ -36,13 +36,16 @@ class ChunkedPrefill:
         self._ended_mid_block = None  # streaming: where a chunk ended inside a block (only the last may)
 
     @classmethod
-    def continuing(cls, cache, budgets) -> ChunkedPrefill:
+    def continuing(cls, cache, budgets, backend: str = "auto") -> ChunkedPrefill:
         """A streaming prefill that extends `cache` (mutating it). budgets: validated [HKV, len(K)], or None for
-        the ones the cache records."""
-        spec = registry.get(cache.backend)
-        if not spec.has_chunked_prefill:
+        the ones the cache records. backend: a cache bound to one backend (the reference's) continues there; a
+        PackedKVCache continues on the named backend with chunked prefill, or for "auto" the best one."""
+        name = getattr(cache, "backend", None) or backend
+        spec = registry.resolve(name, cache.device, cache.dtype, cache.head_dim, decode=True, chunked=True)
+        if getattr(cache, "backend", None) is None and spec.decode_priority is None:
             raise registry.BackendUnavailableError(
-                f"backend {cache.backend!r} cannot continue this cache: {registry.chunked_prefill_missing()}"
+                f"backend {spec.name!r} cannot continue this cache (a PackedKVCache): name a backend that decodes "
+                "it and has chunked prefill (e.g. 'torch'), or 'auto'"
             )
         if budgets is None:
             budgets = getattr(cache, "budgets", None)
@@ -51,8 +54,8 @@ class ChunkedPrefill:
                     "this cache does not record its budget configurations; pass the budgets it was made with: "
                     "tca.start_prefill(mode='streaming', cache=cache, budgets=...)"
                 )
-        self = cls("streaming", budgets, cache.config, cache.scale, cache.backend)
-        self._impl, self._backend, self._state, self.seq_len = spec.load(), cache.backend, cache, cache.seq_len
+        self = cls("streaming", budgets, cache.config, cache.scale, spec.name)
+        self._impl, self._backend, self._state, self.seq_len = spec.load(), spec.name, cache, cache.seq_len
         # What the cache knows of its shapes (a cache type may not know all; those are not checked).
         known = (
             ("batch size", "batch_size"),

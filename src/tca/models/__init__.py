@@ -6,6 +6,7 @@
     cache = TCACache(model)                             # the compressed KV cache
     out = model.generate(ids, **cache_kwargs(model, cache), max_new_tokens=32)  # past_key_values= or cache=
     print(cache.nbytes, cache.kept_fraction())
+    logits = prefill_in_chunks(model, long_ids, TCACache(model), chunk_size=4096, mode="streaming")  # long prompts
 
 Attention is switched by registration ("tca", "tca_reference" in transformers' AttentionInterface and
 AttentionMaskInterface), never by editing modeling code. transformers is imported on first use of a name here.
@@ -21,6 +22,7 @@ _EXPORTS = {
     "attention_modules": "enable",
     "TCACache": "cache",
     "TCACacheLayer": "cache",
+    "prefill_in_chunks": "chunked",
     "calibrate_model": "calibration",
     "default_calibration_text": "calibration",
     "calibration_ids": "calibration",

@@ -9,7 +9,9 @@ or decodes that layer's compressed state (a tca cache that follows the cache con
 - prefill (first call): `tca.prefill` keeps, per sequence and KV head, only Sel_g U [J*b, L) (ragged); a
   left-padded batch is prefilled sequence by sequence and joined into one cache of per-sequence lengths;
 - later calls: one `tca.decode` per new token (compress the block leaving the window, append, attend), on the
-  fastest decode kernels for the device, whichever backend prefilled.
+  fastest decode kernels for the device, whichever backend prefilled;
+- between `begin_chunked_prefill(mode)` and `end_chunked_prefill()`: every call is the next chunk of a long prompt
+  (semantics.md section 5b, `tca.prefill_chunk`); `tca.models.prefill_in_chunks` drives it.
 
 Hybrid models: the sliding-window layers (config.layer_types) get transformers' own DynamicSlidingWindowLayer,
 which the model's own attention reads as it would from its default cache; only full-attention layers are
@@ -45,6 +47,8 @@ class TCACacheLayer(CacheLayerMixin):
         self._model_config = model_config
         self._awaiting_attention = False
         self.decode_backend = "auto"
+        self.chunk_mode = None  # "exact" or "streaming" during a chunked prefill (section 5b), else None
+        self.chunked = None  # that prefill's tca.ChunkedPrefill once its first chunk reached this layer
 
     # -- transformers' Cache protocol ---------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -55,6 +59,8 @@ class TCACacheLayer(CacheLayerMixin):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Record the new tokens k, v [B, HKV, LQ, D] and hand them, tagged, to the attention function."""
         self._check_attention_ran()
+        if self.chunk_mode is not None:
+            self._check_chunk_position(key_states.shape[-2], kwargs)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self.seen += key_states.shape[-2]
@@ -73,6 +79,7 @@ class TCACacheLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.state, self.seen, self.is_initialized, self._awaiting_attention = None, 0, False, False
+        self.chunk_mode = self.chunked = None
 
     def offload(self):
         pass
@@ -117,6 +124,8 @@ class TCACacheLayer(CacheLayerMixin):
 
         self._awaiting_attention = False
         self._leave_inference_tensors()
+        if self.chunk_mode is not None:
+            return self._prefill_chunk(q, k, v, settings, scale, backend, attention_mask)
         if self.state is None:
 
             def prefill(qb, kb, vb):
@@ -146,6 +155,52 @@ class TCACacheLayer(CacheLayerMixin):
                 for r in range(q.shape[2])]
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
+    def _check_chunk_position(self, n: int, kwargs: dict) -> None:
+        """A chunk must start where the prefill stands: its position_ids (when the model passes them) say where."""
+        positions = (kwargs.get("kwargs") or kwargs).get("position_ids")
+        if positions is None or positions.numel() == 0:
+            return
+        first = positions.reshape(-1, positions.shape[-1])[:, 0].unique().tolist()
+        if first != [self.seen]:
+            raise ValueError(
+                f"layer {self.layer_idx}: the chunk starts at position {first[0] if len(first) == 1 else first} but "
+                f"{self.seen} tokens were prefilled; chunks come in order, each starting where the previous ended "
+                f"(position_ids from {self.seen})"
+            )
+
+    def _prefill_chunk(self, q, k, v, settings, scale, backend, attention_mask) -> torch.Tensor:
+        """The next chunk of a chunked prefill (section 5b). On an error this layer is left as it was."""
+        import tca
+
+        try:
+            if left_padding(attention_mask, k.shape[2]):
+                raise ValueError(
+                    "a chunked prefill takes sequences of one length (no padding); prefill a padded batch in one "
+                    "call, or its sequences one at a time"
+                )
+            if self.chunked is None:
+                if self.state is None:
+                    self.chunked = tca.start_prefill(
+                        mode=self.chunk_mode, budgets=settings.budgets, config=settings.config, scale=scale,
+                        backend=backend,
+                    )
+                else:  # streaming continues the filled cache (begin_chunked_prefill refused exact)
+                    self.chunked = tca.start_prefill(
+                        mode="streaming", cache=self.state, budgets=settings.budgets, backend=backend
+                    )
+            return tca.prefill_chunk(q, k, v, self.chunked)
+        except Exception:
+            self.seen -= k.shape[2]  # update() counted the chunk; it did not go through
+            raise
+
+    def end_chunk_mode(self) -> None:
+        """Close this layer's chunked prefill: an exact one compresses here (tca.finish_prefill)."""
+        import tca
+
+        if self.chunked is not None and self.chunked.seq_len:
+            self.state = tca.finish_prefill(self.chunked)
+        self.chunk_mode = self.chunked = None
+
     def _leave_inference_tensors(self) -> None:
         """A cache filled under torch.inference_mode() holds inference tensors, which cannot be updated in place
         outside it: copy them once into normal tensors (the reverse direction needs nothing)."""
@@ -162,7 +217,10 @@ class TCACacheLayer(CacheLayerMixin):
 
     @property
     def nbytes(self) -> int:
-        """Bytes allocated for this layer's keys and values (0 before the prefill)."""
+        """Bytes allocated for this layer's keys and values (0 before the prefill; during a chunked prefill, what
+        it holds: the dense keys of an exact one, the compressed cache of a streaming one)."""
+        if self.chunked is not None and self.chunked.seq_len:
+            return int(self.chunked.nbytes)
         return 0 if self.state is None else int(self.state.nbytes)
 
     @property
@@ -186,6 +244,9 @@ class TCACache(Cache):
 
     decode_backend: "auto" (the fastest decode kernels for the device: Triton on a GPU, else torch) or a
     backend name; prefill runs on the model's TCA backend (enable_tca's `backend`).
+
+    A long prompt can be prefilled in chunks (docs/semantics.md section 5b): `tca.models.prefill_in_chunks`, or
+    by hand `cache.begin_chunked_prefill(mode)`, one forward call per chunk, `cache.end_chunked_prefill()`.
     """
 
     def __init__(self, model=None, num_layers: int | None = None, decode_backend: str = "auto"):
@@ -246,6 +307,42 @@ class TCACache(Cache):
                 "TCACache(model) for this model"
             )
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    # -- chunked prefill (docs/semantics.md section 5b) ------------------------------------------------------------
+    @property
+    def chunk_mode(self) -> str | None:
+        """"exact" or "streaming" while a chunked prefill is open, else None."""
+        return self.layers[0].chunk_mode if self.layers else None
+
+    def begin_chunked_prefill(self, mode: str = "exact") -> None:
+        """From now on every forward call brings the next chunk of the prompt (any number of tokens), until
+        `end_chunked_prefill`. mode: "exact" (each chunk is stateless TCA on its prefix; the dense keys are held
+        until the end, which compresses as a one-shot prefill would; only on an empty cache) or "streaming"
+        (bounded memory: blocks leaving the window are compressed after every chunk; every chunk but the last
+        ends on a multiple of the block size; it may continue a filled cache, e.g. a follow-up question)."""
+        from tca.chunked import MODES
+
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if self.chunk_mode is not None:
+            raise ValueError(
+                f"a {self.chunk_mode!r} chunked prefill is already open; close it with cache.end_chunked_prefill() "
+                "before starting another (one prefill has one mode)"
+            )
+        if mode == "exact" and self.seq_len:
+            raise ValueError(
+                f"exact chunked prefill needs an empty cache, but this one holds {self.seq_len} tokens (compressed: "
+                "their dense keys are gone); continue it with mode='streaming', or cache.reset() first"
+            )
+        for layer in self.layers:
+            layer.chunk_mode, layer.chunked = mode, None
+
+    def end_chunked_prefill(self) -> None:
+        """Close the chunked prefill: the cache is then ready for decoding (`generate`, single-token calls)."""
+        if self.chunk_mode is None:
+            raise ValueError("no chunked prefill is open: call cache.begin_chunked_prefill(mode) first")
+        for layer in self.layers:
+            layer.end_chunk_mode()
 
     @property
     def nbytes(self) -> int:

@@ -246,6 +246,46 @@ class PackedKVCache:
         self.positions_t += 1
         self._append_host()
 
+    # ------------------------------------------------------------------ whole chunks (streaming prefill)
+
+    def append_kept(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, counts: torch.Tensor) -> None:
+        """Append the first counts[b, h] rows of k, v [B, HKV, T, D] (positions [B, HKV, T] int64, ascending and
+        after the segment's) to each global segment, growing the capacity when needed (by a quarter more than
+        needed, so a long prompt's segments regrow O(log) times). counts: [B, HKV] int64 on the host."""
+        counts = counts.to(device="cpu", dtype=torch.int64)
+        need = self.global_len_host + counts
+        if bool((need > self.global_cap).any()):
+            self._regrow_global(torch.where(need > self.global_cap, need + need // 4, self.global_cap))
+        T = k.shape[2]
+        if T == 0:
+            return
+        counts_dev = counts.to(self.device)
+        offsets = torch.arange(T, device=self.device)
+        valid = offsets < counts_dev[..., None]
+        scratch = self.global_k.shape[0] - 1
+        rows = torch.where(valid, (self.global_start + self.global_len)[..., None] + offsets, scratch)
+        self.global_k[rows] = k.to(self.dtype)
+        self.global_v[rows] = v.to(self.dtype)
+        self.global_pos[rows] = positions
+        self.global_len += counts_dev
+        self.global_len_host += counts
+
+    def append_chunk(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write the next n positions k, v [B, HKV, n, D] of every sequence (all of one length) into the ring and
+        advance. Positions before the last W of the chunk are overwritten within it, so they are not written."""
+        if len(set(self.seq_lens)) > 1:
+            raise ValueError(f"append_chunk needs sequences of one length, got {self.seq_lens}")
+        s, n = self.seq_len, k.shape[2]
+        e = s + n
+        self._reserve_ring(e)
+        W = self.window_slots
+        first = max(s, e - W)
+        slots = torch.arange(first, e, device=self.device) % W
+        self.local_k[:, :, slots] = k[:, :, first - s :].to(self.dtype)
+        self.local_v[:, :, slots] = v[:, :, first - s :].to(self.dtype)
+        self.positions_t += n
+        self.seq_lens = [e] * self.batch_size
+
     def attend(self, q: torch.Tensor) -> torch.Tensor:
         """One softmax over everything each (b, h) holds: q [B, HQ, 1, D] -> [B, HQ, 1, D]."""
         return self.kernels.attend(self, q)

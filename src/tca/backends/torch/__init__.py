@@ -17,6 +17,7 @@ SPEC = Backend(
     dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
     head_dims=None,
     has_decode=True,
+    has_chunked_prefill=True,
     priority=10,
     decode_priority=10,
 )

@@ -11,7 +11,7 @@ from ...budgets import block_keep_count
 from ...config import TCAConfig
 from ...geometry import num_budgeted_blocks
 from ...selection import Selection
-from ..common import decode_torch
+from ..common import chunked_prefill, decode_torch
 from ..common.packed_cache import PackedKVCache
 from ..common.protocol import decode_step
 from . import selection as _selection
@@ -73,3 +73,29 @@ class TorchBackend:
         return decode_step(cache, q, k, v)
 
     cache_kernels = decode_torch
+
+    # Chunked prefill (section 5b) over the PackedKVCache: backends/common/chunked_prefill.py with this
+    # backend's attention and selection.
+    @staticmethod
+    def exact_chunk(q, k, v, state, budgets, config, scale):
+        return chunked_prefill.exact_chunk(TorchBackend.attention, q, k, v, state, budgets, config, scale)
+
+    @staticmethod
+    def exact_finish(state):
+        return chunked_prefill.exact_finish(_selection.select_indices, decode_torch, state)
+
+    @staticmethod
+    def empty_cache(batch_size, num_kv_heads, head_dim, dtype, device, budgets, config, scale):
+        return chunked_prefill.empty_cache(
+            batch_size, num_kv_heads, head_dim, dtype, device, budgets, config, scale, decode_torch
+        )
+
+    @staticmethod
+    def streaming_chunk(q, k, v, cache, budgets):
+        return chunked_prefill.streaming_chunk(_selection.choose_leaving, attend_virtual, q, k, v, cache, budgets)
+
+
+def attend_virtual(q, keys, values, selected, config: TCAConfig, scale: float):
+    """Section 4 given the selection mask selected [B, HKV, P] over the first P keys; q at the end of keys."""
+    indices, counts = _selection.mask_to_indices(selected, fill=keys.shape[2])
+    return attend_indices(q, keys, values, indices, counts, selected, config.block_size, config.window, scale)

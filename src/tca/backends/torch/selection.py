@@ -111,6 +111,13 @@ def select_mask(importance: torch.Tensor, per_block: torch.Tensor, block_size: i
     return (place < per_block[..., None]).reshape(B, H, J * block_size)
 
 
+def choose_leaving(importance, num_blocks: int, budgets, config: TCAConfig):
+    """Eqs. 6-8 on the J_c leaving blocks: importance [B, HKV, J_c*b] -> kept [B, HKV, J_c*b] bool."""
+    b = config.block_size
+    priority = block_priority(importance, num_blocks, b, config.alpha, config.mass_scale)
+    return select_mask(importance, block_budgets(priority, budgets, b), b)
+
+
 def mask_to_indices(mask: torch.Tensor, fill: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Compact a mask [B, HKV, P] into ascending positions [B, HKV, N] int64 padded with `fill`, counts [B, HKV].
 

@@ -29,6 +29,7 @@ SPEC = Backend(
     dtypes=(torch.float32,) if _INTERPRET and not torch.cuda.is_available() else (torch.float16, torch.bfloat16, torch.float32),
     head_dims=(16, 32, 64, 128),
     has_decode=True,
+    has_chunked_prefill=True,
     priority=30,
     decode_priority=30,
     requires=(("triton", 'pip install "tca[triton]"'),),

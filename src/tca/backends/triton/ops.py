@@ -16,9 +16,10 @@ import triton
 from ...budgets import block_keep_count
 from ...geometry import num_budgeted_blocks
 from ...selection import Selection
+from ..common import chunked_prefill
 from ..common.packed_cache import PackedKVCache
 from ..common.protocol import decode_step
-from ..torch.selection import budget_counts  # Eq. 7 counts: vectorised torch, shared with the torch backend
+from ..torch.selection import budget_counts, choose_leaving  # Eq. 7 counts, streaming's choice: shared torch code
 from . import kernels_attention, kernels_decode, kernels_selection
 
 LOG2E = 1.4426950408889634
@@ -178,18 +179,30 @@ def sparse_attention(
 
 def _compact_from_selection(selection: Selection):
     """(indices [B, HKV, N] int32, offsets [B, HKV, J+1] int32) of a mask-form Selection."""
-    B, H, _ = selection.mask.shape
-    J, b = selection.num_blocks, selection.block_size
-    per_block = selection.mask.view(B, H, J, b).sum(-1)
-    offsets = torch.zeros(B, H, J + 1, dtype=torch.int32, device=selection.mask.device)
+    return _compact_from_mask(selection.mask, selection.block_size)
+
+
+def _compact_from_mask(mask: torch.Tensor, block_size: int):
+    """(indices [B, HKV, N] int32 sorted, padded with -1; offsets [B, HKV, J+1] int32) of mask [B, HKV, J*b]."""
+    B, H, P = mask.shape
+    J, b = P // block_size, block_size
+    per_block = mask.view(B, H, J, b).sum(-1)
+    offsets = torch.zeros(B, H, J + 1, dtype=torch.int32, device=mask.device)
     offsets[..., 1:] = per_block.cumsum(-1)
     if J == 0:
         return torch.full((B, H, 1), -1, dtype=torch.int32, device=offsets.device), offsets
-    positions = torch.arange(J * b, device=offsets.device).expand_as(selection.mask)
-    key = torch.where(selection.mask, positions, J * b)
+    positions = torch.arange(J * b, device=offsets.device).expand_as(mask)
+    key = torch.where(mask, positions, J * b)
     indices = key.sort(dim=-1).values
     indices = torch.where(indices < J * b, indices, -1).to(torch.int32)
     return indices, offsets
+
+
+def attend_virtual(q, keys, values, selected, config, scale):
+    """Section 4 given the selection mask selected [B, HKV, P] over the first P keys (the streaming prefill's
+    virtual sequence); q at the end of keys."""
+    indices, offsets = _compact_from_mask(selected, config.block_size)
+    return sparse_attention(q, keys, values, indices, offsets, config.block_size, config.window, scale)
 
 
 # ----------------------------------------------------------------------------------------------- decode
@@ -285,3 +298,23 @@ class TritonBackend:
     def decode(q, k, v, cache):
         cache.kernels = CacheKernels
         return decode_step(cache, q, k, v)
+
+    # Chunked prefill (section 5b): backends/common/chunked_prefill.py with the sparse kernel and on-device
+    # selection; streaming chunks choose within the leaving blocks with the shared torch code.
+    @staticmethod
+    def exact_chunk(q, k, v, state, budgets, config, scale):
+        return chunked_prefill.exact_chunk(TritonBackend.attention, q, k, v, state, budgets, config, scale)
+
+    @staticmethod
+    def exact_finish(state):
+        return chunked_prefill.exact_finish(select_indices, CacheKernels, state)
+
+    @staticmethod
+    def empty_cache(batch_size, num_kv_heads, head_dim, dtype, device, budgets, config, scale):
+        return chunked_prefill.empty_cache(
+            batch_size, num_kv_heads, head_dim, dtype, device, budgets, config, scale, CacheKernels
+        )
+
+    @staticmethod
+    def streaming_chunk(q, k, v, cache, budgets):
+        return chunked_prefill.streaming_chunk(choose_leaving, attend_virtual, q, k, v, cache, budgets)
