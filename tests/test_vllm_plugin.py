@@ -86,6 +86,27 @@ def test_default_budgets_run_chunked_batches_and_read_less(tiny_llama, monkeypat
     assert usage.pool_bytes > usage.sequence_bytes  # vLLM's pool is allocated up front, whatever TCA keeps
 
 
+def test_default_budgets_give_tca_transformers_tokens(tiny_llama, monkeypatch):
+    """Without chunking, the plugin computes what tca's transformers integration computes (prefill selection,
+    section 5 decode): the same greedy tokens, on the same weights."""
+    import torch
+    import transformers
+
+    import tca
+    from tca.models import TCACache, cache_kwargs, enable_tca
+
+    tokens, usage = generate(tiny_llama, TCA, {"TCA_VLLM_PLAN": "default", **SMALL_GEOMETRY}, monkeypatch,
+                             skip_tokenizer_init=True)
+    assert usage.chunks == 0 and usage.kept_bytes < usage.sequence_bytes
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    enable_tca(model, plan=None, config=tca.TCAConfig(block_size=16, window=32), backend="torch")
+    for request, got in zip(prompts(), tokens, strict=True):
+        ids = torch.tensor([request["prompt_token_ids"]])
+        cache = TCACache(model)
+        out = model.generate(ids, **cache_kwargs(model, cache), max_new_tokens=16, do_sample=False)
+        assert out[0, ids.shape[1] :].tolist() == got
+
+
 def test_vllm_backend_is_untouched_without_the_flag(tiny_llama, monkeypatch):
     """The plugin is loaded, but an engine that does not ask for CUSTOM runs vLLM's own CPU backend."""
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
@@ -98,7 +119,15 @@ def test_vllm_backend_is_untouched_without_the_flag(tiny_llama, monkeypatch):
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
     assert AttentionBackendEnum.CPU_ATTN.get_path() == plugin.CPU_SWITCH_PATH
-    assert issubclass(CPUAttentionBackend, vllm.v1.attention.backend.AttentionBackend)
+    from vllm.config import AttentionConfig, VllmConfig, set_current_vllm_config
+
+    from tca.serving.vllm import cpu_switch
+    from tca.serving.vllm.backend import TCAAttentionBackend
+
+    with set_current_vllm_config(VllmConfig()):
+        assert cpu_switch.Backend is CPUAttentionBackend
+    with set_current_vllm_config(VllmConfig(attention_config=AttentionConfig(backend=AttentionBackendEnum.CUSTOM))):
+        assert cpu_switch.Backend is TCAAttentionBackend
 
 
 def test_prefix_caching_is_refused_with_the_flag_to_set(tiny_llama, monkeypatch):
