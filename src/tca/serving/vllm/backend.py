@@ -141,7 +141,7 @@ class TCAAttentionImpl(AttentionImpl[TCAMetadata]):
         key_pages, value_pages = split_pages(kv_cache, self.head_size)
         page_size = key_pages.shape[2]
         out = output[: attn_metadata.num_actual_tokens].view(-1, self.num_heads, self.head_size)
-        self.usage.begin(kv_cache)
+        self.usage.pool_bytes = kv_cache.numel() * kv_cache.element_size()
         bounds = attn_metadata.query_start
         for row, seq_len in enumerate(attn_metadata.seq_lens):
             start, end = bounds[row], bounds[row + 1]
