@@ -11,6 +11,10 @@ per sequence), backend (the vLLM classes), cpu_switch (CPU platform routing), me
 
 from __future__ import annotations
 
+from .memory import kv_usage
+
+__all__ = ["kv_usage", "register"]
+
 BACKEND_PATH = "tca.serving.vllm.backend.TCAAttentionBackend"
 CPU_SWITCH_PATH = "tca.serving.vllm.cpu_switch.Backend"
 
