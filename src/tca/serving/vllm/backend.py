@@ -143,6 +143,7 @@ class TCAAttentionImpl(AttentionImpl[TCAMetadata]):
         out = output[: attn_metadata.num_actual_tokens].view(-1, self.num_heads, self.head_size)
         self.usage.pool_bytes = kv_cache.numel() * kv_cache.element_size()
         bounds = attn_metadata.query_start
+        kinds = set()
         for row, seq_len in enumerate(attn_metadata.seq_lens):
             start, end = bounds[row], bounds[row + 1]
             if end == start:
@@ -160,6 +161,9 @@ class TCAAttentionImpl(AttentionImpl[TCAMetadata]):
                 self.states[owner] = state
                 kind = "prompts" if end - start == seq_len else "chunks"
             self.usage.add(kind, seq_len, state.kept_tokens(), self.head_size, key_pages.element_size())
+            kinds.add(kind)
+        if "decodes" in kinds and len(kinds) > 1:
+            self.usage.mixed += 1
         return output
 
 

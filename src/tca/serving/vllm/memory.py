@@ -15,12 +15,14 @@ import torch
 @dataclass
 class LayerUsage:
     """One layer's counters: its pool bytes, rows of each kind run (prompts, later prompt chunks, decode
-    steps), and over the decode steps the KV bytes dense attention would read and the bytes TCA read."""
+    steps), forwards that mixed decode rows with prompt or chunk rows, and over the decode steps the KV bytes
+    dense attention would read and the bytes TCA read."""
 
     pool_bytes: int = 0
     prompts: int = 0
     chunks: int = 0
     decodes: int = 0
+    mixed: int = 0
     dense_bytes: int = 0
     read_bytes: int = 0
 
@@ -37,12 +39,14 @@ class LayerUsage:
 @dataclass(frozen=True)
 class KVUsage:
     """Summed over layers. pool_bytes: vLLM's KV pool (allocated up front, every head, every token);
+    prompts, chunks, decodes: rows run; mixed: forwards with decode and prompt/chunk rows together;
     dense_bytes / read_bytes: KV bytes a dense backend would have read over the decode steps / TCA read."""
 
     pool_bytes: int
     prompts: int
     chunks: int
     decodes: int
+    mixed: int
     dense_bytes: int
     read_bytes: int
 
