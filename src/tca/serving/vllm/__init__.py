@@ -1,0 +1,32 @@
+"""TCA-Attention as a vLLM attention backend, shipped as a vLLM plugin (docs/serving_vllm.md).
+
+tca declares the entry point `vllm.general_plugins: tca = tca.serving.vllm:register`; vLLM calls `register`
+in every process it starts. Serve with `--attention-backend CUSTOM` (LLM(..., attention_backend="CUSTOM"));
+budgets come from TCA_VLLM_PLAN (settings.py). Nothing here is imported by `import tca`, and vLLM itself is
+imported only inside `register` and by the modules vLLM loads through the registered class paths.
+
+Modules: settings (environment), checks (refused configurations), paged (reading vLLM's pages), sequence (TCA
+per sequence), backend (the vLLM classes), cpu_switch (CPU platform routing), memory (KV bytes held and read).
+"""
+
+from __future__ import annotations
+
+from .memory import kv_usage
+
+__all__ = ["kv_usage", "register"]
+
+BACKEND_PATH = "tca.serving.vllm.backend.TCAAttentionBackend"
+CPU_SWITCH_PATH = "tca.serving.vllm.cpu_switch.Backend"
+
+
+def register() -> None:
+    """vLLM plugin entry point: TCA becomes AttentionBackendEnum.CUSTOM; on CPU, CPU_ATTN routes to it when chosen.
+
+    Safe to call many times (vLLM may load plugins more than once per process).
+    """
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    register_backend(AttentionBackendEnum.CUSTOM, BACKEND_PATH)
+    # The CPU platform loads CPU_ATTN whatever was asked; cpu_switch gives vLLM's own class back unless the
+    # engine asked for CUSTOM, so installing tca changes nothing for engines that do not select it.
+    register_backend(AttentionBackendEnum.CPU_ATTN, CPU_SWITCH_PATH)

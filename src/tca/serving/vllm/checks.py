@@ -1,0 +1,51 @@
+"""Engine settings the TCA backend cannot honour, refused up front with the flag that fixes each.
+
+Reads only attributes of vLLM's config objects (no vLLM import), so the rules are testable without vLLM.
+Chunked prefill is supported (each chunk selects from its own last row, docs/serving_vllm.md), so it is not here.
+"""
+
+from __future__ import annotations
+
+
+def engine_problems(vllm_config) -> list[str]:
+    """Why this vLLM configuration cannot run TCA (empty when it can), each naming the setting to change."""
+    problems = []
+    cache = vllm_config.cache_config
+    if getattr(cache, "enable_prefix_caching", False):
+        problems.append(
+            "prefix caching shares KV pages between requests, and TCA keeps one selection per request, keyed by "
+            "its first page: turn it off with --no-enable-prefix-caching (LLM(..., enable_prefix_caching=False))"
+        )
+    if getattr(cache, "cache_dtype", "auto") != "auto":
+        problems.append(
+            f"KV cache dtype {cache.cache_dtype!r} (quantized pages) is not supported: use --kv-cache-dtype auto"
+        )
+    if getattr(vllm_config, "speculative_config", None) is not None:
+        problems.append(
+            "speculative decoding verifies several tokens per step, which TCA's one-token decode state does not "
+            "follow: remove --speculative-config"
+        )
+    parallel = vllm_config.parallel_config
+    for name, flag in (
+        ("decode_context_parallel_size", "--decode-context-parallel-size 1"),
+        ("prefill_context_parallel_size", "--prefill-context-parallel-size 1"),
+    ):
+        if getattr(parallel, name, 1) > 1:
+            problems.append(f"context parallelism splits a sequence's KV cache across ranks: use {flag}")
+    return problems
+
+
+def layer_problems(*, alibi_slopes, sliding_window, logits_soft_cap, sinks, attn_type: str, decoder: str) -> list[str]:
+    """Why this attention layer cannot run TCA: features of the model, not of the engine."""
+    problems = []
+    if attn_type != decoder:
+        problems.append(f"attention type {attn_type!r} (TCA is causal decoder self-attention only)")
+    if alibi_slopes is not None:
+        problems.append("ALiBi position biases")
+    if sliding_window is not None:
+        problems.append("a sliding window (TCA already keeps a local window of its own)")
+    if logits_soft_cap:
+        problems.append("logit soft-capping")
+    if sinks is not None:
+        problems.append("attention sinks")
+    return problems

@@ -1,0 +1,64 @@
+"""What the KV cache really holds and what TCA reads of it (the honest numbers of docs/serving_vllm.md).
+
+vLLM's block manager gives every KV head the same pages, so the pool still holds every token of every
+running sequence: TCA's selection decides what is *read* (and computed), not what is *allocated*.
+`kv_usage()` reports both, summed over the attention layers of this process since their engine started.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class LayerUsage:
+    """One layer's counters: its pool bytes, rows of each kind run (prompts, later prompt chunks, decode
+    steps), forwards that mixed decode rows with prompt or chunk rows, and over the decode steps the KV bytes
+    dense attention would read and the bytes TCA read."""
+
+    pool_bytes: int = 0
+    prompts: int = 0
+    chunks: int = 0
+    decodes: int = 0
+    mixed: int = 0
+    dense_bytes: int = 0
+    read_bytes: int = 0
+
+    def add(self, kind: str, seq_len: int, kept_per_head: torch.Tensor, head_dim: int, element_size: int) -> None:
+        """A row of `kind` ("prompts", "chunks" or "decodes") over seq_len tokens, after which its heads keep
+        kept_per_head [HKV] tokens. Prompts and chunks read every key (the selection scores them all)."""
+        setattr(self, kind, getattr(self, kind) + 1)
+        if kind == "decodes":
+            per_token = 2 * head_dim * element_size  # a key and a value
+            self.dense_bytes += seq_len * kept_per_head.numel() * per_token
+            self.read_bytes += int(kept_per_head.sum()) * per_token
+
+
+@dataclass(frozen=True)
+class KVUsage:
+    """Summed over layers. pool_bytes: vLLM's KV pool (allocated up front, every head, every token);
+    prompts, chunks, decodes: rows run; mixed: forwards with decode and prompt/chunk rows together;
+    dense_bytes / read_bytes: KV bytes a dense backend would have read over the decode steps / TCA read."""
+
+    pool_bytes: int
+    prompts: int
+    chunks: int
+    decodes: int
+    mixed: int
+    dense_bytes: int
+    read_bytes: int
+
+    @property
+    def read_fraction(self) -> float:
+        """read_bytes / dense_bytes (1 when nothing was decoded)."""
+        return self.read_bytes / self.dense_bytes if self.dense_bytes else 1.0
+
+
+def kv_usage() -> KVUsage:
+    """KV numbers of the TCA layers in this process (run the engine in-process: VLLM_ENABLE_V1_MULTIPROCESSING=0)."""
+    from .backend import LIVE_IMPLS
+
+    layers = [impl.usage for impl in list(LIVE_IMPLS)]
+    return KVUsage(**{name: sum(getattr(u, name) for u in layers) for name in KVUsage.__dataclass_fields__})

