@@ -84,10 +84,10 @@ def prefill(q, k, v, budgets: torch.Tensor, config: TCAConfig, scale: float):
     kept = selection.full_mask()
     kept[..., J_b:] = True  # the local part of the last query: [J*b, L)
     B, H = kept.shape[:2]
-    positions = [[kept[b, h].nonzero().squeeze(-1) for h in range(H)] for b in range(B)]
+    positions = [[kept[b, h].nonzero().squeeze(-1) for h in range(H)] for b in range(B)]  # [b][h]: [n] ascending
     cache = ReferenceKVCache(
-        keys=[[k[b, h, positions[b][h]] for h in range(H)] for b in range(B)],
-        values=[[v[b, h, positions[b][h]] for h in range(H)] for b in range(B)],
+        keys=[[k[b, h, positions[b][h]] for h in range(H)] for b in range(B)],  # [b][h]: [n, D]
+        values=[[v[b, h, positions[b][h]] for h in range(H)] for b in range(B)],  # [b][h]: [n, D]
         positions=positions,
         keep_per_block=block_keep_count(budgets).cpu(),
         config=config,
@@ -121,7 +121,7 @@ def decode_step(q, k, v, cache: ReferenceKVCache) -> torch.Tensor:
                 keep = _compress_leaving_block(
                     queries, keys, positions, lo_before, lo_now, int(cache.keep_per_block[h]), cache.scale
                 )
-                keys, values, positions = keys[keep], values[keep], positions[keep]
+                keys, values, positions = keys[keep], values[keep], positions[keep]  # [n', D], [n', D], [n']
             logits = einsum(queries, keys.to(dt), "g d, n d -> g n") * cache.scale
             out[b, h * G : (h + 1) * G, 0] = (logits.softmax(-1) @ values.to(dt)).to(q.dtype)
             cache.keys[b][h], cache.values[b][h], cache.positions[b][h] = keys, values, positions
@@ -134,7 +134,7 @@ def _compress_leaving_block(queries, keys, positions, start: int, end: int, keep
     `keep` most important, importance = mean over the group of softmax over the block of scale * q . k."""
     dt = queries.dtype
     in_block = (positions >= start) & (positions < end)
-    block_keys = keys[in_block].to(dt)
+    block_keys = keys[in_block].to(dt)  # [b, D]
     scores = einsum(queries, block_keys, "g d, n d -> g n").mul(scale).softmax(-1).mean(0)
     order = scores.sort(descending=True, stable=True).indices  # ties: smaller position (positions ascend)
     kept_in_block = torch.zeros_like(scores, dtype=torch.bool)

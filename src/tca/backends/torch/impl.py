@@ -12,6 +12,7 @@ from ...config import TCAConfig
 from ...geometry import num_budgeted_blocks
 from ...packed_cache import PackedKVCache
 from ...selection import Selection
+from ..common import compact
 from . import selection as _selection
 from .attention import attend_indices, causal_sdpa
 from .decode import decode_step
@@ -26,7 +27,7 @@ class TorchBackend:
     @staticmethod
     def attend(q, k, v, selection: Selection, scale: float, return_lse: bool = False):
         """Eq. 2 given a selection. q [B, HQ, LQ, D], k, v [B, HKV, L, D] -> out (, lse [B, HQ, LQ])."""
-        indices, counts = _selection.mask_to_indices(selection.mask.to(q.device), fill=k.shape[2])
+        indices, counts = compact.from_mask(selection.mask.to(q.device), k.shape[2])
         return attend_indices(
             q,
             k,
@@ -47,7 +48,7 @@ class TorchBackend:
         if num_budgeted_blocks(L, config.block_size, config.window) == 0 and not return_lse and LQ in (L, 1):
             return causal_sdpa(q, k, v, scale)  # L <= w: TCA is exact dense causal attention
         mask, _ = _selection.select_parts(q, k, budgets, config, scale)
-        indices, counts = _selection.mask_to_indices(mask, fill=L)
+        indices, counts = compact.from_mask(mask, L)
         return attend_indices(q, k, v, indices, counts, mask, config.block_size, config.window, scale, return_lse)
 
     @staticmethod
@@ -55,7 +56,7 @@ class TorchBackend:
         """Attention over the prompt (LQ == L) and the PackedKVCache holding Sel U [J*b, L) per KV head."""
         L = k.shape[2]
         mask, _ = _selection.select_parts(q, k, budgets, config, scale)
-        indices, counts = _selection.mask_to_indices(mask, fill=L)
+        indices, counts = compact.from_mask(mask, L)
         if mask.shape[-1] == 0:
             out = causal_sdpa(q, k, v, scale)
         else:
