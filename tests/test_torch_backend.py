@@ -11,12 +11,9 @@ Shape letters: B batch, HQ query heads, HKV key/value heads, L keys, LQ queries,
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
 import tca
 from conftest import make_qkv, random_budgets
@@ -24,7 +21,6 @@ from tca import TCAConfig, reference
 from tca.backends import registry
 from tca.backends.torch import selection as torch_selection
 from tca.backends.torch.impl import TorchBackend
-from tca.budgets import dense_budgets
 from tca.testing import assert_close, selection_difference
 
 SCALE = 0.3

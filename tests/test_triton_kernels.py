@@ -11,7 +11,6 @@ import torch
 
 from conftest import require_triton
 from tca import reference
-from tca.budgets import default_budgets
 from tca.config import TCAConfig
 from tca.selection import Selection
 from tca.testing import assert_close
