@@ -29,7 +29,7 @@ def fake_backend():
 
     def add(**fields) -> Backend:
         fields.setdefault("summary", "a fake backend for tests")
-        fields.setdefault("implementation", "tca.reference.backend:ReferenceBackend")
+        fields.setdefault("implementation", "tca.reference:ReferenceBackend")
         fields.setdefault("devices", ("cpu",))
         fields.setdefault("dtypes", (torch.float32, torch.float64))
         backend = Backend(**fields)

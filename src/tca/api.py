@@ -18,7 +18,10 @@ def _prepare(q, k, v, budgets, config, scale, layout, backend, decode=False):
     q, k, v = to_bhsd(q, k, v, layout)
     scale = check_scale(scale, q.shape[-1])
     budgets = check_budgets(budgets, k.shape[1], config, q.device)
-    impl = registry.resolve(backend, q.device, q.dtype, q.shape[-1], decode=decode).load()
+    # Inputs that require grad need a backend with a backward pass: "auto" picks one, a named one that has
+    # none raises (never an output silently cut from the graph).
+    needs = ("gradients",) if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)) else ()
+    impl = registry.resolve(backend, q.device, q.dtype, q.shape[-1], decode=decode, needs=needs).load()
     return q, k, v, budgets, config, scale, impl
 
 

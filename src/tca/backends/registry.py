@@ -3,7 +3,12 @@
 As in xformers' dispatch: `backend="auto"` takes the usable backend of highest priority (the reference is
 the last resort) and says once which it chose; a named backend that cannot run raises an error listing
 its reasons; an unknown name lists the known ones. Implementations are imported lazily, on first use, so
-`import tca` never imports triton, flash_attn or transformers.
+`import tca` never imports triton, flash_attn or transformers. What an implementation provides is the
+`TCABackend` protocol (protocol.py); what it cannot do is declared here, as capabilities with reasons.
+
+`resolve` is memoised per (name, device type, dtype, head dim, capabilities): probing the environment (package
+lookups, GPU properties) costs 0.1-0.4 ms, too much for every attention call of a decode loop. `forget()`
+drops the memo (after installing a package at runtime, or changing an environment variable a backend reads).
 """
 
 from __future__ import annotations
@@ -13,10 +18,17 @@ import importlib.util
 import os
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
+
+# What a backend may lack, beyond devices, dtypes and head dims (declared in Backend.lacks with a reason):
+#   gradients    backward through attention / prefill (inputs that require grad)
+#   decode       stateful prefill + decode on a compressed cache
+#   varlen       sequences of different lengths in one batch (cu_seqlens); no backend has it yet
+#   calibration  retained_mass over calibration rows (section 6), chunked
+CAPABILITIES = ("gradients", "decode", "varlen", "calibration")
 
 
 class BackendUnavailableError(RuntimeError):
@@ -31,10 +43,10 @@ class BackendChoiceWarning(UserWarning):
 class Backend:
     """What a backend supports, and where its implementation lives.
 
-    implementation: "module:attribute", imported on first use; the object provides
-        attention(q, k, v, budgets, config, scale, return_lse), prefill(q, k, v, budgets, config, scale)
-        and decode(q, k, v, cache), on "bhsd" inputs that passed validation; select(...) and attend(...)
-        when it can also run the two halves (for the layered tests).
+    implementation: "module:attribute", imported on first use; the object follows tca.backends.protocol
+        (TCABackend): attention, select, select_indices, attend, and prefill / decode unless it lacks "decode",
+        retained_mass unless it lacks "calibration", on "bhsd" inputs that passed validation.
+    lacks: (capability, why not) pairs, capabilities from CAPABILITIES; anything not listed is supported.
     environment: extra checks of the machine (e.g. a GPU capability), returning reasons.
     """
 
@@ -44,11 +56,29 @@ class Backend:
     devices: tuple[str, ...]
     dtypes: tuple[torch.dtype, ...]
     head_dims: tuple[int, ...] | None = None  # None: any head dim
-    has_decode: bool = True
+    lacks: tuple[tuple[str, str], ...] = ()
     priority: int = 0  # "auto" prefers higher
     requires: tuple[tuple[str, str], ...] = ()  # (module, how to install)
     environment: Callable[[], list[str]] | None = field(default=None, compare=False)
     needs: str = ""  # what `environment` checks, in words (for docs and `tca info`)
+
+    def __post_init__(self) -> None:
+        unknown = [c for c, _ in self.lacks if c not in CAPABILITIES]
+        if unknown:
+            raise ValueError(f"backend {self.name!r} lacks unknown capabilities {unknown}; known: {CAPABILITIES}")
+
+    def lacks_reason(self, capability: str) -> str | None:
+        """Why this backend lacks `capability`, or None when it has it."""
+        if capability not in CAPABILITIES:
+            raise ValueError(f"unknown capability {capability!r}; known: {', '.join(CAPABILITIES)}")
+        return dict(self.lacks).get(capability)
+
+    def supports(self, capability: str) -> bool:
+        return self.lacks_reason(capability) is None
+
+    @property
+    def has_decode(self) -> bool:
+        return self.supports("decode")
 
     def environment_reasons(self) -> list[str]:
         """Why this backend cannot run on this machine at all (missing packages, settings)."""
@@ -61,8 +91,10 @@ class Backend:
             reasons += self.environment()
         return reasons
 
-    def input_reasons(self, device: torch.device, dtype: torch.dtype, head_dim: int, decode: bool = False) -> list[str]:
-        """Why this backend cannot run inputs of this device, dtype and head dim."""
+    def input_reasons(
+        self, device: torch.device, dtype: torch.dtype, head_dim: int, decode: bool = False, needs: Iterable[str] = ()
+    ) -> list[str]:
+        """Why this backend cannot run inputs of this device, dtype and head dim, with these capabilities."""
         reasons = []
         if device.type not in self.devices:
             reasons.append(f"device '{device.type}' is not supported (supports {', '.join(self.devices)})")
@@ -72,11 +104,15 @@ class Backend:
         if self.head_dims is not None and head_dim not in self.head_dims:
             reasons.append(f"head dim {head_dim} is not supported (supports {', '.join(map(str, self.head_dims))})")
         if decode and not self.has_decode:
-            reasons.append("stateful decoding is not implemented")
+            reasons.append(f"stateful decoding is not implemented ({self.lacks_reason('decode')})")
+        for capability in needs:
+            why = self.lacks_reason(capability)
+            if why is not None and capability != "decode":
+                reasons.append(f"no {capability}: {why}")
         return reasons
 
-    def reasons(self, device, dtype, head_dim, decode=False) -> list[str]:
-        return self.environment_reasons() + self.input_reasons(torch.device(device), dtype, head_dim, decode)
+    def reasons(self, device, dtype, head_dim, decode=False, needs: Iterable[str] = ()) -> list[str]:
+        return self.environment_reasons() + self.input_reasons(torch.device(device), dtype, head_dim, decode, needs)
 
     def load(self):
         module, _, attribute = self.implementation.partition(":")
@@ -85,12 +121,25 @@ class Backend:
 
 _REGISTRY: dict[str, Backend] = {}
 _ANNOUNCED: set[tuple[str, str]] = set()
+_RESOLVED: dict[tuple, tuple[Backend | None, list[str] | dict[str, list[str]]]] = {}
 
 
 def register(backend: Backend) -> Backend:
     """Add a backend (replacing one of the same name). Returns it, so it can decorate a module constant."""
     _REGISTRY[backend.name] = backend
+    forget()
     return backend
+
+
+def unregister(name: str) -> Backend | None:
+    """Remove a backend (tests); returns it, or None if no backend had that name."""
+    forget()
+    return _REGISTRY.pop(name, None)
+
+
+def forget() -> None:
+    """Drop what resolve() remembered: the next call probes the environment again."""
+    _RESOLVED.clear()
 
 
 def get(name: str) -> Backend:
@@ -104,34 +153,62 @@ def names() -> list[str]:
     return [b.name for b in sorted(_REGISTRY.values(), key=lambda b: -b.priority)]
 
 
-def resolve(name: str, device, dtype: torch.dtype, head_dim: int, decode: bool = False) -> Backend:
-    """The backend to run: the named one if it can, or for "auto" the best usable one."""
+def resolve(name: str, device, dtype: torch.dtype, head_dim: int, decode: bool = False, needs: Iterable[str] = ()):
+    """The backend to run: the named one if it can, or for "auto" the best usable one.
+
+    needs: capabilities the call requires (e.g. ("gradients",) when an input requires grad). Memoised per
+    (name, device type, dtype, head dim, decode, needs) and per registry contents (see forget()).
+    """
     if not isinstance(name, str):
         raise TypeError(f"backend must be a string (a name or 'auto'), got {type(name).__name__}")
+    device = torch.device(device)
+    needs = tuple(sorted(set(needs)))
+    key = (name, device.type, dtype, head_dim, decode, needs, id(_REGISTRY), len(_REGISTRY))
+    found = _RESOLVED.get(key)
+    if found is None:
+        found = _RESOLVED[key] = _choose(name, device, dtype, head_dim, decode, needs)
+    backend, why = found
+    if backend is None:
+        if name != "auto":
+            raise BackendUnavailableError(f"backend {name!r} cannot run here: " + "; ".join(why))
+        detail = "\n".join(f"  {n}: {'; '.join(r)}" for n, r in why.items())
+        raise BackendUnavailableError(f"no backend can run these inputs:\n{detail}")
+    if name == "auto":
+        announce = (backend.name, f"{device.type}/{dtype}")
+        if announce not in _ANNOUNCED:
+            _ANNOUNCED.add(announce)
+            warnings.warn(
+                f"tca: backend='auto' chose {backend.name!r} for {announce[1]} inputs "
+                "(name a backend to choose yourself, or filter tca.BackendChoiceWarning)",
+                BackendChoiceWarning,
+                stacklevel=_caller_stacklevel(),
+            )
+    return backend
+
+
+def usable(name: str, device, dtype: torch.dtype, head_dim: int, needs: Iterable[str] = ()) -> bool:
+    """Whether the named backend can run such inputs here (memoised like resolve, never warns)."""
+    try:
+        resolve(name, device, dtype, head_dim, needs=needs)
+    except BackendUnavailableError:
+        return False
+    return True
+
+
+def _choose(name, device, dtype, head_dim, decode, needs):
+    """(backend, None) or (None, its reasons) for a name; (None, {name: reasons}) when "auto" finds none."""
     if name != "auto":
         backend = get(name)
-        reasons = backend.reasons(device, dtype, head_dim, decode)
-        if reasons:
-            raise BackendUnavailableError(f"backend {name!r} cannot run here: " + "; ".join(reasons))
-        return backend
+        reasons = backend.reasons(device, dtype, head_dim, decode, needs)
+        return (None, reasons) if reasons else (backend, None)
     why = {}
     for candidate in names():
         backend = _REGISTRY[candidate]
-        reasons = backend.reasons(device, dtype, head_dim, decode)
+        reasons = backend.reasons(device, dtype, head_dim, decode, needs)
         if not reasons:
-            key = (backend.name, f"{torch.device(device).type}/{dtype}")
-            if key not in _ANNOUNCED:
-                _ANNOUNCED.add(key)
-                warnings.warn(
-                    f"tca: backend='auto' chose {backend.name!r} for {key[1]} inputs "
-                    "(name a backend to choose yourself, or filter tca.BackendChoiceWarning)",
-                    BackendChoiceWarning,
-                    stacklevel=_caller_stacklevel(),
-                )
-            return backend
+            return backend, None
         why[candidate] = reasons
-    detail = "\n".join(f"  {n}: {'; '.join(r)}" for n, r in why.items())
-    raise BackendUnavailableError(f"no backend can run these inputs:\n{detail}")
+    return None, why
 
 
 def report(device=None, dtype=None, head_dim=None) -> list[dict]:
@@ -154,6 +231,7 @@ def report(device=None, dtype=None, head_dim=None) -> list[dict]:
                 "dtypes": [str(d).removeprefix("torch.") for d in backend.dtypes],
                 "head_dims": "any" if backend.head_dims is None else list(backend.head_dims),
                 "decode": backend.has_decode,
+                "lacks": dict(backend.lacks),
                 "priority": backend.priority,
             }
         )

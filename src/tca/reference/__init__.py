@@ -24,7 +24,19 @@ def attention(q, k, v, budgets, config, scale, return_lse=False):
     return attend(q, k, v, select(q, k, budgets, config, scale), scale, return_lse)
 
 
+class ReferenceBackend:
+    """The oracle as a backend implementation (declared in tca.backends.reference, loaded on first use)."""
+
+    attention = staticmethod(attention)
+    select = staticmethod(select)
+    attend = staticmethod(attend)
+    prefill = staticmethod(prefill)
+    decode = staticmethod(decode_step)
+    retained_mass = staticmethod(retained_mass)
+
+
 __all__ = [
+    "ReferenceBackend",
     "ReferenceKVCache",
     "attend",
     "attention",

@@ -16,6 +16,6 @@ SPEC = Backend(
     devices=("cpu", "cuda"),  # MPS has no float64, which the budgets and the fp64 path use
     dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
     head_dims=None,
-    has_decode=True,
+    lacks=(("varlen", "every batch element has the same length"),),
     priority=10,
 )

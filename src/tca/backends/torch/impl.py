@@ -15,6 +15,7 @@ from ...selection import Selection
 from ..common import compact
 from . import selection as _selection
 from .attention import attend_indices, causal_sdpa
+from .calibration import retained_mass
 from .decode import decode_step
 
 
@@ -23,6 +24,7 @@ class TorchBackend:
 
     select = staticmethod(_selection.select)
     select_indices = staticmethod(_selection.select_indices)
+    retained_mass = staticmethod(retained_mass)
 
     @staticmethod
     def attend(q, k, v, selection: Selection, scale: float, return_lse: bool = False):
