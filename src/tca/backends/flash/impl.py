@@ -26,9 +26,9 @@ from ...budgets import block_keep_count
 from ...geometry import window_start
 from ...packed_cache import PackedKVCache
 from ...selection import Selection
-from ..torch.decode import compress_leaving_block
 from .. import registry
 from ..common import compact
+from ..torch.decode import compress_leaving_block
 from .generations import check_inputs, get_adapter
 from .merge import merge
 from .segments import global_prefix_counts, global_segments, local_segments, query_blocks, rows_with_keys
