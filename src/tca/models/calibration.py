@@ -12,6 +12,7 @@ R evaluated rows.
 from __future__ import annotations
 
 import contextvars
+import inspect
 import time
 from dataclasses import replace
 
@@ -169,8 +170,6 @@ def calibrate_model(
 
 
 def _accepts(model, name: str) -> bool:
-    import inspect
-
     return name in inspect.signature(model.forward).parameters
 
 
