@@ -33,14 +33,17 @@ def make_qkv(
     LQ: int | None = None,
     dtype: torch.dtype = torch.float64,
     seed: int = 0,
+    device="cpu",
 ):
-    """Seeded random q [B, HQ, LQ, D], k and v [B, HKV, L, D] ("bhsd"); LQ defaults to L."""
+    """Seeded random q [B, HQ, LQ, D], k and v [B, HKV, L, D] ("bhsd") on `device`; LQ defaults to L.
+
+    Drawn on the CPU in float64 (the same numbers on every device), then cast: the one q/k/v helper of the suite."""
     gen = torch.Generator().manual_seed(seed)
     LQ = L if LQ is None else LQ
     q = torch.randn(B, HQ, LQ, D, generator=gen, dtype=torch.float64)
     k = torch.randn(B, HKV, L, D, generator=gen, dtype=torch.float64)
     v = torch.randn(B, HKV, L, D, generator=gen, dtype=torch.float64)
-    return q.to(dtype), k.to(dtype), v.to(dtype)
+    return tuple(t.to(device=device, dtype=dtype) for t in (q, k, v))
 
 
 def random_budgets(HKV: int, block_size: int, seed: int = 0) -> torch.Tensor:
@@ -55,11 +58,6 @@ def random_budgets(HKV: int, block_size: int, seed: int = 0) -> torch.Tensor:
 def _seed_global_rng():
     """Seed torch's global generator before every test, so even a stray torch.randn is reproducible."""
     torch.manual_seed(0)
-
-
-@pytest.fixture
-def qkv_factory():
-    return make_qkv
 
 
 def require_triton() -> str:

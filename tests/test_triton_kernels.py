@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import require_triton
+from conftest import make_qkv, require_triton
 from tca import reference
 from tca.config import TCAConfig
 from tca.selection import Selection
@@ -22,12 +22,7 @@ from tca.backends.triton import ops  # noqa: E402
 
 
 def make(B, HQ, HKV, L, D, LQ=None, dtype=torch.float32, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    LQ = L if LQ is None else LQ
-    q = torch.randn(B, HQ, LQ, D, generator=gen)
-    k = torch.randn(B, HKV, L, D, generator=gen)
-    v = torch.randn(B, HKV, L, D, generator=gen)
-    return (t.to(device=DEVICE, dtype=dtype) for t in (q, k, v))
+    return make_qkv(B, HQ, HKV, L, D, LQ=LQ, dtype=dtype, seed=seed, device=DEVICE)
 
 
 def random_selection(B, HKV, L, b, w, seed=0) -> Selection:
