@@ -113,8 +113,8 @@ def decode_step(q, k, v, cache: ReferenceKVCache) -> torch.Tensor:
     out = torch.empty_like(q)
     for b in range(B):
         for h in range(H):
-            keys = torch.cat([cache.keys[b][h], k[b, h]])
-            values = torch.cat([cache.values[b][h], v[b, h]])
+            keys = torch.cat([cache.keys[b][h], k[b, h]])  # [n + 1, D]
+            values = torch.cat([cache.values[b][h], v[b, h]])  # [n + 1, D]
             positions = torch.cat([cache.positions[b][h], torch.tensor([i], device=cache.positions[b][h].device)])
             queries = q[b, h * G : (h + 1) * G, 0].to(dt)  # [G, D]
             if lo_now > lo_before:
@@ -138,7 +138,7 @@ def _compress_leaving_block(queries, keys, positions, start: int, end: int, keep
     scores = einsum(queries, block_keys, "g d, n d -> g n").mul(scale).softmax(-1).mean(0)
     order = scores.sort(descending=True, stable=True).indices  # ties: smaller position (positions ascend)
     kept_in_block = torch.zeros_like(scores, dtype=torch.bool)
-    kept_in_block[order[:keep]] = True
+    kept_in_block[order[:keep]] = True  # [b]: the top `keep` of the block
     result = ~in_block
     result[in_block] = kept_in_block
     return result

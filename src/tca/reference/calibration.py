@@ -49,7 +49,7 @@ def retained_mass(q, k, candidates: torch.Tensor, config: TCAConfig, scale: floa
     rows = evaluated_rows(L, w, num_rows).to(q.device)
     attn = dense_rows(q, k, rows, scale)  # [B, HKV, G, R, L]
     # Importance and priority do not depend on the candidate: compute them once.
-    importance = last_query_importance(q[:, :, -1], k, scale)
+    importance = last_query_importance(q[:, :, -1], k, scale)  # [B, HKV, L]
     priority = block_priority(importance, J, b, config.alpha, config.mass_scale)
     masses = []
     for p in candidates:

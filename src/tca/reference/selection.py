@@ -84,8 +84,8 @@ def block_budgets(priority: torch.Tensor, budgets: torch.Tensor, block_size: int
     priority: [B, HKV, J], budgets: [HKV, len(K)]  ->  int64 [B, HKV, J].
     """
     B, H, J = priority.shape
-    ranks = block_ranks(priority)
-    counts = budget_counts(budgets, J)  # [HKV, len(K)]
+    ranks = block_ranks(priority)  # r_j [B, HKV, J]
+    counts = budget_counts(budgets, J)  # n_k [HKV, len(K)]
     table = torch.stack([psi(counts[h], block_size) for h in range(H)]) if J else ranks.new_zeros(H, 0)  # Psi [HKV, J]
     return torch.gather(table.expand(B, H, J), -1, ranks)  # [B, HKV, J]: t_j = Psi[r_j]
 
@@ -99,7 +99,7 @@ def select_tokens(importance: torch.Tensor, budgets_per_block: torch.Tensor, blo
     blocks = rearrange(importance[..., : J * block_size], "b h (j t) -> b h j t", t=block_size)
     order = blocks.sort(dim=-1, descending=True, stable=True).indices  # [B, HKV, J, b] offsets, best first
     place = order.argsort(dim=-1)  # [B, HKV, J, b]: each token's place in its block's order
-    keep = place < budgets_per_block[..., None]
+    keep = place < budgets_per_block[..., None]  # [B, HKV, J, b]
     return rearrange(keep, "b h j t -> b h (j t)")
 
 
@@ -111,8 +111,8 @@ def select(q: torch.Tensor, k: torch.Tensor, budgets: torch.Tensor, config: TCAC
     L = k.shape[2]
     b = config.block_size
     J = num_budgeted_blocks(L, b, config.window)
-    importance = last_query_importance(q[:, :, -1], k, scale)
-    priority = block_priority(importance, J, b, config.alpha, config.mass_scale)
-    per_block = block_budgets(priority, budgets, b)
-    mask = select_tokens(importance, per_block, b)
+    importance = last_query_importance(q[:, :, -1], k, scale)  # Eq. 5, s [B, HKV, L]
+    priority = block_priority(importance, J, b, config.alpha, config.mass_scale)  # Eq. 6, h [B, HKV, J]
+    per_block = block_budgets(priority, budgets, b)  # Eq. 7, t [B, HKV, J]
+    mask = select_tokens(importance, per_block, b)  # Eq. 8, [B, HKV, J * b]
     return Selection(mask=mask, block_budgets=per_block, block_size=b, window=config.window, seq_len=L)
