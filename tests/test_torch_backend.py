@@ -35,11 +35,8 @@ def _same_selection(actual, expected):
 # ------------------------------------------------------------------ registry
 
 
-def test_registered_with_the_documented_capabilities():
+def test_runs_any_head_dim_on_the_cpu():
     spec = registry.get("torch")
-    assert spec.priority == 10 and spec.has_decode and spec.head_dims is None
-    assert set(spec.devices) == {"cpu", "cuda"}
-    assert set(spec.dtypes) == {torch.float16, torch.bfloat16, torch.float32, torch.float64}
     assert spec.load() is TorchBackend
     assert spec.reasons("cpu", torch.float32, 80) == []
 
