@@ -11,6 +11,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
+from tca.backends.common.environment import triton_interpret
+
 # The CPU suite runs tiny tensors on a shared 2-core machine: with 2 intra-op threads, OpenMP barriers
 # spin against other processes and the same tests ran 40x slower (test_cache_reference.py: 45 s vs 1.1 s
 # with 1 thread, load average 4). One thread unless TCA_TEST_THREADS asks for more.
@@ -64,7 +66,7 @@ def require_triton() -> str:
     """Skip the calling test module unless Triton kernels can run here (a CUDA GPU, or the CPU interpreter with
     TRITON_INTERPRET=1) and triton imports; return the device to run them on ("cuda" or "cpu")."""
     cuda = torch.cuda.is_available()
-    if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
+    if not cuda and not triton_interpret():
         pytest.skip("needs a CUDA GPU or TRITON_INTERPRET=1", allow_module_level=True)
     pytest.importorskip("triton")
     return "cuda" if cuda else "cpu"

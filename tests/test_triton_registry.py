@@ -41,3 +41,13 @@ def test_interpreter_is_fp32_only_on_cpu():
         assert not spec.input_reasons(torch.device("cpu"), torch.float32, 64)
     else:
         assert spec.input_reasons(torch.device("cpu"), torch.float32, 64)  # no interpreter: CUDA only
+
+
+def test_interpret_switch_is_read_as_triton_reads_it(monkeypatch):
+    from tca.backends.common.environment import triton_interpret
+
+    for value, expected in (("1", True), ("true", True), ("On", True), ("0", False), ("", False), ("no", False)):
+        monkeypatch.setenv("TRITON_INTERPRET", value)
+        assert triton_interpret() is expected, value
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert triton_interpret() is False
