@@ -12,4 +12,4 @@ def triton_interpret() -> bool:
 
     Read when called, not cached: Triton reads the variable when it compiles, and tests set it per process.
     """
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in TRUE_VALUES
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in TRUE_VALUES
