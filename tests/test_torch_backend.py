@@ -11,9 +11,12 @@ Shape letters: B batch, HQ query heads, HKV key/value heads, L keys, LQ queries,
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 import tca
 from conftest import make_qkv, random_budgets
@@ -21,6 +24,7 @@ from tca import TCAConfig, reference
 from tca.backends import registry
 from tca.backends.torch import selection as torch_selection
 from tca.backends.torch.impl import TorchBackend
+from tca.budgets import dense_budgets
 from tca.testing import assert_close, selection_difference
 
 SCALE = 0.3
@@ -145,6 +149,190 @@ def test_selection_with_underflowing_importance_equals_reference():
     _same_selection(
         TorchBackend.select(q * 400, k, budgets, config, SCALE), reference.select(q * 400, k, budgets, config, SCALE)
     )
+
+
+# ------------------------------------------------------------------ layer 3: end to end through tca.attention
+
+
+E2E_CASES = [
+    # (B, HQ, HKV, L, LQ, D, b, w)
+    (1, 4, 2, 300, 300, 64, 16, 64),  # GQA, D 64, L % b != 0, L > w
+    (2, 2, 2, 256, 256, 128, 32, 64),  # MHA, D 128, L % b == 0
+    (1, 4, 1, 60, 60, 64, 16, 64),  # L <= w (SDPA fast path)
+    (1, 4, 1, 64, 17, 64, 16, 64),  # L == w, LQ < L
+    (1, 6, 3, 400, 37, 64, 32, 128),  # LQ < L, L > w
+    (1, 2, 1, 129, 1, 128, 16, 32),  # LQ == 1
+]
+
+
+@pytest.mark.parametrize("case", E2E_CASES)
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+def test_end_to_end_matches_reference(case, layout):
+    B, HQ, HKV, L, LQ, D, b, w = case
+    config = TCAConfig(block_size=b, window=w)
+    q, k, v = make_qkv(B, HQ, HKV, L, D, LQ=LQ, seed=L * 3 + LQ)
+    budgets = random_budgets(HKV, b, L)
+    if layout == "bshd":
+        q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+    kwargs = dict(budgets=budgets, config=config, layout=layout, return_lse=True)
+    out, lse = tca.attention(q, k, v, backend="torch", **kwargs)
+    ref_out, ref_lse = tca.attention(q, k, v, backend="reference", **kwargs)
+    assert out.shape == q.shape
+    assert_close(out, ref_out, torch.float64, msg="out")
+    assert_close(lse, ref_lse, torch.float64, lse=True, msg="lse")
+    plain = tca.attention(q, k, v, backend="torch", budgets=budgets, config=config, layout=layout)
+    assert_close(plain, ref_out, torch.float64, msg="out without lse")
+
+
+def test_end_to_end_float32_and_default_scale():
+    config = TCAConfig(block_size=32, window=64)
+    q, k, v = make_qkv(1, 9, 3, 500, 64, dtype=torch.float32, seed=4)
+    out = tca.attention(q, k, v, config=config, backend="torch")
+    assert_close(out, tca.attention(q, k, v, config=config, backend="reference"), torch.float32)
+
+
+# ------------------------------------------------------------------ layer 4: prefill + decode
+
+
+DECODE_CASES = [
+    # (B, HQ, HKV, L, D, b, w, steps)
+    (2, 4, 2, 100, 16, 16, 48, 70),  # several window moves, B > 1
+    (1, 3, 3, 20, 8, 16, 64, 80),  # L < w: the ring grows, then the window starts moving
+    (1, 6, 2, 64, 8, 16, 64, 40),  # L == w
+    (1, 2, 1, 33, 8, 16, 16, 50),  # w == b: a move every b steps
+]
+
+
+@pytest.mark.parametrize("case", DECODE_CASES)
+@pytest.mark.parametrize("budget_kind", ["random", "per_head_different"])
+def test_prefill_and_decode_match_reference_step_by_step(case, budget_kind):
+    B, HQ, HKV, L, D, b, w, steps = case
+    config = TCAConfig(block_size=b, window=w)
+    q, k, v = make_qkv(B, HQ, HKV, L, D, seed=L + steps)
+    budgets = random_budgets(HKV, b, steps)
+    if budget_kind == "per_head_different":
+        one_hot = torch.zeros(HKV, budgets.shape[-1], dtype=torch.float64)
+        one_hot[torch.arange(HKV), torch.arange(HKV) % budgets.shape[-1]] = 1.0  # t = 1, 2, 4, ... per head
+        budgets = one_hot
+    out, cache = tca.prefill(q, k, v, budgets=budgets, config=config, scale=SCALE, backend="torch")
+    ref_out, ref_cache = tca.prefill(q, k, v, budgets=budgets, config=config, scale=SCALE, backend="reference")
+    assert cache.backend == "torch"
+    assert_close(out, ref_out, torch.float64, msg="prefill")
+    gen = torch.Generator().manual_seed(case[3])
+    moves = 0
+    for step in range(steps):
+        qs = torch.randn(B, HQ, 1, D, generator=gen, dtype=torch.float64)
+        ks = torch.randn(B, HKV, 1, D, generator=gen, dtype=torch.float64)
+        vs = torch.randn(B, HKV, 1, D, generator=gen, dtype=torch.float64)
+        moves += cache.leaving_block() is not None
+        out = tca.decode(qs, ks, vs, cache)
+        assert_close(out, tca.decode(qs, ks, vs, ref_cache), torch.float64, msg=f"step {step}")
+        for bi in range(B):
+            for h in range(HKV):
+                assert cache.positions_of(bi, h).tolist() == ref_cache.positions[bi][h].tolist(), (step, bi, h)
+        assert torch.equal(cache.lengths.cpu(), ref_cache.lengths) and cache.used_nbytes == ref_cache.nbytes
+    assert moves >= 2
+
+
+def test_dense_budgets_prefill_and_decode_equal_dense_attention():
+    B, HQ, HKV, L, D, b, w = 1, 4, 2, 90, 16, 16, 32
+    config = TCAConfig(block_size=b, window=w)
+    gen = torch.Generator().manual_seed(21)
+    total = L + 40
+    q = torch.randn(B, HQ, total, D, generator=gen, dtype=torch.float64)
+    k = torch.randn(B, HKV, total, D, generator=gen, dtype=torch.float64)
+    v = torch.randn(B, HKV, total, D, generator=gen, dtype=torch.float64)
+    dense = reference.dense_causal_attention(q, k, v, SCALE)
+    budgets = dense_budgets(b)
+    out, cache = tca.prefill(
+        q[:, :, :L], k[:, :, :L], v[:, :, :L], budgets=budgets, config=config, scale=SCALE, backend="torch"
+    )
+    assert_close(out, dense[:, :, :L], torch.float64)
+    for i in range(L, total):
+        out = tca.decode(q[:, :, i : i + 1], k[:, :, i : i + 1], v[:, :, i : i + 1], cache)
+        assert_close(out, dense[:, :, i : i + 1], torch.float64, msg=f"position {i}")
+    assert cache.lengths.eq(total).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_in_low_precision_matches_reference(dtype):
+    B, HQ, HKV, L, D, b, w = 1, 4, 2, 80, 16, 16, 32
+    config = TCAConfig(block_size=b, window=w)
+    q, k, v = make_qkv(B, HQ, HKV, L + 40, D, dtype=dtype, seed=31)
+    budgets = random_budgets(HKV, b, 31)
+    _, cache = tca.prefill(q[:, :, :L], k[:, :, :L], v[:, :, :L], budgets=budgets, config=config, backend="torch")
+    _, ref_cache = tca.prefill(
+        q[:, :, :L], k[:, :, :L], v[:, :, :L], budgets=budgets, config=config, backend="reference"
+    )
+    assert cache.dtype == dtype
+    for i in range(L, L + 40):
+        args = (q[:, :, i : i + 1], k[:, :, i : i + 1], v[:, :, i : i + 1])
+        assert_close(tca.decode(*args, cache), tca.decode(*args, ref_cache), dtype, msg=f"position {i}")
+
+
+# ------------------------------------------------------------------ memory: no L x L tensor
+
+
+class _LargestOutput(TorchFunctionMode):
+    """Records the largest number of elements of any tensor a torch function returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        for t in result if isinstance(result, (tuple, list)) else (result,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return result
+
+
+def test_long_prefill_allocates_nothing_quadratic(capsys):
+    """L = 16K, b = 128, w = 1024: no intermediate is larger than the inputs (a chunk holds G R x (N + w + R))."""
+    L, b, w, HQ, HKV, D = 16384, 128, 1024, 3, 1, 64
+    config = TCAConfig(block_size=b, window=w)
+    q, k, v = make_qkv(1, HQ, HKV, L, D, dtype=torch.float32, seed=16)
+    with _LargestOutput() as probe:
+        start = time.perf_counter()
+        out = TorchBackend.attention(q, k, v, tca.default_budgets(b).expand(HKV, -1), config, 1 / 8)
+        ours = time.perf_counter() - start
+    assert not torch.isnan(out).any()
+    # Nothing bigger than q itself (L*HQ*D = 3.1M elements; a chunk's logits are ~1.3M; L*L would be 268M).
+    assert probe.largest <= q.numel(), f"an intermediate of {probe.largest} elements (q: {q.numel()}, L*L = {L * L})"
+    start = time.perf_counter()
+    F.scaled_dot_product_attention(q, k.expand(-1, HQ, -1, -1), v.expand(-1, HQ, -1, -1), is_causal=True)
+    sdpa = time.perf_counter() - start
+    with capsys.disabled():
+        print(
+            f"\n[torch backend] L={L} b={b} w={w} HQ={HQ}: {ours:.2f} s (largest tensor {probe.largest:,} elements); SDPA causal {sdpa:.2f} s"
+        )
+
+
+# ------------------------------------------------------------------ CUDA (the GPU machine)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_prefill_and_decode_match_reference_on_cpu(dtype):
+    """The same function on CUDA: selection equal to the CPU reference's (fp32 scores), outputs within tolerance."""
+    B, HQ, HKV, L, D, b, w = 2, 8, 2, 1100, 64, 64, 256
+    config = TCAConfig(block_size=b, window=w)
+    q, k, v = make_qkv(B, HQ, HKV, L + 80, D, dtype=dtype, seed=41)
+    budgets = random_budgets(HKV, b, 41)
+    prompt = [t[:, :, :L] for t in (q, k, v)]
+    out, cache = tca.prefill(*(t.cuda() for t in prompt), budgets=budgets, config=config, backend="torch")
+    ref_out, ref_cache = tca.prefill(*prompt, budgets=budgets, config=config, backend="reference")
+    assert out.is_cuda and cache.device.type == "cuda"
+    assert_close(out.cpu(), ref_out, dtype, msg="prefill")
+    for i in range(L, L + 80):
+        step = [t[:, :, i : i + 1] for t in (q, k, v)]
+        got = tca.decode(*(t.cuda() for t in step), cache)
+        assert_close(got.cpu(), tca.decode(*step, ref_cache), dtype, msg=f"position {i}")
+    for bi in range(B):
+        for h in range(HKV):
+            assert cache.positions_of(bi, h).cpu().tolist() == ref_cache.positions[bi][h].tolist()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
