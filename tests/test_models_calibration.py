@@ -128,3 +128,10 @@ def test_retained_mass_on_the_gpu_matches_the_reference():
     on_gpu = retained_mass(q.cuda(), k.cuda(), candidates.cuda(), CONFIG, 0.125, 128, 32).cpu()
     expected = reference_retained_mass(q.double(), k.double(), candidates, CONFIG, 0.125, 128)
     torch.testing.assert_close(on_gpu, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_calibration_on_a_backend_without_it_says_why():
+    q, k = torch.randn(1, 2, 80, 64), torch.randn(1, 1, 80, 64)
+    candidates = calibration_candidates(16, CONFIG.num_candidates, CONFIG.sigma)
+    with pytest.raises(tca.BackendUnavailableError, match="no calibration: FlashAttention returns no attention weights"):
+        retained_mass(q, k, candidates, CONFIG, 0.125, backend="flash")
