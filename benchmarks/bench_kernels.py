@@ -163,7 +163,7 @@ def sampled_error(q, k, v, out, indices, counts, b, w, scale, rows) -> float:
     return math.sqrt(num / den)
 
 
-def bench_prefill(name, shape, L, config, budgets_by_name, dense, args) -> list[dict]:
+def bench_prefill(name, shape, L, config, budgets_by_name, dense, args, tiles=None) -> list[dict]:
     from tca import reference
     from tca.backends.triton import ops
 
@@ -197,9 +197,14 @@ def bench_prefill(name, shape, L, config, budgets_by_name, dense, args) -> list[
         budgets = p.to("cuda").expand(HKV, -1).contiguous()
         sel = ops._select(q, k, budgets, config, scale)
         sel_ms = timeit(lambda budgets=budgets: ops._select(q, k, budgets, config, scale))
-        attn = lambda sel=sel: ops.sparse_attention(q, k, v, sel["indices"], sel["offsets"], b, w, scale)  # noqa: E731
+        attn = lambda sel=sel: ops.sparse_attention(  # noqa: E731
+            q, k, v, sel["indices"], sel["offsets"], b, w, scale, tiles=tiles)
         attn_ms = timeit(attn)
-        total = lambda budgets=budgets: ops.TritonBackend.attention(q, k, v, budgets, config, scale)  # noqa: E731
+
+        def total(budgets=budgets):  # the backend's attention (select, attend) with the tiles picked for this shape
+            s = ops._select(q, k, budgets, config, scale)
+            return ops.sparse_attention(q, k, v, s["indices"], s["offsets"], b, w, scale, tiles=tiles)
+
         total_ms = timeit(total)
         mem = peak_extra(total)
         pairs = kept_pairs(sel["offsets"], L, b, w) * (HQ // HKV)
@@ -351,7 +356,6 @@ SHORT_SWEEP = [
 
 def pick_tiles(name, config) -> dict | None:
     """A short sweep at 16K tokens; the winner drives every length of this shape (like triton.autotune)."""
-    import triton
 
     from tca.backends.triton import ops
     from tca.budgets import default_budgets
@@ -364,8 +368,6 @@ def pick_tiles(name, config) -> dict | None:
     budgets = default_budgets(config.block_size).cuda().expand(HKV, -1).contiguous()
     sel = ops._select(q, k, budgets, config, D**-0.5)
     best = _sweep_tiles(name, L, q, k, v, sel, D, SHORT_SWEEP)
-    if best is not None:
-        ops.TILE_OVERRIDES[(triton.next_power_of_2(HQ // HKV), D)] = best
     log(f"tiles for {name}: {best}")
     return best
 
@@ -409,7 +411,7 @@ def main(argv=None):
         meta["tiles"][name] = pick_tiles(name, config) if not args.no_sweep else None
         for L in [int(x) for x in args.lengths.split(",")]:
             log(f"== {name} L={L}")
-            rows += bench_prefill(name, SHAPES[name], L, config, budgets_by_name, dense, args)
+            rows += bench_prefill(name, SHAPES[name], L, config, budgets_by_name, dense, args, meta["tiles"][name])
             with open(args.out, "w") as f:
                 json.dump({"meta": meta, "rows": rows}, f, indent=1)
     log("done")

@@ -51,8 +51,8 @@ def peak_extra_gib(fn) -> float:
 def bench_length(L, args, rows):
     import tca
     from tca.backends.flash import impl as flash_impl
-    from tca.backends.flash.plan import global_prefix_counts, global_segments, local_segments, query_blocks
-    from tca.backends.flash.selection import select_indices
+    from tca.backends.flash.impl import select_indices
+    from tca.backends.flash.segments import global_prefix_counts, global_segments, local_segments, query_blocks
     from tca.budgets import default_budgets
     from tca.config import TCAConfig
 
@@ -127,7 +127,7 @@ def bench_length(L, args, rows):
         a = flash_impl._call(adapter, qf, kf, vf, local, scale)
         g = flash_impl._call(adapter, qf, ks, vs, glob, scale)
         from tca.backends.flash.merge import merge
-        from tca.backends.flash.plan import rows_with_keys
+        from tca.backends.flash.segments import rows_with_keys
 
         has = rows_with_keys(glob, qf.shape[0])
         record("flash_merge", lambda: merge(a.out, a.lse, g.out, g.lse, has, q.dtype))

@@ -27,7 +27,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 def tiny_llama_dir() -> str:
     """A seeded random Llama (2 layers, 4/2 heads, head dim 32) saved for vLLM."""
-    from tca.models.tiny import tiny_model
+    from tca.models.tiny_random import tiny_model
 
     directory = tempfile.mkdtemp(prefix="tca-vllm-bench-")
     tiny_model("llama", hidden_size=128, intermediate_size=256, head_dim=32, max_position_embeddings=8192).save_pretrained(directory)

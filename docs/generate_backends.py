@@ -27,8 +27,16 @@ Which backends can run on *your* machine, and why the others cannot: `python -m 
 
 ## Capabilities (declared in the registry)
 
-| backend | auto priority | devices | dtypes | head dims | stateful decode | chunked prefill | needs | what it is |
-|---|---|---|---|---|---|---|---|---|
+| backend | auto priority | devices | dtypes | head dims | stateful decode | chunked prefill | gradients | needs | what it is |
+|---|---|---|---|---|---|---|---|---|---|
+"""
+
+LACKS_HEADER = """
+## What each backend lacks, and why
+
+Inputs that require grad need `gradients`: `auto` passes over backends without it, and naming one raises with
+the reason. `varlen` (different lengths in one batch) is not implemented by any backend yet.
+
 """
 
 FOOTER = """
@@ -49,7 +57,7 @@ Regenerate this page after registering a backend: `PYTHONPATH=src python docs/ge
 def render() -> str:
     from tca.backends import registry
 
-    lines = []
+    lines, lacks = [], []
     for name in registry.names():
         b = registry.get(name)
         dtypes = ", ".join(str(d).removeprefix("torch.") for d in b.dtypes)
@@ -61,9 +69,11 @@ def render() -> str:
             needs += " + machine checks"
         lines.append(
             f"| `{name}` | {b.priority} | {', '.join(b.devices)} | {dtypes} | {head_dims} | "
-            f"{'yes' if b.has_decode else 'no'} | {'yes' if b.has_chunked_prefill else 'no'} | {needs} | {b.summary} |"
+            f"{'yes' if b.has_decode else 'no'} | {'yes' if b.has_chunked_prefill else 'no'} | "
+            f"{'yes' if b.supports('gradients') else 'no'} | {needs} | {b.summary} |"
         )
-    return HEADER + "\n".join(lines) + "\n" + FOOTER
+        lacks += [f"- `{name}` lacks `{capability}`: {why}" for capability, why in b.lacks]
+    return HEADER + "\n".join(lines) + "\n" + LACKS_HEADER + "\n".join(lacks) + "\n" + FOOTER
 
 
 def main(argv=None) -> int:

@@ -11,6 +11,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
+from tca.backends.common.environment import triton_interpret
+
 # The CPU suite runs tiny tensors on a shared 2-core machine: with 2 intra-op threads, OpenMP barriers
 # spin against other processes and the same tests ran 40x slower (test_cache_reference.py: 45 s vs 1.1 s
 # with 1 thread, load average 4). One thread unless TCA_TEST_THREADS asks for more.
@@ -33,14 +35,17 @@ def make_qkv(
     LQ: int | None = None,
     dtype: torch.dtype = torch.float64,
     seed: int = 0,
+    device="cpu",
 ):
-    """Seeded random q [B, HQ, LQ, D], k and v [B, HKV, L, D] ("bhsd"); LQ defaults to L."""
+    """Seeded random q [B, HQ, LQ, D], k and v [B, HKV, L, D] ("bhsd") on `device`; LQ defaults to L.
+
+    Drawn on the CPU in float64 (the same numbers on every device), then cast: the one q/k/v helper of the suite."""
     gen = torch.Generator().manual_seed(seed)
     LQ = L if LQ is None else LQ
     q = torch.randn(B, HQ, LQ, D, generator=gen, dtype=torch.float64)
     k = torch.randn(B, HKV, L, D, generator=gen, dtype=torch.float64)
     v = torch.randn(B, HKV, L, D, generator=gen, dtype=torch.float64)
-    return q.to(dtype), k.to(dtype), v.to(dtype)
+    return tuple(t.to(device=device, dtype=dtype) for t in (q, k, v))
 
 
 def random_budgets(HKV: int, block_size: int, seed: int = 0) -> torch.Tensor:
@@ -57,16 +62,11 @@ def _seed_global_rng():
     torch.manual_seed(0)
 
 
-@pytest.fixture
-def qkv_factory():
-    return make_qkv
-
-
 def require_triton() -> str:
     """Skip the calling test module unless Triton kernels can run here (a CUDA GPU, or the CPU interpreter with
     TRITON_INTERPRET=1) and triton imports; return the device to run them on ("cuda" or "cpu")."""
     cuda = torch.cuda.is_available()
-    if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
+    if not cuda and not triton_interpret():
         pytest.skip("needs a CUDA GPU or TRITON_INTERPRET=1", allow_module_level=True)
     pytest.importorskip("triton")
     return "cuda" if cuda else "cpu"

@@ -1,9 +1,10 @@
 """Every available backend against the reference over a matrix of sequence lengths (generic: any backend that
 registers is covered, or skipped with its reasons).
 
-Stateless attention for each backend, and prefill + a few decode steps for those with has_decode. float32,
-small geometry (b=16, w=64) so it also runs through the Triton interpreter (nox session `crosscheck`).
-Shape letters: B, HQ, HKV, L, D.
+Stateless attention for each backend, and prefill + a few decode steps for those with decode. float32,
+small geometry (b=16, w=64) over many lengths, then a matrix of geometries (block sizes 16-256, windows of one
+to four blocks, GQA ratios 1-8, LQ < L) at few lengths; all small enough for the Triton interpreter (nox session
+`crosscheck`). Shape letters: B, HQ, HKV, L, LQ, D, b block size, w window.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 import tca
+from conftest import make_qkv
 from tca import reference
 from tca.backends import registry
 from tca.config import TCAConfig
@@ -38,17 +40,17 @@ def _usable(name):
     return registry.get(name).load()
 
 
-def _inputs(HQ, HKV, L, seed, dtype):
-    gen = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(1, h, L, D, generator=gen).to(DEVICE, dtype) for h in (HQ, HKV, HKV))
+def _inputs(HQ, HKV, L, seed, dtype, LQ=None, D=D):
+    return make_qkv(1, HQ, HKV, L, D, LQ=LQ, dtype=dtype, seed=seed, device=DEVICE)
 
 
-def _explain(impl, q, k):
+def _explain(impl, q, k, config=CONFIG):
     """When outputs differ, the selection difference is the first thing to look at."""
-    if not hasattr(impl, "select") or k.shape[2] <= CONFIG.window:
+    if not hasattr(impl, "select") or k.shape[2] <= config.window:
         return ""
-    p = tca.default_budgets(CONFIG.block_size).to(DEVICE).expand(k.shape[1], -1).contiguous()
-    return selection_difference(impl.select(q, k, p, CONFIG, D**-0.5), reference.select(q, k, p, CONFIG, D**-0.5))
+    p = tca.default_budgets(config.block_size).to(DEVICE).expand(k.shape[1], -1).contiguous()
+    scale = q.shape[-1] ** -0.5
+    return selection_difference(impl.select(q, k, p, config, scale), reference.select(q, k, p, config, scale))
 
 
 @pytest.mark.parametrize("HQ,HKV", HEADS)
@@ -70,7 +72,7 @@ def test_attention_matches_reference(backend, L, HQ, HKV):
 @pytest.mark.parametrize("L", [40, 100, 203])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_prefill_decode_matches_reference(backend, L):
-    if not registry.get(backend).has_decode:
+    if not registry.get(backend).supports("decode"):
         pytest.skip(f"backend {backend!r} has no stateful decode")
     _usable(backend)
     DTYPE = _dtype(backend)
@@ -114,3 +116,53 @@ def test_chunked_prefill_matches_reference(backend, mode, chunk):
         got = tca.decode(q[:, :, sl], k[:, :, sl], v[:, :, sl], cache)
         want = tca.decode(qr[:, :, sl], kr[:, :, sl], vr[:, :, sl], ref_cache)
         assert_close(got, want, DTYPE, msg=f"{backend} decode step at position {i} after a {mode} chunked prefill")
+
+
+# (b, w, HQ, HKV, L, LQ): every block size, windows of one to four blocks, GQA ratios 1, 2, 3, 4, 8, LQ < L.
+GEOMETRIES = [
+    (16, 16, 2, 2, 70, 70),
+    (32, 64, 8, 1, 200, 200),
+    (32, 96, 3, 1, 230, 17),
+    (64, 128, 4, 2, 330, 330),
+    (64, 64, 4, 1, 300, 1),
+    (128, 256, 8, 2, 520, 40),
+    (256, 256, 2, 1, 600, 600),
+]
+
+
+@pytest.mark.parametrize("b,w,HQ,HKV,L,LQ", GEOMETRIES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_geometries_match_reference(backend, b, w, HQ, HKV, L, LQ):
+    impl = _usable(backend)
+    dtype = _dtype(backend)
+    config = TCAConfig(block_size=b, window=w)
+    q, k, v = _inputs(HQ, HKV, L, seed=L + b, dtype=dtype, LQ=LQ, D=32)
+    out, lse = tca.attention(q, k, v, config=config, backend=backend, return_lse=True)
+    ref, ref_lse = tca.attention(q.double(), k.double(), v.double(), config=config, backend="reference",
+                                 return_lse=True)
+    try:
+        assert_close(out, ref, dtype)
+        assert_close(lse, ref_lse, dtype, lse=True, msg="lse")
+    except AssertionError as e:
+        raise AssertionError(f"{e}\nselection: {_explain(impl, q, k, config)}") from None
+
+
+@pytest.mark.parametrize("b,w,HQ,HKV,L", [(32, 64, 8, 1, 150), (64, 128, 3, 1, 250)])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decode_geometries_match_reference(backend, b, w, HQ, HKV, L):
+    """Decode steps that cross a block boundary (a block leaves the window) at other block sizes and GQA ratios."""
+    if not registry.get(backend).supports("decode"):
+        pytest.skip(f"backend {backend!r} has no stateful decode")
+    _usable(backend)
+    dtype = _dtype(backend)
+    config = TCAConfig(block_size=b, window=w)
+    steps = b - L % b + 2  # past the next block boundary
+    q, k, v = _inputs(HQ, HKV, L + steps, seed=L, dtype=dtype, D=32)
+    qr, kr, vr = q.double(), k.double(), v.double()
+    _, cache = tca.prefill(q[:, :, :L], k[:, :, :L], v[:, :, :L], config=config, backend=backend)
+    _, ref_cache = tca.prefill(qr[:, :, :L], kr[:, :, :L], vr[:, :, :L], config=config, backend="reference")
+    for i in range(L, L + steps):
+        sl = slice(i, i + 1)
+        got = tca.decode(q[:, :, sl], k[:, :, sl], v[:, :, sl], cache)
+        want = tca.decode(qr[:, :, sl], kr[:, :, sl], vr[:, :, sl], ref_cache)
+        assert_close(got, want, dtype, msg=f"{backend} decode step at position {i}")

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
 import pytest
 
+from tca.backends.common.environment import triton_interpret
+
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
-@pytest.mark.skipif(bool(os.environ.get("TRITON_INTERPRET")), reason="the interpreter changes what triton declares")
+@pytest.mark.skipif(triton_interpret(), reason="the interpreter changes what triton declares")
 def test_backends_page_is_up_to_date():
     spec = importlib.util.spec_from_file_location("generate_backends", DOCS / "generate_backends.py")
     module = importlib.util.module_from_spec(spec)

@@ -19,18 +19,17 @@ import torch
 
 from conftest import make_qkv, random_budgets
 from tca import TCAConfig, reference
+from tca.backends.common import compact
 from tca.backends.flash import fa2, fa3, fa4
 from tca.backends.flash import impl as flash_impl
 from tca.backends.flash.merge import merge_two
-from tca.backends.flash.plan import (
-    PAD_POSITION,
+from tca.backends.flash.segments import (
     global_prefix_counts,
     global_segments,
     local_segments,
     query_blocks,
     rows_with_keys,
 )
-from tca.backends.flash.selection import pad_indices
 from tca.testing import assert_close
 
 # ----------------------------------------------------------------------------------------- the stand-ins
@@ -278,7 +277,7 @@ def test_plan_reads_exactly_the_kept_set_without_overlap(L, LQ, HQ, HKV):
 
     local = local_segments(B, HQ, HKV, L, LQ, b, w, "cpu")
     local_mask = covered_keys(local, torch.arange(B * HKV * L) % L, B, HQ, LQ, L)
-    indices, counts = pad_indices(*selection.padded_indices(fill=-1))
+    indices, counts = compact.from_selection(selection)
     N = indices.shape[-1]
     seen = local_mask
     if N:
@@ -293,21 +292,17 @@ def test_plan_reads_exactly_the_kept_set_without_overlap(L, LQ, HQ, HKV):
 
 
 def _mask_to_padded(mask):
-    counts = mask.sum(-1)
-    n = int(counts.max()) if counts.numel() else 0
-    key = torch.where(mask, torch.arange(mask.shape[-1]), mask.shape[-1])
-    return key.sort(-1).values[..., :n], counts
+    return compact.from_mask(mask, mask.shape[-1])
 
 
 def test_global_prefix_counts_match_a_count():
     gen = torch.Generator().manual_seed(3)
     mask = torch.rand(2, 3, 64, generator=gen) < 0.3
-    indices, counts = pad_indices(*_mask_to_padded(mask))
+    indices, counts = _mask_to_padded(mask)  # padded with L = 64
     lo = torch.tensor([0, 0, 8, 16, 40, 64])
     got = global_prefix_counts(indices, lo)
     want = torch.stack([mask[..., :x].sum(-1) for x in lo.tolist()], dim=-1)
     assert torch.equal(got, want)
-    assert (indices[..., counts.min():] >= 0).all() and PAD_POSITION > 64
 
 
 def test_plan_memory_is_linear_in_keys_and_selected():

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import tca
+from conftest import make_qkv
 from tca import TCAConfig, reference
 from tca.backends import registry
 from tca.testing import assert_close, selection_difference
@@ -31,12 +32,7 @@ CONFIG = TCAConfig(block_size=64, window=256)
 
 
 def make(B, HQ, HKV, L, D, LQ=None, dtype=torch.bfloat16, seed=0):
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    LQ = L if LQ is None else LQ
-    q = torch.randn(B, HQ, LQ, D, generator=gen, device="cuda")
-    k = torch.randn(B, HKV, L, D, generator=gen, device="cuda")
-    v = torch.randn(B, HKV, L, D, generator=gen, device="cuda")
-    return q.to(dtype), k.to(dtype), v.to(dtype)
+    return make_qkv(B, HQ, HKV, L, D, LQ=LQ, dtype=dtype, seed=seed, device="cuda")
 
 
 def budgets_for(HKV, b, seed):

@@ -43,7 +43,7 @@ def test_decode_steps_never_synchronise():
 
 def test_model_decode_step_never_synchronises():
     from tca.models import TCACache, cache_kwargs, enable_tca
-    from tca.models.tiny import tiny_model
+    from tca.models.tiny_random import tiny_model
 
     model = enable_tca(tiny_model("llama", dtype=torch.bfloat16).cuda(), config=tca.TCAConfig(block_size=16, window=64))
     cache = TCACache(model)
@@ -66,7 +66,7 @@ def test_model_decode_step_never_synchronises():
 def test_generate_with_graph_decoding_equals_eager_generate(padded):
     from tca.models import TCACache, cache_kwargs, enable_tca
     from tca.models.graphs import graph_decoding
-    from tca.models.tiny import tiny_model
+    from tca.models.tiny_random import tiny_model
 
     model = enable_tca(tiny_model("llama").cuda(), config=tca.TCAConfig(block_size=16, window=64))
     ids = torch.randint(1, 128, (2, 200), device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
@@ -86,7 +86,7 @@ def test_graph_replays_equal_eager_steps_for_a_dense_static_cache():
 
     from tca.models import cache_kwargs
     from tca.models.graphs import StepGraph
-    from tca.models.tiny import tiny_model
+    from tca.models.tiny_random import tiny_model
 
     model = tiny_model("llama").cuda()
     ids = torch.randint(1, 128, (1, 100), device="cuda")

@@ -13,7 +13,7 @@ import tca
 
 transformers = pytest.importorskip("transformers")
 from tca.models import cache_kwargs, dense_plan, disable_tca, enable_tca, model_shape  # noqa: E402
-from tca.models.tiny import tiny_model  # noqa: E402
+from tca.models.tiny_random import tiny_model  # noqa: E402
 
 CONFIG = tca.TCAConfig(block_size=16, window=32)
 ARCHS = ("llama", "qwen2")

@@ -11,7 +11,7 @@ import tca
 
 transformers = pytest.importorskip("transformers")
 from tca.models import TCACache, cache_kwargs, enable_tca  # noqa: E402
-from tca.models.tiny import tiny_model  # noqa: E402
+from tca.models.tiny_random import tiny_model  # noqa: E402
 
 CONFIG = tca.TCAConfig(block_size=16, window=48)
 NEW = 40  # several blocks leave the window while decoding

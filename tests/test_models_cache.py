@@ -19,7 +19,7 @@ from tca.reference.selection import budget_counts
 transformers = pytest.importorskip("transformers")
 from tca.models import TCACache, cache_kwargs, dense_plan, enable_tca, model_shape  # noqa: E402
 from tca.models.attention import layer_settings, tca_mask  # noqa: E402
-from tca.models.tiny import tiny_model  # noqa: E402
+from tca.models.tiny_random import tiny_model  # noqa: E402
 
 CONFIG = tca.TCAConfig(block_size=16, window=48)
 ARCHS = ("llama", "qwen2")

@@ -15,7 +15,7 @@ from tca.reference.calibration import retained_mass as reference_retained_mass
 transformers = pytest.importorskip("transformers")
 from tca.models import calibrate_model, default_calibration_text, enable_tca  # noqa: E402
 from tca.models.calibration import retained_mass  # noqa: E402
-from tca.models.tiny import tiny_model  # noqa: E402
+from tca.models.tiny_random import tiny_model  # noqa: E402
 
 CONFIG = tca.TCAConfig(block_size=16, window=32)
 
@@ -116,3 +116,22 @@ def test_calibrate_command_writes_a_plan(tmp_path, monkeypatch, capsys):
     assert plan.config == tca.TCAConfig(block_size=16, window=64, tau=0.8)
     assert plan.metadata["model"] == "tiny" and plan.metadata["text"] == str(text)
     assert "wrote" in capsys.readouterr().out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_retained_mass_on_the_gpu_matches_the_reference():
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 8, 600, 64, generator=gen)
+    k = torch.randn(1, 2, 600, 64, generator=gen) * 2
+    candidates = calibration_candidates(16, CONFIG.num_candidates, CONFIG.sigma)
+    on_gpu = retained_mass(q.cuda(), k.cuda(), candidates.cuda(), CONFIG, 0.125, 128, 32).cpu()
+    expected = reference_retained_mass(q.double(), k.double(), candidates, CONFIG, 0.125, 128)
+    torch.testing.assert_close(on_gpu, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_calibration_on_a_backend_without_it_says_why():
+    q, k = torch.randn(1, 2, 80, 64), torch.randn(1, 1, 80, 64)
+    candidates = calibration_candidates(16, CONFIG.num_candidates, CONFIG.sigma)
+    with pytest.raises(tca.BackendUnavailableError, match="no calibration: FlashAttention returns no attention weights"):
+        retained_mass(q, k, candidates, CONFIG, 0.125, backend="flash")

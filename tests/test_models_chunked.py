@@ -16,7 +16,7 @@ from tca.geometry import window_start
 
 transformers = pytest.importorskip("transformers")
 from tca.models import TCACache, cache_kwargs, enable_tca, prefill_in_chunks  # noqa: E402
-from tca.models.tiny import tiny_model  # noqa: E402
+from tca.models.tiny_random import tiny_model  # noqa: E402
 
 CONFIG = tca.TCAConfig(block_size=16, window=48)
 ARCHS = ("llama", "qwen2")

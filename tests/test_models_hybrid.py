@@ -21,7 +21,7 @@ from tca.models import (  # noqa: E402
 )
 from tca.models.attention import tca_attention_forward  # noqa: E402
 from tca.models.cache import TCACacheLayer  # noqa: E402
-from tca.models.tiny import SLIDING_WINDOW, tiny_model  # noqa: E402
+from tca.models.tiny_random import SLIDING_WINDOW, tiny_model  # noqa: E402
 
 CONFIG = tca.TCAConfig(block_size=16, window=48)
 HYBRIDS = ("gemma2", "gemma3", "ministral", "qwen2_hybrid")

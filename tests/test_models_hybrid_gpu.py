@@ -37,7 +37,7 @@ def _generate(model, ids, cache):
 @pytest.mark.parametrize("arch", ["gemma3", "ministral"])
 def test_dense_budgets_on_triton_give_the_models_own_logits(arch):
     from tca.models import TCACache, dense_plan, enable_tca, model_shape
-    from tca.models.tiny import tiny_model
+    from tca.models.tiny_random import tiny_model
 
     model = tiny_model(arch, seed=3).cuda()
     ids = _ids(PROMPT, seed=1)
@@ -51,7 +51,7 @@ def test_dense_budgets_on_triton_give_the_models_own_logits(arch):
 @pytest.mark.parametrize("arch", ["gemma3", "ministral"])
 def test_default_budgets_on_triton_compress_the_full_attention_layers(arch):
     from tca.models import TCACache, enable_tca
-    from tca.models.tiny import SLIDING_WINDOW, tiny_model
+    from tca.models.tiny_random import SLIDING_WINDOW, tiny_model
 
     model = enable_tca(tiny_model(arch, seed=4, dtype=torch.bfloat16).cuda(), config=CONFIG, backend="triton")
     cache = TCACache(model)

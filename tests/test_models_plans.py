@@ -11,7 +11,7 @@ transformers = pytest.importorskip("transformers")
 from tca.models import ModelShape, TCACache, default_plan, enable_tca, model_shape, resolve_plan  # noqa: E402
 from tca.models.plans import shipped_plan_path  # noqa: E402
 from tca.models.smollm2 import smollm2_plan_path  # noqa: E402
-from tca.models.tiny import tiny_model  # noqa: E402
+from tca.models.tiny_random import tiny_model  # noqa: E402
 
 CONFIG = tca.TCAConfig(block_size=16, window=32)
 

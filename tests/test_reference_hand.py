@@ -14,6 +14,7 @@ import tca
 from tca import budgets as B
 from tca import geometry
 from tca import reference as R
+from tca.validation import check_budgets
 
 
 def counts_of(p, J):
@@ -261,10 +262,12 @@ def test_retain_counts():
 
 @pytest.mark.parametrize("excess", [9e-5, -9e-5])
 @pytest.mark.parametrize("J", [7, 100_000])
-def test_counts_of_budgets_summing_to_one_within_tolerance(excess, J):
-    """Validation accepts sums within 1e-4; the counts must still be non-negative and add up to J
-    (beyond the spec's rule: see docs/semantics.md, Questions on the spec, 3)."""
-    p = torch.tensor([0.1, 0.2, 0.3, 0.2, 0.2 + excess], dtype=torch.float64)
-    n = R.budget_counts(p, J)
+def test_budgets_within_tolerance_are_normalised_so_the_counts_add_up_to_J(excess, J):
+    """Validation accepts sums within 1e-4 and divides by the sum (docs/semantics.md section 1); Eq. 7's counts
+    are then non-negative and add up to J even for large J."""
+    p = torch.tensor([[0.1, 0.2, 0.3, 0.2, 0.2 + excess]], dtype=torch.float64)
+    normalised = check_budgets(p, 1, tca.TCAConfig(block_size=16, window=16), "cpu")
+    assert abs(float(normalised.sum()) - 1) < 1e-15
+    n = R.budget_counts(normalised[0], J)
     assert int(n.sum()) == J and (n >= 0).all()
     assert len(R.psi(n, 16)) == J

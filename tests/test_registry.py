@@ -29,7 +29,7 @@ def fake_backend():
 
     def add(**fields) -> Backend:
         fields.setdefault("summary", "a fake backend for tests")
-        fields.setdefault("implementation", "tca.reference.backend:ReferenceBackend")
+        fields.setdefault("implementation", "tca.reference:ReferenceBackend")
         fields.setdefault("devices", ("cpu",))
         fields.setdefault("dtypes", (torch.float32, torch.float64))
         backend = Backend(**fields)
@@ -42,8 +42,9 @@ def fake_backend():
         yield add
     finally:
         for name in added:
-            registry._REGISTRY.pop(name, None)
-        registry._REGISTRY.update(replaced)
+            registry.unregister(name)
+        for backend in replaced.values():
+            registry.register(backend)
 
 
 @pytest.fixture
@@ -92,10 +93,10 @@ def test_environment_reasons_are_reported(fake_backend):
 
 
 def test_backend_without_decode_cannot_prefill(fake_backend):
-    fake_backend(name="fake-nodecode", has_decode=False)
+    fake_backend(name="fake-nodecode", lacks=(("decode", "a test backend"),))
     q, k, v = inputs()
     assert torch.isfinite(tca.attention(q, k, v, config=CFG, backend="fake-nodecode")).all()
-    with pytest.raises(tca.BackendUnavailableError, match="stateful decoding is not implemented"):
+    with pytest.raises(tca.BackendUnavailableError, match=r"stateful decoding is not implemented \(a test backend\)"):
         tca.prefill(q, k, v, config=CFG, backend="fake-nodecode")
 
 
@@ -116,7 +117,7 @@ def test_auto_prefers_the_highest_priority_usable_backend(fake_backend, fresh_an
 
 def test_auto_warns_once_which_backend_it_chose(fresh_announcements):
     q, k, v = inputs()
-    chosen = tca.available_backends()[0]
+    chosen = next(n for n in registry.names() if not registry.get(n).reasons(q.device, q.dtype, q.shape[-1]))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         tca.attention(q, k, v, config=CFG)
@@ -166,3 +167,47 @@ def test_backend_for_absent_devices_is_not_available(fake_backend):
     assert "fake_accel_only" not in tca.available_backends()
     assert any("none of its devices" in r for r in rows["fake_accel_only"]["reasons"])
     assert "reference" in tca.available_backends()
+
+
+def test_resolve_probes_the_environment_once_per_key(fake_backend):
+    probes = []
+    fake_backend(name="fake-probed", environment=lambda: probes.append(1) or [])
+    for _ in range(3):
+        assert registry.resolve("fake-probed", "cpu", torch.float64, 16).name == "fake-probed"
+    assert len(probes) == 1
+    registry.resolve("fake-probed", "cpu", torch.float32, 16)  # another key probes again
+    assert len(probes) == 2
+    registry.forget()
+    registry.resolve("fake-probed", "cpu", torch.float64, 16)
+    assert len(probes) == 3
+
+
+def test_inputs_that_require_grad_need_a_backend_with_gradients(fake_backend, fresh_announcements):
+    fake_backend(name="fake-nograd", priority=10_000, lacks=(("gradients", "no backward kernel"),))
+    q, k, v = (t.requires_grad_() for t in inputs())
+    with pytest.raises(tca.BackendUnavailableError, match="no gradients: no backward kernel"):
+        tca.attention(q, k, v, config=CFG, backend="fake-nograd")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", tca.BackendChoiceWarning)
+        out = tca.attention(q, k, v, config=CFG)  # auto passes over the backend without gradients
+        assert out.grad_fn is not None
+        with torch.no_grad():  # no gradient wanted: the highest priority backend again
+            assert registry.resolve("auto", "cpu", torch.float64, 16).name == "fake-nograd"
+
+
+def test_a_capability_the_registry_does_not_know_is_refused():
+    with pytest.raises(ValueError, match="unknown capabilities"):
+        Backend("fake-typo", "fake", "x:y", devices=("cpu",), dtypes=(torch.float32,), lacks=(("gradient", "typo"),))
+
+
+@pytest.mark.parametrize("name", ["reference", "torch", "triton", "flash"])
+def test_every_registered_implementation_follows_the_protocol(name):
+    if registry.get(name).environment_reasons():
+        pytest.skip(f"{name} cannot be imported here")
+    from tca.backends.protocol import Calibrator, CompactSelector, TCABackend
+
+    impl = registry.get(name).load()
+    assert isinstance(impl, TCABackend)
+    assert isinstance(impl, Calibrator) == registry.get(name).supports("calibration")
+    if name != "reference":  # the oracle speaks in masks only (it imports nothing from tca.backends)
+        assert isinstance(impl, CompactSelector)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import tca
-from conftest import require_triton
+from conftest import make_qkv, require_triton
 from tca import reference
 from tca.budgets import default_budgets
 from tca.config import TCAConfig
@@ -36,8 +36,7 @@ if CUDA:
 
 
 def make(B, HQ, HKV, L, D, seed):
-    gen = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(B, h, L, D, generator=gen).to(DEVICE) for h in (HQ, HKV, HKV))
+    return make_qkv(B, HQ, HKV, L, D, dtype=torch.float32, seed=seed, device=DEVICE)
 
 
 @pytest.mark.parametrize("B,HQ,HKV,L,D,b,w", CASES)

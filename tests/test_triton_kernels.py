@@ -9,9 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import require_triton
+from conftest import make_qkv, require_triton
 from tca import reference
-from tca.budgets import default_budgets
 from tca.config import TCAConfig
 from tca.selection import Selection
 from tca.testing import assert_close
@@ -23,12 +22,7 @@ from tca.backends.triton import ops  # noqa: E402
 
 
 def make(B, HQ, HKV, L, D, LQ=None, dtype=torch.float32, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    LQ = L if LQ is None else LQ
-    q = torch.randn(B, HQ, LQ, D, generator=gen)
-    k = torch.randn(B, HKV, L, D, generator=gen)
-    v = torch.randn(B, HKV, L, D, generator=gen)
-    return (t.to(device=DEVICE, dtype=dtype) for t in (q, k, v))
+    return make_qkv(B, HQ, HKV, L, D, LQ=LQ, dtype=dtype, seed=seed, device=DEVICE)
 
 
 def random_selection(B, HKV, L, b, w, seed=0) -> Selection:
@@ -87,15 +81,6 @@ def test_importance_logits_match_reference():
     ref = reference.selection.last_query_importance(q[:, :, -1].double(), k.double(), scale)
     assert not torch.isnan(s).any()
     torch.testing.assert_close(s.double(), ref, atol=1e-6, rtol=1e-5)
-
-
-@pytest.mark.parametrize("J", [1, 5, 37, 200])
-def test_budget_counts_match_reference(J):
-    gen = torch.Generator().manual_seed(J)
-    p = torch.rand(3, 8, generator=gen, dtype=torch.float64) ** 3
-    p = p / p.sum(-1, keepdim=True)
-    p = torch.cat([p, default_budgets(128)[None]])
-    assert torch.equal(ops.budget_counts(p, J), reference.selection.budget_counts(p, J))
 
 
 def _built_cache(B, HQ, HKV, L, D, config, density, keep, seed):

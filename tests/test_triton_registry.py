@@ -1,4 +1,4 @@
-"""The triton backend's declaration: registered with priority 30, lazy (no triton import), honest reasons.
+"""The triton backend's declaration: lazy (no triton import), honest reasons.
 
 Runs in the plain CPU suite (no marker): it never launches a kernel.
 """
@@ -12,13 +12,6 @@ import torch
 
 from tca.backends import registry
 from tca.backends import triton as triton_spec
-
-
-def test_registered_with_priority_and_lazy_implementation():
-    spec = registry.get("triton")
-    assert spec.priority == 30 and spec.has_decode
-    assert spec.implementation == "tca.backends.triton.ops:TritonBackend"
-    assert (64 in spec.head_dims) and (128 in spec.head_dims)
 
 
 def test_import_tca_does_not_import_triton():
@@ -48,3 +41,13 @@ def test_interpreter_is_fp32_only_on_cpu():
         assert not spec.input_reasons(torch.device("cpu"), torch.float32, 64)
     else:
         assert spec.input_reasons(torch.device("cpu"), torch.float32, 64)  # no interpreter: CUDA only
+
+
+def test_interpret_switch_is_read_as_triton_reads_it(monkeypatch):
+    from tca.backends.common.environment import triton_interpret
+
+    for value, expected in (("1", True), ("true", True), ("On", True), ("0", False), ("", False), ("no", False)):
+        monkeypatch.setenv("TRITON_INTERPRET", value)
+        assert triton_interpret() is expected, value
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert triton_interpret() is False

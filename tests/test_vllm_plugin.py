@@ -36,7 +36,7 @@ def prompts(lengths=PROMPT_LENGTHS, vocab=128):
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
     """A seeded random Llama (2 layers, 4 query / 2 KV heads, head dim 32: vLLM's CPU kernels need >= 32)."""
-    from tca.models.tiny import tiny_model
+    from tca.models.tiny_random import tiny_model
 
     directory = tmp_path_factory.mktemp("tiny-llama")
     tiny_model("llama", hidden_size=128, intermediate_size=256, head_dim=32).save_pretrained(directory)

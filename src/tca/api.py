@@ -24,19 +24,18 @@ def _prepare(q, k, v, budgets, config, scale, layout, backend, decode=False):
     q, k, v = to_bhsd(q, k, v, layout)
     scale = check_scale(scale, q.shape[-1])
     budgets = check_budgets(budgets, k.shape[1], config, q.device)
-    impl = registry.resolve(_by_length(backend, q, k), q.device, q.dtype, q.shape[-1], decode=decode).load()
+    # Inputs that require grad need a backend with a backward pass: "auto" picks one, a named one that has
+    # none raises (never an output silently cut from the graph).
+    needs = ("gradients",) if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)) else ()
+    impl = registry.resolve(_by_length(backend, q, k, needs), q.device, q.dtype, q.shape[-1], decode=decode, needs=needs).load()
     return q, k, v, budgets, config, scale, impl
 
 
-def _by_length(backend: str, q: torch.Tensor, k: torch.Tensor) -> str:
+def _by_length(backend: str, q: torch.Tensor, k: torch.Tensor, needs) -> str:
     """backend="auto" for a long prompt: flash where it is the faster prefill (tca.backends.crossover)."""
     if backend != "auto" or k.shape[2] < crossover(q.device).flash_from:
         return backend
-    try:
-        registry.resolve("flash", q.device, q.dtype, q.shape[-1], decode=True)
-        return "flash"
-    except (registry.BackendUnavailableError, ValueError):
-        return backend
+    return "flash" if registry.usable("flash", q.device, q.dtype, q.shape[-1], needs=needs) else backend
 
 
 def _runs_dense(backend: str, k: torch.Tensor) -> bool:
@@ -198,7 +197,7 @@ def prefill_chunk(q, k, v, state, *, position=None, layout="bhsd"):
     if state.backend is None:  # the first chunk: its shapes validate the scale and budgets, and pick the backend
         scale = check_scale(state.scale, q.shape[-1])
         budgets = check_budgets(state.budgets, k.shape[1], state.config, q.device)
-        spec = registry.resolve(state.requested_backend, q.device, q.dtype, q.shape[-1], decode=True, chunked=True)
+        spec = registry.resolve(state.requested_backend, q.device, q.dtype, q.shape[-1], decode=True, needs=("chunked_prefill",))
         setup = (spec.name, spec.load(), budgets, scale)
     return from_bhsd(state.extend(q, k, v, setup), layout)
 

@@ -41,7 +41,7 @@ class ChunkedPrefill:
         the ones the cache records. backend: a cache bound to one backend (the reference's) continues there; a
         PackedKVCache continues on the named backend with chunked prefill, or for "auto" the best one."""
         name = getattr(cache, "backend", None) or backend
-        spec = registry.resolve(name, cache.device, cache.dtype, cache.head_dim, decode=True, chunked=True)
+        spec = registry.resolve(name, cache.device, cache.dtype, cache.head_dim, decode=True, needs=("chunked_prefill",))
         if getattr(cache, "backend", None) is None and spec.decode_priority is None:
             raise registry.BackendUnavailableError(
                 f"backend {spec.name!r} cannot continue this cache (a PackedKVCache): name a backend that decodes "

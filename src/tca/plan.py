@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .budgets import dense_budgets, expected_cost
 from .config import TCAConfig
 
 FORMAT = "tca-budget-plan/1"
@@ -30,6 +31,21 @@ class HeadBudget:
     def keep_ratio(self, block_size: int) -> float:
         """Expected fraction of each budgeted block kept: E[p*] / b."""
         return self.cost / block_size
+
+
+def choose_budgets(masses: torch.Tensor, candidates: torch.Tensor, tau: float, block_size: int) -> list[HeadBudget]:
+    """Section 6, step 3, per KV head: the cheapest candidate with a_m >= tau (ties to the smaller m), else the
+    dense configuration. masses: [M, HKV], candidates: [M, len(K)]."""
+    costs = expected_cost(candidates)
+    heads = []
+    for h in range(masses.shape[1]):
+        ok = [m for m in range(len(candidates)) if masses[m, h] >= tau]
+        if ok:
+            best = min(ok, key=lambda m: (costs[m].item(), m))
+            heads.append(HeadBudget(candidates[best].tolist(), float(masses[best, h]), float(costs[best]), best))
+        else:
+            heads.append(HeadBudget(dense_budgets(block_size).tolist(), 1.0, float(block_size), None))
+    return heads
 
 
 @dataclass

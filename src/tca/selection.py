@@ -60,8 +60,11 @@ class Selection:
         pad = self.mask.new_zeros(B, H, self.seq_len - self.mask.shape[-1])
         return torch.cat([self.mask, pad], dim=-1)
 
-    def padded_indices(self, fill: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sorted selected positions, padded: ([B, HKV, N_max] int64 with `fill` after the end, counts [B, HKV])."""
+    def padded_indices(self, fill: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sorted selected positions, padded: ([B, HKV, N_max] int64 with `fill` after the end, counts [B, HKV]).
+
+        fill defaults to L (seq_len), the padding of the backends' compact form (tca.backends.common.compact)."""
+        fill = self.seq_len if fill is None else fill
         counts = self.counts
         n_max = int(counts.max()) if counts.numel() else 0
         positions = torch.arange(self.mask.shape[-1], device=self.mask.device).expand_as(self.mask)

@@ -83,7 +83,8 @@ def check_scale(scale, head_dim: int) -> float:
 
 
 def check_budgets(budgets, num_kv_heads: int, config: TCAConfig, device) -> torch.Tensor:
-    """Return the budget configurations as float64 [HKV, len(K)] on `device`."""
+    """Return the budget configurations as float64 [HKV, len(K)] on `device`, each divided by its sum (budgets
+    are accepted when they sum to 1 within BUDGET_SUM_TOLERANCE; after this they sum to 1 up to rounding)."""
     n = config.num_retain_counts
     if budgets is None:
         return default_budgets(config.block_size).to(device).expand(num_kv_heads, n).contiguous()
@@ -111,4 +112,5 @@ def check_budgets(budgets, num_kv_heads: int, config: TCAConfig, device) -> torc
             f"each budget configuration must sum to 1 (within {BUDGET_SUM_TOLERANCE}), got sums {sums.tolist()}; "
             "normalise with budgets / budgets.sum(-1, keepdim=True)"
         )
-    return p.to(device).contiguous()
+    # Normalised once here, so Eq. 7's floors leave between 0 and len(K) units in every backend. [choice]
+    return (p / sums[:, None]).to(device).contiguous()

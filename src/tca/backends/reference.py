@@ -1,7 +1,7 @@
 """Declares the oracle (`tca.reference`) as a backend: exact, any dtype, O(LQ x L) memory.
 
 It is the last resort of backend="auto" and the twin every other backend is checked against. Its
-implementation (tca/reference/backend.py) is imported on first use, like every backend's.
+implementation (tca.reference.ReferenceBackend) is imported on first use, like every backend's.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from .registry import Backend
 SPEC = Backend(
     name="reference",
     summary="readable PyTorch + einops oracle; exact, O(Lq x L) memory, for tests and small inputs",
-    implementation="tca.reference.backend:ReferenceBackend",
+    implementation="tca.reference:ReferenceBackend",
+    lacks=(("varlen", "every batch element has the same length"),),
     devices=("cpu", "cuda"),
     dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
     priority=0,
-    has_chunked_prefill=True,
 )

@@ -3,7 +3,12 @@
 As in xformers' dispatch: `backend="auto"` takes the usable backend of highest priority (the reference is
 the last resort) and says once which it chose; a named backend that cannot run raises an error listing
 its reasons; an unknown name lists the known ones. Implementations are imported lazily, on first use, so
-`import tca` never imports triton, flash_attn or transformers.
+`import tca` never imports triton, flash_attn or transformers. What an implementation provides is the
+`TCABackend` protocol (protocol.py); what it cannot do is declared here, as capabilities with reasons.
+
+`resolve` is memoised per (name, device type, dtype, head dim, capabilities): probing the environment (package
+lookups, GPU properties) costs 0.1-0.4 ms, too much for every attention call of a decode loop. `forget()`
+drops the memo (after installing a package at runtime, or changing an environment variable a backend reads).
 """
 
 from __future__ import annotations
@@ -13,10 +18,19 @@ import importlib.util
 import os
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
+
+# What a backend may lack, beyond devices, dtypes and head dims (declared in Backend.lacks with a reason):
+#   gradients    backward through attention / prefill (inputs that require grad)
+#   decode       stateful prefill + decode on a compressed cache
+#   varlen       sequences of different lengths in one batch (cu_seqlens); no backend has it yet
+#   calibration  retained_mass over calibration rows (section 6), chunked
+#   chunked_prefill  a prompt prefilled chunk by chunk (docs/semantics.md section 5b): exact_chunk,
+#                exact_finish, empty_cache and streaming_chunk on the implementation
+CAPABILITIES = ("gradients", "decode", "varlen", "calibration", "chunked_prefill")
 
 
 class BackendUnavailableError(RuntimeError):
@@ -31,13 +45,10 @@ class BackendChoiceWarning(UserWarning):
 class Backend:
     """What a backend supports, and where its implementation lives.
 
-    implementation: "module:attribute", imported on first use; the object provides
-        attention(q, k, v, budgets, config, scale, return_lse), prefill(q, k, v, budgets, config, scale)
-        and decode(q, k, v, cache), on "bhsd" inputs that passed validation; select(...) and attend(...)
-        when it can also run the two halves (for the layered tests); with has_chunked_prefill, the chunked
-        prefill of docs/semantics.md section 5b: exact_chunk(q, k, v, state, budgets, config, scale) ->
-        (out, new state), exact_finish(state) -> cache, empty_cache(B, HKV, D, dtype, device, budgets, config,
-        scale) -> cache and streaming_chunk(q, k, v, cache, budgets) -> out (mutating the cache).
+    implementation: "module:attribute", imported on first use; the object follows tca.backends.protocol
+        (TCABackend): attention, select, select_indices, attend, and prefill / decode unless it lacks "decode",
+        retained_mass unless it lacks "calibration", on "bhsd" inputs that passed validation.
+    lacks: (capability, why not) pairs, capabilities from CAPABILITIES; anything not listed is supported.
     environment: extra checks of the machine (e.g. a GPU capability), returning reasons.
     """
 
@@ -47,8 +58,7 @@ class Backend:
     devices: tuple[str, ...]
     dtypes: tuple[torch.dtype, ...]
     head_dims: tuple[int, ...] | None = None  # None: any head dim
-    has_decode: bool = True
-    has_chunked_prefill: bool = False  # tca.prefill_chunk (section 5b)
+    lacks: tuple[tuple[str, str], ...] = ()
     priority: int = 0  # "auto" prefers higher
     # Decoding on the shared PackedKVCache: "auto" takes the usable backend of highest decode_priority, whatever
     # backend prefilled (prefill and decode are chosen per phase). None: it cannot decode a PackedKVCache.
@@ -56,6 +66,28 @@ class Backend:
     requires: tuple[tuple[str, str], ...] = ()  # (module, how to install)
     environment: Callable[[], list[str]] | None = field(default=None, compare=False)
     needs: str = ""  # what `environment` checks, in words (for docs and `tca info`)
+
+    def __post_init__(self) -> None:
+        unknown = [c for c, _ in self.lacks if c not in CAPABILITIES]
+        if unknown:
+            raise ValueError(f"backend {self.name!r} lacks unknown capabilities {unknown}; known: {CAPABILITIES}")
+
+    def lacks_reason(self, capability: str) -> str | None:
+        """Why this backend lacks `capability`, or None when it has it."""
+        if capability not in CAPABILITIES:
+            raise ValueError(f"unknown capability {capability!r}; known: {', '.join(CAPABILITIES)}")
+        return dict(self.lacks).get(capability)
+
+    def supports(self, capability: str) -> bool:
+        return self.lacks_reason(capability) is None
+
+    @property
+    def has_decode(self) -> bool:
+        return self.supports("decode")
+
+    @property
+    def has_chunked_prefill(self) -> bool:
+        return self.supports("chunked_prefill")
 
     def environment_reasons(self) -> list[str]:
         """Why this backend cannot run on this machine at all (missing packages, settings)."""
@@ -69,9 +101,9 @@ class Backend:
         return reasons
 
     def input_reasons(
-        self, device: torch.device, dtype: torch.dtype, head_dim: int, decode: bool = False, chunked: bool = False
+        self, device: torch.device, dtype: torch.dtype, head_dim: int, decode: bool = False, needs: Iterable[str] = ()
     ) -> list[str]:
-        """Why this backend cannot run inputs of this device, dtype and head dim."""
+        """Why this backend cannot run inputs of this device, dtype and head dim, with these capabilities."""
         reasons = []
         if device.type not in self.devices:
             reasons.append(f"device '{device.type}' is not supported (supports {', '.join(self.devices)})")
@@ -81,13 +113,17 @@ class Backend:
         if self.head_dims is not None and head_dim not in self.head_dims:
             reasons.append(f"head dim {head_dim} is not supported (supports {', '.join(map(str, self.head_dims))})")
         if decode and not self.has_decode:
-            reasons.append("stateful decoding is not implemented")
-        if chunked and not self.has_chunked_prefill:
-            reasons.append(chunked_prefill_missing())
+            reasons.append(f"stateful decoding is not implemented ({self.lacks_reason('decode')})")
+        for capability in needs:
+            why = self.lacks_reason(capability)
+            if why is not None and capability == "chunked_prefill":
+                reasons.append(chunked_prefill_missing())
+            elif why is not None and capability != "decode":
+                reasons.append(f"no {capability}: {why}")
         return reasons
 
-    def reasons(self, device, dtype, head_dim, decode=False, chunked=False) -> list[str]:
-        return self.environment_reasons() + self.input_reasons(torch.device(device), dtype, head_dim, decode, chunked)
+    def reasons(self, device, dtype, head_dim, decode=False, needs: Iterable[str] = ()) -> list[str]:
+        return self.environment_reasons() + self.input_reasons(torch.device(device), dtype, head_dim, decode, needs)
 
     def load(self):
         module, _, attribute = self.implementation.partition(":")
@@ -96,13 +132,26 @@ class Backend:
 
 _REGISTRY: dict[str, Backend] = {}
 _ANNOUNCED: set[tuple[str, str]] = set()
+_RESOLVED: dict[tuple, tuple[Backend | None, list[str] | dict[str, list[str]]]] = {}
 
 
 def register(backend: Backend) -> Backend:
     """Add a backend (replacing one of the same name). Returns it, so it can decorate a module constant."""
     _REGISTRY[backend.name] = backend
-    _DECODE_CHOICES.clear()
+    forget()
     return backend
+
+
+def unregister(name: str) -> Backend | None:
+    """Remove a backend (tests); returns it, or None if no backend had that name."""
+    forget()
+    return _REGISTRY.pop(name, None)
+
+
+def forget() -> None:
+    """Drop what resolve() remembered: the next call probes the environment again."""
+    _RESOLVED.clear()
+    _DECODE_CHOICES.clear()
 
 
 def get(name: str) -> Backend:
@@ -116,40 +165,68 @@ def names() -> list[str]:
     return [b.name for b in sorted(_REGISTRY.values(), key=lambda b: -b.priority)]
 
 
+def resolve(name: str, device, dtype: torch.dtype, head_dim: int, decode: bool = False, needs: Iterable[str] = ()):
+    """The backend to run: the named one if it can, or for "auto" the best usable one.
+
+    needs: capabilities the call requires (e.g. ("gradients",) when an input requires grad). Memoised per
+    (name, device type, dtype, head dim, decode, needs) and per registry contents (see forget()).
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a string (a name or 'auto'), got {type(name).__name__}")
+    device = torch.device(device)
+    needs = tuple(sorted(set(needs)))
+    key = (name, device.type, dtype, head_dim, decode, needs, id(_REGISTRY), len(_REGISTRY))
+    found = _RESOLVED.get(key)
+    if found is None:
+        found = _RESOLVED[key] = _choose(name, device, dtype, head_dim, decode, needs)
+    backend, why = found
+    if backend is None:
+        if name != "auto":
+            raise BackendUnavailableError(f"backend {name!r} cannot run here: " + "; ".join(why))
+        detail = "\n".join(f"  {n}: {'; '.join(r)}" for n, r in why.items())
+        raise BackendUnavailableError(f"no backend can run these inputs:\n{detail}")
+    if name == "auto":
+        announce = (backend.name, f"{device.type}/{dtype}")
+        if announce not in _ANNOUNCED:
+            _ANNOUNCED.add(announce)
+            warnings.warn(
+                f"tca: backend='auto' chose {backend.name!r} for {announce[1]} inputs "
+                "(name a backend to choose yourself, or filter tca.BackendChoiceWarning)",
+                BackendChoiceWarning,
+                stacklevel=_caller_stacklevel(),
+            )
+    return backend
+
+
+def usable(name: str, device, dtype: torch.dtype, head_dim: int, needs: Iterable[str] = ()) -> bool:
+    """Whether the named backend can run such inputs here (memoised like resolve, never warns)."""
+    try:
+        resolve(name, device, dtype, head_dim, needs=needs)
+    except BackendUnavailableError:
+        return False
+    return True
+
+
+def _choose(name, device, dtype, head_dim, decode, needs):
+    """(backend, None) or (None, its reasons) for a name; (None, {name: reasons}) when "auto" finds none."""
+    if name != "auto":
+        backend = get(name)
+        reasons = backend.reasons(device, dtype, head_dim, decode, needs)
+        return (None, reasons) if reasons else (backend, None)
+    why = {}
+    for candidate in names():
+        backend = _REGISTRY[candidate]
+        reasons = backend.reasons(device, dtype, head_dim, decode, needs)
+        if not reasons:
+            return backend, None
+        why[candidate] = reasons
+    return None, why
+
+
 def chunked_prefill_missing() -> str:
     """The reason a backend without chunked prefill gives, naming those that have it."""
     having = [n for n in names() if _REGISTRY[n].has_chunked_prefill]
     return f"chunked prefill is not implemented (chunked prefill is implemented on: {', '.join(having) or 'none'})"
-
-
-def resolve(name: str, device, dtype: torch.dtype, head_dim: int, decode: bool = False, chunked: bool = False) -> Backend:
-    """The backend to run: the named one if it can, or for "auto" the best usable one."""
-    if not isinstance(name, str):
-        raise TypeError(f"backend must be a string (a name or 'auto'), got {type(name).__name__}")
-    if name != "auto":
-        backend = get(name)
-        reasons = backend.reasons(device, dtype, head_dim, decode, chunked)
-        if reasons:
-            raise BackendUnavailableError(f"backend {name!r} cannot run here: " + "; ".join(reasons))
-        return backend
-    why = {}
-    for candidate in names():
-        backend = _REGISTRY[candidate]
-        reasons = backend.reasons(device, dtype, head_dim, decode, chunked)
-        if not reasons:
-            key = (backend.name, f"{torch.device(device).type}/{dtype}")
-            if key not in _ANNOUNCED:
-                _ANNOUNCED.add(key)
-                warnings.warn(
-                    f"tca: backend='auto' chose {backend.name!r} for {key[1]} inputs "
-                    "(name a backend to choose yourself, or filter tca.BackendChoiceWarning)",
-                    BackendChoiceWarning,
-                    stacklevel=_caller_stacklevel(),
-                )
-            return backend
-        why[candidate] = reasons
-    detail = "\n".join(f"  {n}: {'; '.join(r)}" for n, r in why.items())
-    raise BackendUnavailableError(f"no backend can run these inputs:\n{detail}")
 
 
 _DECODE_CHOICES: dict[tuple, Backend] = {}
@@ -159,8 +236,7 @@ def resolve_decode(name: str, device, dtype: torch.dtype, head_dim: int) -> Back
     """The backend whose kernels decode a PackedKVCache: the named one, or for "auto" the usable one of highest
     decode_priority (each phase takes its fastest backend: e.g. flash prefill, triton decode).
 
-    Memoised per (name, device type, dtype, head dim): a decode step runs once per layer and token, and probing
-    the environment each time would cost more than the attention at short contexts."""
+    Memoised per (name, device type, dtype, head dim), and forgotten with forget()."""
     key = (name, torch.device(device).type, dtype, head_dim)
     choice = _DECODE_CHOICES.get(key)
     if choice is None:
@@ -206,6 +282,7 @@ def report(device=None, dtype=None, head_dim=None) -> list[dict]:
                 "head_dims": "any" if backend.head_dims is None else list(backend.head_dims),
                 "decode": backend.has_decode,
                 "chunked_prefill": backend.has_chunked_prefill,
+                "lacks": dict(backend.lacks),
                 "priority": backend.priority,
             }
         )

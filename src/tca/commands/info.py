@@ -36,7 +36,8 @@ def run(args) -> int:
         status = "available" if row["usable"] else "unavailable"
         dtypes = ",".join(row["dtypes"])
         print(f"  {row['name']:10s} {status:11s} devices={','.join(row['devices'])} dtypes={dtypes} "
-              f"head_dims={row['head_dims']} decode={'yes' if row['decode'] else 'no'}")
+              f"head_dims={row['head_dims']} decode={'yes' if row['decode'] else 'no'} "
+              f"gradients={'no' if 'gradients' in row['lacks'] else 'yes'}")
         print(f"  {'':10s} {row['summary']}")
         for reason in row["reasons"]:
             print(f"  {'':10s} - {reason}")

@@ -1,4 +1,5 @@
-"""A tiny random Llama and a byte tokenizer: the harness end to end in seconds (tests, `--model tiny`).
+"""The harness's `--model tiny`: a byte tokenizer and tca.models.tiny_random's Llama sized for it (tests, smoke
+runs end to end in seconds).
 
 Its scores mean nothing (random weights); it checks that every part of the harness runs.
 """
@@ -25,13 +26,12 @@ class ByteTokenizer:
 
 
 def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32):
-    """A 2-layer Llama, 4 query / 2 KV heads of dim 16, random weights (seeded), in eval mode."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """tca.models.tiny_random's Llama (2 layers, 4 query / 2 KV heads of dim 16, seeded random weights) with the
+    byte tokenizer's vocabulary, and that tokenizer."""
+    from ..models.tiny_random import tiny_model
 
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=ByteTokenizer.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+    model = tiny_model(
+        "llama", seed=seed, dtype=dtype, vocab_size=ByteTokenizer.vocab_size, max_position_embeddings=4096,
         eos_token_id=ByteTokenizer.eos_token_id, pad_token_id=ByteTokenizer.pad_token_id,
     )
-    return LlamaForCausalLM(config).to(dtype).eval(), ByteTokenizer()
+    return model, ByteTokenizer()

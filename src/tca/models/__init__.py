@@ -34,8 +34,8 @@ _EXPORTS = {
     "dense_plan": "plans",
     "resolve_plan": "plans",
     "shipped_plan_path": "plans",
-    "cache_kwargs": "_hf",
-    "cache_argument": "_hf",
+    "cache_kwargs": "cache_argument",
+    "cache_argument": "cache_argument",
     "register_all": "attention",
 }
 

@@ -1,9 +1,9 @@
 """Calibration of a whole model in one forward pass (docs/semantics.md section 6).
 
 A temporary attention implementation ("tca_calibrate") sees each layer's q [B, HQ, L, D] and k [B, HKV, L, D]
-during one dense forward pass, scores every log-Gaussian candidate on R evaluated rows, chunked so that no
-L x L matrix is ever formed (dense rows [B, HKV, G, r, L] for a chunk of r rows at a time), and returns dense
-causal attention so the next layer sees the dense model's activations.
+during one dense forward pass, has a backend score every log-Gaussian candidate on R evaluated rows (the torch
+backend by default: chunked, no L x L matrix, matmuls on the model's device), and returns dense causal
+attention so the next layer sees the dense model's activations.
 
 Legend: B batch, HQ query heads, HKV key/value heads, G = HQ / HKV, L tokens, D head dim, M candidates,
 R evaluated rows.
@@ -12,27 +12,27 @@ R evaluated rows.
 from __future__ import annotations
 
 import contextvars
+import inspect
 import time
 from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 
+from ..backends import registry
 from ..budgets import calibration_candidates, dense_budgets, expected_cost
 from ..config import TCAConfig
-from ..geometry import num_budgeted_blocks
-from ..plan import BudgetPlan, HeadBudget
-from ..reference.attention import kept_key_mask
-from ..reference.calibration import DEFAULT_ROWS, choose_budgets, dense_rows, evaluated_rows
-from ..reference.selection import block_budgets, block_priority, last_query_importance, select_tokens
-from ..selection import Selection
+from ..geometry import DEFAULT_CALIBRATION_ROWS, evaluated_rows
+from ..plan import BudgetPlan, HeadBudget, choose_budgets
 from . import _hf
 from .attention import native_attention, register
 from .enable import native_implementation
 from .shape import check_supported
 
 CALIBRATE_IMPLEMENTATION = "tca_calibrate"
+DEFAULT_ROWS = DEFAULT_CALIBRATION_ROWS
 ROW_CHUNK = 64
+CALIBRATION_BACKEND = "torch"
 _RECORDER: contextvars.ContextVar = contextvars.ContextVar("tca_calibration_recorder", default=None)
 
 
@@ -53,43 +53,33 @@ def calibration_ids(tokenizer, length: int, text: str | None = None, offset_char
 
 
 def retained_mass(q, k, candidates: torch.Tensor, config: TCAConfig, scale: float, num_rows: int = DEFAULT_ROWS,
-                  row_chunk: int = ROW_CHUNK) -> torch.Tensor:
-    """a_m per KV head (section 6), as tca.reference.calibration.retained_mass but over chunks of rows.
+                  row_chunk: int = ROW_CHUNK, backend: str = CALIBRATION_BACKEND) -> torch.Tensor:
+    """a_m per KV head (section 6) on a backend that calibrates (the torch backend by default), rows in chunks.
 
     q: [B, HQ, L, D], k: [B, HKV, L, D], candidates: [M, len(K)]  ->  [M, HKV] float64.
     Peak memory is O(B HQ row_chunk L) instead of O(B HQ R L).
     """
-    B, HQ, L, _ = q.shape
-    HKV, b, w = k.shape[1], config.block_size, config.window
-    J = num_budgeted_blocks(L, b, w)
-    rows = evaluated_rows(L, w, num_rows).to(q.device)
-    importance = last_query_importance(q[:, :, -1], k, scale)  # [B, HKV, L]
-    priority = block_priority(importance, J, b, config.alpha, config.mass_scale)
-    selections = []
-    for p in candidates:
-        per_block = block_budgets(priority, p.expand(HKV, -1), b)
-        selections.append(Selection(select_tokens(importance, per_block, b), per_block, b, w, L))
-    totals = torch.zeros(len(candidates), HKV, dtype=torch.float64, device=q.device)
-    for chunk in rows.split(row_chunk):
-        attn = dense_rows(q, k, chunk, scale)  # [B, HKV, G, r, L]
-        for m, selection in enumerate(selections):
-            kept = kept_key_mask(selection, chunk)  # [B, HKV, r, L]
-            totals[m] += (attn * kept[:, :, None]).sum(-1).to(torch.float64).sum(dim=(0, 2, 3))
-    return totals / (B * (HQ // HKV) * len(rows))
+    impl = registry.resolve(backend, q.device, q.dtype, q.shape[-1], needs=("calibration",)).load()
+    if backend == "torch":
+        return impl.retained_mass(q, k, candidates, config, scale, num_rows, row_chunk)
+    return impl.retained_mass(q, k, candidates, config, scale, num_rows)
 
 
 class _Recorder:
     """Collects a_m per layer while the calibration forward pass runs."""
 
-    def __init__(self, config: TCAConfig, candidates: torch.Tensor, num_rows: int, bar, native_layers=(), native=None):
+    def __init__(self, config: TCAConfig, candidates: torch.Tensor, num_rows: int, bar, backend: str, native_layers=(),
+                 native=None):
         self.config, self.candidates, self.num_rows, self.bar = config, candidates, num_rows, bar
+        self.backend = backend
         self.native_layers, self.native = frozenset(native_layers), native  # layers that keep the model's attention
         self.masses: dict[int, torch.Tensor] = {}
 
     def record(self, layer: int, q, k, scale: float) -> None:
         if layer in self.masses:
             raise RuntimeError(f"layer {layer} was seen twice in one calibration pass")
-        masses = retained_mass(q, k, self.candidates.to(q.device), self.config, scale, self.num_rows)
+        masses = retained_mass(q, k, self.candidates.to(q.device), self.config, scale, self.num_rows,
+                               backend=self.backend)
         self.masses[layer] = masses.cpu()
         if self.bar is not None:
             self.bar.update(1)
@@ -124,12 +114,14 @@ def calibrate_model(
     num_rows: int = DEFAULT_ROWS,
     progress: bool = True,
     text_source: str = "",
+    backend: str = CALIBRATION_BACKEND,
 ) -> BudgetPlan:
     """Section 6 for every layer and KV head of `model` from one forward pass over `input_ids`.
 
     input_ids: [B, L] or [L] token ids, L > config.window (several sequences: a_m is averaged over them).
-    tau overrides config.tau (None keeps it). Returns a BudgetPlan whose metadata names the model, its
-    shape, the text source and the length.
+    tau overrides config.tau (None keeps it). backend: the backend that scores the candidates (one without
+    "calibration" in its lacks: "torch", or "reference" for small checks). Returns a BudgetPlan whose metadata
+    names the model, its shape, the text source and the length.
     """
     _hf.require()
     config = config or TCAConfig()
@@ -154,7 +146,7 @@ def calibrate_model(
     register(CALIBRATE_IMPLEMENTATION, calibrate_attention_forward)  # with TCA's mask rules (causal, no padding)
     bar = _progress_bar(len(shape.tca_layers), progress)
     native = native_implementation(model) if shape.native_layers else None
-    recorder = _Recorder(config, candidates, num_rows, bar, shape.native_layers, native)
+    recorder = _Recorder(config, candidates, num_rows, bar, backend, shape.native_layers, native)
     previous = model.config._attn_implementation
     token = _RECORDER.set(recorder)
     start = time.perf_counter()
@@ -196,8 +188,6 @@ def _unused_entry(num_kv_heads: int, block_size: int) -> list[HeadBudget]:
 
 
 def _accepts(model, name: str) -> bool:
-    import inspect
-
     return name in inspect.signature(model.forward).parameters
 
 

@@ -25,8 +25,25 @@ def attention(q, k, v, budgets, config, scale, return_lse=False):
     return attend(q, k, v, select(q, k, budgets, config, scale), scale, return_lse)
 
 
+class ReferenceBackend:
+    """The oracle as a backend implementation (declared in tca.backends.reference, loaded on first use)."""
+
+    attention = staticmethod(attention)
+    select = staticmethod(select)
+    attend = staticmethod(attend)
+    prefill = staticmethod(prefill)
+    decode = staticmethod(decode_step)
+    retained_mass = staticmethod(retained_mass)
+    # Chunked prefill (section 5b): exact chunks over a dense state, streaming chunks over the cache.
+    exact_chunk = staticmethod(exact_chunk)
+    exact_finish = staticmethod(exact_finish)
+    empty_cache = staticmethod(empty_cache)
+    streaming_chunk = staticmethod(streaming_chunk)
+
+
 __all__ = [
     "DensePrefillState",
+    "ReferenceBackend",
     "ReferenceKVCache",
     "attend",
     "attention",

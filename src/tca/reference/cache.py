@@ -92,10 +92,10 @@ def cache_from_selection(k, v, selection: Selection, budgets: torch.Tensor, conf
     kept = selection.full_mask()
     kept[..., J_b:] = True  # the local part of the last query: [J*b, L)
     B, H = kept.shape[:2]
-    positions = [[kept[b, h].nonzero().squeeze(-1) for h in range(H)] for b in range(B)]
+    positions = [[kept[b, h].nonzero().squeeze(-1) for h in range(H)] for b in range(B)]  # [b][h]: [n] ascending
     return ReferenceKVCache(
-        keys=[[k[b, h, positions[b][h]] for h in range(H)] for b in range(B)],
-        values=[[v[b, h, positions[b][h]] for h in range(H)] for b in range(B)],
+        keys=[[k[b, h, positions[b][h]] for h in range(H)] for b in range(B)],  # [b][h]: [n, D]
+        values=[[v[b, h, positions[b][h]] for h in range(H)] for b in range(B)],  # [b][h]: [n, D]
         positions=positions,
         keep_per_block=block_keep_count(budgets).cpu(),
         config=config,
@@ -120,15 +120,15 @@ def decode_step(q, k, v, cache: ReferenceKVCache) -> torch.Tensor:
     out = torch.empty_like(q)
     for b in range(B):
         for h in range(H):
-            keys = torch.cat([cache.keys[b][h], k[b, h]])
-            values = torch.cat([cache.values[b][h], v[b, h]])
+            keys = torch.cat([cache.keys[b][h], k[b, h]])  # [n + 1, D]
+            values = torch.cat([cache.values[b][h], v[b, h]])  # [n + 1, D]
             positions = torch.cat([cache.positions[b][h], torch.tensor([i], device=cache.positions[b][h].device)])
             queries = q[b, h * G : (h + 1) * G, 0].to(dt)  # [G, D]
             if lo_now > lo_before:
                 keep = _compress_leaving_block(
                     queries, keys, positions, lo_before, lo_now, int(cache.keep_per_block[h]), cache.scale
                 )
-                keys, values, positions = keys[keep], values[keep], positions[keep]
+                keys, values, positions = keys[keep], values[keep], positions[keep]  # [n', D], [n', D], [n']
             logits = einsum(queries, keys.to(dt), "g d, n d -> g n") * cache.scale
             out[b, h * G : (h + 1) * G, 0] = (logits.softmax(-1) @ values.to(dt)).to(q.dtype)
             cache.keys[b][h], cache.values[b][h], cache.positions[b][h] = keys, values, positions
@@ -141,11 +141,11 @@ def _compress_leaving_block(queries, keys, positions, start: int, end: int, keep
     `keep` most important, importance = mean over the group of softmax over the block of scale * q . k."""
     dt = queries.dtype
     in_block = (positions >= start) & (positions < end)
-    block_keys = keys[in_block].to(dt)
+    block_keys = keys[in_block].to(dt)  # [b, D]
     scores = einsum(queries, block_keys, "g d, n d -> g n").mul(scale).softmax(-1).mean(0)
     order = scores.sort(descending=True, stable=True).indices  # ties: smaller position (positions ascend)
     kept_in_block = torch.zeros_like(scores, dtype=torch.bool)
-    kept_in_block[order[:keep]] = True
+    kept_in_block[order[:keep]] = True  # [b]: the top `keep` of the block
     result = ~in_block
     result[in_block] = kept_in_block
     return result

@@ -14,27 +14,17 @@ from collections.abc import Iterable
 import torch
 from einops import einsum, rearrange
 
-from ..budgets import calibration_candidates, dense_budgets, expected_cost
+from ..budgets import calibration_candidates
 from ..config import TCAConfig
-from ..geometry import num_budgeted_blocks
-from ..plan import BudgetPlan, HeadBudget
+from ..geometry import DEFAULT_CALIBRATION_ROWS, evaluated_rows, num_budgeted_blocks
+from ..plan import BudgetPlan, choose_budgets
 from ..selection import Selection
 from ._dtype import compute_dtype
 from .attention import kept_key_mask
 from .selection import block_budgets, block_priority, last_query_importance, select_tokens
 
-DEFAULT_ROWS = 256
-
-
-def evaluated_rows(seq_len: int, window: int, num_rows: int = DEFAULT_ROWS) -> torch.Tensor:
-    """Rows w .. L-1, or R of them evenly spread with both ends included (integer arithmetic)."""
-    if isinstance(num_rows, bool) or not isinstance(num_rows, int) or num_rows < 2:
-        # The spread formula divides by R - 1, and one row cannot include both ends.
-        raise ValueError(f"num_rows must be an int >= 2 (the rows include both w and L-1), got {num_rows!r}")
-    if seq_len - window <= num_rows:
-        return torch.arange(window, seq_len)
-    m = torch.arange(num_rows)
-    return window + (m * (seq_len - 1 - window) + (num_rows - 1) // 2) // (num_rows - 1)
+DEFAULT_ROWS = DEFAULT_CALIBRATION_ROWS
+__all__ = ["DEFAULT_ROWS", "calibrate", "choose_budgets", "dense_rows", "evaluated_rows", "retained_mass"]
 
 
 def dense_rows(q, k, rows: torch.Tensor, scale: float) -> torch.Tensor:
@@ -59,33 +49,16 @@ def retained_mass(q, k, candidates: torch.Tensor, config: TCAConfig, scale: floa
     rows = evaluated_rows(L, w, num_rows).to(q.device)
     attn = dense_rows(q, k, rows, scale)  # [B, HKV, G, R, L]
     # Importance and priority do not depend on the candidate: compute them once.
-    importance = last_query_importance(q[:, :, -1], k, scale)
+    importance = last_query_importance(q[:, :, -1], k, scale)  # [B, HKV, L]
     priority = block_priority(importance, J, b, config.alpha, config.mass_scale)
     masses = []
     for p in candidates:
         per_block = block_budgets(priority, p.expand(HKV, -1), b)
         selection = Selection(select_tokens(importance, per_block, b), per_block, b, w, L)
         kept = kept_key_mask(selection, rows)  # [B, HKV, R, L]
-        rho = (attn * kept[:, :, None]).sum(-1)  # [B, HKV, G, R]
+        rho = (attn * kept[:, :, None]).sum(-1)  # [B, HKV, G, R]: the dense mass each row keeps
         masses.append(rho.to(torch.float64).mean(dim=(0, 2, 3)))
     return torch.stack(masses)
-
-
-def choose_budgets(masses: torch.Tensor, candidates: torch.Tensor, tau: float, block_size: int) -> list[HeadBudget]:
-    """Per KV head: the cheapest candidate with a_m >= tau, else the dense configuration.
-
-    masses: [M, HKV], candidates: [M, len(K)].
-    """
-    costs = expected_cost(candidates)
-    heads = []
-    for h in range(masses.shape[1]):
-        ok = [m for m in range(len(candidates)) if masses[m, h] >= tau]
-        if ok:
-            best = min(ok, key=lambda m: (costs[m].item(), m))
-            heads.append(HeadBudget(candidates[best].tolist(), float(masses[best, h]), float(costs[best]), best))
-        else:
-            heads.append(HeadBudget(dense_budgets(block_size).tolist(), 1.0, float(block_size), None))
-    return heads
 
 
 def calibrate(

@@ -38,68 +38,38 @@ def block_priority(importance: torch.Tensor, num_blocks: int, block_size: int, a
     importance: [B, HKV, L]  ->  [B, HKV, J].
     """
     blocks = rearrange(importance[..., : num_blocks * block_size], "b h (j t) -> b h j t", t=block_size)
-    mass = blocks.sum(-1)
-    squares = (blocks**2).sum(-1)
-    nonzero = mass > 0
-    safe = torch.where(nonzero, mass, 1)
-    herfindahl = squares / safe**2
-    # When every score of a block is tiny (fp32: below ~1e-19), sum s^2 and M^2 underflow: H_j came out NaN
-    # (0/0, which then ranked first) or ~0. There, evaluate the equal sum (s / M)^2, which cannot underflow;
-    # elsewhere keep the literal formula, bit for bit.
-    underflow = squares < torch.finfo(squares.dtype).tiny
-    if bool((underflow & nonzero).any()):
-        scaled = ((blocks / safe[..., None]) ** 2).sum(-1)
-        herfindahl = torch.where(underflow, scaled, herfindahl)
-    herfindahl = torch.where(nonzero, herfindahl, 1)
+    mass = blocks.sum(-1)  # M_j [B, HKV, J]
+    # H_j is a ratio, unchanged when every score of the block is divided by the largest: computed on r = s / max s
+    # (max r = 1), sum r^2 and (sum r)^2 are at least 1 and cannot underflow, however small the scores.
+    peak = blocks.amax(-1, keepdim=True)  # [B, HKV, J, 1]
+    r = blocks / torch.where(peak > 0, peak, 1)
+    herfindahl = torch.where(mass > 0, (r**2).sum(-1) / r.sum(-1) ** 2, 1)
     m = mass * num_blocks if mass_scale == "mean" else mass
     return (1 - alpha) * m + alpha * (1 - herfindahl)
 
 
 def block_ranks(priority: torch.Tensor) -> torch.Tensor:
     """Rank of each block by priority, descending (0 = highest); ties go to the smaller block index."""
-    order = priority.sort(dim=-1, descending=True, stable=True).indices
-    ranks = torch.empty_like(order)
-    ranks.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
-    return ranks
+    order = priority.sort(dim=-1, descending=True, stable=True).indices  # [B, HKV, J] block ids, best first
+    return order.argsort(dim=-1)  # [B, HKV, J]: the inverse permutation, r_j
 
 
 def budget_counts(budgets: torch.Tensor, num_blocks: int) -> torch.Tensor:
     """Eq. 7, counts: n_k = floor(p[k] J), the remaining units to the largest fractional parts. [choice]
 
-    Ties of fractional parts go to the larger k. budgets: [..., len(K)]  ->  int64 [..., len(K)],
-    each row summing to J. Budgets that sum to 1 only within tolerance can leave more units than
-    retain counts, or fewer than none: those are spread over the same order again, or taken back from the
-    smallest fractional parts.
+    Ties of fractional parts go to the larger k. budgets: [..., len(K)] summing to 1 (tca.validation
+    normalises them)  ->  int64 [..., len(K)], each row summing to J.
     """
     exact = budgets.to(torch.float64) * num_blocks
-    counts = exact.floor().long()
-    fraction = exact - counts
+    floors = exact.floor()
+    fraction = exact - floors
     n = budgets.shape[-1]
     # Order retain counts by fraction descending, ties to the larger k: sort larger-k-first, then stably.
     by_k_desc = torch.arange(n - 1, -1, -1, device=budgets.device)
-    order = by_k_desc[fraction[..., by_k_desc].sort(dim=-1, descending=True, stable=True).indices]
-    remaining = num_blocks - counts.sum(-1, keepdim=True)  # [..., 1]
-    # Unit u (0-based) of the remainder goes to order[u % n]: plain largest remainder when remaining < n.
-    slot = torch.arange(n, device=budgets.device)
-    extra = torch.div(remaining - slot - 1, n, rounding_mode="floor") + 1  # units landing on slot s
-    extra = extra.clamp_min(0)
-    counts = counts.scatter_add(-1, order, extra)
-    deficit = (-remaining).clamp_min(0)
-    if bool((deficit > 0).any()):
-        counts = _take_back(counts, fraction, deficit)
-    return counts
-
-
-def _take_back(counts, fraction, deficit):
-    """Remove `deficit` units from the counts with the smallest fractional parts (budgets summing to > 1)."""
-    counts = counts.clone()
-    flat_c, flat_f, flat_d = counts.view(-1, counts.shape[-1]), fraction.reshape(-1, counts.shape[-1]), deficit.view(-1)
-    for row in range(flat_c.shape[0]):
-        for idx in flat_f[row].sort(stable=True).indices.tolist():  # ties: the smaller k gives first
-            while flat_d[row] > 0 and flat_c[row, idx] > 0:
-                flat_c[row, idx] -= 1
-                flat_d[row] -= 1
-    return counts
+    order = by_k_desc[fraction[..., by_k_desc].sort(dim=-1, descending=True, stable=True).indices]  # [..., n]
+    place = order.argsort(dim=-1)  # [..., n]: where each k stands in that order
+    left = num_blocks - floors.sum(-1, keepdim=True)  # units still to give: 0 <= left <= n for normalised p
+    return (floors + (place < left)).long()
 
 
 def psi(counts: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -114,10 +84,10 @@ def block_budgets(priority: torch.Tensor, budgets: torch.Tensor, block_size: int
     priority: [B, HKV, J], budgets: [HKV, len(K)]  ->  int64 [B, HKV, J].
     """
     B, H, J = priority.shape
-    ranks = block_ranks(priority)
-    counts = budget_counts(budgets, J)  # [HKV, len(K)]
-    table = torch.stack([psi(counts[h], block_size) for h in range(H)]) if J else ranks.new_zeros(H, 0)
-    return torch.gather(table.expand(B, H, J), -1, ranks)
+    ranks = block_ranks(priority)  # r_j [B, HKV, J]
+    counts = budget_counts(budgets, J)  # n_k [HKV, len(K)]
+    table = torch.stack([psi(counts[h], block_size) for h in range(H)]) if J else ranks.new_zeros(H, 0)  # Psi [HKV, J]
+    return torch.gather(table.expand(B, H, J), -1, ranks)  # [B, HKV, J]: t_j = Psi[r_j]
 
 
 def select_tokens(importance: torch.Tensor, budgets_per_block: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -127,10 +97,9 @@ def select_tokens(importance: torch.Tensor, budgets_per_block: torch.Tensor, blo
     """
     J = budgets_per_block.shape[-1]
     blocks = rearrange(importance[..., : J * block_size], "b h (j t) -> b h j t", t=block_size)
-    order = blocks.sort(dim=-1, descending=True, stable=True).indices
-    place = torch.empty_like(order)
-    place.scatter_(-1, order, torch.arange(block_size, device=order.device).expand_as(order))
-    keep = place < budgets_per_block[..., None]
+    order = blocks.sort(dim=-1, descending=True, stable=True).indices  # [B, HKV, J, b] offsets, best first
+    place = order.argsort(dim=-1)  # [B, HKV, J, b]: each token's place in its block's order
+    keep = place < budgets_per_block[..., None]  # [B, HKV, J, b]
     return rearrange(keep, "b h j t -> b h (j t)")
 
 
@@ -142,8 +111,8 @@ def select(q: torch.Tensor, k: torch.Tensor, budgets: torch.Tensor, config: TCAC
     L = k.shape[2]
     b = config.block_size
     J = num_budgeted_blocks(L, b, config.window)
-    importance = last_query_importance(q[:, :, -1], k, scale)
-    priority = block_priority(importance, J, b, config.alpha, config.mass_scale)
-    per_block = block_budgets(priority, budgets, b)
-    mask = select_tokens(importance, per_block, b)
+    importance = last_query_importance(q[:, :, -1], k, scale)  # Eq. 5, s [B, HKV, L]
+    priority = block_priority(importance, J, b, config.alpha, config.mass_scale)  # Eq. 6, h [B, HKV, J]
+    per_block = block_budgets(priority, budgets, b)  # Eq. 7, t [B, HKV, J]
+    mask = select_tokens(importance, per_block, b)  # Eq. 8, [B, HKV, J * b]
     return Selection(mask=mask, block_budgets=per_block, block_size=b, window=config.window, seq_len=L)

@@ -97,11 +97,17 @@ SPEC = Backend(
     dtypes=(torch.float16, torch.bfloat16),
     # The head dims every generation runs (FA4 on Blackwell: <= 128 or 256; FA3: 64, 96, 128, 192, 256).
     head_dims=(64, 96, 128, 256),
-    has_decode=True,
+    lacks=(
+        ("gradients", "the LSE merge and the in-place key segments have no backward pass; use backend='torch' "
+         "(or 'auto') for inputs that require grad"),
+        ("varlen", "every batch element has the same length (the varlen calls are internal)"),
+        ("calibration", "FlashAttention returns no attention weights; use the torch backend's calibration"),
+        ("chunked_prefill", "not wired to the shared chunked prefill yet"),
+    ),
     # Below triton (30), measured (docs/benchmarks.md, H100 + FA4): at 128K prefill flash is faster on the Llama
-    # shape (55 vs 72 ms; 52 vs 63 ms in the Triton issue's run) but slower on SmolLM2's (16.5 vs 14.5 ms), slower
-    # below ~32K tokens, and ~40x slower per decode step (FA4's Python overhead on 2-3 small calls). auto picks
-    # the backend once per prefill and decodes on it, so it keeps triton; ask for backend="flash" explicitly.
+    # shape (55 vs 72 ms) but slower on SmolLM2's (16.5 vs 14.5 ms), slower below ~32K tokens, and ~40x slower per
+    # decode step (FA4's Python overhead on 2-3 small calls). So auto prefills on flash only from the measured
+    # length crossover (backends/crossover.py) and decodes on the fastest decode kernels (decode_priority).
     priority=20,
     decode_priority=0,
     environment=environment_reasons,

@@ -1,12 +1,14 @@
 """FlashBackend: TCA-Attention (semantics.md sections 4 and 5) as FlashAttention varlen calls merged by LSE.
 
 Prefill / stateless attention (plan.py says exactly what is sent):
-  1. selection (selection.py): sorted selected positions per (batch, KV head);
+  1. selection: the compact form of tca.backends.common.compact, made by the Triton backend where it can run
+     these inputs (FlashAttention has no top-k), else by the torch backend, both found through the registry;
   2. local call: one sequence per (batch, query head, query block c), keys [lo(c), end(c)) read in place
      from k, causal bottom-right: the block-aligned window of section 2, exactly;
   3. global call: the selected keys gathered once into [B, HKV, N, D]; query block c reads the prefix of
      those before lo(c), not causal;
   4. merge.py: one softmax over both (disjoint) parts.
+segments.py says exactly what each call reads.
 Decode over the PackedKVCache: compress the block leaving the window (scored by the current query, in torch),
 append the new token to the ring, then one query row per (batch, KV head) with its G query heads (native
 GQA) attends the global segment (read in place from the flat buffer) and the ring's window slots (one or two
@@ -23,13 +25,22 @@ import torch
 from ...budgets import block_keep_count
 from ...geometry import window_start
 from ...selection import Selection
-from ..common import decode_torch
+from .. import registry
+from ..common import compact, decode_torch
 from ..common.packed_cache import PackedKVCache
 from ..common.protocol import decode_step
 from .generations import check_inputs, get_adapter
 from .merge import merge
-from .plan import PAD_POSITION, global_prefix_counts, global_segments, local_segments, query_blocks, rows_with_keys
-from .selection import pad_indices, select_indices
+from .segments import global_prefix_counts, global_segments, local_segments, query_blocks, rows_with_keys
+
+
+def select_indices(q, k, budgets, config, scale) -> tuple[torch.Tensor, torch.Tensor]:
+    """Section 3 in the compact form (indices [B, HKV, N] int32 ascending, padded with L; counts [B, HKV] int32),
+    trimmed to N = max(counts): by the Triton backend on a CUDA device where it can run these inputs, else by
+    the torch backend (the same function). q: [B, HQ, LQ, D] (last row), k: [B, HKV, L, D], budgets [HKV, K]."""
+    name = "triton" if q.is_cuda and registry.usable("triton", q.device, q.dtype, q.shape[-1]) else "torch"
+    indices, counts = registry.get(name).load().select_indices(q, k, budgets, config, scale)
+    return compact.trim(indices, counts), counts
 
 
 def _call(adapter, q, k, v, seg, scale):
@@ -39,8 +50,8 @@ def _call(adapter, q, k, v, seg, scale):
 
 
 def attend_indices(q, k, v, indices, counts, block_size: int, window: int, scale: float, return_lse=False, adapter=None):
-    """Section 4 given the selection: q [B, HQ, LQ, D], k, v [B, HKV, L, D] ("bhsd"), indices [B, HKV, N] int64
-    ascending padded with PAD_POSITION, counts [B, HKV]. Returns out [B, HQ, LQ, D] (and lse [B, HQ, LQ] fp32)."""
+    """Section 4 given the selection: q [B, HQ, LQ, D], k, v [B, HKV, L, D] ("bhsd"), indices [B, HKV, N] and
+    counts [B, HKV] in the compact form. Returns out [B, HQ, LQ, D] (and lse [B, HQ, LQ] fp32)."""
     adapter = adapter or get_adapter()
     check_inputs(adapter, q)
     B, HQ, LQ, D = q.shape
@@ -62,7 +73,7 @@ def attend_indices(q, k, v, indices, counts, block_size: int, window: int, scale
             has_global = rows_with_keys(glob, TQ)
             # Gather the selected keys once: row (b, h, n) of [(B HKV N), 1, D] (padding reads key 0, never used).
             base = torch.arange(B * HKV, device=q.device).view(B, HKV, 1) * L
-            rows = (base + indices.clamp(0, L - 1)).reshape(-1)
+            rows = (base + indices.long().clamp_max(L - 1)).reshape(-1)
             ks, vs = kf.index_select(0, rows), vf.index_select(0, rows)
     res_local = _call(adapter, qf, kf, vf, local, scale)
     out, lse = res_local.out, res_local.lse
@@ -167,12 +178,13 @@ class FlashBackend:
     @staticmethod
     def select(q, k, budgets, config, scale) -> Selection:
         indices, counts = select_indices(q, k, budgets, config, scale)
-        return Selection.from_indices(indices.clamp_max(k.shape[2]), counts, config.block_size, config.window,
-                                      k.shape[2])
+        return compact.to_selection(indices, counts, config.block_size, config.window, k.shape[2])
+
+    select_indices = staticmethod(select_indices)
 
     @staticmethod
     def attend(q, k, v, selection: Selection, scale, return_lse=False):
-        indices, counts = pad_indices(*selection.padded_indices(fill=PAD_POSITION))
+        indices, counts = compact.from_selection(selection)
         return attend_indices(q, k, v, indices, counts, selection.block_size, selection.window, scale, return_lse)
 
     @staticmethod
@@ -185,8 +197,7 @@ class FlashBackend:
         indices, counts = select_indices(q, k, budgets, config, scale)
         out = attend_indices(q, k, v, indices, counts, config.block_size, config.window, scale)
         cache = PackedKVCache.from_indices(
-            k, v, indices.clamp_max(k.shape[2] - 1), counts, block_keep_count(budgets), config, scale,
-            kernels=CacheKernels,
+            k, v, indices, counts, block_keep_count(budgets), config, scale, kernels=CacheKernels,
         )
         return out, cache
 

@@ -166,7 +166,8 @@ def _attend_chunk(q, k, v, k_glob, v_glob, valid, selected, p0, p1, lo0, b, wind
         mask = visible if visible.dim() == 4 else visible[None, None]
         logits[..., n + first - lo0 : n + last - lo0].masked_fill_(~mask[:, :, None], -math.inf)
     row_lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-    weights = torch.exp(logits.sub_(row_lse))
+    # In place where no backward needs the logits (logsumexp saves them); out of place when gradients flow.
+    weights = torch.exp(logits - row_lse if logits.requires_grad else logits.sub_(row_lse))
     out = torch.matmul(weights.view(B, HKV, G * R, -1), values.to(dt))
     return out.view(B, HQ, R, D), row_lse.view(B, HQ, R)
 

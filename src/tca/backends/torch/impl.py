@@ -11,11 +11,12 @@ from ...budgets import block_keep_count
 from ...config import TCAConfig
 from ...geometry import num_budgeted_blocks
 from ...selection import Selection
-from ..common import chunked_prefill, decode_torch
+from ..common import chunked_prefill, compact, decode_torch
 from ..common.packed_cache import PackedKVCache
 from ..common.protocol import decode_step
 from . import selection as _selection
 from .attention import attend_indices, causal_sdpa
+from .calibration import retained_mass
 
 
 class TorchBackend:
@@ -23,11 +24,13 @@ class TorchBackend:
 
     select = staticmethod(_selection.select)
     select_indices = staticmethod(_selection.select_indices)
+    choose_leaving = staticmethod(_selection.choose_leaving)  # streaming prefill's Eqs. 6-8 (triton reuses it)
+    retained_mass = staticmethod(retained_mass)
 
     @staticmethod
     def attend(q, k, v, selection: Selection, scale: float, return_lse: bool = False):
         """Eq. 2 given a selection. q [B, HQ, LQ, D], k, v [B, HKV, L, D] -> out (, lse [B, HQ, LQ])."""
-        indices, counts = _selection.mask_to_indices(selection.mask.to(q.device), fill=k.shape[2])
+        indices, counts = compact.from_mask(selection.mask.to(q.device), k.shape[2])
         return attend_indices(
             q,
             k,
@@ -48,7 +51,7 @@ class TorchBackend:
         if num_budgeted_blocks(L, config.block_size, config.window) == 0 and not return_lse and LQ in (L, 1):
             return causal_sdpa(q, k, v, scale)  # L <= w: TCA is exact dense causal attention
         mask, _ = _selection.select_parts(q, k, budgets, config, scale)
-        indices, counts = _selection.mask_to_indices(mask, fill=L)
+        indices, counts = compact.from_mask(mask, L)
         return attend_indices(q, k, v, indices, counts, mask, config.block_size, config.window, scale, return_lse)
 
     @staticmethod
@@ -56,7 +59,7 @@ class TorchBackend:
         """Attention over the prompt (LQ == L) and the PackedKVCache holding Sel U [J*b, L) per KV head."""
         L = k.shape[2]
         mask, _ = _selection.select_parts(q, k, budgets, config, scale)
-        indices, counts = _selection.mask_to_indices(mask, fill=L)
+        indices, counts = compact.from_mask(mask, L)
         if mask.shape[-1] == 0:
             out = causal_sdpa(q, k, v, scale)
         else:
@@ -97,5 +100,5 @@ class TorchBackend:
 
 def attend_virtual(q, keys, values, selected, config: TCAConfig, scale: float):
     """Section 4 given the selection mask selected [B, HKV, P] over the first P keys; q at the end of keys."""
-    indices, counts = _selection.mask_to_indices(selected, fill=keys.shape[2])
+    indices, counts = compact.from_mask(selected, keys.shape[2])
     return attend_indices(q, keys, values, indices, counts, selected, config.block_size, config.window, scale)

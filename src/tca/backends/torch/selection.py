@@ -2,7 +2,7 @@
 
 No L x L tensor: the importance comes from the last query row only (one [HQ, L] softmax). Every tie rule of
 the spec is reproduced with stable sorts (blocks: smaller index first; tokens: smaller position first; budget
-remainders: larger retain count first).
+remainders: larger retain count first; tca.backends.common.block_budgets).
 
 Shape letters: B batch, HQ query heads, HKV key/value heads, G = HQ / HKV, L keys, D head dim,
 J budgeted blocks, b block size, K retain counts (len 1 + log2 b), N selected tokens (padded to the max).
@@ -15,6 +15,8 @@ import torch
 from ...config import TCAConfig
 from ...geometry import num_budgeted_blocks
 from ...selection import Selection
+from ..common import compact
+from ..common.block_budgets import block_keep_from_ranks
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -33,20 +35,14 @@ def last_query_importance(q_last: torch.Tensor, k: torch.Tensor, scale: float) -
 
 
 def block_priority(importance: torch.Tensor, num_blocks: int, block_size: int, alpha: float, mass_scale: str):
-    """Eq. 6 on the budgeted blocks: [B, HKV, L] -> [B, HKV, J] (same arithmetic as the spec's formula)."""
+    """Eq. 6 on the budgeted blocks: [B, HKV, L] -> [B, HKV, J]. The Herfindahl index is evaluated on the scores
+    divided by the block's largest (the same quantity, and it cannot underflow), as the reference does."""
     B, H, _ = importance.shape
     blocks = importance[..., : num_blocks * block_size].reshape(B, H, num_blocks, block_size)
     mass = blocks.sum(-1)
-    squares = (blocks**2).sum(-1)
-    nonzero = mass > 0
-    safe = torch.where(nonzero, mass, 1)
-    herfindahl = squares / safe**2
-    # Tiny (not zero) scores underflow sum s^2 and M^2 (NaN or ~0); the equal sum (s / M)^2 cannot. Same rule
-    # as the reference, so both agree bit for bit.
-    underflow = squares < torch.finfo(squares.dtype).tiny
-    if bool((underflow & nonzero).any()):
-        herfindahl = torch.where(underflow, ((blocks / safe[..., None]) ** 2).sum(-1), herfindahl)
-    herfindahl = torch.where(nonzero, herfindahl, 1)
+    peak = blocks.amax(-1, keepdim=True)
+    scaled = blocks / torch.where(peak > 0, peak, 1)
+    herfindahl = torch.where(mass > 0, (scaled**2).sum(-1) / scaled.sum(-1) ** 2, 1)
     m = mass * num_blocks if mass_scale == "mean" else mass
     return (1 - alpha) * m + alpha * (1 - herfindahl)
 
@@ -59,46 +55,9 @@ def block_ranks(priority: torch.Tensor) -> torch.Tensor:
     return ranks
 
 
-def budget_counts(budgets: torch.Tensor, num_blocks: int) -> torch.Tensor:
-    """Eq. 7 counts n_k = floor(p[k] J) plus the largest remainders (ties to the larger k). [HKV, K] -> int64 [HKV, K].
-    Vectorised, no host synchronisation (the Triton backend uses it too).
-
-    Budgets that sum to 1 only within tolerance may leave K or more units (spread cyclically over the same
-    order) or a deficit (taken back from the smallest fractional parts), as docs/semantics.md fixes it.
-    """
-    exact = budgets.to(torch.float64) * num_blocks
-    counts = exact.floor().long()
-    fraction = exact - counts
-    n = budgets.shape[-1]
-    by_k_desc = torch.arange(n - 1, -1, -1, device=budgets.device)
-    order = by_k_desc[fraction[..., by_k_desc].sort(dim=-1, descending=True, stable=True).indices]
-    remaining = num_blocks - counts.sum(-1, keepdim=True)
-    slot = torch.arange(n, device=budgets.device)
-    extra = (torch.div(remaining - slot - 1, n, rounding_mode="floor") + 1).clamp_min(0)
-    counts = counts.scatter_add(-1, order, extra)
-    # A deficit (budgets summing to a hair over 1) comes back from the smallest fractional parts first, ties
-    # from the smaller k: walk that order (the reverse of `order`), each count giving what is still owed.
-    deficit = (-remaining).clamp_min(0)
-    ascending = order.flip(-1)
-    held = counts.gather(-1, ascending)
-    before = held.cumsum(-1) - held
-    take = torch.minimum((deficit - before).clamp_min(0), held)
-    return counts.scatter_add(-1, ascending, -take)
-
-
 def block_budgets(priority: torch.Tensor, budgets: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Eq. 7: t_j = Psi[r_j]. priority [B, HKV, J], budgets [HKV, K] -> int64 [B, HKV, J].
-
-    Psi (retain counts in descending order, k repeated n_k times) is never materialised: Psi[r] is the k whose
-    cumulative count (largest k first) first exceeds r, found by searchsorted.
-    """
-    B, H, J = priority.shape
-    ranks = block_ranks(priority)
-    counts = budget_counts(budgets, J).to(priority.device)  # [HKV, K]
-    k_desc = 2 ** torch.arange(counts.shape[-1] - 1, -1, -1, device=priority.device)
-    ends = counts.flip(-1).cumsum(-1)  # [HKV, K], cumulative counts with the largest k first
-    slot = torch.searchsorted(ends.expand(B, H, -1).contiguous(), ranks.contiguous(), right=True)
-    return k_desc[slot.clamp_max(counts.shape[-1] - 1)]
+    """Eq. 7: t_j = Psi[r_j]. priority [B, HKV, J], budgets [HKV, K] -> int64 [B, HKV, J]."""
+    return block_keep_from_ranks(block_ranks(priority), budgets.to(priority.device))
 
 
 def select_mask(importance: torch.Tensor, per_block: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -116,22 +75,6 @@ def choose_leaving(importance, num_blocks: int, budgets, config: TCAConfig):
     b = config.block_size
     priority = block_priority(importance, num_blocks, b, config.alpha, config.mass_scale)
     return select_mask(importance, block_budgets(priority, budgets, b), b)
-
-
-def mask_to_indices(mask: torch.Tensor, fill: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Compact a mask [B, HKV, P] into ascending positions [B, HKV, N] int64 padded with `fill`, counts [B, HKV].
-
-    O(P) by a prefix sum (no sort). Padding with fill >= P keeps every row ascending, so searchsorted on a
-    padded row finds the same prefix as on its valid part.
-    """
-    B, H, P = mask.shape
-    counts = mask.sum(-1)
-    n_max = int(counts.max()) if counts.numel() else 0
-    dest = torch.where(mask, mask.long().cumsum(-1) - 1, n_max)  # unselected go to a spare column
-    out = torch.full((B, H, n_max + 1), fill, dtype=torch.int64, device=mask.device)
-    out.scatter_(-1, dest, torch.arange(P, device=mask.device).expand(B, H, P))
-    out[..., n_max] = fill
-    return out[..., :n_max].contiguous(), counts
 
 
 def select_parts(q: torch.Tensor, k: torch.Tensor, budgets: torch.Tensor, config: TCAConfig, scale: float):
@@ -159,8 +102,7 @@ def select(q: torch.Tensor, k: torch.Tensor, budgets: torch.Tensor, config: TCAC
 
 
 def select_indices(q: torch.Tensor, k: torch.Tensor, budgets: torch.Tensor, config: TCAConfig, scale: float):
-    """Selected global positions per KV head, for kernels: (indices [B, HKV, Nmax] int32 ascending, padded with
-    L (past every key, so padded rows stay sorted), counts [B, HKV] int32)."""
+    """The selection in the compact form of tca.backends.common.compact: (indices [B, HKV, N] int32 ascending,
+    padded with L; counts [B, HKV] int32)."""
     mask, _ = select_parts(q, k, budgets, config, scale)
-    indices, counts = mask_to_indices(mask, fill=k.shape[2])
-    return indices.to(torch.int32), counts.to(torch.int32)
+    return compact.from_mask(mask, k.shape[2])

@@ -5,20 +5,19 @@ Declared here without importing triton (the registry imports `ops` on first use)
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from ..common.environment import triton_interpret
 from ..registry import Backend
 
 
 def _environment() -> list[str]:
-    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if torch.cuda.is_available() or triton_interpret():
         return []
     return ["no CUDA device, and TRITON_INTERPRET=1 is not set (the CPU interpreter runs fp32 only, slowly)"]
 
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_INTERPRET = triton_interpret()
 
 SPEC = Backend(
     name="triton",
@@ -28,8 +27,11 @@ SPEC = Backend(
     devices=("cuda", "cpu") if _INTERPRET else ("cuda",),
     dtypes=(torch.float32,) if _INTERPRET and not torch.cuda.is_available() else (torch.float16, torch.bfloat16, torch.float32),
     head_dims=(16, 32, 64, 128),
-    has_decode=True,
-    has_chunked_prefill=True,
+    lacks=(
+        ("gradients", "the kernels have no backward pass; use backend='torch' (or 'auto') for inputs that require grad"),
+        ("varlen", "one length per prefill call: a left-padded batch is prefilled one sequence at a time, then decoded together at per-sequence positions"),
+        ("calibration", "no calibration kernel; the torch backend's chunked calibration runs on CUDA too"),
+    ),
     priority=30,
     decode_priority=30,
     requires=(("triton", 'pip install "tca[triton]"'),),

@@ -5,25 +5,13 @@ query heads of that KV head (row r: head g = r // BLOCK_Q, position p0 + r % BLO
 loads serves the whole group (pack GQA). BLOCK_Q divides b, so all rows of a tile share lo = window_start(p0):
 the tile attends, in one online softmax, to the selected global positions below lo (a prefix of the sorted
 selected list: offsets[lo // b] of them) and then to the local keys [lo, p0 + BLOCK_Q) with a causal mask.
-Softmax in log2 units (exp2), accumulation in fp32.
+Softmax in log2 units (exp2), accumulation in fp32; the step is online_softmax.py's.
 """
 
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _online_step(q, k, v, m_i, l_i, acc, valid, scale_log2, PREC: tl.constexpr, MASK: tl.constexpr):
-    # raw scores; the scale is folded into the exponent (one FMA per score, as in FlashAttention-2)
-    s = tl.dot(q, tl.trans(k), input_precision=PREC)
-    if MASK:
-        s = tl.where(valid, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1) * scale_log2)
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s * scale_log2 - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-    return m_new, l_i, acc
+from .online_softmax import online_softmax_step
 
 
 @triton.jit
@@ -72,14 +60,14 @@ def sparse_prefill_kernel(
         kpos = tl.load(idx_base + offs_n)
         k = tl.load(k_base + kpos[:, None] * stride_kl + offs_d[None, :] * stride_kd)
         v = tl.load(v_base + kpos[:, None] * stride_vl + offs_d[None, :] * stride_vd)
-        m_i, l_i, acc = _online_step(q, k, v, m_i, l_i, acc, None, scale_log2, PREC, False)
+        m_i, l_i, acc = online_softmax_step(q, k, v, m_i, l_i, acc, None, scale_log2, PREC, False)
     if n_full < n_glob:
         offs_n = n_full + tl.arange(0, BLOCK_N)
         n_ok = offs_n < n_glob
         kpos = tl.load(idx_base + offs_n, mask=n_ok, other=0)
         k = tl.load(k_base + kpos[:, None] * stride_kl + offs_d[None, :] * stride_kd, mask=n_ok[:, None], other=0.0)
         v = tl.load(v_base + kpos[:, None] * stride_vl + offs_d[None, :] * stride_vd, mask=n_ok[:, None], other=0.0)
-        m_i, l_i, acc = _online_step(q, k, v, m_i, l_i, acc, n_ok[None, :], scale_log2, PREC, True)
+        m_i, l_i, acc = online_softmax_step(q, k, v, m_i, l_i, acc, n_ok[None, :], scale_log2, PREC, True)
     # local part: whole chunks of [lo, p0) are visible to every row (no mask); the rest up to the diagonal
     # gets the causal mask
     mid = lo + ((p0 - lo) // BLOCK_N) * BLOCK_N
@@ -87,7 +75,7 @@ def sparse_prefill_kernel(
         offs_n = start + tl.arange(0, BLOCK_N)
         k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :] * stride_kd)
         v = tl.load(v_base + offs_n[:, None] * stride_vl + offs_d[None, :] * stride_vd)
-        m_i, l_i, acc = _online_step(q, k, v, m_i, l_i, acc, None, scale_log2, PREC, False)
+        m_i, l_i, acc = online_softmax_step(q, k, v, m_i, l_i, acc, None, scale_log2, PREC, False)
     hi = tl.minimum(p0 + BLOCK_Q, L)
     for start in range(mid, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
@@ -95,7 +83,7 @@ def sparse_prefill_kernel(
         k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :] * stride_kd, mask=n_ok[:, None], other=0.0)
         v = tl.load(v_base + offs_n[:, None] * stride_vl + offs_d[None, :] * stride_vd, mask=n_ok[:, None], other=0.0)
         valid = n_ok[None, :] & (offs_n[None, :] <= pos[:, None])
-        m_i, l_i, acc = _online_step(q, k, v, m_i, l_i, acc, valid, scale_log2, PREC, True)
+        m_i, l_i, acc = online_softmax_step(q, k, v, m_i, l_i, acc, valid, scale_log2, PREC, True)
     out = acc / l_i[:, None]
     tl.store(o_ptr + b * stride_ob + head[:, None] * stride_oh + row[:, None] * stride_ol + offs_d[None, :] * stride_od,
              out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])

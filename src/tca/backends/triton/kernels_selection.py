@@ -54,7 +54,8 @@ def block_scores_kernel(
 ):
     """Eq. 5 (end) and Eq. 6 for one budgeted block j, plus each token's rank inside its block (Eq. 8).
 
-    s = mean over the group of exp2(logit - max) / sum; M_j = sum s, H_j = sum s^2 / M_j^2 (1 if M_j = 0),
+    s = mean over the group of exp2(logit - max) / sum; M_j = sum s, H_j = sum r^2 / (sum r)^2 with
+    r = s / max s (= sum s^2 / M_j^2; 1 if M_j = 0),
     priority = (1 - alpha) * mass_factor * M_j + alpha * (1 - H_j) with mass_factor J ("mean") or 1 ("none").
     rank[t] = number of tokens of the block with larger s, or equal s and smaller position: the top-t
     tokens are those of rank < t (ties to the smaller position), found without a sort (a BS x BS count).
@@ -72,13 +73,11 @@ def block_scores_kernel(
     p = tl.exp2(x - m[:, None]) / z[:, None]
     s = tl.sum(p, axis=0) / G  # [BS]
     mass = tl.sum(s, axis=0)
-    squares = tl.sum(s * s, axis=0)
-    safe = tl.where(mass > 0, mass, 1.0)
-    # as the reference: where sum s^2 underflows (every score below ~1e-19), use the equal sum (s / M)^2
-    scaled = tl.sum((s / safe) * (s / safe), axis=0)
-    tiny = squares < 1.1754943508222875e-38
-    herfindahl = tl.where(tiny, scaled, squares / tl.where(tiny, 1.0, safe * safe))
-    herfindahl = tl.where(mass > 0, herfindahl, 1.0)
+    # as the reference: H on the scores divided by their largest (the same quantity; it cannot underflow)
+    peak = tl.max(s, axis=0)
+    r = s / tl.where(peak > 0, peak, 1.0)
+    r_sum = tl.sum(r, axis=0)
+    herfindahl = tl.where(mass > 0, tl.sum(r * r, axis=0) / tl.where(mass > 0, r_sum * r_sum, 1.0), 1.0)
     priority = (1 - alpha) * mass_factor * mass + alpha * (1 - herfindahl)
     tl.store(priority_ptr + bh * J + j, priority)
     # rank of token i = #{k : s_k > s_i or (s_k == s_i and k < i)}

@@ -8,7 +8,7 @@ J budgeted blocks, b block size, N padded selected positions per KV head (J * b:
 
 from __future__ import annotations
 
-import os
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -16,14 +16,15 @@ import triton
 from ...budgets import block_keep_count
 from ...geometry import num_budgeted_blocks
 from ...selection import Selection
-from ..common import chunked_prefill
+from ..common import chunked_prefill, compact
+from ..common.block_budgets import block_keep_from_ranks
+from ..common.environment import triton_interpret
 from ..common.packed_cache import PackedKVCache
 from ..common.protocol import decode_step
-from ..torch.selection import budget_counts, choose_leaving  # Eq. 7 counts, streaming's choice: shared torch code
 from . import kernels_attention, kernels_decode, kernels_selection
 
 LOG2E = 1.4426950408889634
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+INTERPRET = triton_interpret()  # as Triton itself, fixed when this module is imported
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -62,21 +63,10 @@ def last_query_importance_logits(q_last: torch.Tensor, k: torch.Tensor, scale: f
     return logits, row_max, row_sum
 
 
-def block_keep_from_ranks(ranks: torch.Tensor, budgets: torch.Tensor, block_size: int) -> torch.Tensor:
-    """t_j = Psi[r_j]: ranks [B, HKV, J] int64, budgets [HKV, len(K)] -> int32 [B, HKV, J]."""
-    B, H, J = ranks.shape
-    counts = budget_counts(budgets, J)  # [HKV, len(K)]
-    n = counts.shape[-1]
-    k_desc = 2 ** torch.arange(n - 1, -1, -1, device=ranks.device)
-    ends = counts.flip(-1).cumsum(-1)  # Psi[r] is the k of the first descending group whose end exceeds r
-    group = torch.searchsorted(ends.expand(B, H, n).contiguous(), ranks.contiguous(), right=True).clamp_max(n - 1)
-    return k_desc[group].to(torch.int32)
-
-
 def _select(q: torch.Tensor, k: torch.Tensor, budgets: torch.Tensor, config, scale: float) -> dict:
     """Sections 3.1-3.4 on the device. Returns rank [B,HKV,J*b] int32 (within-block rank), keep [B,HKV,J]
-    int32 (t_j), offsets [B,HKV,J+1] int32, indices [B,HKV,max(J*b,1)] int32 (sorted, padded with -1),
-    counts [B,HKV] int32."""
+    int32 (t_j), offsets [B,HKV,J+1] int32, and the compact form of tca.backends.common.compact: indices
+    [B,HKV,max(J*b,1)] int32 (ascending, padded with L), counts [B,HKV] int32."""
     B, HQ = q.shape[:2]
     HKV, L = k.shape[1], k.shape[2]
     G = HQ // HKV
@@ -87,7 +77,7 @@ def _select(q: torch.Tensor, k: torch.Tensor, budgets: torch.Tensor, config, sca
         zeros = torch.zeros(B, HKV, 1, device=dev, dtype=torch.int32)
         return {
             "rank": zeros[..., :0], "keep": zeros[..., :0], "offsets": zeros,
-            "indices": torch.full((B, HKV, 1), -1, device=dev, dtype=torch.int32), "counts": zeros[..., 0],
+            "indices": torch.full((B, HKV, 1), L, device=dev, dtype=torch.int32), "counts": zeros[..., 0],
         }
     logits, row_max, row_sum = last_query_importance_logits(q[:, :, -1], k, scale)
     priority = torch.empty(B, HKV, J, device=dev, dtype=torch.float32)
@@ -102,17 +92,18 @@ def _select(q: torch.Tensor, k: torch.Tensor, budgets: torch.Tensor, config, sca
     order = priority.sort(dim=-1, descending=True, stable=True).indices
     ranks = torch.empty_like(order)
     ranks.scatter_(-1, order, torch.arange(J, device=dev).expand_as(order))
-    keep = block_keep_from_ranks(ranks, budgets, b)
+    keep = block_keep_from_ranks(ranks, budgets).to(torch.int32)
     offsets = torch.zeros(B, HKV, J + 1, device=dev, dtype=torch.int32)
     torch.cumsum(keep, dim=-1, out=offsets[..., 1:])
-    indices = torch.full((B, HKV, J * b), -1, device=dev, dtype=torch.int32)
+    indices = torch.full((B, HKV, J * b), L, device=dev, dtype=torch.int32)
     kernels_selection.compact_kernel[(B * HKV, J)](rank, keep, offsets, indices, J, indices.stride(1), BS=b)
     return {"rank": rank, "keep": keep, "offsets": offsets, "indices": indices, "counts": offsets[..., -1]}
 
 
 def select_indices(q, k, budgets, config, scale):
-    """The selection as (indices [B, HKV, N] int32 sorted ascending, padded with -1 to N = max(J*b, 1);
-    counts [B, HKV] int32). q: [B, HQ, LQ, D] (last row used), k: [B, HKV, L, D], budgets [HKV, len(K)]."""
+    """The selection in the compact form (tca.backends.common.compact): indices [B, HKV, N] int32 ascending,
+    padded with L to N = max(J*b, 1) (no host sync); counts [B, HKV] int32.
+    q: [B, HQ, LQ, D] (last row used), k: [B, HKV, L, D], budgets [HKV, len(K)]."""
     sel = _select(q, k, budgets, config, scale)
     return sel["indices"], sel["counts"]
 
@@ -127,21 +118,21 @@ def to_selection(sel: dict, config, seq_len: int) -> Selection:
 
 
 # ----------------------------------------------------------------------------------------------- attention
-# Tile overrides per (G padded, D): {"block_q", "block_n", "num_warps", "num_stages"}; the benchmark's short
-# sweep may fill it. Defaults below come from a sweep on an H100 (Llama shape, 32K tokens, bf16).
-TILE_OVERRIDES: dict[tuple[int, int], dict] = {}
+@dataclass(frozen=True)
+class AttentionTiles:
+    """Launch parameters of the sparse prefill kernel. block_q must divide the block size b."""
+
+    block_q: int
+    block_n: int
+    num_warps: int = 8
+    num_stages: int = 3
 
 
-def _attention_tiles(G: int, D: int, block_size: int) -> dict:
+def default_tiles(G: int, D: int, block_size: int) -> AttentionTiles:
+    """The tiles used unless a caller passes its own. From a sweep on an H100 (Llama shape, 32K tokens, bf16);
+    the benchmark's sweep passes its candidates explicitly."""
     g_pad = triton.next_power_of_2(G)
-    tiles = {
-        "block_q": min(block_size, max(16, 128 // g_pad)),
-        "block_n": 64 if D <= 128 else 32,
-        "num_warps": 8,
-        "num_stages": 3,
-    }
-    tiles.update(TILE_OVERRIDES.get((g_pad, D), {}))
-    return tiles
+    return AttentionTiles(block_q=min(block_size, max(16, 128 // g_pad)), block_n=64 if D <= 128 else 32)
 
 
 def sparse_attention(
@@ -150,13 +141,15 @@ def sparse_attention(
     """Eq. 2 given a selection in compact form. q: [B, HQ, LQ, D] (bottom-right aligned), k, v: [B, HKV, L, D];
     indices [B, HKV, N] int32 sorted selected positions; offsets [B, HKV, J+1] int32 (selected below block j).
     Returns out [B, HQ, LQ, D] (q's dtype) and lse [B, HQ, LQ] fp32 when asked.
-    tiles: optional overrides {"block_q", "block_n", "num_warps", "num_stages"} (benchmark sweeps)."""
+    tiles: an AttentionTiles (default: default_tiles(G, D, block_size)); a dict of some of its fields is
+    merged over the defaults (benchmark sweeps)."""
     B, HQ, LQ, D = q.shape
     HKV, L = k.shape[1], k.shape[2]
     G = HQ // HKV
     g_pad = triton.next_power_of_2(G)
-    tiles = {**_attention_tiles(G, D, block_size), **(tiles or {})}
-    block_q, block_n = tiles["block_q"], tiles["block_n"]
+    if tiles is None or isinstance(tiles, dict):
+        tiles = replace(default_tiles(G, D, block_size), **(tiles or {}))
+    block_q, block_n = tiles.block_q, tiles.block_n
     if block_size % block_q:
         raise ValueError(f"the query tile ({block_q}) must divide the block size ({block_size})")
     out = torch.empty_like(q)
@@ -165,7 +158,7 @@ def sparse_attention(
     n_tiles = triton.cdiv(L - first, block_q)
     indices = indices.contiguous()
     offsets = offsets.contiguous()
-    extra = {} if INTERPRET else {"num_warps": tiles["num_warps"], "num_stages": tiles["num_stages"]}
+    extra = {} if INTERPRET else {"num_warps": tiles.num_warps, "num_stages": tiles.num_stages}
     kernels_attention.sparse_prefill_kernel[(n_tiles, B * HKV)](
         q, k, v, out, lse, indices, offsets,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
@@ -177,32 +170,21 @@ def sparse_attention(
     return (out, lse) if return_lse else out
 
 
-def _compact_from_selection(selection: Selection):
-    """(indices [B, HKV, N] int32, offsets [B, HKV, J+1] int32) of a mask-form Selection."""
-    return _compact_from_mask(selection.mask, selection.block_size)
-
-
-def _compact_from_mask(mask: torch.Tensor, block_size: int):
-    """(indices [B, HKV, N] int32 sorted, padded with -1; offsets [B, HKV, J+1] int32) of mask [B, HKV, J*b]."""
-    B, H, P = mask.shape
-    J, b = P // block_size, block_size
-    per_block = mask.view(B, H, J, b).sum(-1)
-    offsets = torch.zeros(B, H, J + 1, dtype=torch.int32, device=mask.device)
-    offsets[..., 1:] = per_block.cumsum(-1)
-    if J == 0:
-        return torch.full((B, H, 1), -1, dtype=torch.int32, device=offsets.device), offsets
-    positions = torch.arange(J * b, device=offsets.device).expand_as(mask)
-    key = torch.where(mask, positions, J * b)
-    indices = key.sort(dim=-1).values
-    indices = torch.where(indices < J * b, indices, -1).to(torch.int32)
-    return indices, offsets
-
-
 def attend_virtual(q, keys, values, selected, config, scale):
     """Section 4 given the selection mask selected [B, HKV, P] over the first P keys (the streaming prefill's
     virtual sequence); q at the end of keys."""
-    indices, offsets = _compact_from_mask(selected, config.block_size)
+    L = keys.shape[2]
+    indices, _ = compact.from_mask(selected, L)
+    offsets = compact.block_offsets(indices, L, config.block_size, config.window)
     return sparse_attention(q, keys, values, indices, offsets, config.block_size, config.window, scale)
+
+
+def choose_leaving(importance, num_blocks: int, budgets, config):
+    """Eqs. 6-8 on a streaming chunk's leaving blocks: the torch backend's, reached through the registry (the
+    backends never import each other)."""
+    from ..registry import get
+
+    return get("torch").load().choose_leaving(importance, num_blocks, budgets, config)
 
 
 # ----------------------------------------------------------------------------------------------- decode
@@ -267,13 +249,16 @@ class CacheKernels:
 class TritonBackend:
     """The `triton` backend (registry name "triton"): inputs are validated "bhsd" tensors."""
 
+    select_indices = staticmethod(select_indices)
+
     @staticmethod
     def select(q, k, budgets, config, scale) -> Selection:
         return to_selection(_select(q, k, budgets, config, scale), config, k.shape[2])
 
     @staticmethod
     def attend(q, k, v, selection: Selection, scale, return_lse=False):
-        indices, offsets = _compact_from_selection(selection)
+        indices, _ = compact.from_selection(selection)
+        offsets = compact.block_offsets(indices, selection.seq_len, selection.block_size, selection.window)
         return sparse_attention(q, k, v, indices, offsets, selection.block_size, selection.window, scale, return_lse)
 
     @staticmethod

@@ -1,4 +1,4 @@
-"""What the flash backend sends to FlashAttention: packed ("varlen") segments reproducing semantics.md section 4.
+"""The packed ("varlen") segments the flash backend sends to FlashAttention, reproducing semantics.md section 4.
 
 Pure torch, no flash import: tests check these plans on CPU.
 
@@ -28,8 +28,6 @@ from dataclasses import dataclass
 import torch
 
 from ...geometry import window_start
-
-PAD_POSITION = torch.iinfo(torch.int32).max  # padding after the selected positions: sorts after every lo(c)
 
 
 @dataclass(frozen=True)
@@ -109,7 +107,7 @@ def local_segments(B: int, HQ: int, HKV: int, L: int, LQ: int, block_size: int, 
 def global_prefix_counts(indices: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
     """n[b, h, c] = number of selected positions < lo(c): the selected prefix query block c sees.
 
-    indices: [B, HKV, N] sorted ascending, padded with PAD_POSITION  ->  [B, HKV, C] int64.
+    indices: [B, HKV, N] in the compact form (ascending, padded with L >= every lo)  ->  [B, HKV, C] int64.
     """
     B, H, _ = indices.shape
     values = lo.to(indices.dtype).view(1, 1, -1).expand(B, H, -1).contiguous()

@@ -1,0 +1,41 @@
+"""Eq. 7 for the backends (docs/semantics.md section 3.3), vectorised, no host synchronisation.
+
+Budgets arrive normalised (tca.validation divides each configuration by its sum), so the floors leave between
+0 and len(K) units and plain largest remainder places them: no cycling, no deficit.
+
+Shape letters: B batch, HKV key/value heads, J budgeted blocks, K retain counts (len 1 + log2 b).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def budget_counts(budgets: torch.Tensor, num_blocks: int) -> torch.Tensor:
+    """n_k = floor(p[k] J) plus one unit for each of the J - sum floor largest fractional parts (ties to the
+    larger k). budgets [..., K] float64 summing to 1  ->  int64 [..., K], each row summing to J."""
+    exact = budgets.to(torch.float64) * num_blocks
+    counts = exact.floor()
+    fraction = exact - counts
+    K = budgets.shape[-1]
+    # Rank of each k by fraction descending, ties to the larger k: sort larger-k-first, then stably.
+    by_k_desc = torch.arange(K - 1, -1, -1, device=budgets.device)
+    order = by_k_desc[fraction[..., by_k_desc].sort(dim=-1, descending=True, stable=True).indices]
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(K, device=budgets.device).expand_as(order))
+    remaining = num_blocks - counts.sum(-1, keepdim=True)  # in [0, K] for normalised budgets
+    return (counts + (rank < remaining)).long()
+
+
+def block_keep_from_ranks(ranks: torch.Tensor, budgets: torch.Tensor) -> torch.Tensor:
+    """t_j = Psi[r_j] (Psi: each retain count k written n_k times, largest first), without building Psi.
+
+    ranks [B, HKV, J] (0 = highest priority), budgets [HKV, K] -> int64 [B, HKV, J]. Psi[r] is the k of the
+    first group (largest k first) whose cumulative count exceeds r: a searchsorted.
+    """
+    B, H, J = ranks.shape
+    counts = budget_counts(budgets, J).to(ranks.device)  # [HKV, K]
+    K = counts.shape[-1]
+    k_desc = 2 ** torch.arange(K - 1, -1, -1, device=ranks.device)
+    ends = counts.flip(-1).cumsum(-1)  # [HKV, K], cumulative counts with the largest k first
+    group = torch.searchsorted(ends.expand(B, H, K).contiguous(), ranks.contiguous(), right=True)
+    return k_desc[group.clamp_max(K - 1)]

@@ -1,0 +1,26 @@
+"""The online-softmax step shared by the Triton attention kernels (FlashAttention-2's recurrence). @triton.jit only.
+
+State per query row: m (running max of the scaled logits, log2 units), l (running sum of exp2(logit - m)),
+acc (running sum of exp2(logit - m) * v). Each step folds in one tile of keys; the caller divides acc by l at
+the end, and the row's natural-log LSE is (m + log2 l) * ln 2.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def online_softmax_step(q, k, v, m_i, l_i, acc, valid, scale_log2, PREC: tl.constexpr, MASK: tl.constexpr):
+    """Fold keys k [N, D], values v [N, D] into the state of the rows q [M, D]: m_i, l_i [M], acc [M, D] fp32.
+
+    valid [M, N] bool (only read when MASK): which keys each row may see. Raw scores, the scale folded into the
+    exponent (one FMA per score). Returns the new (m_i, l_i, acc)."""
+    s = tl.dot(q, tl.trans(k), input_precision=PREC)
+    if MASK:
+        s = tl.where(valid, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1) * scale_log2)
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s * scale_log2 - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    return m_new, l_i, acc
