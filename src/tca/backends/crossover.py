@@ -24,8 +24,10 @@ class Crossover:
 
 # Device name (a substring of torch.cuda.get_device_name) -> crossover. Unknown CUDA devices use the H100's.
 MEASURED = {
-    "H100": Crossover(dense_below=24576, flash_from=32768,
-                      measured="H100 80GB HBM3, torch 2.11, triton 3.6, transformers 5.17, 2026-11-26"),
+    # TTFT of TCA over dense: 0.78x at 8K, 1.01x at 16K, 1.05x at 24K (triton); flash 1.12x vs triton 1.13x at 32K,
+    # 1.45x vs 1.39x at 64K, 2.10x vs 1.88x at 128K (benchmarks/results/e2e_h100.json, e2e_flash_h100.json).
+    "H100": Crossover(dense_below=16384, flash_from=65536,
+                      measured="H100 80GB HBM3, torch 2.11, triton 3.6, FA4 4.0.0b36, transformers 5.17, 2026-11-26"),
 }
 DEFAULT_CUDA = MEASURED["H100"]
 # CPU: the torch backend is not slower than SDPA at the lengths a CPU runs, so TCA runs everywhere.

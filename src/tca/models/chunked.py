@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ._hf import cache_kwargs
+from .cache_argument import cache_kwargs
 from .attention import layer_settings
 from .cache import TCACache
 from .enable import attention_modules

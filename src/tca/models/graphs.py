@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from ._hf import cache_argument
+from .cache_argument import cache_argument
 
 
 class StepGraph:
