@@ -1,7 +1,8 @@
 """Plot and tabulate an end-to-end result of benchmarks/e2e_generate.py: time to first token, decode time per
 token and KV bytes against prompt length, every method in the same colour in every panel.
 
-    python benchmarks/plot_e2e.py benchmarks/results/e2e_h100.json --png docs/benchmarks_e2e.png --markdown
+    python benchmarks/plot_e2e.py benchmarks/results/e2e_h100.json benchmarks/results/e2e_flash_h100.json \
+        --png docs/benchmarks_e2e.png --markdown
 """
 
 from __future__ import annotations
@@ -9,7 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 
-COLOURS = {"dense": "#444444", "dense-kernels": "#999999", "tca-triton": "#1f77b4", "tca-flash": "#d62728",
+COLOURS = {"dense": "#444444", "dense-kernels": "#999999",  # dense-kernels: dense budgets on tca's decode kernels
+ "tca-triton": "#1f77b4", "tca-flash": "#d62728",
            "tca-auto": "#2ca02c"}
 
 
@@ -49,11 +51,12 @@ def plot(results: dict, path: str) -> None:
 
     rows = single_rows(results)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    panels = [("ttft_s", "eager", "time to first token (s)"), ("decode_ms", "graph", "decode ms per token (CUDA graph)"),
-              ("kv_bytes", "eager", "KV cache (GiB)")]
+    # Prefill is eager in both modes: time to first token and KV bytes come from any row of a (method, length).
+    panels = [("ttft_s", None, "time to first token (s)"), ("decode_ms", "graph", "decode ms per token (CUDA graph)"),
+              ("kv_bytes", None, "KV cache (GiB)")]
     for ax, (key, mode, title) in zip(axes, panels, strict=True):
         for method, colour in COLOURS.items():
-            points = sorted((r["length"], r[key]) for r in rows if r["method"] == method and r["mode"] == mode)
+            points = sorted({r["length"]: r[key] for r in rows if r["method"] == method and mode in (None, r["mode"])}.items())
             if not points or (key == "ttft_s" and method == "dense-kernels"):
                 continue
             xs = [p[0] // 1024 for p in points]
@@ -63,21 +66,30 @@ def plot(results: dict, path: str) -> None:
         ax.set_xlabel("prompt length (K tokens)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-    axes[0].legend()
+    handles, labels = axes[1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False)
+    fig.subplots_adjust(bottom=0.25)
     fig.suptitle(f"{results['device']}: Llama-3.1-8B shape, bf16, batch 1 (torch {results['torch']}, "
                  f"transformers {results.get('transformers')})")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=110)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("result")
+    parser.add_argument("results", nargs="+", help="result JSONs; a (length, mode, method) already read is skipped")
     parser.add_argument("--png")
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args(argv)
-    with open(args.result) as f:
-        results = json.load(f)
+    results = None
+    for path in args.results:
+        with open(path) as f:
+            more = json.load(f)
+        if results is None:
+            results = more
+            continue
+        seen = {(r["length"], r.get("mode"), r["method"], r["batch"]) for r in results["rows"]}
+        results["rows"] += [r for r in more["rows"] if (r["length"], r.get("mode"), r["method"], r["batch"]) not in seen]
     if args.png:
         plot(results, args.png)
     if args.markdown:
