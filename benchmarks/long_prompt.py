@@ -331,7 +331,7 @@ def main(argv=None) -> dict:
     if args.cache is None:  # one concrete backend for every run (auto could pick another for tca.prefill)
         from tca.backends import registry
 
-        chosen = registry.resolve(args.backend, device, dtype, shape["head_dim"], decode=True, chunked=True)
+        chosen = registry.resolve(args.backend, device, dtype, shape["head_dim"], decode=True, needs=("chunked_prefill",))
         args.backend = chosen.name
     max_positions = max(args.long_length + args.decode_tokens, args.short_length)
     model = build_model(shape, max_positions, dtype, device, seed=0)
