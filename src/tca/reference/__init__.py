@@ -7,6 +7,7 @@ This package imports nothing from `tca.backends`.
 from .attention import attend, dense_causal_attention, kept_key_mask
 from .cache import ReferenceKVCache, cache_from_selection, decode_step, prefill
 from .calibration import calibrate, evaluated_rows, retained_mass
+from .reselect import ReselectingReferenceCache
 from .chunked import DensePrefillState, empty_cache, exact_chunk, exact_finish, streaming_chunk
 from .selection import (
     block_budgets,
@@ -28,6 +29,7 @@ def attention(q, k, v, budgets, config, scale, return_lse=False):
 __all__ = [
     "DensePrefillState",
     "ReferenceKVCache",
+    "ReselectingReferenceCache",
     "attend",
     "attention",
     "block_budgets",
