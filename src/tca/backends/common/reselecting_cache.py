@@ -234,8 +234,8 @@ class ReselectingCache:
         logits.masked_fill_(~cand_valid[:, :, None], -math.inf)
         scores = logits.softmax(-1).mean(2).masked_fill_(~cand_valid, -math.inf)  # [B, HKV, C]
         # Ties to the smaller position: order the candidates by position, then a stable sort by score.
-        by_pos = torch.where(cand_valid, cand_pos, torch.iinfo(torch.int64).max).argsort(-1, stable=True)
-        ranked = by_pos.gather(-1, scores.gather(-1, by_pos).sort(-1, descending=True, stable=True).indices)
+        by_pos = torch.where(cand_valid, cand_pos, torch.iinfo(torch.int64).max).sort(dim=-1, stable=True).indices
+        ranked = by_pos.gather(-1, scores.gather(-1, by_pos).sort(dim=-1, descending=True, stable=True).indices)
         chosen = torch.zeros_like(cand_valid)
         chosen.scatter_(-1, ranked, torch.arange(N + E, device=device) < a.global_len[..., None])
         leaving = g_valid & ~chosen[..., :N]  # active rows that lose their place
