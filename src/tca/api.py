@@ -11,6 +11,7 @@ import torch
 
 from .backends import registry
 from .backends.common.packed_cache import PackedKVCache
+from .backends.common.reselecting_cache import ReselectingCache
 from .chunked import MODES, ChunkedPrefill
 from .config import TCAConfig
 from .policy import check_policy
@@ -85,8 +86,6 @@ def _reselecting(cache, k, v, policy):
     """The section 5c cache around a section 5 cache, its evicted store filled from the prompt's k, v."""
     if isinstance(cache, ReferenceKVCache):
         return ReselectingReferenceCache.wrap(cache, k, v, policy.every)
-    from .backends.common.reselecting_cache import ReselectingCache
-
     return ReselectingCache.from_prefill(cache, k, v, every=policy.every, offload=policy.offload)
 
 
@@ -94,11 +93,10 @@ def decode(q, k, v, cache, *, layout="bhsd", backend="auto"):
     """Decode one token: compress the block leaving the window, append the token's key/value, attend.
 
     q: [B, HQ, 1, D], k, v: [B, HKV, 1, D] (or "bshd"). Mutates `cache`. A PackedKVCache (every backend but
-    the reference makes one), or the re-selecting cache of `prefill(policy=tca.Reselect(...))`, decodes on `backend`: "auto" takes the fastest decode kernels for the device
-    (Triton on a GPU), whichever backend prefilled; the reference's cache decodes on the reference.
+    the reference makes one) decodes on `backend`: "auto" takes the fastest decode kernels for the device
+    (Triton on a GPU), whichever backend prefilled; the reference's cache decodes on the reference. The caches of
+    `prefill(policy=tca.Reselect(...))` (section 5c) decode the same way, their active set on those kernels.
     """
-    from .backends.common.reselecting_cache import ReselectingCache
-
     q, k, v = to_bhsd(q, k, v, layout)
     if not isinstance(cache, (PackedKVCache, ReferenceKVCache, ReselectingCache, ReselectingReferenceCache)):
         raise TypeError(f"cache must be a cache returned by tca.prefill, got {type(cache).__name__}")

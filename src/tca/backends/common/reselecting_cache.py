@@ -246,6 +246,8 @@ class ReselectingCache:
         out_rows = torch.where(out_valid, g_rows.gather(-1, out_idx), a.global_k.shape[0] - 1)
         leaving_k, leaving_v, leaving_pos = a.global_k[out_rows], a.global_v[out_rows], a.global_pos[out_rows]
         # Entering rows: read from the store (values only for the rows that move), written into the leavers' rows.
+        # Offloaded: this device-to-host copy waits for the stream, so the asynchronous reads of the pinned store
+        # above are done before the store is written below.
         store_idx = in_idx.to(self.evicted_k.device)
         for flat, store in ((a.global_k, self.evicted_k), (a.global_v, self.evicted_v), (a.global_pos, self.evicted_pos)):
             rows_in = store.gather(2, _expand_like(store_idx, store)).to(device, non_blocking=True)
