@@ -274,7 +274,8 @@ class ReselectingCache:
     def _grow_store(self, need: int) -> None:
         if need <= self.evicted_columns:
             return
-        grown = self._widened(max(need, 2 * self.evicted_columns))
+        # Room for 8 more leaving blocks: growth (a copy of the store) is rare, and the spare stays small.
+        grown = self._widened(need + 8 * self.active.config.block_size)
         layout = _StoreLayout(self.active.device, self.offload)
         self.evicted_k, self.evicted_v, self.evicted_pos = (layout.put(t) for t in grown)
 
