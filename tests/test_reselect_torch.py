@@ -103,3 +103,7 @@ def test_policy_errors():
     q, k, v = make_qkv(1, 2, 1, 40, 8)
     with pytest.raises(TypeError, match="policy must be None"):
         tca.prefill(q, k, v, policy="reselect")
+    for backend in ("torch", "reference"):
+        _, cache = tca.prefill(q, k, v, config=tca.TCAConfig(16, 16), backend=backend, policy=tca.Reselect(every=2))
+        with pytest.raises(ValueError, match="cannot continue a streaming prefill"):
+            tca.start_prefill(mode="streaming", cache=cache)

@@ -159,6 +159,11 @@ def start_prefill(*, mode="exact", budgets=None, config=None, scale=None, backen
     """
     if cache is None:
         return ChunkedPrefill(mode, budgets, check_config(config), scale, backend)
+    if isinstance(cache, (ReselectingCache, ReselectingReferenceCache)):
+        raise ValueError(
+            "a re-selecting cache (policy=tca.Reselect) cannot continue a streaming prefill (semantics.md section 5c); "
+            "prefill the whole prompt with tca.prefill, or use policy=None"
+        )
     for name in ("backend", "seq_len", "num_kv_heads", "config", "scale"):
         if not hasattr(cache, name):
             raise TypeError(
