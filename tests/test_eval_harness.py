@@ -94,3 +94,30 @@ def test_full_cache_twin_shares_the_plan_and_keeps_everything():
     assert list(runner.plans) == [compressed.name]
     assert report.kept_fraction(results, full.name) == 1.0
     assert report.kept_fraction(results, compressed.name) < 0.6
+
+
+def test_reselecting_variant_shares_the_plan_reads_as_much_and_holds_everything():
+    import torch
+
+    from tca.eval.harness import Grid, evaluate
+    from tca.eval.methods import Runner, fixed, reselecting
+    from tca.eval.presets import TINY_CONFIG
+    from tca.eval.tiny import tiny_llama
+
+    model, tokenizer = tiny_llama(seed=1)
+    paper = fixed(1, TINY_CONFIG)
+    every16, offloaded = reselecting(paper, 16), reselecting(paper, 1, offload=True)
+    runner = Runner(model, "auto", torch.zeros(1, 8, dtype=torch.long), progress=False)
+    grid = Grid(tasks=["niah_single"], lengths=[512], depths=[0.5], ppl_lengths=[])
+    results = evaluate(runner, tokenizer, [paper, every16, offloaded], grid, progress=False)
+    assert list(runner.plans) == [paper.name]
+    row = {r["method"]: r for r in results["needles"]}
+    assert results["methods"][every16.name]["policy"] == {"reselect_every": 16, "offload": False}
+    # The same tokens read by attention; the store holds the rest, on the device or in host memory.
+    assert row[every16.name]["kept_fraction"] == row[paper.name]["kept_fraction"] < 0.6
+    assert row[every16.name]["device_bytes"] > row[paper.name]["device_bytes"] == row[paper.name]["cache_bytes"]
+    assert row[offloaded.name]["device_bytes"] == row[paper.name]["device_bytes"]
+    assert row[offloaded.name]["offloaded_bytes"] > 0 == row[every16.name]["offloaded_bytes"]
+    # Re-selection reads the keys before the window once per period on top of the active set.
+    assert row[paper.name]["read_bytes_per_step"] < row[every16.name]["read_bytes_per_step"]
+    assert row[every16.name]["read_bytes_per_step"] < row[offloaded.name]["read_bytes_per_step"]

@@ -26,6 +26,7 @@ from .budgets import default_budgets, dense_budgets, log_gaussian_budgets
 from .chunked import ChunkedPrefill
 from .config import TCAConfig
 from .plan import BudgetPlan
+from .policy import Reselect
 from .selection import Selection
 
 __version__ = "0.1.0"
@@ -34,6 +35,7 @@ __all__ = [
     "BackendChoiceWarning",
     "BackendUnavailableError",
     "BudgetPlan",
+    "Reselect",
     "ChunkedPrefill",
     "Selection",
     "TCAConfig",

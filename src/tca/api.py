@@ -12,10 +12,13 @@ import torch
 from .backends import registry
 from .backends.common import dense
 from .backends.common.packed_cache import PackedKVCache
+from .backends.common.reselecting_cache import ReselectingCache
 from .backends.crossover import crossover
 from .chunked import MODES, ChunkedPrefill
 from .config import TCAConfig
+from .policy import check_policy
 from .reference.cache import ReferenceKVCache
+from .reference.reselect import ReselectingReferenceCache
 from .validation import check_budgets, check_config, check_scale, from_bhsd, to_bhsd
 
 
@@ -75,12 +78,16 @@ def attention(
     return from_bhsd(result, layout)
 
 
-def prefill(q, k, v, *, budgets=None, config=None, scale=None, layout="bhsd", backend="auto"):
+def prefill(q, k, v, *, budgets=None, config=None, scale=None, layout="bhsd", backend="auto", policy=None):
     """Prefill a prompt: TCA attention over it (LQ == L) and the compressed KV cache of section 5.
 
     Returns (out, cache). The cache keeps, per batch element and KV head, exactly the selected global
     tokens and the local window; `cache.nbytes` is its real size. Continue with `decode`.
+    policy: None (section 5, the paper's rule: evicted tokens are dropped) or tca.Reselect(every=N, offload=...)
+    (section 5c: evicted tokens are kept, on the device or in host memory, and the active tokens are chosen again
+    by the current query every N decode steps; every=0 is section 5).
     """
+    policy = check_policy(policy)
     q, k, v, budgets, config, scale, impl = _prepare(q, k, v, budgets, config, scale, layout, backend, decode=True)
     if q.shape[2] != k.shape[2]:
         raise ValueError(
@@ -92,7 +99,16 @@ def prefill(q, k, v, *, budgets=None, config=None, scale=None, layout="bhsd", ba
     else:
         out, cache = impl.prefill(q, k, v, budgets, config, scale)
     cache.num_query_heads = q.shape[1]  # decode checks it: another head count would silently regroup heads
+    if policy is not None and policy.active:
+        cache = _reselecting(cache, k, v, policy)
     return from_bhsd(out, layout), cache
+
+
+def _reselecting(cache, k, v, policy):
+    """The section 5c cache around a section 5 cache, its evicted store filled from the prompt's k, v."""
+    if isinstance(cache, ReferenceKVCache):
+        return ReselectingReferenceCache.wrap(cache, k, v, policy.every)
+    return ReselectingCache.from_prefill(cache, k, v, every=policy.every, offload=policy.offload)
 
 
 def decode(q, k, v, cache, *, layout="bhsd", backend="auto"):
@@ -100,10 +116,11 @@ def decode(q, k, v, cache, *, layout="bhsd", backend="auto"):
 
     q: [B, HQ, 1, D], k, v: [B, HKV, 1, D] (or "bshd"). Mutates `cache`. A PackedKVCache (every backend but
     the reference makes one) decodes on `backend`: "auto" takes the fastest decode kernels for the device
-    (Triton on a GPU), whichever backend prefilled; the reference's cache decodes on the reference.
+    (Triton on a GPU), whichever backend prefilled; the reference's cache decodes on the reference. The caches of
+    `prefill(policy=tca.Reselect(...))` (section 5c) decode the same way, their active set on those kernels.
     """
     q, k, v = to_bhsd(q, k, v, layout)
-    if not isinstance(cache, (PackedKVCache, ReferenceKVCache)):
+    if not isinstance(cache, (PackedKVCache, ReferenceKVCache, ReselectingCache, ReselectingReferenceCache)):
         raise TypeError(f"cache must be a cache returned by tca.prefill, got {type(cache).__name__}")
     if q.shape[2] != 1 or k.shape[2] != 1:
         raise ValueError(f"decode takes one new token: q and k must have 1 position, got {q.shape[2]} and {k.shape[2]}")
@@ -127,7 +144,11 @@ def decode(q, k, v, cache, *, layout="bhsd", backend="auto"):
                 f"the cache holds {what} {expected} but the new token is {given}; decode with the same {what} "
                 "as tca.prefill (convert with .to(...))"
             )
-    if isinstance(cache, PackedKVCache):
+    if isinstance(cache, ReselectingReferenceCache):
+        from .reference.reselect import decode_step
+
+        return from_bhsd(decode_step(q, k, v, cache), layout)
+    if isinstance(cache, (PackedKVCache, ReselectingCache)):  # a re-selecting cache decodes on its active set's kernels
         impl = registry.resolve_decode(backend, q.device, q.dtype, q.shape[-1]).load()
     else:
         impl = registry.get("reference").load()
@@ -160,6 +181,11 @@ def start_prefill(*, mode="exact", budgets=None, config=None, scale=None, backen
     """
     if cache is None:
         return ChunkedPrefill(mode, budgets, check_config(config), scale, backend)
+    if isinstance(cache, (ReselectingCache, ReselectingReferenceCache)):
+        raise ValueError(
+            "a re-selecting cache (policy=tca.Reselect) cannot continue a streaming prefill (semantics.md section 5c); "
+            "prefill the whole prompt with tca.prefill, or use policy=None"
+        )
     for name in ("seq_len", "num_kv_heads", "head_dim", "dtype", "device", "config", "scale"):
         if not hasattr(cache, name):
             raise TypeError(

@@ -86,7 +86,8 @@ def generate(runner: Runner, input_ids: list[int], max_new_tokens: int, tokenize
     )
     seconds = time.perf_counter() - start
     text = tokenizer.decode(out[0, ids.shape[1] :].tolist(), skip_special_tokens=True)
-    return text, {"kept_fraction": runner.kept_fraction(cache), "cache_bytes": runner.cache_bytes(cache), "seconds": seconds}
+    stats = {"kept_fraction": runner.kept_fraction(cache), "cache_bytes": runner.cache_bytes(cache), "seconds": seconds}
+    return text, {**stats, **runner.traffic(cache)}
 
 
 @torch.no_grad()

@@ -12,7 +12,9 @@ import torch
 
 from ..budgets import expected_cost, log_gaussian_budgets
 from ..config import TCAConfig
+from ..geometry import window_start
 from ..plan import BudgetPlan
+from ..policy import Reselect
 
 # The small-model configuration: SmolLM2-135M is evaluated at 2K-8K tokens, so the paper's b=128, w=4096
 # would leave nothing to select at 2K-4K. b=64, w=512 budgets 75% of a 2K context and 94% of an 8K one.
@@ -27,6 +29,7 @@ class Method:
     every layer gets the log-Gaussian budgets of mean `mu`, no calibration).
     cache: "compressed" (TCACache: what TCA deploys) or "full" (a diagnostic: TCA attention with
     transformers' dense cache, so each decode step selects afresh from everything and nothing is dropped).
+    policy: the compressed cache's decode policy (None: the paper's rule; tca.Reselect: section 5c).
     """
 
     name: str
@@ -34,6 +37,7 @@ class Method:
     config: TCAConfig | None = None
     mu: float | None = None
     cache: str = "compressed"  # "full": TCA attention over a dense cache (a fresh selection at every step)
+    policy: Reselect | None = None
 
     def describe(self) -> dict:
         return {
@@ -42,6 +46,7 @@ class Method:
             "config": self.config.to_dict() if self.config else None,
             "mu": self.mu,
             "cache": self.cache,
+            "policy": None if self.policy is None else {"reselect_every": self.policy.every, "offload": self.policy.offload},
         }
 
 
@@ -56,6 +61,11 @@ def calibrated(tau: float, config: TCAConfig = SMALL_MODEL_CONFIG, name: str | N
 def fixed(mu: float, config: TCAConfig = SMALL_MODEL_CONFIG, name: str | None = None) -> Method:
     keep = float(expected_cost(log_gaussian_budgets(mu, config.sigma, config.block_size))) / config.block_size
     return Method(name or f"tca-fixed{round(100 * keep)}", "fixed", config, mu)
+
+
+def reselecting(method: Method, every: int, offload: bool = False) -> Method:
+    """`method` decoding with re-selection every `every` steps (section 5c), on the same plan."""
+    return replace(method, name=f"{method.name}-reselect{every}", policy=Reselect(every=every, offload=offload))
 
 
 def load_model(device: str = "cpu", dtype: torch.dtype = torch.float32):
@@ -93,7 +103,8 @@ class Runner:
     def plan(self, method: Method) -> BudgetPlan | None:
         if method.kind == "dense":
             return None
-        key = method.name.removesuffix("-fullcache")  # the diagnostic twin shares its method's plan
+        # The diagnostic twin and the re-selecting variants share their method's plan.
+        key = method.name.removesuffix("-fullcache").split("-reselect")[0]
         if key not in self.plans:
             if method.kind == "fixed":
                 self.plans[key] = fixed_plan(self.model, method)
@@ -128,7 +139,7 @@ class Runner:
         if self.active is not None and self.active.kind != "dense" and self.active.cache == "compressed":
             from ..models import TCACache
 
-            return TCACache(self.model)
+            return TCACache(self.model, policy=self.active.policy)
         from transformers import DynamicCache
 
         return DynamicCache()
@@ -137,6 +148,31 @@ class Runner:
     def kept_fraction(cache) -> float:
         """Fraction of the KV positions the cache holds (1 for a dense cache)."""
         return float(cache.kept_fraction()) if hasattr(cache, "kept_fraction") else 1.0
+
+    @staticmethod
+    def traffic(cache) -> dict:
+        """Where the KV bytes live and how many a decode step reads (section 5c "cost"), all layers.
+
+        device_bytes / offloaded_bytes: allocated on the device / in host memory; read_bytes_per_step: the keys
+        and values attention reads (the active set; everything for a dense cache) plus, with re-selection, the
+        keys of every candidate once per re-selection, divided by the period."""
+        if not hasattr(cache, "device_nbytes"):  # transformers' dense cache: every step reads all of it
+            total = Runner.cache_bytes(cache)
+            return {"device_bytes": total, "offloaded_bytes": 0, "read_bytes_per_step": total}
+        read = 0
+        for layer in cache.layers:
+            state = layer.state
+            if state is None:
+                continue
+            active = getattr(state, "active", state)  # a re-selecting cache reads its active set
+            read += int(getattr(active, "used_nbytes", active.nbytes))
+            if active is not state:  # + the keys of every candidate (tokens before the window) once per period
+                b, w = active.config.block_size, active.config.window
+                seen = getattr(active, "seq_lens", [active.seq_len] * active.batch_size)
+                candidates = sum(window_start(n - 1, b, w) for n in seen) * active.num_kv_heads
+                read += candidates * active.head_dim * active.dtype.itemsize // state.every
+        return {"device_bytes": int(cache.device_nbytes), "offloaded_bytes": int(cache.offloaded_nbytes),
+                "read_bytes_per_step": read}
 
     @staticmethod
     def cache_bytes(cache) -> int:

@@ -49,6 +49,7 @@ class TCACacheLayer(CacheLayerMixin):
         self.decode_backend = "auto"
         self.chunk_mode = None  # "exact" or "streaming" during a chunked prefill (section 5b), else None
         self.chunked = None  # that prefill's tca.ChunkedPrefill once its first chunk reached this layer
+        self.policy = None  # tca.Reselect or None (section 5c), given to tca.prefill
 
     # -- transformers' Cache protocol ---------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -121,6 +122,7 @@ class TCACacheLayer(CacheLayerMixin):
         attention_mask: the 2D padding mask of a left-padded prompt (prefill only), or None."""
         import tca
         from tca.backends.common.packed_cache import PackedKVCache
+        from tca.backends.common.reselecting_cache import ReselectingCache
 
         self._awaiting_attention = False
         self._leave_inference_tensors()
@@ -129,7 +131,8 @@ class TCACacheLayer(CacheLayerMixin):
         if self.state is None:
 
             def prefill(qb, kb, vb):
-                return tca.prefill(qb, kb, vb, budgets=settings.budgets, config=settings.config, scale=scale, backend=backend)
+                return tca.prefill(qb, kb, vb, budgets=settings.budgets, config=settings.config, scale=scale,
+                                   backend=backend, policy=self.policy)
 
             pads = left_padding(attention_mask, k.shape[2])
             if not pads:
@@ -140,17 +143,18 @@ class TCACacheLayer(CacheLayerMixin):
             for b, pad in enumerate(pads):
                 out[b : b + 1, :, pad:], state = prefill(q[b : b + 1, :, pad:], k[b : b + 1, :, pad:], v[b : b + 1, :, pad:])
                 states.append(state)
-            if not all(isinstance(s, PackedKVCache) for s in states):
+            joined = next((kind for kind in (PackedKVCache, ReselectingCache) if all(isinstance(s, kind) for s in states)), None)
+            if joined is None:
                 raise ValueError(
                     "padded batches need a backend with the packed cache (torch, triton or flash); the reference's "
                     "cache holds one length for the whole batch: run the sequences one at a time"
                 )
-            self.state = PackedKVCache.concat(states)
+            self.state = joined.concat(states)
             self.state.num_query_heads = q.shape[1]
             return out
         # Later chunks (a decode step, or several tokens appended to a filled cache) go one token at a time:
         # token r attends to the compressed past plus tokens r' <= r of the chunk, exactly as in section 5.
-        kwargs = {"backend": self.decode_backend} if isinstance(self.state, PackedKVCache) else {}
+        kwargs = {"backend": self.decode_backend} if isinstance(self.state, (PackedKVCache, ReselectingCache)) else {}
         outs = [tca.decode(q[:, :, r : r + 1], k[:, :, r : r + 1], v[:, :, r : r + 1], self.state, **kwargs)
                 for r in range(q.shape[2])]
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
@@ -204,16 +208,11 @@ class TCACacheLayer(CacheLayerMixin):
     def _leave_inference_tensors(self) -> None:
         """A cache filled under torch.inference_mode() holds inference tensors, which cannot be updated in place
         outside it: copy them once into normal tensors (the reverse direction needs nothing)."""
-        state = self.state
-        if state is None or torch.is_inference_mode_enabled():
+        if self.state is None or torch.is_inference_mode_enabled():
             return
-        tensors = {name: t for name, t in vars(state).items() if isinstance(t, torch.Tensor) and t.is_inference()}
-        for name, t in tensors.items():
-            setattr(state, name, t.clone())
-        for rows_name in ("keys", "values", "positions"):  # the reference cache: ragged lists [b][h]
-            rows = getattr(state, rows_name, None)
-            if isinstance(rows, list):
-                setattr(state, rows_name, [[t.clone() if t.is_inference() else t for t in row] for row in rows])
+        for state in (self.state, getattr(self.state, "active", None)):  # a re-selecting cache wraps its active set
+            if state is not None:
+                _clone_inference_tensors(state)
 
     @property
     def nbytes(self) -> int:
@@ -247,9 +246,16 @@ class TCACache(Cache):
 
     A long prompt can be prefilled in chunks (docs/semantics.md section 5b): `tca.models.prefill_in_chunks`, or
     by hand `cache.begin_chunked_prefill(mode)`, one forward call per chunk, `cache.end_chunked_prefill()`.
+
+    policy: None (section 5, the paper's rule) or tca.Reselect(every=N, offload=...) (section 5c: evicted tokens
+    are kept and re-selected every N decode steps); `nbytes` then counts the evicted store too, and
+    `device_nbytes` / `offloaded_nbytes` split it by where it lives.
     """
 
-    def __init__(self, model=None, num_layers: int | None = None, decode_backend: str = "auto"):
+    def __init__(self, model=None, num_layers: int | None = None, decode_backend: str = "auto", policy=None):
+        from tca.policy import check_policy
+
+        policy = check_policy(policy)
         config = None
         self.shape = None
         if model is not None:
@@ -276,6 +282,7 @@ class TCACache(Cache):
         ]
         for layer in self.tca_layers(layers):
             layer.decode_backend = decode_backend
+            layer.policy = policy
         super().__init__(layers=layers)
 
     def reset(self) -> None:
@@ -354,9 +361,10 @@ class TCACache(Cache):
     def used_nbytes(self) -> int:
         """Bytes of keys and values holding kept tokens (nbytes minus spare capacity, if the backend has any)."""
         from tca.backends.common.packed_cache import PackedKVCache
+        from tca.backends.common.reselecting_cache import ReselectingCache
 
         return self._native_nbytes() + sum(
-            int(layer.state.used_nbytes if isinstance(layer.state, PackedKVCache) else layer.state.nbytes)
+            int(layer.state.used_nbytes if isinstance(layer.state, (PackedKVCache, ReselectingCache)) else layer.state.nbytes)
             for layer in self.tca_layers(self.layers)
             if layer.state is not None
         )
@@ -370,6 +378,16 @@ class TCACache(Cache):
             for t in (layer.keys, layer.values)
             if isinstance(t, torch.Tensor)
         )
+
+    @property
+    def offloaded_nbytes(self) -> int:
+        """Bytes of keys and values in host memory (a re-selecting cache's offloaded store; else 0)."""
+        return sum(int(getattr(layer.state, "offloaded_nbytes", 0)) for layer in self.layers if layer.state is not None)
+
+    @property
+    def device_nbytes(self) -> int:
+        """Bytes of keys and values on the model's device: nbytes minus what is offloaded."""
+        return self.nbytes - self.offloaded_nbytes
 
     @property
     def seq_len(self) -> int:
@@ -399,6 +417,17 @@ class TCACache(Cache):
                 element = torch.empty((), dtype=layer.dtype).element_size()
                 total += 2 * H * _dense_positions(layer.state) * layer.state.head_dim * element
         return total
+
+
+def _clone_inference_tensors(state) -> None:
+    """Every inference tensor of a tca cache, also in ragged lists [b][h] (the reference's), copied once."""
+    tensors = {name: t for name, t in vars(state).items() if isinstance(t, torch.Tensor) and t.is_inference()}
+    for name, t in tensors.items():
+        setattr(state, name, t.clone())
+    for rows_name in ("keys", "values", "positions", "evicted_keys", "evicted_values", "evicted_positions"):
+        rows = getattr(state, rows_name, None)
+        if isinstance(rows, list):
+            setattr(state, rows_name, [[t.clone() if t.is_inference() else t for t in row] for row in rows])
 
 
 def _dense_positions(state) -> int:

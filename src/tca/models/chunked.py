@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from .cache_argument import cache_kwargs
 from .attention import layer_settings
 from .cache import TCACache
+from .cache_argument import cache_kwargs
 from .enable import attention_modules
 
 

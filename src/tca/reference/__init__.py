@@ -8,6 +8,7 @@ from .attention import attend, dense_causal_attention, kept_key_mask
 from .cache import ReferenceKVCache, cache_from_selection, decode_step, prefill
 from .calibration import calibrate, evaluated_rows, retained_mass
 from .chunked import DensePrefillState, empty_cache, exact_chunk, exact_finish, streaming_chunk
+from .reselect import ReselectingReferenceCache
 from .selection import (
     block_budgets,
     block_priority,
@@ -45,6 +46,7 @@ __all__ = [
     "DensePrefillState",
     "ReferenceBackend",
     "ReferenceKVCache",
+    "ReselectingReferenceCache",
     "attend",
     "attention",
     "block_budgets",

@@ -6,9 +6,9 @@ A decode step of token i (docs/semantics.md section 5) is always, in this order:
     cache.append(k, v)          # the new token enters the local window
     out = cache.attend(q)       # one softmax over everything the cache holds
 
-`decode_step` below runs the three. A policy with another memory (tokens offloaded instead of dropped, then
-re-selected) implements the same three calls: `compress_leaving` decides where evicted tokens go and `attend`
-which of them to read back; nothing else in tca needs to change.
+`decode_step` below runs the three. A policy with another memory implements the same three calls:
+`compress_leaving` decides where evicted tokens go and which of them to read back, as ReselectingCache does
+(section 5c: evicted tokens kept, on the device or offloaded, and re-selected every N steps).
 
 Shape letters: B batch, HQ query heads, HKV key/value heads, D head dim.
 """
