@@ -36,6 +36,7 @@ def to_bhsd(q, k, v, layout: str):
         if t.dim() != 4:
             shape = "[B, H, L, D]" if layout == "bhsd" else "[B, L, H, D]"
             raise ValueError(f"{name} must have 4 dimensions {shape} (layout={layout!r}), got shape {tuple(t.shape)}")
+        check_dense_with_data(name, t)
         if not t.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), got {t.dtype}")
     if not (q.dtype == k.dtype == v.dtype):
@@ -68,6 +69,17 @@ def to_bhsd(q, k, v, layout: str):
     return q, k, v
 
 
+def check_dense_with_data(name: str, t: torch.Tensor) -> None:
+    """A sparse tensor (TypeError) or one on the meta device (ValueError: it has no values) cannot be attended."""
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}; convert it with {name}.to_dense()")
+    if t.device.type == "meta":
+        raise ValueError(
+            f"{name} is on the meta device (a shape without values, e.g. from a model built with init_empty_weights); "
+            f"move real values to a CPU or GPU device first"
+        )
+
+
 def from_bhsd(out: torch.Tensor, layout: str) -> torch.Tensor:
     return out.transpose(1, 2) if layout == "bshd" else out
 
@@ -89,6 +101,7 @@ def check_budgets(budgets, num_kv_heads: int, config: TCAConfig, device) -> torc
         return default_budgets(config.block_size).to(device).expand(num_kv_heads, n).contiguous()
     if not isinstance(budgets, torch.Tensor):
         raise TypeError(f"budgets must be None or a torch.Tensor of probabilities, got {type(budgets).__name__}")
+    check_dense_with_data("budgets", budgets)
     if not budgets.is_floating_point():
         raise TypeError(f"budgets must be a floating-point tensor, got {budgets.dtype}")
     given = tuple(budgets.shape)
