@@ -86,7 +86,7 @@ def test_meta_device_budgets_and_tensors():
     q, k, v = qkv()
     with pytest.raises(ValueError, match="budgets is on the meta device"):
         tca.attention(q, k, v, config=CONFIG, budgets=tca.default_budgets(16).to("meta"))
-    with pytest.raises(ValueError, match="q is on the meta device"):
+    with pytest.raises(ValueError, match="q, k, v are on the meta device"):
         tca.attention(q.to("meta"), k.to("meta"), v.to("meta"), config=CONFIG)
     with pytest.raises(ValueError, match="meta device"):
         reference.calibrate([(q.to("meta"), k.to("meta"))], config=CONFIG)
