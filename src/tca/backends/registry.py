@@ -24,7 +24,7 @@ class BackendUnavailableError(RuntimeError):
 
 
 class BackendChoiceWarning(UserWarning):
-    """Emitted once per choice when backend="auto" picks a backend (filter it to silence)."""
+    """Emitted once per process, the first time backend="auto" picks a backend (filter it to silence)."""
 
 
 @dataclass(frozen=True)
@@ -120,7 +120,7 @@ def resolve(name: str, device, dtype: torch.dtype, head_dim: int, decode: bool =
         reasons = backend.reasons(device, dtype, head_dim, decode)
         if not reasons:
             key = (backend.name, f"{torch.device(device).type}/{dtype}")
-            if key not in _ANNOUNCED:
+            if not _ANNOUNCED:  # once per process: the first choice (a model calls this once per layer and step)
                 _ANNOUNCED.add(key)
                 warnings.warn(
                     f"tca: backend='auto' chose {backend.name!r} for {key[1]} inputs "
