@@ -61,11 +61,12 @@ def seconds_per_token(model, probe_tokens: int = 512, steps: int = 4) -> tuple[f
     start = time.perf_counter()
     out = model(input_ids=ids, use_cache=True)
     prefill = (time.perf_counter() - start) / probe_tokens
+    from .harness import _cache_kwargs
+
     cache = out.past_key_values
     start = time.perf_counter()
     for _ in range(steps):
-        out = model(input_ids=ids[:, :1], past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        model(input_ids=ids[:, :1], use_cache=True, **_cache_kwargs(model, cache))
     return prefill, (time.perf_counter() - start) / steps
 
 
