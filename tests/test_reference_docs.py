@@ -1,4 +1,4 @@
-"""docs/semantics.md keeps every [choice] mark of the spec (issue 2: "keeping the [choice] marks")."""
+"""docs/semantics.md keeps every [choice] mark of the spec."""
 
 from __future__ import annotations
 

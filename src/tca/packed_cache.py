@@ -15,7 +15,7 @@ Decode order for token i = seq_len (section 5): `leaving_block()` -> score it, `
 `append_local()` (writes slot i % W and advances seq_len) -> attend over `global` segment + local ring.
 Slot i % W held position i - W, which always left the window already (i - W < lo(i)).
 
-Deviations from /work/helpers/packed_cache.md (additions only, nothing removed or renamed):
+Design notes (what the interface adds to a plain packed layout):
 * `append_local` advances `seq_len` by one (the spec left it open); `leaving_block()` must be called before.
 * `local_slots(start, end)` returns an int64 index tensor; `local_slot_range(start, end)` the same as a `slice`
   (a view, since the block is contiguous in the ring).

@@ -99,7 +99,7 @@ SPEC = Backend(
     head_dims=(64, 96, 128, 256),
     has_decode=True,
     # Below triton (30), measured (docs/benchmarks.md, H100 + FA4): at 128K prefill flash is faster on the Llama
-    # shape (55 vs 72 ms; 52 vs 63 ms in the Triton issue's run) but slower on SmolLM2's (16.5 vs 14.5 ms), slower
+    # shape (55 vs 72 ms; 52 vs 63 ms in the Triton backend's benchmark run) but slower on SmolLM2's (16.5 vs 14.5 ms), slower
     # below ~32K tokens, and ~40x slower per decode step (FA4's Python overhead on 2-3 small calls). auto picks
     # the backend once per prefill and decodes on it, so it keeps triton; ask for backend="flash" explicitly.
     priority=20,
