@@ -73,6 +73,9 @@ def test_missing_model_path_says_not_found(no_model_load, capsys, tmp_path):
 def test_bench_plan_and_repeats_are_checked(no_model_load, capsys, tmp_path):
     one_line_error(capsys, ["bench", "--model", "tiny", "--plan", str(tmp_path / "absent.json")], "file not found")
     one_line_error(capsys, ["bench", "--model", "tiny", "--repeats", "1"], "--repeats", "at least 3")
+    from tca.models.smollm2 import smollm2_plan_path
+
+    one_line_error(capsys, ["bench", "--plan", str(smollm2_plan_path()), "--block-size", "16"], "--block-size", "--plan")
 
 
 def test_model_resolution(tmp_path):

@@ -38,8 +38,8 @@ def configure(parser) -> None:
     parser.add_argument("--repeats", type=int, default=MIN_REPEATS,
                         help=f"timed runs per point, at least {MIN_REPEATS}: best and spread reported ({MIN_REPEATS})")
     parser.add_argument("--plan", help="budget plan JSON for TCA (default: the shipped SmolLM2 plan, or default budgets)")
-    parser.add_argument("--block-size", type=int, default=64, help="block size when no plan is given")
-    parser.add_argument("--window", type=int, default=512, help="window when no plan is given")
+    parser.add_argument("--block-size", type=int, default=None, help="block size of the default budgets (64); not with --plan")
+    parser.add_argument("--window", type=int, default=None, help="window of the default budgets (512); not with --plan")
     parser.add_argument("--out", help="results JSON")
     parser.add_argument("--no-kernels", action="store_true", help="skip the kernel benchmark (GPU only anyway)")
     parser.add_argument("--kernel-args", default="", help="extra arguments for benchmarks/bench_kernels.py")
@@ -167,6 +167,9 @@ def check_args(args):
     for length in args.lengths or []:
         check_positive("--lengths", length)
     plan = check_plan_file(args.plan) if args.plan else None
+    if plan is not None and (args.block_size is not None or args.window is not None):
+        raise UsageError("--block-size and --window set the default budgets; a --plan fixes its own "
+                         f"(b={plan.config.block_size}, w={plan.config.window}): pass one or the other")
     return resolve_model(args.model), plan
 
 
@@ -205,8 +208,9 @@ def run(args) -> int:
     if plan is None:
         from tca.models import default_plan, model_shape
 
-        plan = default_plan(model_shape(model), TCAConfig(block_size=args.block_size, window=args.window))
-        plan_name = f"default budgets (b={args.block_size}, w={args.window})"
+        config = TCAConfig(block_size=args.block_size or 64, window=args.window or 512)
+        plan = default_plan(model_shape(model), config)
+        plan_name = f"default budgets (b={config.block_size}, w={config.window})"
     try:
         enable_tca(model, plan=plan, backend=args.backend)  # validates the plan against the model once
     except ValueError as error:  # a plan made for another model
