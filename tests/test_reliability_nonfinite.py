@@ -51,6 +51,20 @@ def test_reference_selection_keeps_budget_and_skips_bad_key(value, position):
         assert not bool(sel.mask[0, 0, position])
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_reference_importance_leaves_a_bad_key_out(value):
+    """The bad key scores 0; the others are the softmax over the remaining keys (as if it were absent)."""
+    q, k, _ = poisoned("k", 40, value)
+    s = reference.last_query_importance(q[:, :, -1], k, scale=D**-0.5)
+    keep = torch.arange(L) != 40
+    without = reference.last_query_importance(q[:, :, -1], k[:, :, keep], scale=D**-0.5)
+    assert float(s[0, 0, 40]) == 0
+    torch.testing.assert_close(s[0, 0, keep], without[0, 0])
+    clean_q, clean_k, _ = make_qkv(B, HQ, HKV, L, D)
+    clean = reference.last_query_importance(clean_q[:, :, -1], clean_k, scale=D**-0.5)
+    assert torch.equal(s[:, 1], clean[:, 1])  # the other KV head is untouched
+
+
 def test_reference_importance_is_finite_when_a_query_is_nan():
     q, k, _ = poisoned("q", L - 1, float("nan"))
     s = reference.last_query_importance(q[:, :, -1], k, scale=D**-0.5)
