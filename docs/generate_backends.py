@@ -20,7 +20,7 @@ HEADER = """# Backends
 Every backend computes the same function, [semantics.md](semantics.md), and is checked against the
 reference oracle (`tca.reference`); see [adding_a_backend.md](adding_a_backend.md). `backend="auto"` (the
 default everywhere) takes the usable backend of highest priority for the inputs' device, dtype and head dim,
-and says once which it chose (a `tca.BackendChoiceWarning`); a backend named explicitly that cannot run
+and says which it chose once per process (a `tca.BackendChoiceWarning`; the command line hides it); a backend named explicitly that cannot run
 raises `tca.BackendUnavailableError` listing its reasons.
 
 Which backends can run on *your* machine, and why the others cannot: `python -m tca info`.

@@ -103,9 +103,9 @@ class ByteTokenizer:
 
 def test_calibrate_command_writes_a_plan(tmp_path, monkeypatch, capsys):
     from tca.cli import main
-    from tca.commands import calibrate as command
+    from tca.commands import _args
 
-    monkeypatch.setattr(command, "load_model", lambda *a, **k: (tiny_model("qwen2"), ByteTokenizer()))
+    monkeypatch.setattr(_args.ModelChoice, "load", lambda self, *a, **k: (tiny_model("qwen2"), ByteTokenizer()))
     out = tmp_path / "plan.json"
     text = tmp_path / "text.txt"
     text.write_text(default_calibration_text()[:3000])

@@ -1,4 +1,4 @@
-"""Every bad input of issue 2 item 5 raises the right exception type with a message that helps.
+"""Every bad input raises the right exception type with a message that helps.
 
 Shape letters: B batch, HQ query heads, HKV KV heads, L keys, LQ queries, D head dim.
 """

@@ -54,13 +54,15 @@ def attention(
     budgets: torch.Tensor | None = None,
     config: TCAConfig | None = None,
     scale: float | None = None,
-    layout: str = "bhsd",
+    layout: str | None = None,
     backend: str = "auto",
     return_lse: bool = False,
 ):
     """TCA-Attention (docs/semantics.md section 4), a drop-in for causal attention.
 
     q: [B, HQ, LQ, D], k, v: [B, HKV, L, D] ("bhsd", SDPA's layout) or [B, L, H, D] with layout="bshd".
+    layout None means "bhsd", with one guard: more than 256 KV heads is refused as a likely [B, L, H, D]
+    mistake (pass layout="bhsd" to confirm such a shape).
     Queries are aligned to the end of the keys (bottom-right causal, LQ <= L). The selection is made from
     the last query row. budgets: None (the defaults), [len(K)] or [HKV, len(K)] probabilities over the retain
     counts K = 1, 2, 4, ..., block_size. Returns out in q's layout and dtype, and with return_lse=True also
@@ -78,7 +80,7 @@ def attention(
     return from_bhsd(result, layout)
 
 
-def prefill(q, k, v, *, budgets=None, config=None, scale=None, layout="bhsd", backend="auto", policy=None):
+def prefill(q, k, v, *, budgets=None, config=None, scale=None, layout=None, backend="auto", policy=None):
     """Prefill a prompt: TCA attention over it (LQ == L) and the compressed KV cache of section 5.
 
     Returns (out, cache). The cache keeps, per batch element and KV head, exactly the selected global
@@ -111,7 +113,7 @@ def _reselecting(cache, k, v, policy):
     return ReselectingCache.from_prefill(cache, k, v, every=policy.every, offload=policy.offload)
 
 
-def decode(q, k, v, cache, *, layout="bhsd", backend="auto"):
+def decode(q, k, v, cache, *, layout=None, backend="auto"):
     """Decode one token: compress the block leaving the window, append the token's key/value, attend.
 
     q: [B, HQ, 1, D], k, v: [B, HKV, 1, D] (or "bshd"). Mutates `cache`. A PackedKVCache (every backend but

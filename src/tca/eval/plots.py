@@ -23,9 +23,10 @@ def _pyplot():
     return plt
 
 
-def _save(plt, fig, path) -> Path:
-    """Lay out, write `fig` to the PNG `path` (creating its folder), close it; return the path."""
-    fig.tight_layout()
+def _save(plt, fig, path, rect=None) -> Path:
+    """Lay out (within `rect` of the figure, leaving room for a figure legend), write `fig` to the PNG `path`
+    (creating its folder), close it; return the path."""
+    fig.tight_layout(rect=rect)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -33,40 +34,55 @@ def _save(plt, fig, path) -> Path:
     return path
 
 
-def _label(ax, x, y, text):
-    if not (math.isnan(x) or math.isnan(y)):
-        ax.annotate(text, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+KEPT_LABEL = "kept KV (positions held / positions a dense cache holds)"
+MARKERS = "osD^v<>ph"
+
+
+def method_colours(methods: list[str]) -> dict[str, str]:
+    """One colour per method, the same in every panel and figure of a results dict (dense: black)."""
+    palette = [f"C{i}" for i in range(10)]
+    others = [m for m in methods if m != BASELINE]
+    colours = {m: palette[i % len(palette)] for i, m in enumerate(others)}
+    colours[BASELINE] = "black"
+    return colours
+
+
+def _short(method: str) -> str:
+    return method.removeprefix("tca-")
 
 
 def tradeoff(results: dict, path: str | Path, methods: list[str] | None = None) -> Path:
     """Two panels against the kept-KV fraction (one point per method and length): mean needle accuracy
-    over all tasks, and decode perplexity relative to dense."""
+    over all tasks, and decode perplexity relative to dense. Colour = method (the same in both panels),
+    marker = context length; both explained in one legend instead of labels on the points."""
     plt = _pyplot()
+    from matplotlib.lines import Line2D
+
     methods = methods or ordered_methods(results)
-    fig, (acc, ppl) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for L in _lengths(results, "needles"):
-        pts = sorted((kept_fraction(results, m, L), needle_scores(results, m, length=L), m) for m in methods)
-        line = acc.plot([p[0] for p in pts], [p[1] for p in pts], "o", label=f"{length_label(L)} tokens")[0]
-        for x, y, m in pts:
-            if m != BASELINE:
-                _label(acc, x, y, m.removeprefix("tca-"))
-        acc.axhline(needle_scores(results, BASELINE, length=L), color=line.get_color(), ls=":", lw=0.8)
-    acc.set(xlabel="kept KV fraction (cache positions held / total)", ylabel="needle accuracy (all tasks)",
-            title="Needle tasks (dotted: dense)", ylim=(-0.05, 1.05), xlim=(0, 1.05))
-    acc.legend(fontsize=8)
-    for L in _lengths(results, "perplexity"):
+    colours = method_colours(methods)
+    fig, (acc, ppl) = plt.subplots(1, 2, figsize=(12, 4.6))
+    needle_lengths, ppl_lengths = _lengths(results, "needles"), _lengths(results, "perplexity")
+    lengths = sorted(set(needle_lengths) | set(ppl_lengths))
+    marker = {L: MARKERS[i % len(MARKERS)] for i, L in enumerate(lengths)}
+    for L in needle_lengths:
+        for m in methods:
+            acc.plot(kept_fraction(results, m, L), needle_scores(results, m, length=L), marker[L], color=colours[m],
+                     markersize=7, alpha=0.85)
+    acc.set(xlabel=KEPT_LABEL, ylabel="needle accuracy (all tasks)", title="Needle tasks",
+            ylim=(-0.05, 1.05), xlim=(0, 1.05))
+    for L in ppl_lengths:
         base = perplexity(results, BASELINE, L)
-        pts = sorted((kept_fraction(results, m, L), 100 * (perplexity(results, m, L) / base - 1), m) for m in methods)
-        ppl.plot([p[0] for p in pts], [p[1] for p in pts], "o", label=f"{length_label(L)} tokens")
-        for x, y, m in pts:
-            if m != BASELINE:
-                _label(ppl, x, y, m.removeprefix("tca-"))
-    ppl.axhline(2.0, color="red", ls="--", lw=0.8, label="+2% target")
+        for m in methods:
+            ppl.plot(kept_fraction(results, m, L), 100 * (perplexity(results, m, L) / base - 1), marker[L],
+                     color=colours[m], markersize=7, alpha=0.85)
+    ppl.axhline(2.0, color="red", ls="--", lw=0.8)
     ppl.axhline(0.0, color="gray", lw=0.6)
-    ppl.set(xlabel="kept KV fraction (cache positions held / total)", ylabel="perplexity change vs dense (%)",
-            title="Perplexity of real text (decode through the cache)", xlim=(0, 1.05))
-    ppl.legend(fontsize=8)
-    return _save(plt, fig, path)
+    ppl.set(xlabel=KEPT_LABEL, ylabel="perplexity change vs dense (%)",
+            title="Perplexity of real text (decode through the cache; red: +2%)", xlim=(0, 1.05))
+    handles = [Line2D([], [], color=colours[m], marker="o", ls="", label=_short(m)) for m in methods]
+    handles += [Line2D([], [], color="gray", marker=marker[L], ls="", label=f"{length_label(L)} tokens") for L in lengths]
+    fig.legend(handles=handles, loc="center right", fontsize=9, frameon=False)
+    return _save(plt, fig, path, rect=(0, 0, 0.88, 1))
 
 
 def needle_grid(results: dict, path: str | Path, methods: list[str] | None = None, task: str = "niah_single") -> Path:
@@ -76,6 +92,7 @@ def needle_grid(results: dict, path: str | Path, methods: list[str] | None = Non
     rows = [r for r in results["needles"] if r["task"] == task]
     depths = sorted({r["depth"] for r in rows})
     lengths = sorted({r["length"] for r in rows})
+    colours = method_colours(methods)
     fig, axes = plt.subplots(1, len(methods), figsize=(2.2 + 2.0 * len(methods), 0.6 + 0.45 * len(depths) + 1), squeeze=False)
     for ax, m in zip(axes[0], methods, strict=True):
         grid = []
@@ -91,7 +108,7 @@ def needle_grid(results: dict, path: str | Path, methods: list[str] | None = Non
                 ax.text(j, i, "-" if math.isnan(v) else f"{v:.1f}", ha="center", va="center", fontsize=8)
         ax.set_xticks(range(len(lengths)), [length_label(L) for L in lengths])
         ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
-        ax.set_title(m, fontsize=9)
+        ax.set_title(_short(m), fontsize=10, color=colours[m])
         ax.set_xlabel("context length")
     axes[0][0].set_ylabel("needle depth")
     fig.suptitle(f"{task}: accuracy by depth and length", fontsize=10)
@@ -99,15 +116,17 @@ def needle_grid(results: dict, path: str | Path, methods: list[str] | None = Non
 
 
 def task_bars(results: dict, path: str | Path, methods: list[str] | None = None) -> Path:
-    """Needle accuracy per task (grouped bars), one bar per method: the ablation view."""
+    """Needle accuracy per task (groups), one bar per method in its colour (the same as in tradeoff)."""
     plt = _pyplot()
     methods = methods or ordered_methods(results)
+    colours = method_colours(methods)
     tasks = _tasks(results)
-    fig, ax = plt.subplots(figsize=(1.5 + 1.1 * len(methods), 3.6))
-    width = 0.8 / max(1, len(tasks))
-    for t, task in enumerate(tasks):
-        ax.bar([i + t * width for i in range(len(methods))], [needle_scores(results, m, task) for m in methods], width, label=task)
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(methods))], [m.removeprefix("tca-") for m in methods], rotation=30, ha="right", fontsize=8)
+    fig, ax = plt.subplots(figsize=(2.5 + 0.35 * len(methods) * len(tasks), 4.0))
+    width = 0.8 / max(1, len(methods))
+    for i, m in enumerate(methods):
+        ax.bar([t + i * width for t in range(len(tasks))], [needle_scores(results, m, task) for task in tasks], width,
+               color=colours[m], label=_short(m))
+    ax.set_xticks([t + 0.4 - width / 2 for t in range(len(tasks))], tasks, fontsize=9)
     ax.set(ylabel="accuracy", ylim=(0, 1.05))
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     return _save(plt, fig, path)

@@ -7,6 +7,8 @@
   budgeted block) so only the ablated choice changes; single and multi-key needles at 2K and 4K.
 - "cachediag": a diagnostic: the same plans with the compressed cache and with a full cache (fresh
   selection at every decode step), to tell selection losses from cache-compression losses.
+- "quick" (what `python -m tca eval` runs with no arguments): dense, the demo's plan level (tau 0.97) and one
+  fixed budget, single needles at 2K tokens and three depths, one perplexity text: a few minutes on a CPU.
 - "reselect": decode with re-selection (section 5c) every 1, 16, 64 steps against the paper's rule, on the plan
   calibrated at tau 0.99, single and multi-key needles at 2K.
 - "smoke": a seconds-long run for tests and a first check on a new machine.
@@ -21,7 +23,8 @@ from ..config import TCAConfig
 from .harness import Grid
 from .methods import SMALL_MODEL_CONFIG, Method, calibrated, dense, fixed, reselecting
 
-PRESETS = ("main", "ablation", "cachediag", "reselect", "smoke")
+PRESETS = ("quick", "main", "ablation", "cachediag", "reselect", "smoke")
+DEFAULT_PRESET = "quick"
 TINY_CONFIG = TCAConfig(block_size=16, window=64)
 
 
@@ -69,6 +72,10 @@ def preset(name: str) -> tuple[list[Method], Grid, int]:
         grid = Grid(tasks=["niah_single", "niah_multikey"], lengths=[2048], depths=[0.1, 0.3, 0.5, 0.7, 0.9],
                     samples=2, ppl_lengths=[])
         return methods, grid, 4096
+    if name == "quick":
+        grid = Grid(tasks=["niah_single"], lengths=[2048], depths=[0.1, 0.5, 0.9], ppl_lengths=[2048], ppl_docs=1,
+                    ppl_tokens=32, ppl_modes=["decode"])
+        return [dense(), calibrated(0.97), fixed(4)], grid, 2048
     if name == "reselect":
         # The plan where the cache, not the sparse prefill, loses the needles (the cachediag preset: a fresh
         # selection per step recovers them at tau 0.99, not at a fixed 31% budget).

@@ -123,7 +123,7 @@ def markdown_table(results: dict, baseline: str = BASELINE) -> str:
 
 
 def targets(results: dict, method: str = "tca-tau0.9", baseline: str = BASELINE, max_ppl_increase: float = 0.02, max_kept: float = 0.5) -> dict:
-    """The issue's targets for one method: needles equal to dense wherever dense succeeds; decode perplexity
+    """The quality targets for one method: needles equal to dense wherever dense succeeds; decode perplexity
     within +2% of dense at every length while keeping at most 50% of the KV."""
     if method not in results["methods"] or baseline not in results["methods"]:
         return {}

@@ -131,6 +131,10 @@ def calibrate_model(
         config = replace(config, tau=tau)
     if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
         raise TypeError("input_ids must be an integer torch.Tensor of token ids, [B, L] or [L]")
+    if input_ids.layout != torch.strided or input_ids.device.type == "meta":
+        raise TypeError(f"input_ids must be a dense tensor with values, got layout {input_ids.layout} on {input_ids.device}")
+    if input_ids.numel() == 0:
+        raise ValueError(f"the calibration batch is empty (input_ids of shape {tuple(input_ids.shape)}); pass token ids [B, L]")
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
     if input_ids.dim() != 2:

@@ -49,12 +49,27 @@ def attend(
     logits = einsum(qg, k.to(dt), "b h g i d, b h l d -> b h g i l") * scale
     logits = logits.masked_fill(~kept[:, :, None], float("-inf"))
     weights = logits.softmax(dim=-1)
-    out = einsum(weights, v.to(dt), "b h g i l, b h l d -> b h g i d")
+    out = weighted_values(weights, kept, v.to(dt))
     out = rearrange(out, "b h g i d -> b (h g) i d").to(q.dtype)
     if not return_lse:
         return out
     lse = rearrange(logits.logsumexp(dim=-1), "b h g i -> b (h g) i")
     return out, lse
+
+
+def weighted_values(weights: torch.Tensor, kept: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """sum_l weights[.., i, l] v[l] where a non-finite value reaches only the rows that keep it. [choice: non-finite]
+
+    weights [B, HKV, G, LQ, L] (0 outside the kept set), kept [B, HKV, LQ, L] bool, v [B, HKV, L, D].
+    Plain 0 * NaN would spread a NaN value to every row; instead the non-finite entries are zeroed and the
+    output entries (row, d) whose kept set holds a non-finite v[:, d] are set to NaN.
+    """
+    bad = ~torch.isfinite(v)
+    if not bool(bad.any()):
+        return einsum(weights, v, "b h g i l, b h l d -> b h g i d")
+    out = einsum(weights, v.masked_fill(bad, 0), "b h g i l, b h l d -> b h g i d")
+    hit = einsum(kept.to(v.dtype), bad.to(v.dtype), "b h i l, b h l d -> b h i d") > 0
+    return out.masked_fill(hit[:, :, None], float("nan"))
 
 
 def dense_causal_attention(q, k, v, scale: float) -> torch.Tensor:

@@ -19,6 +19,7 @@ from ..config import TCAConfig
 from ..geometry import DEFAULT_CALIBRATION_ROWS, evaluated_rows, num_budgeted_blocks
 from ..plan import BudgetPlan, choose_budgets
 from ..selection import Selection
+from ..validation import to_bhsd
 from ._dtype import compute_dtype
 from .attention import kept_key_mask
 from .selection import block_budgets, block_priority, last_query_importance, select_tokens
@@ -75,7 +76,7 @@ def calibrate(
     candidates = calibration_candidates(config.block_size, config.num_candidates, config.sigma)
     plan_layers = []
     for index, inputs in enumerate(layers):
-        q, k = inputs[0], inputs[1]
+        q, k = _layer_inputs(index, inputs)
         if k.shape[2] <= config.window:
             raise ValueError(
                 f"layer {index}: calibration needs a sequence longer than the window ({config.window}), "
@@ -84,4 +85,19 @@ def calibrate(
         s = scale if scale is not None else q.shape[-1] ** -0.5
         masses = retained_mass(q, k, candidates.to(q.device), config, s, num_rows)
         plan_layers.append(choose_budgets(masses.cpu(), candidates, config.tau, config.block_size))
+    if not plan_layers:
+        raise ValueError("calibration got no layers: pass one (q, k) pair per layer, each q [B, HQ, L, D], k [B, HKV, L, D]")
     return BudgetPlan(config=config, layers=plan_layers, metadata=dict(metadata or {}))
+
+
+def _layer_inputs(index: int, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, k) of one layer, checked: a (q, k[, v]) tuple of dense float "bhsd" tensors, q and k of equal length."""
+    if not isinstance(inputs, tuple | list) or len(inputs) < 2:
+        raise TypeError(f"layer {index}: calibration takes a (q, k) or (q, k, v) tuple per layer, got {type(inputs).__name__}")
+    q, k = inputs[0], inputs[1]
+    q, k, _ = to_bhsd(q, k, k, "bhsd")  # types, 4 dims, dtype, device, batch, heads, empty sizes (an empty batch)
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(
+            f"layer {index}: calibration needs the queries of every position, got {q.shape[2]} queries for {k.shape[2]} keys"
+        )
+    return q, k

@@ -27,7 +27,18 @@ def last_query_importance(q_last: torch.Tensor, k: torch.Tensor, scale: float) -
     dt = compute_dtype(q_last.dtype)
     q = rearrange(q_last.to(dt), "b (h g) d -> b h g d", h=k.shape[1])
     logits = einsum(q, k.to(dt), "b h g d, b h l d -> b h g l") * scale
-    return logits.softmax(dim=-1).mean(dim=2)
+    return finite_softmax(logits).mean(dim=2)
+
+
+def finite_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last axis that leaves non-finite logits out: they score 0. [choice: non-finite]
+
+    A NaN or +-Inf logit (from a non-finite query or key, or a product that overflows) would make the whole
+    row NaN, and NaN scores would rank first; left out, it costs only its own key. A row with no finite
+    logit scores 0 everywhere. Finite rows are unchanged, bit for bit.
+    """
+    logits = logits.masked_fill(~torch.isfinite(logits), float("-inf"))
+    return logits.softmax(dim=-1).nan_to_num(nan=0.0)
 
 
 def block_priority(importance: torch.Tensor, num_blocks: int, block_size: int, alpha: float, mass_scale: str):

@@ -72,11 +72,15 @@ def attend_indices(
     if n_sel:
         rows = indices.long().clamp_max(L - 1)[..., None].expand(-1, -1, -1, D)
         k_sel, v_sel = k.gather(2, rows), v.gather(2, rows)  # [B, HKV, N, D]
+    # [choice: non-finite] a NaN/Inf key or value must reach only the rows that keep it. SDPA's boolean mask
+    # does not hide a NaN logit, and a masked column weighs 0 but 0 * NaN is NaN: with such keys or values
+    # (one check) every chunk takes the explicit path, which masks logits by replacement and zeroes bad values.
+    finite_values = bool(torch.isfinite(k).all()) and bool(torch.isfinite(v).all())
     out = torch.empty(B, HQ, LQ, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, HQ, LQ, dtype=dt, device=q.device) if return_lse else None
     R = chunk_rows(b, window)
     first = offset - offset % b  # position of the first block that holds a query
-    if offset == 0 and not return_lse:
+    if offset == 0 and not return_lse and finite_values:
         # Rows before the window first moves (lo(i) = 0) are plain causal attention: the fused SDPA kernel.
         head = min(L, window)
         out[:, :, :head] = causal_sdpa(q[:, :, :head], k[:, :, :head], v[:, :, :head], scale)
@@ -114,6 +118,7 @@ def attend_indices(
             window,
             scale,
             return_lse,
+            finite_values,
         )
         out[:, :, rows] = chunk_out.to(q.dtype)
         if return_lse:
@@ -121,7 +126,7 @@ def attend_indices(
     return (out, lse) if return_lse else out
 
 
-def _attend_chunk(q, k, v, k_glob, v_glob, valid, selected, p0, p1, lo0, b, window, scale, return_lse):
+def _attend_chunk(q, k, v, k_glob, v_glob, valid, selected, p0, p1, lo0, b, window, scale, return_lse, finite_values):
     """Rows [p0, p1) (one or more whole blocks, all with window start >= lo0) in one softmax.
 
     q [B, HQ, R, D]; keys: n global ones (k_glob [B, HKV, n, D] or None; valid [B, HKV, n] marks the real ones
@@ -139,7 +144,7 @@ def _attend_chunk(q, k, v, k_glob, v_glob, valid, selected, p0, p1, lo0, b, wind
     n = 0 if k_glob is None else k_glob.shape[2]
     if n:
         keys, values = torch.cat([k_glob, keys], dim=2), torch.cat([v_glob, values], dim=2)
-    if not return_lse:
+    if not return_lse and finite_values:
         return _attend_chunk_sdpa(q, keys, values, valid, selected, p0, p1, lo0, b, window, scale), None
     # The scale is folded into the R x D queries rather than applied to the R x (n + C) logits.
     qc = (q.to(dt) * scale).reshape(B, HKV, G * R, D)
@@ -165,11 +170,25 @@ def _attend_chunk(q, k, v, k_glob, v_glob, valid, selected, p0, p1, lo0, b, wind
             visible = visible | (sel & (keys_pos < lo))  # [B, HKV, R, cols]
         mask = visible if visible.dim() == 4 else visible[None, None]
         logits[..., n + first - lo0 : n + last - lo0].masked_fill_(~mask[:, :, None], -math.inf)
+    values = values.to(dt)
+    hit = None
+    if not finite_values:
+        values, hit = _split_nonfinite(values, (logits != -math.inf).view(B, HKV, G * R, -1))
     row_lse = torch.logsumexp(logits, dim=-1, keepdim=True)
     # In place where no backward needs the logits (logsumexp saves them); out of place when gradients flow.
     weights = torch.exp(logits - row_lse if logits.requires_grad else logits.sub_(row_lse))
-    out = torch.matmul(weights.view(B, HKV, G * R, -1), values.to(dt))
+    out = torch.matmul(weights.view(B, HKV, G * R, -1), values)
+    if hit is not None:
+        out = out.masked_fill(hit, math.nan)
     return out.view(B, HQ, R, D), row_lse.view(B, HQ, R)
+
+
+def _split_nonfinite(values: torch.Tensor, visible: torch.Tensor):
+    """values [B, HKV, S, D] with the non-finite entries zeroed, and hit [B, HKV, M, D]: the (row, d) whose
+    visible keys (visible [B|1, HKV|1, M, S] bool) hold a non-finite value: those outputs become NaN."""
+    bad = ~torch.isfinite(values)
+    hit = torch.matmul(visible.to(values.dtype), bad.to(values.dtype)) > 0
+    return values.masked_fill(bad, 0), hit
 
 
 def _attend_chunk_sdpa(q, keys, values, valid, selected, p0, p1, lo0, b, window, scale):

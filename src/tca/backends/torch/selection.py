@@ -31,7 +31,10 @@ def last_query_importance(q_last: torch.Tensor, k: torch.Tensor, scale: float) -
     HKV = k.shape[1]
     q = q_last.to(dt).reshape(B, HKV, HQ // HKV, D)
     logits = torch.matmul(q, k.to(dt).transpose(-1, -2)) * scale  # [B, HKV, G, L]
-    return logits.softmax(dim=-1).mean(dim=2)
+    # [choice: non-finite] a NaN/Inf logit is left out of the softmax (scores 0; a row with none finite
+    # scores 0 everywhere), so one bad key cannot turn the whole row NaN. Same rule as the reference.
+    logits = logits.masked_fill(~torch.isfinite(logits), float("-inf"))
+    return logits.softmax(dim=-1).nan_to_num(nan=0.0).mean(dim=2)
 
 
 def block_priority(importance: torch.Tensor, num_blocks: int, block_size: int, alpha: float, mass_scale: str):

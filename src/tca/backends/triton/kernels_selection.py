@@ -37,11 +37,14 @@ def last_query_logits_kernel(
     k = tl.load(k_ptr + b * stride_kb + h * stride_kh + offs_l[:, None] * stride_kl + offs_d[None, :] * stride_kd,
                 mask=l_ok[:, None], other=0.0)
     x = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2  # [G_PAD, BLOCK_L]
-    x = tl.where(l_ok[None, :], x, float("-inf"))
+    # [choice: non-finite] a NaN/Inf logit is left out of the softmax (scores 0), as in the reference
+    finite = (x == x) & (tl.abs(x) < float("inf"))
+    x = tl.where(l_ok[None, :] & finite, x, float("-inf"))
     row = bh * G + offs_g
     tl.store(logits_ptr + row[:, None] * L + offs_l[None, :], x, mask=g_ok[:, None] & l_ok[None, :])
     m = tl.max(x, axis=1)
-    s = tl.sum(tl.exp2(x - m[:, None]), axis=1)
+    # a chunk with no finite logit sums to 0 (not exp2(-inf - -inf) = NaN)
+    s = tl.sum(tl.where(x > float("-inf"), tl.exp2(x - m[:, None]), 0.0), axis=1)
     tl.store(part_max_ptr + row * n_chunks + c, m, mask=g_ok)
     tl.store(part_sum_ptr + row * n_chunks + c, s, mask=g_ok)
 
@@ -70,7 +73,8 @@ def block_scores_kernel(
     x = tl.load(logits_ptr + row[:, None] * L + (j * BS + offs_t)[None, :], mask=g_ok[:, None], other=float("-inf"))
     m = tl.load(row_max_ptr + row, mask=g_ok, other=0.0)
     z = tl.load(row_sum_ptr + row, mask=g_ok, other=1.0)
-    p = tl.exp2(x - m[:, None]) / z[:, None]
+    # left-out logits (-inf) score 0, also in a row with no finite logit (m = -inf, z = 0)
+    p = tl.where(x > float("-inf"), tl.exp2(x - m[:, None]) / z[:, None], 0.0)
     s = tl.sum(p, axis=0) / G  # [BS]
     mass = tl.sum(s, axis=0)
     # as the reference: H on the scores divided by their largest (the same quantity; it cannot underflow)

@@ -22,5 +22,15 @@ def online_softmax_step(q, k, v, m_i, l_i, acc, valid, scale_log2, PREC: tl.cons
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s * scale_log2 - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    if MASK:
+        # [choice: non-finite] a NaN/Inf value reaches only the rows that see its key: p = 0 times NaN would
+        # reach every row of the tile, so such entries are zeroed and the rows that see them set to NaN
+        v_ok = (v == v) & (tl.abs(v.to(tl.float32)) < float("inf"))
+        visible = (tl.where(valid, 1.0, 0.0) + tl.zeros_like(s)).to(v.dtype)  # [M, N], valid may be [1, N]
+        seen = tl.dot(visible, (v_ok == 0).to(v.dtype), input_precision=PREC)  # [M, D] counts
+        v = tl.where(v_ok, v, 0.0).to(v.dtype)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        acc = tl.where(seen > 0, float("nan"), acc)
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
     return m_new, l_i, acc

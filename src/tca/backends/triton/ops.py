@@ -59,7 +59,8 @@ def last_query_importance_logits(q_last: torch.Tensor, k: torch.Tensor, scale: f
         num_warps=4,
     )
     row_max = part_max.amax(-1)
-    row_sum = (part_sum * torch.exp2(part_max - row_max[..., None])).sum(-1)
+    # chunks with no finite logit (part_max = -inf, part_sum = 0) add 0, also when the whole row has none
+    row_sum = torch.where(part_sum > 0, part_sum * torch.exp2(part_max - row_max[..., None]), 0.0).sum(-1)
     return logits, row_max, row_sum
 
 

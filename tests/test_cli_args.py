@@ -1,0 +1,107 @@
+"""Command-line arguments and files are checked before any model loads, and a bad one prints as one line.
+
+Every case here would load a model if the check were missing: `ModelChoice.load` is replaced by a function
+that fails the test, so a passing case proves the check came first.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tca.cli import main
+from tca.commands import _args
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    def refuse(self, *args, **kwargs):
+        raise AssertionError(f"a model was loaded ({self.name}) before the arguments were checked")
+
+    monkeypatch.setattr(_args.ModelChoice, "load", refuse)
+
+
+def one_line_error(capsys, argv, *expected):
+    """Run the CLI in-process; it must exit 2 with one stderr line holding every `expected` text."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err, err
+    assert err.startswith(f"python -m tca {argv[0]}: error:"), err
+    for text in expected:
+        assert text in err, err
+
+
+def test_demo_missing_and_corrupt_plan(no_model_load, capsys, tmp_path):
+    one_line_error(capsys, ["demo", "--plan", str(tmp_path / "absent.json")], "absent.json", "file not found")
+    corrupt = tmp_path / "corrupt.json"
+    corrupt.write_text('{"format": "tca-budget-plan/1", "config": ')
+    one_line_error(capsys, ["demo", "--plan", str(corrupt)], "corrupt.json", "not valid JSON")
+    null_layers = tmp_path / "null.json"
+    null_layers.write_text('{"format": "tca-budget-plan/1", "config": {"block_size": 64}, "layers": null}')
+    one_line_error(capsys, ["demo", "--plan", str(null_layers)], "'layers' is null")
+
+
+@pytest.mark.parametrize("depth", ["1.5", "-0.1"])
+def test_demo_depth_out_of_range(no_model_load, capsys, depth):
+    one_line_error(capsys, ["demo", "--depth", depth], "--depth", "between 0")
+
+
+def test_eval_depths_and_unknown_method(no_model_load, capsys):
+    one_line_error(capsys, ["eval", "--depths", "0.5,2"], "--depths", "2")
+    one_line_error(capsys, ["eval", "--methods", "dense,nope"], "unknown methods", "nope")
+
+
+def test_eval_plots_without_matplotlib(no_model_load, capsys, monkeypatch):
+    real = _args.importlib.util.find_spec
+    monkeypatch.setattr(_args.importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    one_line_error(capsys, ["eval", "--plots", "out/quality"], "--plots needs matplotlib", "pip install")
+
+
+def test_missing_model_path_says_not_found(no_model_load, capsys, tmp_path):
+    missing = str(tmp_path / "no-such-model")
+    one_line_error(capsys, ["calibrate", "--model", missing, "--out", str(tmp_path / "p.json")], "not found", missing)
+    one_line_error(capsys, ["eval", "--model", missing], "not found")
+    one_line_error(capsys, ["bench", "--model", missing, "--no-kernels"], "not found")
+
+
+def test_bench_plan_and_repeats_are_checked(no_model_load, capsys, tmp_path):
+    one_line_error(capsys, ["bench", "--model", "tiny", "--plan", str(tmp_path / "absent.json")], "file not found")
+    one_line_error(capsys, ["bench", "--model", "tiny", "--repeats", "1"], "--repeats", "at least 3")
+    from tca.models.smollm2 import smollm2_plan_path
+
+    one_line_error(capsys, ["bench", "--plan", str(smollm2_plan_path()), "--block-size", "16"], "--block-size", "--plan")
+
+
+def test_model_resolution(tmp_path):
+    """Shipped names, a local Hugging Face folder (config.json), a .gguf file (or a folder holding one)."""
+    assert _args.resolve_model("smollm2").kind == "shipped"
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    with pytest.raises(_args.UsageError, match="no config.json"):
+        _args.resolve_model(str(folder))
+    (folder / "config.json").write_text("{}")
+    assert _args.resolve_model(str(folder)) == _args.ModelChoice(str(folder), "directory", folder)
+    gguf = tmp_path / "m" / "model.Q4.gguf"
+    gguf.parent.mkdir()
+    gguf.write_bytes(b"GGUF")
+    assert _args.resolve_model(str(gguf)).kind == "gguf"
+    assert _args.resolve_model(str(gguf.parent)).path == gguf
+    assert _args.resolve_model(str(gguf.parent), gguf_file="model.Q4.gguf").path == gguf
+    with pytest.raises(_args.UsageError, match="not a .gguf file"):
+        _args.resolve_model(str(folder / "config.json"))
+
+
+def test_info_into_a_closed_pipe_exits_cleanly():
+    """`python -m tca info | head`: the reader leaves early; no BrokenPipeError traceback."""
+    env = dict(os.environ, PYTHONPATH=SRC)
+    proc = subprocess.Popen([sys.executable, "-m", "tca", "info"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # like `head` exiting before the first line arrives
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0
+    assert "Traceback" not in err and "BrokenPipe" not in err, err

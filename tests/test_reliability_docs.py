@@ -1,0 +1,33 @@
+"""The project speaks of itself only: docs, README, sources, tests and benchmarks name no issue numbers, no folders outside the
+repository, no commits or work sessions (how or when the work was done)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FILES = sorted(
+    path
+    for path in [ROOT / "README.md", *(ROOT / "docs").glob("*.md"), *(ROOT / "src").rglob("*.py"),
+                 *(ROOT / "tests").glob("*.py"), *(ROOT / "benchmarks").rglob("*.py")]
+    if path != Path(__file__).resolve()  # this file spells the patterns out
+)
+# (pattern, what it is). "session" alone is allowed where it means a nox session.
+FORBIDDEN = [
+    (r"\bissues? #?\d+", "an issue number"),
+    (r"\bthe (?:\w+ )?issue's\b", "a reference to an issue"),
+    (r"/work/|\.\./shared/", "a folder outside the repository"),
+    (r"\bcommit [0-9a-f]{7}|\([0-9a-f]{7}\)", "a commit id"),
+    (r"\b(?:this|next|same|GPU) session\b", "a work session"),
+    (r"device budget|no device time", "how the work was done"),
+]
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_text_speaks_of_the_project_only(path):
+    text = path.read_text(encoding="utf-8")
+    found = [f"{what}: {m.group(0)!r}" for pattern, what in FORBIDDEN for m in re.finditer(pattern, text, re.IGNORECASE)]
+    assert not found, f"{path.relative_to(ROOT)}: " + "; ".join(found)

@@ -1,0 +1,149 @@
+"""Non-finite inputs (docs/semantics.md, "Non-finite values"): a NaN or Inf in one key, value or query reaches
+only the rows whose kept set holds it, and never makes a head keep more than its budget.
+
+Shape letters: B batch, HQ query heads, HKV key/value heads, L keys, D head dim, b block size, w window.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tca
+from conftest import make_qkv, random_budgets
+from tca import reference
+from tca.backends import registry
+
+CONFIG = tca.TCAConfig(block_size=16, window=32)
+B, HQ, HKV, L, D = 1, 4, 2, 100, 16  # J = 5 budgeted blocks: positions 0..79; window 80..99 for the last row
+
+
+def poisoned(what: str, position: int, value: float, dtype=torch.float64):
+    """Seeded inputs with one entry of q, k or v (KV head 0 / query head 0, feature 3) set to `value`."""
+    q, k, v = make_qkv(B, HQ, HKV, L, D, dtype=dtype)
+    q, k, v = q.clone(), k.clone(), v.clone()
+    {"q": q, "k": k, "v": v}[what][0, 0, position, 3] = value
+    return q, k, v
+
+
+def kept_holds(selection, position: int) -> torch.Tensor:
+    """[B, HKV, L] bool: for each query row i (all rows, LQ = L), whether S(i) holds key `position`."""
+    rows = torch.arange(L)
+    return reference.kept_key_mask(selection, rows)[..., position]
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("position", [5, 40, 79])
+def test_reference_selection_keeps_budget_and_skips_bad_key(value, position):
+    q, k, v = poisoned("k", position, value)
+    clean_q, clean_k, _ = make_qkv(B, HQ, HKV, L, D)
+    budgets = random_budgets(HKV, CONFIG.block_size)
+    sel = reference.select(q, k, budgets, CONFIG, scale=D**-0.5)
+    clean = reference.select(clean_q, clean_k, budgets, CONFIG, scale=D**-0.5)
+    # the budget is spent exactly as without the bad key: same block budgets count, never more tokens
+    per_block = sel.mask.view(B, HKV, -1, CONFIG.block_size).sum(-1)
+    assert torch.equal(per_block, sel.block_budgets)
+    assert int(sel.mask.sum()) == int(clean.mask.sum())
+    # the other KV head is untouched, and the bad key (importance 0) is kept only if its block keeps all
+    assert torch.equal(sel.mask[:, 1], clean.mask[:, 1])
+    block = position // CONFIG.block_size
+    if int(sel.block_budgets[0, 0, block]) < CONFIG.block_size:
+        assert not bool(sel.mask[0, 0, position])
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_reference_importance_leaves_a_bad_key_out(value):
+    """The bad key scores 0; the others are the softmax over the remaining keys (as if it were absent)."""
+    q, k, _ = poisoned("k", 40, value)
+    s = reference.last_query_importance(q[:, :, -1], k, scale=D**-0.5)
+    keep = torch.arange(L) != 40
+    without = reference.last_query_importance(q[:, :, -1], k[:, :, keep], scale=D**-0.5)
+    assert float(s[0, 0, 40]) == 0
+    torch.testing.assert_close(s[0, 0, keep], without[0, 0])
+    clean_q, clean_k, _ = make_qkv(B, HQ, HKV, L, D)
+    clean = reference.last_query_importance(clean_q[:, :, -1], clean_k, scale=D**-0.5)
+    assert torch.equal(s[:, 1], clean[:, 1])  # the other KV head is untouched
+
+
+def test_reference_importance_is_finite_when_a_query_is_nan():
+    q, k, _ = poisoned("q", L - 1, float("nan"))
+    s = reference.last_query_importance(q[:, :, -1], k, scale=D**-0.5)
+    assert bool(torch.isfinite(s).all())
+    # query head 0 has no finite logit: KV head 0's importance is query head 1's softmax, halved (mean of 2)
+    own = reference.last_query_importance(q[:, 1:2, -1], k[:, :1], scale=D**-0.5)
+    torch.testing.assert_close(s[:, 0], own[:, 0] / 2)
+
+
+@pytest.mark.parametrize("what", ["k", "v"])
+@pytest.mark.parametrize("position", [5, 70, 95])
+def test_reference_bad_key_or_value_reaches_only_rows_that_keep_it(what, position):
+    q, k, v = poisoned(what, position, float("nan"))
+    budgets = random_budgets(HKV, CONFIG.block_size)
+    sel = reference.select(q, k, budgets, CONFIG, scale=D**-0.5)
+    out = reference.attend(q, k, v, sel, scale=D**-0.5)  # [B, HQ, L, D]
+    holds = kept_holds(sel, position)[0, 0]  # [L] rows of KV head 0 whose kept set holds the key
+    assert holds.any() and not holds.all()
+    rows_bad = out[0, :2].isnan().any(-1)  # query heads 0 and 1 use KV head 0
+    assert torch.equal(rows_bad, holds.expand(2, L))
+    assert bool(torch.isfinite(out[0, 2:]).all())  # KV head 1 never sees it
+
+
+BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.triton)]
+
+
+def _ready(backend: str) -> None:
+    """Skip a triton case unless its kernels can run here (GPU, or TRITON_INTERPRET=1 on a CPU)."""
+    if backend == "triton":
+        from conftest import require_triton
+
+        require_triton()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("what", ["q", "k", "v"])
+@pytest.mark.parametrize("position", [5, 40, 70, 95])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_backend_matches_reference_on_non_finite_input(backend, what, position, value):
+    _ready(backend)
+    q, k, v = poisoned(what, position, value, dtype=torch.float32)
+    budgets = random_budgets(HKV, CONFIG.block_size)
+    want = tca.attention(q, k, v, budgets=budgets, config=CONFIG, backend="reference")
+    got = tca.attention(q, k, v, budgets=budgets, config=CONFIG, backend=backend)
+    assert torch.equal(got.isfinite(), want.isfinite())
+    finite = want.isfinite()
+    assert finite.any()
+    torch.testing.assert_close(got[finite], want[finite], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backend_selection_never_exceeds_budget_with_nan_keys(backend):
+    _ready(backend)
+    q, k, _ = make_qkv(B, HQ, HKV, L, D, dtype=torch.float32)
+    k = k.clone()
+    k[0, 0, 16:32] = float("nan")  # a whole block of bad keys, and one more in another block
+    k[0, 0, 50, 0] = float("nan")
+    budgets = random_budgets(HKV, CONFIG.block_size)
+    want = reference.select(q, k, budgets, CONFIG, scale=D**-0.5)
+    got = registry.get(backend).load().select(q, k, budgets, CONFIG, D**-0.5)
+    assert torch.equal(got.block_budgets, want.block_budgets)
+    assert torch.equal(got.mask, want.mask)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scale", [1e-30, 1e-8, 1e3, 1e30])
+def test_extreme_scale_gives_nan_only_where_the_reference_does(backend, scale):
+    """Selection: every block keeps exactly its budget (near-ties may pick other tokens than the reference at
+    tiny scales, so the tokens themselves are not compared). Attention on the reference's selection: NaN
+    exactly where the reference has NaN, equal elsewhere."""
+    _ready(backend)
+    q, k, v = make_qkv(B, HQ, HKV, L, D, dtype=torch.float32)
+    budgets = random_budgets(HKV, CONFIG.block_size)
+    impl = registry.get(backend).load()
+    sel = impl.select(q, k, budgets, CONFIG, scale)
+    want_sel = reference.select(q, k, budgets, CONFIG, scale)
+    assert torch.equal(sel.mask.view(B, HKV, -1, CONFIG.block_size).sum(-1), want_sel.block_budgets)
+    want = reference.attend(q, k, v, want_sel, scale)
+    got = impl.attend(q, k, v, want_sel, scale)
+    assert torch.equal(got.isnan(), want.isnan())
+    finite = want.isfinite()
+    torch.testing.assert_close(got[finite], want[finite], atol=1e-4, rtol=1e-4)
