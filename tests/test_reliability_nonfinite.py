@@ -147,3 +147,31 @@ def test_extreme_scale_gives_nan_only_where_the_reference_does(backend, scale):
     assert torch.equal(got.isnan(), want.isnan())
     finite = want.isfinite()
     torch.testing.assert_close(got[finite], want[finite], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", pytest.param("triton", marks=pytest.mark.triton)])
+def test_decode_compression_keeps_its_budget_with_a_nan_key(backend):
+    """A NaN key in the block leaving the window scores 0: the block still keeps exactly t tokens (section 8)."""
+    if backend == "triton":
+        from conftest import require_triton
+
+        require_triton()
+    config = tca.TCAConfig(block_size=16, window=32)
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, H, 80, 16, dtype=dtype, generator=gen).to(device) for H in (2, 1, 1))
+    _, cache = tca.prefill(q[:, :, :64], k[:, :, :64], v[:, :, :64], config=config, backend=backend)
+    before = int(cache.lengths.sum())
+    if backend == "reference":
+        cache.keys[0][0][-32] = float("nan")  # position 32: in the block [32, 48) that leaves when 80 arrives
+    else:
+        cache.local_k[0, 0, 32 % cache.window_slots] = float("nan")
+    for i in range(64, 80):
+        tca.decode(q[:, :, i : i + 1], k[:, :, i : i + 1], v[:, :, i : i + 1], cache, backend="auto")
+    keep = int(tca.budgets.block_keep_count(tca.default_budgets(16)))
+    assert keep < 16
+    assert int(cache.lengths.sum()) == before + 16 - 16 + keep  # 16 appended, one block of 16 replaced by t
+    held = cache.positions[0][0].tolist() if backend == "reference" else cache.positions_of(0, 0).tolist()
+    assert 32 not in held  # the NaN key ranks last in its block
+    assert len([p for p in held if 32 <= p < 48]) == keep

@@ -20,7 +20,7 @@ from ..geometry import window_start
 from ..selection import Selection
 from ._dtype import compute_dtype
 from .attention import attend
-from .selection import select
+from .selection import finite_softmax, select
 
 
 @dataclass
@@ -142,7 +142,8 @@ def _compress_leaving_block(queries, keys, positions, start: int, end: int, keep
     dt = queries.dtype
     in_block = (positions >= start) & (positions < end)
     block_keys = keys[in_block].to(dt)  # [b, D]
-    scores = einsum(queries, block_keys, "g d, n d -> g n").mul(scale).softmax(-1).mean(0)
+    # [choice: non-finite] a non-finite logit is left out of the block's softmax (it scores 0)
+    scores = finite_softmax(einsum(queries, block_keys, "g d, n d -> g n").mul(scale)).mean(0)
     order = scores.sort(descending=True, stable=True).indices  # ties: smaller position (positions ascend)
     kept_in_block = torch.zeros_like(scores, dtype=torch.bool)
     kept_in_block[order[:keep]] = True  # [b]: the top `keep` of the block

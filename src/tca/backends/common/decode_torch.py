@@ -54,7 +54,10 @@ def compress(cache, q: torch.Tensor) -> None:
     gather = slots[:, None, :, None].expand(B, HKV, bsz, D)
     block_k = cache.local_k.gather(2, gather)  # [B, HKV, b, D]
     block_v = cache.local_v.gather(2, gather)
-    scores = torch.matmul(qg, block_k.to(qg.dtype).transpose(-1, -2)).mul(cache.scale).softmax(-1).mean(2)
+    logits = torch.matmul(qg, block_k.to(qg.dtype).transpose(-1, -2)).mul(cache.scale)
+    # [choice: non-finite] a non-finite logit is left out of the block's softmax: it scores 0 (section 8)
+    logits = logits.masked_fill(~torch.isfinite(logits), -math.inf)
+    scores = logits.softmax(-1).nan_to_num(nan=0.0).mean(2)
     top = scores.sort(dim=-1, descending=True, stable=True).indices[..., :T]  # [B, HKV, T]
     keep = cache.keep[None, :] * moves[:, None]  # [B, HKV] rows appended
     valid = torch.arange(T, device=cache.device) < keep[..., None]  # [B, HKV, T]

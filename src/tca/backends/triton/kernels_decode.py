@@ -151,9 +151,14 @@ def compress_block_kernel(
     rows = lk_ptr + bh * stride_lbh + (slot0 + offs_t)[:, None] * stride_ls + offs_d[None, :]
     k = tl.load(rows)
     x = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
-    x = x - tl.max(x, axis=1)[:, None]
-    p = tl.exp(x)
-    p = p / tl.sum(p, axis=1)[:, None]
+    # [choice: non-finite] a non-finite logit is left out of the block's softmax (scores 0); a row with no
+    # finite logit scores 0 everywhere
+    finite = (x == x) & (tl.abs(x) < float("inf"))
+    x = tl.where(finite, x, float("-inf"))
+    row_max = tl.max(x, axis=1)
+    p = tl.where(finite, tl.exp(x - tl.where(row_max > float("-inf"), row_max, 0.0)[:, None]), 0.0)
+    total = tl.sum(p, axis=1)
+    p = p / tl.where(total > 0, total, 1.0)[:, None]
     p = tl.where(g_ok[:, None], p, 0.0)
     s = tl.sum(p, axis=0) / G
     before = (s[None, :] > s[:, None]) | ((s[None, :] == s[:, None]) & (offs_t[None, :] < offs_t[:, None]))
