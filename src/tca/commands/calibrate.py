@@ -15,7 +15,8 @@ HELP = "calibrate per-layer, per-KV-head budgets of a model in one forward pass;
 
 
 def configure(parser) -> None:
-    parser.add_argument("--model", required=True, help='a transformers model path or hub id, or "smollm2" (embedded)')
+    parser.add_argument("--model", required=True,
+                        help='a transformers model path or hub id, or a named model: "smollm2", "qwen2.5-0.5b"')
     parser.add_argument("--gguf-file", default=None, help="GGUF file inside --model (for GGUF checkpoints)")
     parser.add_argument("--out", required=True, help="where to write the plan JSON")
     parser.add_argument("--text", default=None, help="a UTF-8 text file (default: Python's pydoc topics)")
@@ -30,11 +31,11 @@ def configure(parser) -> None:
 
 
 def load_model(name: str, gguf_file: str | None, dtype, device: str):
-    """(model, tokenizer): the embedded SmolLM2 for "smollm2", else AutoModelForCausalLM.from_pretrained."""
-    from tca.models import load_smollm2
+    """(model, tokenizer): a named model (tca.models.registry), else AutoModelForCausalLM.from_pretrained."""
+    from tca.models.registry import MODELS, load_named
 
-    if name == "smollm2":
-        model, tokenizer = load_smollm2(dtype=dtype)
+    if name in MODELS:
+        model, tokenizer = load_named(name, dtype=dtype)
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -49,6 +50,7 @@ def run(args) -> int:
 
     import tca
     from tca.models import calibrate_model, calibration_ids, default_calibration_text
+    from tca.models.registry import MODELS
 
     config = tca.TCAConfig(block_size=args.block_size, window=args.window, alpha=args.alpha, tau=args.tau)
     length = args.length or 2 * config.window
@@ -61,7 +63,7 @@ def run(args) -> int:
     print(f"loaded {args.model} in {time.perf_counter() - start:.1f} s")
     ids = calibration_ids(tokenizer, length, text)
     plan = calibrate_model(model, ids, config=config, tau=args.tau, num_rows=args.num_rows, text_source=source)
-    plan.metadata["model"] = args.model if args.model != "smollm2" else plan.metadata["model"]
+    plan.metadata["model"] = args.model if args.model not in MODELS else plan.metadata["model"]
     if args.gguf_file:
         plan.metadata["gguf_file"] = args.gguf_file
     plan.save(args.out)
