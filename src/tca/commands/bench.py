@@ -24,14 +24,15 @@ def _ints(text: str) -> list[int]:
 
 
 def configure(parser) -> None:
-    parser.add_argument("--model", default="smollm2", choices=("smollm2", "tiny"))
+    parser.add_argument("--model", default="smollm2", choices=("smollm2", "qwen2.5-0.5b", "tiny"),
+                        help="a named model (tca.models.registry) or tiny (random 2-layer Llama)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda when available)")
     parser.add_argument("--dtype", default="auto", help="auto: bfloat16 on a GPU, float32 on the CPU")
     parser.add_argument("--backend", default="auto", help="TCA backend (auto: the best available)")
     parser.add_argument("--lengths", type=_ints, help="prompt lengths (default: GPU 4096,8192,16384,32768; CPU 2048)")
     parser.add_argument("--new-tokens", type=int, help="decoded tokens per run (default: GPU 128, CPU 16)")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per point, best kept (GPU 3, CPU 1)")
-    parser.add_argument("--plan", help="budget plan JSON for TCA (default: the shipped SmolLM2 plan, or default budgets)")
+    parser.add_argument("--plan", help="budget plan JSON for TCA (default: the model's shipped plan, or default budgets)")
     parser.add_argument("--block-size", type=int, default=64, help="block size when no plan is given")
     parser.add_argument("--window", type=int, default=512, help="window when no plan is given")
     parser.add_argument("--out", help="results JSON")
@@ -175,14 +176,14 @@ def run(args) -> int:
         plan_name = "default budgets"
         plan = None
     else:
-        from tca.eval.methods import load_model
+        from tca.models.plans import PLANS_DIR
+        from tca.models.registry import load_named, named_model
 
-        model, tokenizer = load_model(str(device), dtype)
+        model, tokenizer = load_named(args.model, dtype)
         plan = args.plan
-        if plan is None:
-            from tca.models.smollm2 import smollm2_plan_path
-
-            plan = str(smollm2_plan_path()) if smollm2_plan_path().is_file() else None
+        shipped = named_model(args.model).plan
+        if plan is None and shipped and (PLANS_DIR / f"{shipped}.json").is_file():
+            plan = str(PLANS_DIR / f"{shipped}.json")
         plan_name = plan or "default budgets"
     model = model.to(device)
     from tca.models import enable_tca

