@@ -104,8 +104,8 @@ def test_rules_on_the_tiny_model():
     for a, b in zip(paper.layers, retrieval.layers, strict=True):
         for pa, rb in zip(a, b, strict=True):
             assert rb.cost >= pa.cost  # the minimum of two masses never admits a cheaper candidate
-    changed = sum(pa.candidate != fb.candidate for a, b in zip(paper.layers, fallback.layers) for pa, fb in zip(a, b))
-    assert all(fb.candidate is None for a, b in zip(paper.layers, fallback.layers) for pa, fb in zip(a, b)
+    changed = sum(pa.candidate != fb.candidate for a, b in zip(paper.layers, fallback.layers, strict=False) for pa, fb in zip(a, b, strict=False))
+    assert all(fb.candidate is None for a, b in zip(paper.layers, fallback.layers, strict=False) for pa, fb in zip(a, b, strict=False)
                if pa.candidate != fb.candidate)
     assert changed <= 2  # floor(0.5 * 2 layers * 2 KV heads)
     assert retrieval.metadata["calibration_rule"] == "retrieval" and fallback.metadata["probes"] == 2

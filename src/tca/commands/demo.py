@@ -56,9 +56,9 @@ def run(args) -> int:
     import tca
     from tca.backends import registry
     from tca.models import TCACache, enable_tca
+    from tca.models.passkey import found, passkey_prompt
     from tca.models.plans import shipped_plan_path
     from tca.models.registry import load_named, named_model
-    from tca.models.passkey import found, passkey_prompt
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
