@@ -18,6 +18,7 @@ BOOTSTRAP_DRAWS = 2000
 FAMILY_COLOURS = {
     "dense": "black", "tca": "tab:blue", "tca_fixed": "tab:cyan", "streamingllm": "tab:orange", "snapkv": "tab:green",
     "expected": "tab:red", "adakv": "tab:purple", "knorm": "tab:brown", "tca_variant": "tab:olive",
+    "other": "tab:gray",
 }
 
 
@@ -29,7 +30,7 @@ def family(method: str) -> str:
     if method.startswith("tca-") and any(v in method for v in ("retrieval", "fallback")):
         return "tca_variant"
     head = method.split("=")[0].split("-")[0]
-    return head if head in FAMILY_COLOURS else "tca" if head == "tca" else "knorm"
+    return head if head in FAMILY_COLOURS else "other"
 
 
 def _cells(results: dict, method: str, length: int) -> dict[tuple[str, int], float]:
