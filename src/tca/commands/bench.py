@@ -198,11 +198,13 @@ def run(args) -> int:
 
     model, tokenizer = choice.load(str(device), dtype, verbose=args.verbose)
     plan_name = args.plan
-    if plan is None and choice.name == "smollm2":
-        from tca.models.smollm2 import smollm2_plan_path
+    if plan is None and choice.kind == "shipped" and choice.name != "tiny":
+        from tca.models.plans import PLANS_DIR
+        from tca.models.registry import named_model
 
-        if smollm2_plan_path().is_file():
-            plan, plan_name = check_plan_file(str(smollm2_plan_path())), "the plan shipped for SmolLM2"
+        shipped = named_model(choice.name).plan
+        if shipped and (PLANS_DIR / f"{shipped}.json").is_file():
+            plan, plan_name = check_plan_file(str(PLANS_DIR / f"{shipped}.json")), f"the plan shipped for {choice.name}"
     from tca.models import enable_tca
 
     if plan is None:

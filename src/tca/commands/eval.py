@@ -4,6 +4,8 @@
     python -m tca eval --preset main --out benchmarks/results/quality_main.json --plots docs/quality
     python -m tca eval --preset ablation --out benchmarks/results/quality_ablation.json --plots docs/quality_ablation
     python -m tca eval --from-json benchmarks/results/quality_main.json --plots docs/quality   # tables/plots only
+    python -m tca eval --model qwen2.5-0.5b --preset ruler-cpu --out benchmarks/results/ruler_4k_cpu.json \
+        --plots docs/quality_ruler                   # RULER (13 tasks) with the kvpress peers; GPU: benchmarks/ruler_gpu.py
 """
 
 from __future__ import annotations
@@ -27,9 +29,11 @@ def _ints(text: str) -> list[int]:
 
 def configure(parser) -> None:
     from tca.eval.presets import DEFAULT_PRESET, PRESETS
+    from tca.eval.ruler_presets import RULER_PRESETS
 
-    parser.add_argument("--preset", choices=PRESETS, default=DEFAULT_PRESET,
-                        help=f"methods and grid to run (default: {DEFAULT_PRESET}, a few minutes on a CPU)")
+    parser.add_argument("--preset", choices=PRESETS + RULER_PRESETS, default=DEFAULT_PRESET,
+                        help=f"methods and grid to run (default: {DEFAULT_PRESET}, a few minutes on a CPU; "
+                        "ruler*: RULER tasks and the kvpress peers)")
     shipped = "; ".join(f"{name}: {what}" for name, what in SHIPPED_MODELS.items())
     parser.add_argument("--model", default="smollm2",
                         help=f"a shipped model ({shipped}), a local Hugging Face model directory or a .gguf file")
@@ -41,7 +45,7 @@ def configure(parser) -> None:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--backend", default="auto", help="TCA backend (auto: the best available)")
     parser.add_argument("--methods", help="comma-separated method names to keep from the preset")
-    parser.add_argument("--tasks", help="comma-separated tasks (niah_single,niah_multikey,niah_multivalue,vt)")
+    parser.add_argument("--tasks", help="comma-separated tasks (niah_single,niah_multikey,niah_multivalue,vt; RULER's for ruler*)")
     parser.add_argument("--lengths", type=_ints, help="needle context lengths, e.g. 2048,4096")
     parser.add_argument("--depths", type=_floats, help="needle depths in [0, 1], e.g. 0.1,0.5,0.9")
     parser.add_argument("--samples", type=int, help="samples per (task, length, depth)")
@@ -102,6 +106,10 @@ def check_args(args):
         if not Path(args.from_json).is_file():
             raise UsageError(f"--from-json {args.from_json}: file not found")
         return None, [], None, None
+    from tca.eval.ruler_presets import RULER_PRESETS
+
+    if args.preset in RULER_PRESETS:  # the RULER grid is built from the RULER preset when it runs
+        return resolve_model(args.model), None, None, None
     methods, grid, calibration_length = preset(args.preset)
     try:
         grid = _grid(args, grid)
@@ -117,6 +125,67 @@ def check_args(args):
     return resolve_model(args.model), methods, grid, args.calibration_length or calibration_length
 
 
+def _print_ruler(results: dict, plots: str | None) -> None:
+    from tca.eval import ruler_report
+
+    print(ruler_report.summary_table(results))
+    for length in ruler_report.lengths_of(results):
+        print(f"\n{length} tokens\n" + ruler_report.task_table(results, length))
+    if plots:
+        print("plot:", ruler_report.plot_score_vs_kept(results, f"{plots}_score_vs_kept.png"))
+    print(ruler_report.short_table(results))
+
+
+def _run_ruler(args, device: str, dtype, choice) -> int:
+    import torch
+
+    from tca.eval.corpus import calibration_text
+    from tca.eval.methods import Runner
+    from tca.eval.ruler_harness import RulerRunner, evaluate_ruler
+    from tca.eval.ruler_presets import ruler_preset
+
+    methods, grid, calibration_length = ruler_preset(args.preset)
+    if args.tasks:
+        grid.tasks = args.tasks.split(",")
+    if args.lengths:
+        grid.lengths = args.lengths
+    if args.samples:
+        grid.samples = args.samples
+    grid.seed = args.seed if args.seed else grid.seed
+    grid.__post_init__()
+    methods = _pick(methods, args)
+    model, tokenizer = choice.load(device, dtype, seed=args.seed, verbose=args.verbose)
+    calibration_length = args.calibration_length or calibration_length
+    calibration = torch.tensor([tokenizer.encode(calibration_text(), add_special_tokens=False)[:calibration_length]])
+    probes = None
+    if any(getattr(m, "calibration", "paper") != "paper" for m in methods):
+        from tca.models.calibration_variants import retrieval_probes
+
+        probes = retrieval_probes(tokenizer, min(4096, 2 * calibration_length), 4, calibration_text())
+    runner = Runner(model, args.backend, calibration, progress=not args.quiet, probes=probes)
+    print(f"tca eval: preset {args.preset}, {len(methods)} methods, model {args.model} on {device} ({args.dtype})", flush=True)
+    results = evaluate_ruler(RulerRunner(runner, tokenizer), methods, grid, out=args.out, progress=not args.quiet)
+    if args.out:  # the calibrated plans, next to the results, to reuse or ship
+        from pathlib import Path
+
+        folder = Path(args.out).with_suffix("")
+        for name, plan in runner.plans.items():
+            plan.save(folder.parent / f"{folder.name}_plan_{name}.json")
+    _print_ruler(results, args.plots)
+    return 0
+
+
+def _pick(methods: list, args) -> list:
+    if not args.methods:
+        return methods
+    wanted = args.methods.split(",")
+    by_name = {m.name: m for m in methods}
+    unknown = [m for m in wanted if m not in by_name]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown} for preset {args.preset!r}; known: {', '.join(by_name)}")
+    return [by_name[name] for name in wanted]  # run in the order asked
+
+
 def run(args) -> int:
     import torch
 
@@ -127,7 +196,7 @@ def run(args) -> int:
                 results = json.load(f)
             except json.JSONDecodeError as error:
                 raise UsageError(f"--from-json {args.from_json}: not valid JSON ({error})") from None
-        _print_report(results, args.plots)
+        _print_ruler(results, args.plots) if "samples" in results else _print_report(results, args.plots)
         return 0
 
     from tca.eval.corpus import calibration_text
@@ -137,6 +206,8 @@ def run(args) -> int:
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
+    if methods is None:
+        return _run_ruler(args, device, dtype, choice)
     model, tokenizer = choice.load(device, dtype, seed=args.seed, verbose=args.verbose)
     calibration = tokenizer.encode(calibration_text(), add_special_tokens=False)[:calibration_length]
     runner = Runner(model, args.backend, torch.tensor([calibration]), progress=not args.quiet)

@@ -38,6 +38,7 @@ class Method:
     mu: float | None = None
     cache: str = "compressed"  # "full": TCA attention over a dense cache (a fresh selection at every step)
     policy: Reselect | None = None
+    calibration: str = "paper"  # or a rule of tca.reference.calibration_variants ("retrieval", "fallback")
 
     def describe(self) -> dict:
         return {
@@ -47,6 +48,7 @@ class Method:
             "mu": self.mu,
             "cache": self.cache,
             "policy": None if self.policy is None else {"reselect_every": self.policy.every, "offload": self.policy.offload},
+            "calibration": self.calibration,
         }
 
 
@@ -90,10 +92,14 @@ class Runner:
 
     backend: the TCA backend ("auto" picks the best available one).
     calibration_ids: [1, L] token ids of the calibration text (needed by "calibrated" methods).
+    probes: retrieval probes (tca.models.calibration_variants.retrieval_probes) for the calibration rules
+    beyond the paper.
     """
 
-    def __init__(self, model, backend: str = "auto", calibration_ids: torch.Tensor | None = None, progress: bool = True):
+    def __init__(self, model, backend: str = "auto", calibration_ids: torch.Tensor | None = None, progress: bool = True,
+                 probes: list | None = None):
         self.model = model
+        self.probes = probes
         self.backend = backend
         self.calibration_ids = calibration_ids
         self.progress = progress
@@ -117,9 +123,17 @@ class Runner:
                 self.active = None
                 ids = self.calibration_ids.to(self.model.device)
                 with torch.no_grad():
-                    self.plans[key] = calibrate_model(
-                        self.model, ids, config=method.config, tau=method.config.tau, progress=self.progress
-                    )
+                    if method.calibration == "paper":
+                        self.plans[key] = calibrate_model(
+                            self.model, ids, config=method.config, tau=method.config.tau, progress=self.progress
+                        )
+                    else:
+                        from ..models.calibration_variants import calibrate_with_rule
+
+                        self.plans[key] = calibrate_with_rule(
+                            self.model, ids, self.probes, config=method.config, rule=method.calibration,
+                            progress=self.progress,
+                        )
         return self.plans[key]
 
     def use(self, method: Method) -> None:

@@ -7,6 +7,7 @@ This package imports nothing from `tca.backends`.
 from .attention import attend, dense_causal_attention, kept_key_mask
 from .cache import ReferenceKVCache, cache_from_selection, decode_step, prefill
 from .calibration import calibrate, evaluated_rows, retained_mass
+from .calibration_variants import retrieval_mass
 from .chunked import DensePrefillState, empty_cache, exact_chunk, exact_finish, streaming_chunk
 from .reselect import ReselectingReferenceCache
 from .selection import (
@@ -35,6 +36,7 @@ class ReferenceBackend:
     prefill = staticmethod(prefill)
     decode = staticmethod(decode_step)
     retained_mass = staticmethod(retained_mass)
+    retrieval_mass = staticmethod(retrieval_mass)  # the "retrieval" calibration rule (section 6.1)
     # Chunked prefill (section 5b): exact chunks over a dense state, streaming chunks over the cache.
     exact_chunk = staticmethod(exact_chunk)
     exact_finish = staticmethod(exact_finish)

@@ -1,0 +1,183 @@
+"""RULER on Qwen2.5-Coder-0.5B-Instruct on one GPU: dense, TCA plans, calibration variants and the kvpress
+peers, 4K-32K, in about 10 minutes on an H100. Resumable per length; everything goes under $OUT.
+
+    OUT=/path/to/out python benchmarks/ruler_gpu.py --wheels .wheels            # the whole grid
+    python benchmarks/ruler_gpu.py --out out --lengths 32768 --samples 2         # one length (resumes)
+    python benchmarks/ruler_gpu.py --out /tmp/o --tiny --device cpu               # seconds: the pipeline only
+
+Needs transformers, gguf and the GGUF file (--gguf, default /tmp/models/qwen2.5-0.5b/model.gguf, else the
+installed wheels); RULER, wonderwords, kvpress and cachetools come from --wheels (a folder holding the wheels
+listed in benchmarks/ruler_gpu_wheels.txt; they are unpacked into $OUT/site, no pip, no network).
+
+Writes: $OUT/ruler_<length>.json (samples, scores, kept KV), $OUT/prompts/<task>_<length>.json (RULER's
+prompts as token ids, reused on resume), $OUT/plans/<method>.json (calibrated plans, reused),
+$OUT/ruler_summary.md (tables) and $OUT/ruler_score_vs_kept.png; prints a short table last.
+A time budget (--budget-s) stops starting new cells once spent; run again to continue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+DEFAULT_GGUF = Path("/tmp/models/qwen2.5-0.5b/model.gguf")
+
+
+def unpack_wheels(folder: Path, site: Path) -> None:
+    """Unzip every wheel in `folder` into `site` (pure-Python wheels) and put it first on sys.path."""
+    wheels = sorted(folder.glob("*.whl"))
+    if not wheels:
+        raise SystemExit(f"no wheels in {folder}; see benchmarks/ruler_gpu_wheels.txt")
+    site.mkdir(parents=True, exist_ok=True)
+    for wheel in wheels:
+        stamp = site / f".{wheel.name}.done"
+        if not stamp.exists():
+            with zipfile.ZipFile(wheel) as z:
+                z.extractall(site)
+            stamp.write_text("ok\n")
+    sys.path.insert(0, str(site))
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=os.environ.get("OUT"), help="output folder (default $OUT)")
+    p.add_argument("--wheels", type=Path, help="folder with the wheels of benchmarks/ruler_gpu_wheels.txt")
+    p.add_argument("--gguf", type=Path, default=None, help=f"the model's GGUF (default {DEFAULT_GGUF} or the wheels)")
+    p.add_argument("--lengths", default="4096,8192,16384,32768")
+    p.add_argument("--tasks", default=None, help="comma-separated RULER tasks (default all 13)")
+    p.add_argument("--samples", type=int, default=2, help="prompts per task and length")
+    p.add_argument("--methods", default=None, help="comma-separated method names (default: the ruler preset)")
+    p.add_argument("--budget-s", type=float, default=540.0, help="stop starting new cells after this many seconds")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    p.add_argument("--backend", default="auto")
+    p.add_argument("--calibration-length", type=int, default=8192)
+    p.add_argument("--probe-length", type=int, default=4096)
+    p.add_argument("--probes", type=int, default=4)
+    p.add_argument("--tiny", action="store_true", help="the tiny random model and smoke grid (pipeline check)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    if not args.out:
+        raise SystemExit("give --out or set $OUT")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.wheels:
+        unpack_wheels(args.wheels, out / "site")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    started = time.perf_counter()
+
+    import torch
+
+    from tca.eval import ruler_report as report
+    from tca.eval.corpus import calibration_text
+    from tca.eval.methods import Runner
+    from tca.eval.presses import PressMethod
+    from tca.eval.ruler import RulerSample, generate_ruler_grid
+    from tca.eval.ruler_harness import RulerGrid, RulerRunner, evaluate_ruler
+    from tca.eval.ruler_presets import ruler_preset
+    from tca.plan import BudgetPlan
+
+    dtype = getattr(torch, args.dtype)
+    if args.tiny:
+        from tca.eval.tiny import tiny_llama
+
+        methods, grid, calibration_length = ruler_preset("ruler-smoke")
+        model, tokenizer = tiny_llama(0, dtype)
+        probe_length = 512
+    else:
+        from tca.models.qwen25 import load_qwen25
+
+        methods, grid, _ = ruler_preset("ruler")
+        calibration_length, probe_length = args.calibration_length, args.probe_length
+        gguf = args.gguf or (DEFAULT_GGUF if DEFAULT_GGUF.is_file() else None)
+        model, tokenizer = load_qwen25(dtype=dtype, gguf=gguf)
+        grid.lengths = [int(x) for x in args.lengths.split(",") if x]
+        grid.samples = args.samples
+    model = model.to(args.device).eval()
+    if args.tasks:
+        grid.tasks = args.tasks.split(",")
+    grid.__post_init__()
+    if args.methods:
+        wanted = args.methods.split(",")
+        by_name = {m.name: m for m in methods}
+        unknown = [w for w in wanted if w not in by_name]
+        if unknown:
+            raise SystemExit(f"unknown methods {unknown}; known: {', '.join(by_name)}")
+        methods = [by_name[w] for w in wanted]
+    print(f"model loaded in {time.perf_counter() - started:.0f} s on {args.device} ({args.dtype})", flush=True)
+
+    calibration = torch.tensor([tokenizer.encode(calibration_text(), add_special_tokens=False)[:calibration_length]])
+    probes = None
+    if any(getattr(m, "calibration", "paper") != "paper" for m in methods):
+        from tca.models.calibration_variants import retrieval_probes
+
+        probes = retrieval_probes(tokenizer, probe_length, args.probes, calibration_text())
+    runner = Runner(model, args.backend, calibration, progress=True, probes=probes)
+    plans = out / "plans"
+    plans.mkdir(exist_ok=True)
+    for m in methods:  # calibrated plans: reuse a saved one, else calibrate now and save it
+        if isinstance(m, PressMethod) or m.kind == "dense":
+            continue
+        path = plans / f"{m.name}.json"
+        if path.is_file():
+            runner.plans[m.name] = BudgetPlan.load(path)
+        else:
+            runner.plan(m).save(path)
+    ruler = RulerRunner(runner, tokenizer)
+
+    prompts = out / "prompts"
+    prompts.mkdir(exist_ok=True)
+    samples = {}
+    for task in grid.tasks:
+        missing = [L for L in grid.lengths if not (prompts / f"{task}_{L}.json").is_file()]
+        if missing:
+            for L, cell in generate_ruler_grid(tokenizer, task, missing, grid.samples, grid.seed).items():
+                (prompts / f"{task}_{L}.json").write_text(json.dumps([s.__dict__ for s in cell]))
+        for L in grid.lengths:
+            cell = [RulerSample(**row) for row in json.loads((prompts / f"{task}_{L}.json").read_text())]
+            samples[(task, L)] = cell[: grid.samples]
+    print(f"prompts ready at {time.perf_counter() - started:.0f} s", flush=True)
+
+    stopped = []
+    for L in grid.lengths:
+        cell_grid = RulerGrid(tasks=grid.tasks, lengths=[L], samples=grid.samples, seed=grid.seed,
+                              max_new_tokens=grid.max_new_tokens)
+        for m in methods:
+            if time.perf_counter() - started > args.budget_s:
+                stopped.append(f"{m.name}@{L}")
+                continue
+            evaluate_ruler(ruler, [m], cell_grid, out=out / f"ruler_{L}.json", progress=True, samples=samples)
+
+    merged = {"metadata": None, "methods": {}, "samples": []}
+    for L in grid.lengths:
+        path = out / f"ruler_{L}.json"
+        if path.is_file():
+            part = json.loads(path.read_text())
+            merged["metadata"] = merged["metadata"] or part["metadata"]
+            merged["methods"].update(part["methods"])
+            merged["samples"] += part["samples"]
+    if merged["samples"]:
+        (out / "ruler_all.json").write_text(json.dumps(merged, indent=1) + "\n")
+        (out / "ruler_summary.md").write_text(
+            report.summary_table(merged) + "\n\n" + "\n\n".join(
+                f"{L // 1024}K\n\n" + report.task_table(merged, L) for L in report.lengths_of(merged)) + "\n")
+        try:
+            report.plot_score_vs_kept(merged, out / "ruler_score_vs_kept.png")
+        except ImportError as error:
+            print(f"no plot: {error}")
+    print(f"total {time.perf_counter() - started:.0f} s" + (f"; not started (budget): {', '.join(stopped)}" if stopped else ""))
+    if merged["samples"]:
+        print(report.short_table(merged))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
