@@ -143,7 +143,7 @@ def errors_cases():
         ),
         ("head dim", lambda st: tca.prefill_chunk(*(t[..., :4] for t in nxt), st), ValueError, "head dim is 4"),
         ("dtype", lambda st: tca.prefill_chunk(*(t.float() for t in nxt), st), ValueError, "dtype is torch.float32"),
-        ("device", lambda st: tca.prefill_chunk(*(t.to("meta") for t in nxt), st), ValueError, "device is meta"),
+        ("device", lambda st: tca.prefill_chunk(*(t.to("meta") for t in nxt), st), ValueError, "meta device"),
         ("lengths", lambda st: tca.prefill_chunk(q[:, :, 32:40], *nxt[1:], st), ValueError, "one query per new key"),
         ("state", lambda st: tca.prefill_chunk(*nxt, object()), TypeError, "state must be a tca.ChunkedPrefill"),
     ]
