@@ -91,12 +91,25 @@ def test_reference_bad_key_or_value_reaches_only_rows_that_keep_it(what, positio
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.triton)]
 
 
-def _ready(backend: str) -> None:
-    """Skip a triton case unless its kernels can run here (GPU, or TRITON_INTERPRET=1 on a CPU)."""
+def _ready(backend: str) -> str:
+    """Skip a triton case unless its kernels can run here (GPU, or TRITON_INTERPRET=1 on a CPU); the device
+    the backend's inputs go to."""
     if backend == "triton":
         from conftest import require_triton
 
-        require_triton()
+        return require_triton()
+    return "cpu"
+
+
+def _to(device: str, *tensors):
+    return tuple(t.to(device) for t in tensors)
+
+
+def _selection_on(selection, device: str):
+    from tca.selection import Selection
+
+    return Selection(selection.mask.to(device), selection.block_budgets.to(device), selection.block_size,
+                     selection.window, selection.seq_len)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -104,11 +117,11 @@ def _ready(backend: str) -> None:
 @pytest.mark.parametrize("position", [5, 40, 70, 95])
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_backend_matches_reference_on_non_finite_input(backend, what, position, value):
-    _ready(backend)
+    device = _ready(backend)
     q, k, v = poisoned(what, position, value, dtype=torch.float32)
     budgets = random_budgets(HKV, CONFIG.block_size)
     want = tca.attention(q, k, v, budgets=budgets, config=CONFIG, backend="reference")
-    got = tca.attention(q, k, v, budgets=budgets, config=CONFIG, backend=backend)
+    got = tca.attention(*_to(device, q, k, v), budgets=budgets, config=CONFIG, backend=backend).cpu()
     assert torch.equal(got.isfinite(), want.isfinite())
     finite = want.isfinite()
     assert finite.any()
@@ -117,16 +130,16 @@ def test_backend_matches_reference_on_non_finite_input(backend, what, position, 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_backend_selection_never_exceeds_budget_with_nan_keys(backend):
-    _ready(backend)
+    device = _ready(backend)
     q, k, _ = make_qkv(B, HQ, HKV, L, D, dtype=torch.float32)
     k = k.clone()
     k[0, 0, 16:32] = float("nan")  # a whole block of bad keys, and one more in another block
     k[0, 0, 50, 0] = float("nan")
     budgets = random_budgets(HKV, CONFIG.block_size)
     want = reference.select(q, k, budgets, CONFIG, scale=D**-0.5)
-    got = registry.get(backend).load().select(q, k, budgets, CONFIG, D**-0.5)
-    assert torch.equal(got.block_budgets, want.block_budgets)
-    assert torch.equal(got.mask, want.mask)
+    got = registry.get(backend).load().select(*_to(device, q, k, budgets), CONFIG, D**-0.5)
+    assert torch.equal(got.block_budgets.cpu(), want.block_budgets)
+    assert torch.equal(got.mask.cpu(), want.mask)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -135,15 +148,15 @@ def test_extreme_scale_gives_nan_only_where_the_reference_does(backend, scale):
     """Selection: every block keeps exactly its budget (near-ties may pick other tokens than the reference at
     tiny scales, so the tokens themselves are not compared). Attention on the reference's selection: NaN
     exactly where the reference has NaN, equal elsewhere."""
-    _ready(backend)
+    device = _ready(backend)
     q, k, v = make_qkv(B, HQ, HKV, L, D, dtype=torch.float32)
     budgets = random_budgets(HKV, CONFIG.block_size)
     impl = registry.get(backend).load()
-    sel = impl.select(q, k, budgets, CONFIG, scale)
+    sel = impl.select(*_to(device, q, k, budgets), CONFIG, scale)
     want_sel = reference.select(q, k, budgets, CONFIG, scale)
-    assert torch.equal(sel.mask.view(B, HKV, -1, CONFIG.block_size).sum(-1), want_sel.block_budgets)
+    assert torch.equal(sel.mask.view(B, HKV, -1, CONFIG.block_size).sum(-1).cpu(), want_sel.block_budgets)
     want = reference.attend(q, k, v, want_sel, scale)
-    got = impl.attend(q, k, v, want_sel, scale)
+    got = impl.attend(*_to(device, q, k, v), _selection_on(want_sel, device), scale).cpu()
     assert torch.equal(got.isnan(), want.isnan())
     finite = want.isfinite()
     torch.testing.assert_close(got[finite], want[finite], atol=1e-4, rtol=1e-4)

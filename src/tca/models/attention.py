@@ -133,13 +133,13 @@ def per_sequence(fn, q, k, v, pads: list[int]) -> torch.Tensor:
     return out
 
 
-def _forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, backend=None, **kwargs):
+def _forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, backend=None, **kwargs):
     """q [B, HQ, LQ, D], k, v [B, HKV, L, D] -> (out [B, LQ, HQ, D], None), as transformers expects."""
     import tca
 
     settings = layer_settings(module)
     if settings.native is not None:
-        return native_attention(settings.native, module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+        return native_attention(settings.native, module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     _check_call(attention_mask, dropout, kwargs)
     backend = backend or settings.backend
     layer = handoff.take(key)
@@ -160,7 +160,7 @@ def _forward(module, query, key, value, attention_mask, scaling=None, dropout=0.
     return out.transpose(1, 2).contiguous(), None
 
 
-def native_attention(name: str, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+def native_attention(name: str, module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """Run a sliding-window layer of a hybrid model on the model's own implementation `name` (sdpa or eager).
 
     attention_mask: the materialised boolean mask [B, 1, LQ, L] from tca_mask (sdpa's format); eager takes it
@@ -185,14 +185,14 @@ def native_attention(name: str, module, query, key, value, attention_mask, scali
     return function(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
 
-def tca_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+def tca_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """The "tca" implementation: the backend of the layer's settings (enable_tca's `backend`, "auto" default)."""
-    return _forward(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+    return _forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
 
 
-def tca_reference_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+def tca_reference_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """The "tca_reference" twin: the same settings on the reference backend, for one-line A/B checks."""
-    return _forward(module, query, key, value, attention_mask, scaling, dropout, backend="reference", **kwargs)
+    return _forward(module, query, key, value, attention_mask, dropout, scaling, backend="reference", **kwargs)
 
 
 def tca_mask(*args, attention_mask=None, mask_function=None, q_length=None, **kwargs):

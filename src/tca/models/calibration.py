@@ -85,7 +85,7 @@ class _Recorder:
             self.bar.update(1)
 
 
-def calibrate_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+def calibrate_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """Dense causal attention that first hands q, k to the active calibration recorder.
 
     query [B, HQ, L, D], key/value [B, HKV, L, D] -> (out [B, L, HQ, D], None).
@@ -94,7 +94,7 @@ def calibrate_attention_forward(module, query, key, value, attention_mask, scali
     if recorder is None:
         raise RuntimeError("the 'tca_calibrate' attention only runs inside tca.models.calibrate_model")
     if module.layer_idx in recorder.native_layers:  # a hybrid model's sliding-window layer: not calibrated
-        return native_attention(recorder.native, module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+        return native_attention(recorder.native, module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     if query.shape[2] != key.shape[2]:
         raise ValueError("calibration runs one full forward pass without a cache (LQ == L)")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5

@@ -129,11 +129,15 @@ class AttentionTiles:
     num_stages: int = 3
 
 
-def default_tiles(G: int, D: int, block_size: int) -> AttentionTiles:
+def default_tiles(G: int, D: int, block_size: int, dtype: torch.dtype = torch.bfloat16) -> AttentionTiles:
     """The tiles used unless a caller passes its own. From a sweep on an H100 (Llama shape, 32K tokens, bf16);
-    the benchmark's sweep passes its candidates explicitly."""
+    the benchmark's sweep passes its candidates explicitly. fp32 tiles take twice the shared memory, and the
+    masked steps' non-finite check one more [M, N] x [N, D] operand: fp32 with D = 128 gets one pipeline stage
+    (3 stages needed 288 KB of shared memory on an H100, whose limit is 227 KB)."""
     g_pad = triton.next_power_of_2(G)
-    return AttentionTiles(block_q=min(block_size, max(16, 128 // g_pad)), block_n=64 if D <= 128 else 32)
+    stages = 1 if dtype == torch.float32 and D >= 128 else 3
+    return AttentionTiles(block_q=min(block_size, max(16, 128 // g_pad)), block_n=64 if D <= 128 else 32,
+                          num_stages=stages)
 
 
 def sparse_attention(
@@ -149,7 +153,7 @@ def sparse_attention(
     G = HQ // HKV
     g_pad = triton.next_power_of_2(G)
     if tiles is None or isinstance(tiles, dict):
-        tiles = replace(default_tiles(G, D, block_size), **(tiles or {}))
+        tiles = replace(default_tiles(G, D, block_size, q.dtype), **(tiles or {}))
     block_q, block_n = tiles.block_q, tiles.block_n
     if block_size % block_q:
         raise ValueError(f"the query tile ({block_q}) must divide the block size ({block_size})")
