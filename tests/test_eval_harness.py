@@ -121,3 +121,13 @@ def test_reselecting_variant_shares_the_plan_reads_as_much_and_holds_everything(
     # Re-selection reads the keys before the window once per period on top of the active set.
     assert row[paper.name]["read_bytes_per_step"] < row[every16.name]["read_bytes_per_step"]
     assert row[every16.name]["read_bytes_per_step"] < row[offloaded.name]["read_bytes_per_step"]
+
+
+def test_runner_names_the_backend_so_the_crossover_never_replaces_a_plan():
+    """backend="auto" runs dense attention below a device's crossover; an evaluation must measure the plan."""
+    from tca.eval.methods import Runner
+    from tca.eval.tiny import tiny_llama
+
+    model, _ = tiny_llama(0, torch.float32)
+    assert Runner(model, "auto", progress=False).backend == "torch"
+    assert Runner(model, "reference", progress=False).backend == "reference"

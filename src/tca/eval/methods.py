@@ -90,7 +90,9 @@ def fixed_plan(model, method: Method) -> BudgetPlan:
 class Runner:
     """Switches one model between methods and makes the matching caches.
 
-    backend: the TCA backend ("auto" picks the best available one).
+    backend: the TCA backend. "auto" is resolved here, once, to the best backend for the model's device and
+        dtype by name: an evaluation measures the plan's budgets at every length, never the dense path that
+        backend="auto" takes below the device's crossover (tca.backends.crossover).
     calibration_ids: [1, L] token ids of the calibration text (needed by "calibrated" methods).
     probes: retrieval probes (tca.models.calibration_variants.retrieval_probes) for the calibration rules
     beyond the paper.
@@ -100,7 +102,7 @@ class Runner:
                  probes: list | None = None):
         self.model = model
         self.probes = probes
-        self.backend = backend
+        self.backend = _named_backend(backend, model)
         self.calibration_ids = calibration_ids
         self.progress = progress
         self.plans: dict[str, BudgetPlan] = {}
@@ -199,3 +201,17 @@ class Runner:
                 if isinstance(t, torch.Tensor):
                     total += t.numel() * t.element_size()
         return total
+
+
+def _named_backend(backend: str, model) -> str:
+    """The concrete backend "auto" means for this model's device, dtype and head dim (others unchanged)."""
+    if backend != "auto":
+        return backend
+    from ..backends import registry
+
+    parameter = next(model.parameters())
+    config = getattr(model, "config", None)
+    head_dim = getattr(config, "head_dim", None) or (
+        config.hidden_size // config.num_attention_heads if config is not None else 64
+    )
+    return registry.resolve("auto", parameter.device, parameter.dtype, int(head_dim), decode=True).name
