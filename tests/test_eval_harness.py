@@ -125,6 +125,8 @@ def test_reselecting_variant_shares_the_plan_reads_as_much_and_holds_everything(
 
 def test_runner_names_the_backend_so_the_crossover_never_replaces_a_plan():
     """backend="auto" runs dense attention below a device's crossover; an evaluation must measure the plan."""
+    import torch
+
     from tca.eval.methods import Runner
     from tca.eval.tiny import tiny_llama
 
