@@ -22,7 +22,8 @@ def online_softmax_step(q, k, v, m_i, l_i, acc, valid, scale_log2, PREC: tl.cons
     alpha = tl.exp2(m_i - m_new)
     # s * scale_log2 <= m_new, but a fused multiply-add rounds the two sides differently: at huge scales their
     # difference can come out positive by ~1e24 and exp2 overflows. Clamped at 0, the row keeps its exact max.
-    p = tl.exp2(tl.minimum(s * scale_log2 - m_new[:, None], 0.0))
+    d = s * scale_log2 - m_new[:, None]
+    p = tl.exp2(tl.where(d > 0.0, 0.0, d))  # a NaN stays NaN (tl.minimum would return the 0)
     l_i = l_i * alpha + tl.sum(p, axis=1)
     if MASK:
         # [choice: non-finite] a NaN/Inf value reaches only the rows that see its key: p = 0 times NaN would
