@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .harness import _save  # results written atomically, as the needle harness writes them
 from .methods import Method, Runner
 from .presses import PressMethod, held_positions, make_press
 from .ruler import RULER_TASKS, RulerSample, generate_ruler_grid, score_sample
@@ -124,13 +125,6 @@ def _metadata(model, grid: RulerGrid, backend: str) -> dict:
         "backend": backend,
         "grid": asdict(grid),
     }
-
-
-def _save(path: Path, results: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=1) + "\n")
-    tmp.replace(path)
 
 
 def matched_keep(results: dict, method: PressMethod, length: int) -> float:
