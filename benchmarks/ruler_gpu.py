@@ -3,7 +3,13 @@ peers, 4K-32K, in about 10 minutes on an H100. Resumable per length; everything 
 
     OUT=/path/to/out python benchmarks/ruler_gpu.py --wheels .wheels            # the whole grid
     python benchmarks/ruler_gpu.py --out out --lengths 32768 --samples 2         # one length (resumes)
+    python benchmarks/ruler_gpu.py --out out --lengths 8192,32768 --jobs 8       # 8 worker processes
     python benchmarks/ruler_gpu.py --out /tmp/o --tiny --device cpu               # seconds: the pipeline only
+
+--jobs N: batch-1 greedy decoding of a 0.5B model leaves most of a GPU idle (each step waits on Python), so N
+worker processes share it, each running a group of methods at one length into its own results file; the
+parent prepares prompts and plans first and merges the workers' files into $OUT/ruler_<length>.json. A press
+always runs in the group of the TCA method whose kept fraction it matches.
 
 Needs transformers, gguf and the GGUF file (--gguf, default /tmp/models/qwen2.5-0.5b/model.gguf, else the
 installed wheels); RULER, wonderwords, kvpress and cachetools come from --wheels (a folder holding the wheels
@@ -60,7 +66,96 @@ def parse(argv=None):
     p.add_argument("--probe-length", type=int, default=4096)
     p.add_argument("--probes", type=int, default=4)
     p.add_argument("--tiny", action="store_true", help="the tiny random model and smoke grid (pipeline check)")
+    p.add_argument("--jobs", type=int, default=1, help="worker processes sharing the device (see above)")
+    p.add_argument("--site", type=Path, help=argparse.SUPPRESS)  # workers: the parent's unpacked wheels
+    p.add_argument("--prompts", type=Path, help=argparse.SUPPRESS)  # workers: the parent's prompts
+    p.add_argument("--plans", type=Path, help=argparse.SUPPRESS)  # workers: the parent's plans
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # run cells only, no summary
     return p.parse_args(argv)
+
+
+def worker_groups(methods: list, groups: int) -> list[list]:
+    """Split `methods` into at most `groups` lists of similar size, each press in the list of the method it
+    matches, after it (a press needs that method's kept fraction at the same length first)."""
+    by_name = {m.name: m for m in methods}
+    units = []
+    for m in methods:
+        match = getattr(m, "match", None)
+        if match is None:
+            units.append([m])
+        elif match not in by_name:
+            raise SystemExit(f"press {m.name} matches {match}, which is not among the methods run")
+    for m in methods:
+        match = getattr(m, "match", None)
+        if match is not None:
+            next(u for u in units if u[0].name == match).append(m)
+    lists = [[] for _ in range(max(1, min(groups, len(units))))]
+    for unit in sorted(units, key=len, reverse=True):  # longest first, each to the shortest list
+        min(lists, key=len).extend(unit)
+    return [g for g in lists if g]
+
+
+def merge_results(parts: list[Path], target: Path) -> None:
+    """Union of results files of one grid (methods and samples; a sample run twice is kept once) into target."""
+    from tca.eval.harness import _save
+
+    merged, seen = None, set()
+    for path in [target, *parts]:
+        if not path.is_file():
+            continue
+        part = json.loads(path.read_text())
+        if merged is None:
+            merged = {"metadata": part["metadata"], "methods": {}, "samples": []}
+        elif part["metadata"]["grid"] != merged["metadata"]["grid"]:
+            raise SystemExit(f"{path} holds another grid than {target}: not merged")
+        merged["methods"].update(part["methods"])
+        for sample in part["samples"]:
+            key = (sample["method"], sample["task"], sample["length"], sample["index"])
+            if key not in seen:
+                seen.add(key)
+                merged["samples"].append(sample)
+    if merged is not None:
+        _save(target, merged)
+
+
+def run_workers(args, methods: list, out: Path, started: float) -> None:
+    """Run the grid's cells in `args.jobs` worker processes (method groups per length), then merge."""
+    import shutil
+    import subprocess
+
+    per_length = max(1, args.jobs // len(args.lengths_list))
+    jobs = []
+    for L in args.lengths_list:
+        for i, group in enumerate(worker_groups(methods, per_length)):
+            folder = out / "workers" / f"{L}-{i}"
+            folder.mkdir(parents=True, exist_ok=True)
+            if (out / f"ruler_{L}.json").is_file():  # resume: a worker skips the cells already done
+                shutil.copy(out / f"ruler_{L}.json", folder / f"ruler_{L}.json")
+            command = [sys.executable, __file__, "--worker", "--out", str(folder), "--lengths", str(L),
+                       "--methods", ",".join(m.name for m in group), "--samples", str(args.samples),
+                       "--budget-s", str(max(0.0, args.budget_s - (time.perf_counter() - started))),
+                       "--device", args.device, "--dtype", args.dtype, "--backend", args.backend,
+                       "--prompts", str(out / "prompts"), "--plans", str(out / "plans")]
+            command += ["--tasks", ",".join(args.grid_tasks)]
+            command += ["--site", str(out / "site")] if (out / "site").is_dir() else []
+            command += ["--gguf", str(args.gguf)] if args.gguf else []
+            command += ["--tiny"] if args.tiny else []
+            jobs.append((folder, command))
+    print(f"{len(jobs)} workers on {args.device}", flush=True)
+    started_jobs = []
+    for folder, command in jobs:
+        while sum(process.poll() is None for process, _ in started_jobs) >= args.jobs:
+            time.sleep(1)
+        log = open(folder / "log.txt", "w")
+        started_jobs.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), log))
+    failed = 0
+    for process, log in started_jobs:
+        failed += process.wait() != 0
+        log.close()
+    for L in args.lengths_list:
+        merge_results(sorted((out / "workers").glob(f"{L}-*/ruler_{L}.json")), out / f"ruler_{L}.json")
+    if failed:
+        print(f"{failed} workers failed: see {out / 'workers'}/*/log.txt", flush=True)
 
 
 def main(argv=None) -> int:
@@ -71,12 +166,13 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if args.wheels:
         unpack_wheels(args.wheels, out / "site")
+    elif args.site:
+        sys.path.insert(0, str(args.site))
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     started = time.perf_counter()
 
     import torch
 
-    from tca.eval import ruler_report as report
     from tca.eval.corpus import calibration_text
     from tca.eval.methods import Runner
     from tca.eval.presses import PressMethod
@@ -121,19 +217,20 @@ def main(argv=None) -> int:
 
         probes = retrieval_probes(tokenizer, probe_length, args.probes, calibration_text())
     runner = Runner(model, args.backend, calibration, progress=True, probes=probes)
-    plans = out / "plans"
+    plans = args.plans or out / "plans"
     plans.mkdir(exist_ok=True)
     for m in methods:  # calibrated plans: reuse a saved one, else calibrate now and save it
         if isinstance(m, PressMethod) or m.kind == "dense":
             continue
-        path = plans / f"{m.name}.json"
+        key = m.plan_of or m.name  # a decode or prefill variant runs its method's plan
+        path = plans / f"{key}.json"
         if path.is_file():
-            runner.plans[m.name] = BudgetPlan.load(path)
+            runner.plans[key] = BudgetPlan.load(path)
         else:
             runner.plan(m).save(path)
     ruler = RulerRunner(runner, tokenizer)
 
-    prompts = out / "prompts"
+    prompts = args.prompts or out / "prompts"
     prompts.mkdir(exist_ok=True)
     samples = {}
     for task in grid.tasks:
@@ -146,6 +243,12 @@ def main(argv=None) -> int:
             samples[(task, L)] = cell[: grid.samples]
     print(f"prompts ready at {time.perf_counter() - started:.0f} s", flush=True)
 
+    if args.jobs > 1:
+        args.lengths_list, args.grid_tasks = grid.lengths, grid.tasks
+        del ruler, runner, model  # the workers load their own copies
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        run_workers(args, methods, out, started)
+        return summarise(out, grid.lengths, started, [])
     stopped = []
     for L in grid.lengths:
         cell_grid = RulerGrid(tasks=grid.tasks, lengths=[L], samples=grid.samples, seed=grid.seed,
@@ -155,9 +258,18 @@ def main(argv=None) -> int:
                 stopped.append(f"{m.name}@{L}")
                 continue
             evaluate_ruler(ruler, [m], cell_grid, out=out / f"ruler_{L}.json", progress=True, samples=samples)
+    if args.worker:
+        print(f"worker done in {time.perf_counter() - started:.0f} s" + (f"; not started: {', '.join(stopped)}" if stopped else ""))
+        return 0
+    return summarise(out, grid.lengths, started, stopped)
+
+
+def summarise(out: Path, lengths: list[int], started: float, stopped: list[str]) -> int:
+    """$OUT/ruler_all.json, ruler_summary.md and the plot from the per-length results; a short table printed."""
+    from tca.eval import ruler_report as report
 
     merged = {"metadata": None, "methods": {}, "samples": []}
-    for L in grid.lengths:
+    for L in lengths:
         path = out / f"ruler_{L}.json"
         if path.is_file():
             part = json.loads(path.read_text())

@@ -133,3 +133,55 @@ def test_runner_names_the_backend_so_the_crossover_never_replaces_a_plan():
     model, _ = tiny_llama(0, torch.float32)
     assert Runner(model, "auto", progress=False).backend == "torch"
     assert Runner(model, "reference", progress=False).backend == "reference"
+
+
+def test_streaming_variant_shares_the_plan_and_bounds_the_cache():
+    """A streaming-prefill method (section 5b) runs on its method's plan. One chunk covering the prompt is the
+    one-shot prefill (the same answer, the same tokens kept); smaller chunks hold at most the window plus the kept tokens."""
+    import torch
+
+    from tca.eval.harness import Grid, evaluate
+    from tca.eval.methods import Runner, fixed, streaming
+    from tca.eval.presets import TINY_CONFIG
+    from tca.eval.tiny import tiny_llama
+
+    model, tokenizer = tiny_llama(seed=1)
+    paper = fixed(1, TINY_CONFIG)
+    whole, chunked = streaming(paper, 1024), streaming(paper, 4 * TINY_CONFIG.block_size)
+    runner = Runner(model, "auto", torch.zeros(1, 8, dtype=torch.long), progress=False)
+    grid = Grid(tasks=["niah_single"], lengths=[512], depths=[0.5], ppl_lengths=[])
+    results = evaluate(runner, tokenizer, [paper, whole, chunked], grid, progress=False)
+    assert list(runner.plans) == [paper.name]
+    row = {r["method"]: r for r in results["needles"]}
+    assert results["methods"][chunked.name]["prefill_chunk"] == 4 * TINY_CONFIG.block_size
+    assert row[whole.name]["output"] == row[paper.name]["output"]
+    assert row[whole.name]["kept_fraction"] == row[paper.name]["kept_fraction"]
+    assert 0 < row[chunked.name]["kept_fraction"] < 1
+
+
+def test_ruler_greedy_streams_the_prefill_when_asked():
+    import torch
+
+    from tca.eval.methods import Runner, fixed, streaming
+    from tca.eval.presets import TINY_CONFIG
+    from tca.eval.ruler_harness import greedy
+    from tca.eval.tiny import tiny_llama
+
+    model, _ = tiny_llama(seed=2)
+    paper = fixed(1, TINY_CONFIG)
+    runner = Runner(model, "torch", progress=False)
+    prompt = torch.randint(0, model.config.vocab_size, (600,), generator=torch.Generator().manual_seed(0)).tolist()
+    answers = {}
+    for method, chunk in ((paper, None), (streaming(paper, 1024), 1024), (streaming(paper, 128), 128)):
+        runner.use(method)
+        cache = runner.new_cache()
+        answers[chunk] = greedy(model, prompt, cache, 6, set(), prefill_chunk=chunk)[0], cache.seq_len
+    assert answers[1024] == answers[None]  # one chunk is the one-shot prefill
+    assert len(answers[128][0]) == 6 and answers[128][1] == 600 + 5
+
+
+def test_a_streaming_prefill_needs_a_compressed_tca_cache():
+    from tca.eval.methods import Method
+
+    with pytest.raises(ValueError, match="needs a TCA method on the compressed cache"):
+        Method("dense-stream", "dense", prefill_chunk=256)

@@ -126,3 +126,25 @@ def test_the_harness_runs_every_method_kind_on_the_tiny_model(tmp_path):
     table = ruler_report.summary_table(results)
     assert all(f"`{m.name}`" in table for m in methods)
     assert ruler_report.plot_score_vs_kept(results, tmp_path / "p.png").is_file()
+
+
+def test_gpu_workers_keep_each_press_with_the_method_it_matches():
+    import importlib.util
+    from pathlib import Path
+
+    from tca.eval.ruler_presets import ruler_methods
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "ruler_gpu.py"
+    spec = importlib.util.spec_from_file_location("ruler_gpu", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    methods = ruler_methods()
+    groups = module.worker_groups(methods, 3)
+    assert len(groups) == 3 and sorted(m.name for g in groups for m in g) == sorted(m.name for m in methods)
+    assert max(map(len, groups)) - min(map(len, groups)) <= 2
+    for group in groups:
+        names = [m.name for m in group]
+        for i, m in enumerate(group):
+            if getattr(m, "match", None):
+                assert m.match in names[:i]  # the matched method runs first, in the same worker
+    assert module.worker_groups(methods[:2], 8) == [[methods[0]], [methods[1]]]

@@ -76,9 +76,13 @@ def generate(runner: Runner, input_ids: list[int], max_new_tokens: int, tokenize
     ids = torch.tensor([input_ids], device=model.device)
     cache = runner.new_cache()
     start = time.perf_counter()
-    out = model.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
+    prompt, chunk = ids, _prefill_chunk(runner)
+    if chunk is not None:  # a streaming prefill, then generate continues from its first token
+        first = _streaming_prefill(model, ids, cache, chunk).argmax(-1, keepdim=True)
+        prompt, max_new_tokens = torch.cat([ids, first], 1), max_new_tokens - 1
+    out = prompt if max_new_tokens == 0 else model.generate(
+        prompt,
+        attention_mask=torch.ones_like(prompt),
         **_cache_kwargs(model, cache),
         max_new_tokens=max_new_tokens,
         do_sample=False,
@@ -108,13 +112,28 @@ def sequence_nll(runner: Runner, ids: torch.Tensor, num_scored: int, mode: str) 
         dense = runner.active is None or runner.active.kind == "dense"
         return float(F.cross_entropy(logits, targets)), 1.0 if dense else None
     cache = runner.new_cache()
-    out = model(input_ids=ids[:, : L - num_scored], **_cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
+    prompt, chunk = ids[:, : L - num_scored], _prefill_chunk(runner)
+    if chunk is not None:
+        logits = _streaming_prefill(model, prompt, cache, chunk)
+    else:
+        logits = model(input_ids=prompt, **_cache_kwargs(model, cache), use_cache=True, logits_to_keep=1).logits[:, -1]
     total = 0.0
     for t in range(num_scored):
-        total += float(F.cross_entropy(out.logits[0, -1:].float(), targets[t : t + 1]))
+        total += float(F.cross_entropy(logits[:1].float(), targets[t : t + 1]))
         if t + 1 < num_scored:
-            out = model(input_ids=targets[t : t + 1][None], **_cache_kwargs(model, cache), use_cache=True)
+            logits = model(input_ids=targets[t : t + 1][None], **_cache_kwargs(model, cache), use_cache=True).logits[:, -1]
     return total / num_scored, runner.kept_fraction(cache)
+
+
+def _prefill_chunk(runner: Runner) -> int | None:
+    """The active method's streaming-prefill chunk size (None: one forward call over the prompt)."""
+    return None if runner.active is None else runner.active.prefill_chunk
+
+
+def _streaming_prefill(model, ids: torch.Tensor, cache, chunk: int) -> torch.Tensor:
+    from ..models import prefill_in_chunks
+
+    return prefill_in_chunks(model, ids, cache, chunk_size=chunk, mode="streaming")
 
 
 def _metadata(model, grid: Grid, backend: str) -> dict:

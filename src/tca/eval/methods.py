@@ -30,6 +30,9 @@ class Method:
     cache: "compressed" (TCACache: what TCA deploys) or "full" (a diagnostic: TCA attention with
     transformers' dense cache, so each decode step selects afresh from everything and nothing is dropped).
     policy: the compressed cache's decode policy (None: the paper's rule; tca.Reselect: section 5c).
+    prefill_chunk: None (one forward call over the prompt) or the chunk size of a streaming prefill (section
+        5b: bounded memory; each chunk's leaving blocks compressed with that chunk's last query).
+    plan_of: the method whose plan this one runs (a decode or prefill variant of it); None: its own.
     """
 
     name: str
@@ -39,6 +42,15 @@ class Method:
     cache: str = "compressed"  # "full": TCA attention over a dense cache (a fresh selection at every step)
     policy: Reselect | None = None
     calibration: str = "paper"  # or a rule of tca.reference.calibration_variants ("retrieval", "fallback")
+    prefill_chunk: int | None = None
+    plan_of: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.prefill_chunk is not None and (self.kind == "dense" or self.cache != "compressed"):
+            raise ValueError(
+                f"method {self.name!r}: a streaming prefill (prefill_chunk={self.prefill_chunk}) needs a TCA method "
+                f"on the compressed cache, got kind={self.kind!r}, cache={self.cache!r}"
+            )
 
     def describe(self) -> dict:
         return {
@@ -49,6 +61,7 @@ class Method:
             "cache": self.cache,
             "policy": None if self.policy is None else {"reselect_every": self.policy.every, "offload": self.policy.offload},
             "calibration": self.calibration,
+            "prefill_chunk": self.prefill_chunk,
         }
 
 
@@ -67,7 +80,13 @@ def fixed(mu: float, config: TCAConfig = SMALL_MODEL_CONFIG, name: str | None = 
 
 def reselecting(method: Method, every: int, offload: bool = False) -> Method:
     """`method` decoding with re-selection every `every` steps (section 5c), on the same plan."""
-    return replace(method, name=f"{method.name}-reselect{every}", policy=Reselect(every=every, offload=offload))
+    return replace(method, name=f"{method.name}-reselect{every}", policy=Reselect(every=every, offload=offload),
+                   plan_of=method.plan_of or method.name)
+
+
+def streaming(method: Method, chunk: int) -> Method:
+    """`method` with a streaming prefill in chunks of `chunk` tokens (section 5b), on the same plan."""
+    return replace(method, name=f"{method.name}-stream{chunk}", prefill_chunk=chunk, plan_of=method.plan_of or method.name)
 
 
 def load_model(device: str = "cpu", dtype: torch.dtype = torch.float32):
@@ -111,8 +130,8 @@ class Runner:
     def plan(self, method: Method) -> BudgetPlan | None:
         if method.kind == "dense":
             return None
-        # The diagnostic twin and the re-selecting variants share their method's plan.
-        key = method.name.removesuffix("-fullcache").split("-reselect")[0]
+        # The diagnostic twin and the decode or prefill variants share their method's plan.
+        key = method.plan_of or method.name.removesuffix("-fullcache")
         if key not in self.plans:
             if method.kind == "fixed":
                 self.plans[key] = fixed_plan(self.model, method)

@@ -52,29 +52,35 @@ def _eos_ids(model, tokenizer) -> set[int]:
 
 
 @torch.no_grad()
-def greedy(model, input_ids: list[int], cache, max_new_tokens: int, eos: set[int], press=None) -> tuple[list[int], int]:
+def greedy(model, input_ids: list[int], cache, max_new_tokens: int, eos: set[int], press=None,
+           prefill_chunk: int | None = None) -> tuple[list[int], int]:
     """Greedy decoding through `cache` (the press, if any, active during the prefill only).
 
+    prefill_chunk: a streaming prefill in chunks of that many tokens (a TCACache; section 5b), else one call.
     Positions are passed explicitly: after a press the cache holds fewer entries than tokens seen.
     Returns (generated ids without the end token, tokens fed after the prefill).
     """
-    from ..models import cache_kwargs
+    from ..models import cache_kwargs, prefill_in_chunks
 
     kwargs = cache_kwargs(model, cache)
     ids = torch.tensor([input_ids], device=model.device)
     L = ids.shape[1]
-    with press(model) if press is not None else contextlib.nullcontext():
-        out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **kwargs)
+    if prefill_chunk is not None:
+        logits = prefill_in_chunks(model, ids, cache, chunk_size=prefill_chunk, mode="streaming")
+    else:
+        with press(model) if press is not None else contextlib.nullcontext():
+            logits = model(input_ids=ids, use_cache=True, logits_to_keep=1, **kwargs).logits[:, -1]
     generated, fed = [], 0
     for t in range(max_new_tokens):
-        token = int(out.logits[0, -1].argmax())
+        token = int(logits[0].argmax())
         if token in eos:
             break
         generated.append(token)
         if t + 1 == max_new_tokens:
             break
         position = torch.tensor([[L + t]], device=model.device)
-        out = model(input_ids=torch.tensor([[token]], device=model.device), position_ids=position, use_cache=True, **kwargs)
+        logits = model(input_ids=torch.tensor([[token]], device=model.device), position_ids=position, use_cache=True,
+                       **kwargs).logits[:, -1]
         fed += 1
     return generated, fed
 
@@ -99,7 +105,9 @@ class RulerRunner:
     def run(self, sample: RulerSample, max_new_tokens: int) -> tuple[str, dict]:
         cache = self.runner.new_cache()
         start = time.perf_counter()
-        generated, fed = greedy(self.model, sample.input_ids, cache, max_new_tokens, self.eos, self.press)
+        method = self.runner.active
+        chunk = None if self.press is not None or method is None else method.prefill_chunk
+        generated, fed = greedy(self.model, sample.input_ids, cache, max_new_tokens, self.eos, self.press, chunk)
         seconds = time.perf_counter() - start
         if self.press is not None:
             layers, shape = len(cache.layers), cache.layers[0].keys.shape

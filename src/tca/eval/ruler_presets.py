@@ -1,10 +1,12 @@
 """The RULER method lists `python -m tca eval --preset ruler...` runs (and docs/quality.md reports).
 
 - "ruler": dense; TCA plans calibrated on the model at tau 0.9 / 0.99; one fixed budget; the calibration
-  variants (retrieval-aware, dense fallback) at tau 0.9; and the kvpress presses (StreamingLLM, SnapKV,
-  Expected Attention, AdaKV over Expected Attention), each matched to the kept KV that `tca-tau0.9` really
-  reached at every length. 13 tasks at 4K/8K/16K/32K, 2 prompts per task and length (10 methods, 1040
-  generations: run it per length on a GPU, `--lengths 4096` ...; results resume).
+  variants (retrieval-aware, dense fallback) at tau 0.9; the tau 0.9 plan decoding with re-selection
+  (section 5c, every step and every 16 steps) and prefilled by streaming in 2048-token chunks (section 5b);
+  and the kvpress presses (StreamingLLM, SnapKV, Expected Attention, AdaKV over Expected Attention), each
+  matched to the kept KV that `tca-tau0.9` really reached at every length. 13 tasks at 4K/8K/16K/32K, 2
+  prompts per task and length (13 methods, 1352 generations: run it per length on a GPU, `--lengths 4096`
+  ...; results resume).
 - "ruler-cpu": the same kinds of method on a cell a shared 2-core CPU finishes in minutes: 2K tokens, a single
   needle and variable tracking, one prompt each; dense, the tau 0.9 plan, StreamingLLM and SnapKV matched to it.
 - "ruler-smoke": seconds, on the tiny random model (tests).
@@ -15,7 +17,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from ..config import TCAConfig
-from .methods import Method, calibrated, dense, fixed
+from .methods import Method, calibrated, dense, fixed, reselecting, streaming
 from .presses import press_method
 from .ruler_harness import RulerGrid
 
@@ -23,6 +25,8 @@ RULER_PRESETS = ("ruler", "ruler-cpu", "ruler-smoke")
 # Qwen2.5-0.5B at 4K-32K: the small-model block size and window (b = 64, w = 512): at 4K the window alone is
 # 12.5% of the context, so budgets below 40% kept remain reachable.
 LONG_CONTEXT_CONFIG = TCAConfig(block_size=64, window=512)
+# Streaming prefill's chunk: a serving engine's usual prefill chunk, a multiple of the block size.
+STREAMING_CHUNK = 2048
 PEERS = ("streamingllm", "snapkv", "expected-attention", "adakv-expected-attention")
 
 
@@ -33,9 +37,11 @@ def variant(tau: float, rule: str, config: TCAConfig = LONG_CONTEXT_CONFIG) -> M
 
 def ruler_methods(config: TCAConfig = LONG_CONTEXT_CONFIG, peers=PEERS, matched=("tca-tau0.9",),
                   variants: bool = True) -> list:
-    methods = [dense(), calibrated(0.9, config), calibrated(0.99, config), fixed(4, config)]
+    paper = calibrated(0.9, config)
+    methods = [dense(), paper, calibrated(0.99, config), fixed(4, config)]
     if variants:
         methods += [variant(0.9, "retrieval", config), variant(0.9, "fallback", config)]
+        methods += [reselecting(paper, 1), reselecting(paper, 16), streaming(paper, STREAMING_CHUNK)]
     methods += [press_method(p, match=m) for m in matched for p in peers]
     return methods
 
