@@ -25,26 +25,13 @@ from tqdm import tqdm
 import tca
 from tca.models import TCACache, cache_kwargs, enable_tca
 from tca.models.graphs import StepGraph, prepare_static
+from tca.models.random_shapes import SHAPES, random_llama
 
-LLAMA_8B = dict(
-    vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-    num_key_value_heads=8, head_dim=128, max_position_embeddings=1 << 21, rope_theta=500000.0, eos_token_id=None,
-    pad_token_id=None, tie_word_embeddings=False,
-)
-TINY = dict(LLAMA_8B, vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+LLAMA_8B, TINY = SHAPES["llama-3.1-8b-shape"], SHAPES["llama-tiny-shape"]
 
 
 def build_model(shape: dict, device, dtype):
-    import transformers
-
-    config = transformers.LlamaConfig(**shape)
-    with torch.device(device):
-        model = transformers.LlamaForCausalLM(config).to(dtype)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.02)
-    return model.eval()
+    return random_llama(shape, 1 << 21, dtype, device)
 
 
 def sync(device):

@@ -52,28 +52,9 @@ import warnings
 
 import torch
 
-LLAMA_8B = dict(
-    vocab_size=128256,
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    head_dim=128,
-    rope_theta=500000.0,
-    rms_norm_eps=1e-5,
-)
-TINY = dict(
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    rope_theta=500000.0,
-    rms_norm_eps=1e-5,
-)
+from tca.models.random_shapes import SHAPES, random_llama
+
+LLAMA_8B, TINY = SHAPES["llama-3.1-8b-shape"], SHAPES["llama-tiny-shape"]
 
 
 class LongPromptCache:
@@ -131,20 +112,7 @@ def load_factory(spec: str | None):
 
 
 def build_model(shape: dict, max_positions: int, dtype: torch.dtype, device: str, seed: int):
-    import transformers
-
-    config = transformers.LlamaConfig(
-        **shape, max_position_embeddings=max_positions, eos_token_id=None, pad_token_id=None, tie_word_embeddings=False
-    )
-    previous = torch.get_default_dtype()
-    torch.manual_seed(seed)
-    try:
-        torch.set_default_dtype(dtype)  # weights are made in bf16 directly: no fp32 copy of 8B parameters
-        with torch.device(device):
-            model = transformers.LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(previous)
-    return model.eval()
+    return random_llama(shape, max_positions, dtype, device, seed)
 
 
 class Driver:

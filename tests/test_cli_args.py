@@ -70,6 +70,15 @@ def test_missing_model_path_says_not_found(no_model_load, capsys, tmp_path):
     one_line_error(capsys, ["bench", "--model", missing, "--no-kernels"], "not found")
 
 
+def test_bench_of_a_model_shape_needs_a_gpu_and_default_budgets(no_model_load, capsys, tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    one_line_error(capsys, ["bench", "--model", "llama-3.1-8b-shape"], "needs a CUDA GPU", "--model tiny")
+    one_line_error(capsys, ["bench", "--model", "llama-3.1-8b-shape", "--plan", str(tmp_path / "p.json")],
+                   "--plan and --repeats do not apply")
+
+
 def test_bench_plan_and_repeats_are_checked(no_model_load, capsys, tmp_path):
     one_line_error(capsys, ["bench", "--model", "tiny", "--plan", str(tmp_path / "absent.json")], "file not found")
     one_line_error(capsys, ["bench", "--model", "tiny", "--repeats", "1"], "--repeats", "at least 3")

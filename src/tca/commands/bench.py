@@ -4,6 +4,11 @@ memory, KV-cache bytes) and, on a GPU, the per-layer kernel benchmark (benchmark
     python -m tca bench                                    # GPU: kernels + end to end; CPU: end to end, small
     python -m tca bench --no-kernels --lengths 2048 --new-tokens 16 --out benchmarks/results/bench_e2e_cpu.json
     python -m tca bench --model tiny --lengths 256 --new-tokens 4          # seconds, for tests
+    python -m tca bench --model llama-3.1-8b-shape --out e2e.json           # GPU: an 8B model, random weights
+
+--model llama-3.1-8b-shape runs benchmarks/e2e_generate.py: the Llama-3.1-8B shape with random bf16 weights (no
+download), eager and CUDA-graph decoding, dense baselines of both paths and the largest batch at the longest
+length (docs/benchmarks.md reports it).
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from ._args import SHIPPED_MODELS, UsageError, check_plan_file, check_positive, 
 MIN_REPEATS = 3  # fewer timed runs give no spread to report
 HELP = "benchmarks: end-to-end generate dense vs TCA (TTFT, decode tok/s, memory); Triton kernels on a GPU"
 KERNEL_SCRIPT = Path("benchmarks") / "bench_kernels.py"
+E2E_SCRIPT = Path("benchmarks") / "e2e_generate.py"
+SHAPE_MODELS = {"llama-3.1-8b-shape": "the Llama-3.1-8B shape with random bf16 weights (GPU; benchmarks/e2e_generate.py)"}
 
 
 def _ints(text: str) -> list[int]:
@@ -28,8 +35,8 @@ def _ints(text: str) -> list[int]:
 
 def configure(parser) -> None:
     parser.add_argument("--model", default="smollm2",
-                        help=f"a shipped model ({', '.join(SHIPPED_MODELS)}), a local Hugging Face model directory "
-                        "or a .gguf file")
+                        help=f"a shipped model ({', '.join(SHIPPED_MODELS)}), a local Hugging Face model directory, "
+                        f"a .gguf file, or {', '.join(SHAPE_MODELS)} (random weights of that shape)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda when available)")
     parser.add_argument("--dtype", default="auto", help="auto: bfloat16 on a GPU, float32 on the CPU")
     parser.add_argument("--backend", default="auto", help="TCA backend (auto: the best available)")
@@ -173,9 +180,33 @@ def check_args(args):
     return resolve_model(args.model), plan
 
 
+def run_shape_model(args) -> int:
+    """The end-to-end benchmark of a model shape with random weights: benchmarks/e2e_generate.py."""
+    import torch
+
+    if args.plan or args.repeats != MIN_REPEATS:
+        raise UsageError(f"--model {args.model} runs {E2E_SCRIPT} with default budgets: --plan and --repeats do not apply")
+    if not E2E_SCRIPT.is_file():
+        raise UsageError(f"--model {args.model} needs {E2E_SCRIPT}: run from the repository root")
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if not device.startswith("cuda"):
+        raise UsageError(f"--model {args.model} needs a CUDA GPU (16 GB of weights); on a CPU try --model tiny")
+    command = [sys.executable, str(E2E_SCRIPT), "--device", device, "--batch-search",
+               "--out", args.out or "e2e.json", "--window", str(args.window or 4096),
+               "--block-size", str(args.block_size or 128)]
+    if args.lengths:
+        command += ["--lengths", ",".join(map(str, args.lengths))]
+    if args.new_tokens:
+        command += ["--new-tokens", str(args.new_tokens)]
+    print("end to end:", " ".join(command), flush=True)
+    return subprocess.call(command)
+
+
 def run(args) -> int:
     import torch
 
+    if args.model in SHAPE_MODELS:
+        return run_shape_model(args)
     choice, plan = check_args(args)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     gpu = device.type == "cuda"
