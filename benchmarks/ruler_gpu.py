@@ -67,6 +67,9 @@ def parse(argv=None):
     p.add_argument("--probes", type=int, default=4)
     p.add_argument("--tiny", action="store_true", help="the tiny random model and smoke grid (pipeline check)")
     p.add_argument("--jobs", type=int, default=1, help="worker processes sharing the device (see above)")
+    p.add_argument("--model-dir", type=Path, help="a Hugging Face copy of the model: loaded from there when it "
+                   "exists, else the GGUF is loaded and saved there (workers load it in seconds, not a minute)")
+    p.add_argument("--merge-only", action="store_true", help="merge the workers' results under --out and summarise")
     p.add_argument("--site", type=Path, help=argparse.SUPPRESS)  # workers: the parent's unpacked wheels
     p.add_argument("--prompts", type=Path, help=argparse.SUPPRESS)  # workers: the parent's prompts
     p.add_argument("--plans", type=Path, help=argparse.SUPPRESS)  # workers: the parent's plans
@@ -118,6 +121,33 @@ def merge_results(parts: list[Path], target: Path) -> None:
         _save(target, merged)
 
 
+def merge_workers(out: Path, lengths: list[int]) -> None:
+    for L in lengths:
+        merge_results(sorted((out / "workers").glob(f"{L}-*/ruler_{L}.json")), out / f"ruler_{L}.json")
+
+
+def load_model(args, dtype):
+    """Qwen2.5-0.5B from --model-dir when it holds a copy, else from the GGUF (saved to --model-dir if given)."""
+    from tca.models.qwen25 import DISPLAY_NAME, load_qwen25
+
+    folder = args.model_dir
+    if folder is not None and (folder / "config.json").is_file():
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
+        model.config._name_or_path = f"{DISPLAY_NAME} (model.gguf)"
+        return model.eval(), AutoTokenizer.from_pretrained(folder)
+    gguf = args.gguf or (DEFAULT_GGUF if DEFAULT_GGUF.is_file() else None)
+    model, tokenizer = load_qwen25(dtype=dtype, gguf=gguf)
+    if folder is not None:  # the GGUF's weights are dequantized already: saved as a plain model
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    return model, tokenizer
+
+
 def run_workers(args, methods: list, out: Path, started: float) -> None:
     """Run the grid's cells in `args.jobs` worker processes (method groups per length), then merge."""
     import shutil
@@ -139,21 +169,25 @@ def run_workers(args, methods: list, out: Path, started: float) -> None:
             command += ["--tasks", ",".join(args.grid_tasks)]
             command += ["--site", str(out / "site")] if (out / "site").is_dir() else []
             command += ["--gguf", str(args.gguf)] if args.gguf else []
+            command += ["--model-dir", str(args.model_dir)] if args.model_dir else []
             command += ["--tiny"] if args.tiny else []
             jobs.append((folder, command))
     print(f"{len(jobs)} workers on {args.device}", flush=True)
+    # Each worker's host work is one Python thread; without a limit every process starts one math thread per
+    # core and they thrash.
+    threads = os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // args.jobs)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     started_jobs = []
     for folder, command in jobs:
         while sum(process.poll() is None for process, _ in started_jobs) >= args.jobs:
             time.sleep(1)
         log = open(folder / "log.txt", "w")
-        started_jobs.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), log))
+        started_jobs.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env), log))
     failed = 0
     for process, log in started_jobs:
         failed += process.wait() != 0
         log.close()
-    for L in args.lengths_list:
-        merge_results(sorted((out / "workers").glob(f"{L}-*/ruler_{L}.json")), out / f"ruler_{L}.json")
+    merge_workers(out, args.lengths_list)
     if failed:
         print(f"{failed} workers failed: see {out / 'workers'}/*/log.txt", flush=True)
 
@@ -170,6 +204,10 @@ def main(argv=None) -> int:
         sys.path.insert(0, str(args.site))
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     started = time.perf_counter()
+    if args.merge_only:
+        lengths = [int(x) for x in args.lengths.split(",") if x]
+        merge_workers(out, lengths)
+        return summarise(out, lengths, started, [])
 
     import torch
 
@@ -189,12 +227,9 @@ def main(argv=None) -> int:
         model, tokenizer = tiny_llama(0, dtype)
         probe_length = 512
     else:
-        from tca.models.qwen25 import load_qwen25
-
         methods, grid, _ = ruler_preset("ruler")
         calibration_length, probe_length = args.calibration_length, args.probe_length
-        gguf = args.gguf or (DEFAULT_GGUF if DEFAULT_GGUF.is_file() else None)
-        model, tokenizer = load_qwen25(dtype=dtype, gguf=gguf)
+        model, tokenizer = load_model(args, dtype)
         grid.lengths = [int(x) for x in args.lengths.split(",") if x]
         grid.samples = args.samples
     model = model.to(args.device).eval()

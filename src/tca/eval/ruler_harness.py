@@ -43,6 +43,9 @@ class RulerGrid:
             raise ValueError(f"samples must be >= 1, got {self.samples}")
 
 
+SAVE_EVERY_S = 30.0  # results are written after every method's cell and at least this often within one
+
+
 def _eos_ids(model, tokenizer) -> set[int]:
     ids = model.generation_config.eos_token_id
     ids = set(ids if isinstance(ids, (list, tuple)) else [ids] if ids is not None else [])
@@ -187,6 +190,7 @@ def evaluate_ruler(
                 info["plan_keep_ratio"] = plan.mean_keep_ratio()
                 info["config"] = plan.config.to_dict()
             results["methods"].setdefault(method.name, info)
+            saved = time.perf_counter()
             for s in _progress(todo, progress, desc=f"{method.name} @ {length}", leave=False):
                 limit = min(s.max_new_tokens, grid.max_new_tokens or s.max_new_tokens)
                 text, stats = ruler.run(s, limit)
@@ -195,6 +199,9 @@ def evaluate_ruler(
                     "prompt_tokens": len(s.input_ids), "score": score_sample(text, s.answers, s.metric),
                     "metric": s.metric, "answers": s.answers, "output": text, "press_keep": keep, **stats,
                 })
+                if path and time.perf_counter() - saved > SAVE_EVERY_S:  # a killed run loses little
+                    _save(path, results)
+                    saved = time.perf_counter()
             if path:
                 _save(path, results)
             if progress:

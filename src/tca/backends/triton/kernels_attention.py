@@ -88,5 +88,5 @@ def sparse_prefill_kernel(
     tl.store(o_ptr + b * stride_ob + head[:, None] * stride_oh + row[:, None] * stride_ol + offs_d[None, :] * stride_od,
              out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
     if STORE_LSE:
-        lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
+        lse = (m_i * scale_log2 + tl.log2(l_i)) * 0.6931471805599453
         tl.store(lse_ptr + (b * HQ + head) * LQ + row, lse, mask=row_ok)
