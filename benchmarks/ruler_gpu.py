@@ -318,6 +318,7 @@ def summarise(out: Path, lengths: list[int], started: float, stopped: list[str])
                 f"{L // 1024}K\n\n" + report.task_table(merged, L) for L in report.lengths_of(merged)) + "\n")
         try:
             report.plot_score_vs_kept(merged, out / "ruler_score_vs_kept.png")
+            report.plot_score_vs_length(merged, out / "ruler_score_vs_length.png")
         except ImportError as error:
             print(f"no plot: {error}")
     print(f"total {time.perf_counter() - started:.0f} s" + (f"; not started (budget): {', '.join(stopped)}" if stopped else ""))

@@ -148,3 +148,19 @@ def test_gpu_workers_keep_each_press_with_the_method_it_matches():
             if getattr(m, "match", None):
                 assert m.match in names[:i]  # the matched method runs first, in the same worker
     assert module.worker_groups(methods[:2], 8) == [[methods[0]], [methods[1]]]
+
+
+def test_score_against_length_plot_draws_every_method(tmp_path):
+    pytest.importorskip("matplotlib")
+    from tca.eval import ruler_report
+
+    samples = [
+        {"method": m, "task": t, "length": L, "index": i, "score": score, "kept_fraction": kept}
+        for m, score, kept in (("dense", 100.0, 1.0), ("tca-tau0.9", 50.0, 0.3), ("tca-tau0.9-reselect1", 75.0, 0.3))
+        for t in ("niah_single_1", "vt") for L in (4096, 8192) for i in range(2)
+    ]
+    results = {"metadata": {}, "methods": {}, "samples": samples}
+    assert ruler_report.family("tca-tau0.9-reselect1") == "tca_reselect"
+    assert ruler_report.family("tca-tau0.9-stream2048") == "tca_stream"
+    path = ruler_report.plot_score_vs_length(results, tmp_path / "l.png")
+    assert path.is_file() and path.stat().st_size > 10_000

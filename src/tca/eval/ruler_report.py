@@ -18,7 +18,7 @@ BOOTSTRAP_DRAWS = 2000
 FAMILY_COLOURS = {
     "dense": "black", "tca": "tab:blue", "tca_fixed": "tab:cyan", "streamingllm": "tab:orange", "snapkv": "tab:green",
     "expected": "tab:red", "adakv": "tab:purple", "knorm": "tab:brown", "tca_variant": "tab:olive",
-    "other": "tab:gray",
+    "tca_reselect": "magenta", "tca_stream": "goldenrod", "other": "tab:gray",
 }
 
 
@@ -29,6 +29,10 @@ def family(method: str) -> str:
         return "tca_fixed"
     if method.startswith("tca-") and any(v in method for v in ("retrieval", "fallback")):
         return "tca_variant"
+    if method.startswith("tca-") and "-reselect" in method:
+        return "tca_reselect"
+    if method.startswith("tca-") and "-stream" in method:
+        return "tca_stream"
     head = method.split("=")[0].split("-")[0]
     return head if head in FAMILY_COLOURS else "other"
 
@@ -176,5 +180,37 @@ def plot_score_vs_kept(results: dict, path: str | Path) -> Path:
             ax.annotate(m.removeprefix("tca-"), (a["kept"], a["score"]), fontsize=6, xytext=(3, 2), textcoords="offset points")
         ax.set(title=f"RULER, {L // 1024}K tokens", xlabel="KV kept (positions held / dense)", xlim=(0, 1.05), ylim=(-3, 103))
     axes[0][0].set_ylabel("RULER average (0-100)")
-    axes[0][-1].legend(fontsize=7, loc="lower right")
+    handles = {label: h for ax in axes[0] for h, label in zip(*ax.get_legend_handles_labels(), strict=True)}
+    axes[0][-1].legend(handles.values(), handles.keys(), fontsize=7, loc="lower right")
+    return _save(plt, fig, path)
+
+
+def plot_score_vs_length(results: dict, path: str | Path) -> Path:
+    """RULER average against the context length, one line per method (its mean KV kept over the lengths in the
+    legend), error bars = the 95% bootstrap interval: the view where methods at one kept fraction crowd the
+    score-vs-kept plot."""
+    from .plots import MARKERS, _pyplot, _save
+
+    plt = _pyplot()
+    lengths = lengths_of(results)
+    fig, ax = plt.subplots(figsize=(8.5, 5.0))
+    per_family: dict[str, int] = {}
+    for m in methods_of(results):
+        points = [(L, average(results, m, L)) for L in lengths]
+        points = [(L, a) for L, a in points if a["n"]]
+        if not points:
+            continue
+        fam = family(m)
+        n = per_family[fam] = per_family.get(fam, -1) + 1
+        xs = [L // 1024 for L, _ in points]
+        ys = [a["score"] for _, a in points]
+        kept = sum(a["kept"] for _, a in points) / len(points)
+        ax.errorbar(xs, ys, yerr=[[a["score"] - a["low"] for _, a in points], [a["high"] - a["score"] for _, a in points]],
+                    color=FAMILY_COLOURS[fam], marker=MARKERS[n % len(MARKERS)], ls=(":" if m == BASELINE else "-"),
+                    lw=1.2, ms=4, capsize=2, label=f"{m} (kept {kept:.2f})")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([L // 1024 for L in lengths], [f"{L // 1024}K" for L in lengths])
+    ax.set(xlabel="context length (tokens)", ylabel="RULER average (0-100)", ylim=(-3, 103),
+           title="RULER against context length (KV kept in the legend)")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return _save(plt, fig, path)
