@@ -19,7 +19,7 @@ CONFIG = tca.TCAConfig(block_size=16, window=32)
 @pytest.fixture
 def dense_below_200(monkeypatch):
     table = Crossover(dense_below=200, flash_from=1 << 40, measured="test")
-    monkeypatch.setattr("tca.api.crossover", lambda device: table)
+    monkeypatch.setattr("tca.api.crossover", lambda device, shape=None: table)
     return table
 
 
@@ -56,5 +56,26 @@ def test_cpu_has_no_crossover():
 
 
 def test_every_measured_crossover_says_where_it_came_from():
-    for name, entry in crossover_module.MEASURED.items():
+    for name, entry in [*crossover_module.MEASURED.items(), *crossover_module.MEASURED_SHAPES.items()]:
         assert entry.measured and entry.dense_below > 0 and entry.flash_from > 0, name
+
+
+def test_a_shape_measured_on_its_own_overrides_the_device_default():
+    h100, lookup = "NVIDIA H100 80GB HBM3", crossover_module.lookup
+    qwen = crossover_module.MEASURED_SHAPES[("H100", 14, 2, 64)]
+    assert lookup(h100, (14, 2, 64)) == qwen and qwen.dense_below > crossover_module.MEASURED["H100"].dense_below
+    assert lookup(h100, (32, 8, 128)) == lookup(h100) == crossover_module.MEASURED["H100"]
+    assert lookup("NVIDIA B200", (14, 2, 64)) == crossover_module.DEFAULT_CUDA  # another device: its own or the default
+
+
+def test_auto_asks_the_crossover_for_the_calls_shape(monkeypatch):
+    seen = []
+
+    def record(device, shape=None):
+        seen.append(shape)
+        return CPU
+
+    monkeypatch.setattr("tca.api.crossover", record)
+    q, k, v = make_qkv(1, 6, 2, 64, 16, dtype=torch.float32, seed=4)
+    tca.attention(q, k, v, config=CONFIG)
+    assert seen and all(shape == (6, 2, 16) for shape in seen)

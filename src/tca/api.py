@@ -36,14 +36,19 @@ def _prepare(q, k, v, budgets, config, scale, layout, backend, decode=False):
 
 def _by_length(backend: str, q: torch.Tensor, k: torch.Tensor, needs) -> str:
     """backend="auto" for a long prompt: flash where it is the faster prefill (tca.backends.crossover)."""
-    if backend != "auto" or k.shape[2] < crossover(q.device).flash_from:
+    if backend != "auto" or k.shape[2] < crossover(q.device, _shape(q, k)).flash_from:
         return backend
     return "flash" if registry.usable("flash", q.device, q.dtype, q.shape[-1], needs=needs) else backend
 
 
-def _runs_dense(backend: str, k: torch.Tensor) -> bool:
+def _runs_dense(backend: str, q: torch.Tensor, k: torch.Tensor) -> bool:
     """backend="auto" below the measured crossover runs exact dense attention (TCA with dense budgets)."""
-    return backend == "auto" and k.shape[2] < crossover(k.device).dense_below
+    return backend == "auto" and k.shape[2] < crossover(k.device, _shape(q, k)).dense_below
+
+
+def _shape(q: torch.Tensor, k: torch.Tensor) -> tuple[int, int, int]:
+    """(query heads, KV heads, head dim) of bhsd q and k: what a crossover is measured for."""
+    return q.shape[1], k.shape[1], k.shape[-1]
 
 
 def attention(
@@ -71,7 +76,7 @@ def attention(
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
     q, k, v, budgets, config, scale, impl = _prepare(q, k, v, budgets, config, scale, layout, backend)
-    if _runs_dense(backend, k) and not return_lse:
+    if _runs_dense(backend, q, k) and not return_lse:
         return from_bhsd(dense.causal_attention(q, k, v, scale), layout)
     result = impl.attention(q, k, v, budgets, config, scale, return_lse)
     if return_lse:
@@ -96,7 +101,7 @@ def prefill(q, k, v, *, budgets=None, config=None, scale=None, layout=None, back
             f"prefill needs one query per key (LQ == L), got LQ={q.shape[2]}, L={k.shape[2]}; "
             "use tca.attention for LQ < L"
         )
-    if _runs_dense(backend, k):
+    if _runs_dense(backend, q, k):
         out, cache = dense.prefill(q, k, v, config, scale)
     else:
         out, cache = impl.prefill(q, k, v, budgets, config, scale)
