@@ -27,8 +27,8 @@ import torch
 
 from ...budgets import block_keep_count
 from ...config import TCAConfig
+from ...dtypes import compute_dtype
 from ...geometry import window_start
-from .decode_torch import compute_dtype
 from .packed_cache import PackedKVCache
 
 
