@@ -56,6 +56,32 @@ def random_budgets(HKV: int, block_size: int, seed: int = 0) -> torch.Tensor:
     return p / p.sum(-1, keepdim=True)
 
 
+def capture_layer_qk(model, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, float | None]]:
+    """(q, k, scale) of every layer in the model's own dense forward (sdpa, sliding-window masks included), captured
+    by a throwaway attention implementation; the model's attention implementation is restored afterwards.
+    q [B, HQ, L, D], k [B, HKV, L, D]. Needs transformers (imported here so the rest of the suite does not)."""
+    import transformers
+
+    captured = {}
+
+    def capture(module, q, k, v, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        captured[module.layer_idx] = (q.clone(), k.clone(), scaling)
+        return transformers.integrations.sdpa_attention.sdpa_attention_forward(
+            module, q, k, v, attention_mask, scaling=scaling, **kwargs
+        )
+
+    transformers.AttentionInterface.register("tca_test_capture", capture)
+    transformers.masking_utils.AttentionMaskInterface.register("tca_test_capture", transformers.masking_utils.sdpa_mask)
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("tca_test_capture")
+    try:
+        with torch.no_grad():
+            model(ids, use_cache=False)
+    finally:
+        model.set_attn_implementation(previous)
+    return [captured[i] for i in range(model.config.num_hidden_layers)]
+
+
 @pytest.fixture(autouse=True)
 def _seed_global_rng():
     """Seed torch's global generator before every test, so even a stray torch.randn is reproducible."""

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import tca
+from conftest import capture_layer_qk
 from tca.budgets import calibration_candidates
 from tca.reference.calibration import retained_mass as reference_retained_mass
 
@@ -32,32 +33,13 @@ def test_chunked_retained_mass_equals_the_reference(num_rows, row_chunk):
     torch.testing.assert_close(chunked, expected, atol=1e-12, rtol=1e-12)
 
 
-def _capture_qk(model, ids):
-    """(q, k) per layer from a dense forward, captured by a throwaway attention implementation."""
-    captured = {}
-
-    def capture(module, q, k, v, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        captured[module.layer_idx] = (q.clone(), k.clone(), scaling)
-        return transformers.integrations.sdpa_attention.sdpa_attention_forward(
-            module, q, k, v, attention_mask, scaling=scaling, **kwargs
-        )
-
-    transformers.AttentionInterface.register("tca_test_capture", capture)
-    transformers.masking_utils.AttentionMaskInterface.register("tca_test_capture", transformers.masking_utils.sdpa_mask)
-    model.set_attn_implementation("tca_test_capture")
-    with torch.no_grad():
-        model(ids, use_cache=False)
-    model.set_attn_implementation("sdpa")
-    return [captured[i] for i in range(len(captured))]
-
-
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_calibrate_model_equals_reference_calibration_of_captured_inputs(arch, tmp_path):
     model = tiny_model(arch, seed=11)
     ids = torch.randint(0, 128, (1, 180), generator=torch.Generator().manual_seed(5))
     plan = calibrate_model(model, ids, config=CONFIG, tau=0.6, num_rows=64, progress=False, text_source="random ids")
     assert model.config._attn_implementation == "sdpa"  # restored
-    layers = _capture_qk(model, ids)
+    layers = capture_layer_qk(model, ids)
     expected = tca.reference.calibrate(
         [(q, k) for q, k, _ in layers], config=plan.config, scale=layers[0][2], num_rows=64
     )

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import tca
+from conftest import capture_layer_qk
 
 transformers = pytest.importorskip("transformers")
 from tca.models import (  # noqa: E402
@@ -97,35 +98,13 @@ def test_a_left_padded_batch_gives_each_prompt_its_own_tokens():
     assert torch.equal(batch[1, 130:], alone[1][0, 100:])
 
 
-def _full_layer_qk(model, ids, layer: int):
-    """(q, k, scale) of `layer` in the model's own forward (sdpa, sliding-window masks included)."""
-    captured = {}
-
-    def capture(module, q, k, v, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        captured[module.layer_idx] = (q.clone(), k.clone(), scaling)
-        return transformers.integrations.sdpa_attention.sdpa_attention_forward(
-            module, q, k, v, attention_mask, scaling=scaling, **kwargs
-        )
-
-    transformers.AttentionInterface.register("tca_test_capture", capture)
-    transformers.masking_utils.AttentionMaskInterface.register("tca_test_capture", transformers.masking_utils.sdpa_mask)
-    previous = model.config._attn_implementation
-    model.set_attn_implementation("tca_test_capture")
-    try:
-        with torch.no_grad():
-            model(ids, use_cache=False)
-    finally:
-        model.set_attn_implementation(previous)
-    return captured[layer]
-
-
 def test_calibration_plans_only_the_full_attention_layers(tmp_path):
     model = tiny_model("gemma3", seed=5)
     ids = _ids(200, seed=6)
     plan = calibrate_model(model, ids, CONFIG, tau=0.3, progress=False)  # random weights: a low tau drops tokens
     assert plan.metadata["native_layers"] == [0]
     # Layer 1 is calibrated on the activations of the model's own forward (layer 0 slid over its window).
-    q, k, scale = _full_layer_qk(model, ids, 1)
+    q, k, scale = capture_layer_qk(model, ids)[1]
     (expected,) = tca.reference.calibrate([(q, k)], config=plan.config, scale=scale).layers
     assert [h.candidate for h in plan.layers[1]] == [h.candidate for h in expected]
     for got, want in zip(plan.layers[1], expected, strict=True):

@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import json
 import math
-import platform
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from .methods import Method, Runner
+from .run_metadata import run_metadata
 from .tasks import TASKS, PromptBuilder, make_samples, score
 
 
@@ -136,22 +136,6 @@ def _streaming_prefill(model, ids: torch.Tensor, cache, chunk: int) -> torch.Ten
     return prefill_in_chunks(model, ids, cache, chunk_size=chunk, mode="streaming")
 
 
-def _metadata(model, grid: Grid, backend: str) -> dict:
-    import tca
-
-    device = next(model.parameters()).device
-    return {
-        "model": getattr(model.config, "_name_or_path", "") or type(model).__name__,
-        "model_type": model.config.model_type,
-        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__,
-        "tca": tca.__version__,
-        "backend": backend,
-        "grid": asdict(grid),
-    }
-
-
 def _save(path: Path, results: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -172,7 +156,7 @@ def evaluate(
     """Run every method over the grid; returns (and writes to `out`) the results dict:
     {"metadata", "methods": {name: description + plan summary}, "needles": [...], "perplexity": [...]}."""
     path = Path(out) if out else None
-    results = {"metadata": _metadata(runner.model, grid, runner.backend), "methods": {}, "needles": [], "perplexity": []}
+    results = {"metadata": run_metadata(runner.model, grid, runner.backend, model_type=True), "methods": {}, "needles": [], "perplexity": []}
     if resume and path and path.exists():
         previous = json.loads(path.read_text())
         if previous.get("metadata", {}).get("grid") == results["metadata"]["grid"]:

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,6 +19,7 @@ from .harness import _save  # results written atomically, as the needle harness 
 from .methods import Method, Runner
 from .presses import PressMethod, held_positions, make_press
 from .ruler import RULER_TASKS, RulerSample, generate_ruler_grid, score_sample
+from .run_metadata import run_metadata
 
 
 @dataclass
@@ -122,22 +122,6 @@ class RulerRunner:
         return text, {"kept_fraction": kept, "seconds": seconds, "new_tokens": len(generated)}
 
 
-def _metadata(model, grid: RulerGrid, backend: str) -> dict:
-    import tca
-
-    device = next(model.parameters()).device
-    return {
-        "benchmark": "RULER (nvidia-long-context-eval 26.3 generators and metrics)",
-        "model": getattr(model.config, "_name_or_path", "") or type(model).__name__,
-        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__,
-        "tca": tca.__version__,
-        "backend": backend,
-        "grid": asdict(grid),
-    }
-
-
 def matched_keep(results: dict, method: PressMethod, length: int) -> float:
     """The mean kept fraction TCA method `method.match` reached at `length` (it must have run first)."""
     kept = [s["kept_fraction"] for s in results["samples"] if s["method"] == method.match and s["length"] == length]
@@ -169,7 +153,8 @@ def evaluate_ruler(
     samples: {(task, length): [RulerSample]} already generated (default: generated here, per task).
     """
     path = Path(out) if out else None
-    fresh = {"metadata": _metadata(ruler.model, grid, ruler.runner.backend), "methods": {}, "samples": []}
+    benchmark = "RULER (nvidia-long-context-eval 26.3 generators and metrics)"
+    fresh = {"metadata": run_metadata(ruler.model, grid, ruler.runner.backend, benchmark=benchmark), "methods": {}, "samples": []}
     results = load_results(path, fresh)
     done = {(s["method"], s["task"], s["length"], s["index"]) for s in results["samples"]}
     if samples is None:

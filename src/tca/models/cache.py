@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from . import _hf
-from .attention import IMPLEMENTATIONS, handoff, left_padding
+from .attention import IMPLEMENTATIONS, handoff, left_padding, per_sequence
 from .shape import check_supported, text_config
 
 _hf.require()
@@ -138,11 +138,14 @@ class TCACacheLayer(CacheLayerMixin):
             if not pads:
                 out, self.state = prefill(q, k, v)
                 return out
-            out = torch.zeros_like(q)
             states = []
-            for b, pad in enumerate(pads):
-                out[b : b + 1, :, pad:], state = prefill(q[b : b + 1, :, pad:], k[b : b + 1, :, pad:], v[b : b + 1, :, pad:])
+
+            def prefill_one(qb, kb, vb):  # each sequence's own cache, joined below
+                out_b, state = prefill(qb, kb, vb)
                 states.append(state)
+                return out_b
+
+            out = per_sequence(prefill_one, q, k, v, pads)
             joined = next((kind for kind in (PackedKVCache, ReselectingCache) if all(isinstance(s, kind) for s in states)), None)
             if joined is None:
                 raise ValueError(

@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 from einops import einsum, rearrange, repeat
 
+from ..dtypes import compute_dtype
 from ..geometry import window_start
 from ..selection import Selection
-from ._dtype import compute_dtype
 
 
 def kept_key_mask(selection: Selection, query_positions: torch.Tensor) -> torch.Tensor:

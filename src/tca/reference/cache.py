@@ -16,9 +16,9 @@ from einops import einsum
 
 from ..budgets import block_keep_count
 from ..config import TCAConfig
+from ..dtypes import compute_dtype
 from ..geometry import window_start
 from ..selection import Selection
-from ._dtype import compute_dtype
 from .attention import attend
 from .selection import finite_softmax, select
 

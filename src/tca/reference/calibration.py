@@ -16,11 +16,11 @@ from einops import einsum, rearrange
 
 from ..budgets import calibration_candidates
 from ..config import TCAConfig
+from ..dtypes import compute_dtype
 from ..geometry import DEFAULT_CALIBRATION_ROWS, evaluated_rows, num_budgeted_blocks
 from ..plan import BudgetPlan, choose_budgets
 from ..selection import Selection
 from ..validation import to_bhsd
-from ._dtype import compute_dtype
 from .attention import kept_key_mask
 from .selection import block_budgets, block_priority, last_query_importance, select_tokens
 

@@ -19,8 +19,8 @@ from einops import einsum, rearrange
 
 from ..budgets import block_keep_count
 from ..config import TCAConfig
+from ..dtypes import compute_dtype
 from ..geometry import window_start
-from ._dtype import compute_dtype
 from .attention import attend
 from .cache import ReferenceKVCache, cache_from_selection
 from .selection import block_budgets, block_priority, last_query_importance, select, select_tokens

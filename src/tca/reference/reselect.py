@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from einops import einsum
 
+from ..dtypes import compute_dtype
 from ..geometry import window_start
-from ._dtype import compute_dtype
 from .cache import ReferenceKVCache, _compress_leaving_block
 from .cache import prefill as section5_prefill
 

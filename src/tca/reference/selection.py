@@ -13,9 +13,9 @@ from einops import einsum, rearrange
 
 from ..budgets import retain_counts
 from ..config import TCAConfig
+from ..dtypes import compute_dtype
 from ..geometry import num_budgeted_blocks
 from ..selection import Selection
-from ._dtype import compute_dtype
 
 
 def last_query_importance(q_last: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:

@@ -27,8 +27,8 @@ import torch
 
 from ...budgets import block_keep_count
 from ...config import TCAConfig
+from ...dtypes import compute_dtype
 from ...geometry import window_start
-from .decode_torch import compute_dtype
 from .packed_cache import PackedKVCache
 
 
@@ -154,6 +154,37 @@ def streaming_chunk(choose, attend, q, k, v, cache: PackedKVCache, budgets) -> t
     _commit(cache, keys, values, kept, n_pad, lo_before, k, v)
     cache.budgets = budgets
     return out
+
+
+def entry_points(*, choose, attend) -> type:
+    """A base class giving a backend the four chunked-prefill entry points of the registry (exact_chunk,
+    exact_finish, empty_cache, streaming_chunk) over the functions above.
+
+    What the backend already has, it is read from the backend class at call time: its stateless `attention`
+    (exact chunks), `select_indices` (finishing) and `cache_kernels` (the PackedKVCache's decode kernels). What
+    only streaming chunks need is passed here: choose and attend, as streaming_chunk takes them.
+    """
+
+    class ChunkedPrefill:
+        @classmethod
+        def exact_chunk(cls, q, k, v, state, budgets, config, scale):
+            return exact_chunk(cls.attention, q, k, v, state, budgets, config, scale)
+
+        @classmethod
+        def exact_finish(cls, state):
+            return exact_finish(cls.select_indices, cls.cache_kernels, state)
+
+        @classmethod
+        def empty_cache(cls, batch_size, num_kv_heads, head_dim, dtype, device, budgets, config, scale):
+            return empty_cache(
+                batch_size, num_kv_heads, head_dim, dtype, device, budgets, config, scale, cls.cache_kernels
+            )
+
+        @staticmethod
+        def streaming_chunk(q, k, v, cache, budgets):
+            return streaming_chunk(choose, attend, q, k, v, cache, budgets)
+
+    return ChunkedPrefill
 
 
 def _virtual_sequence(cache: PackedKVCache, k, v, lo_before: int):

@@ -13,12 +13,8 @@ import math
 
 import torch
 
+from ...dtypes import compute_dtype
 from ...geometry import window_start
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; everything else is scored in float32 (section 3.1)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def grouped_query(cache, q: torch.Tensor) -> torch.Tensor:

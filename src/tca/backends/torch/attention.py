@@ -19,8 +19,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ...dtypes import compute_dtype
 from ...geometry import window_start
-from .selection import compute_dtype
 
 # Rows per chunk: at least one block; about this many rows otherwise. Measured on 2 CPU cores (SmolLM2 heads,
 # L = 2K-8K, b = 64/128): 64-128 rows beat 256 by 10-30%: the [G*R, n + w + R] fp32 logits tile of a smaller

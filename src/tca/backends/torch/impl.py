@@ -19,7 +19,15 @@ from .attention import attend_indices, causal_sdpa
 from .calibration import retained_mass
 
 
-class TorchBackend:
+def attend_virtual(q, keys, values, selected, config: TCAConfig, scale: float):
+    """Section 4 given the selection mask selected [B, HKV, P] over the first P keys; q at the end of keys."""
+    indices, counts = compact.from_mask(selected, keys.shape[2])
+    return attend_indices(q, keys, values, indices, counts, selected, config.block_size, config.window, scale)
+
+
+# Chunked prefill (section 5b) over the PackedKVCache: backends/common/chunked_prefill.py with this
+# backend's attention and selection.
+class TorchBackend(chunked_prefill.entry_points(choose=_selection.choose_leaving, attend=attend_virtual)):
     """Pure PyTorch, chunked over query blocks: O(L (w + N)) work and O(R (w + N)) memory, any device."""
 
     select = staticmethod(_selection.select)
@@ -76,29 +84,3 @@ class TorchBackend:
         return decode_step(cache, q, k, v)
 
     cache_kernels = decode_torch
-
-    # Chunked prefill (section 5b) over the PackedKVCache: backends/common/chunked_prefill.py with this
-    # backend's attention and selection.
-    @staticmethod
-    def exact_chunk(q, k, v, state, budgets, config, scale):
-        return chunked_prefill.exact_chunk(TorchBackend.attention, q, k, v, state, budgets, config, scale)
-
-    @staticmethod
-    def exact_finish(state):
-        return chunked_prefill.exact_finish(_selection.select_indices, decode_torch, state)
-
-    @staticmethod
-    def empty_cache(batch_size, num_kv_heads, head_dim, dtype, device, budgets, config, scale):
-        return chunked_prefill.empty_cache(
-            batch_size, num_kv_heads, head_dim, dtype, device, budgets, config, scale, decode_torch
-        )
-
-    @staticmethod
-    def streaming_chunk(q, k, v, cache, budgets):
-        return chunked_prefill.streaming_chunk(_selection.choose_leaving, attend_virtual, q, k, v, cache, budgets)
-
-
-def attend_virtual(q, keys, values, selected, config: TCAConfig, scale: float):
-    """Section 4 given the selection mask selected [B, HKV, P] over the first P keys; q at the end of keys."""
-    indices, counts = compact.from_mask(selected, keys.shape[2])
-    return attend_indices(q, keys, values, indices, counts, selected, config.block_size, config.window, scale)

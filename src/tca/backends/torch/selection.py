@@ -13,15 +13,11 @@ from __future__ import annotations
 import torch
 
 from ...config import TCAConfig
+from ...dtypes import compute_dtype
 from ...geometry import num_budgeted_blocks
 from ...selection import Selection
 from ..common import compact
 from ..common.block_budgets import block_keep_from_ranks
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Softmax and accumulation in fp32 at least (fp64 stays fp64)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def last_query_importance(q_last: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:

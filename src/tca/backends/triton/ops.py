@@ -251,7 +251,9 @@ class CacheKernels:
 
 
 # ----------------------------------------------------------------------------------------------- backend
-class TritonBackend:
+# Chunked prefill (section 5b): backends/common/chunked_prefill.py with the sparse kernel and on-device
+# selection; streaming chunks choose within the leaving blocks with the shared torch code.
+class TritonBackend(chunked_prefill.entry_points(choose=choose_leaving, attend=attend_virtual)):
     """The `triton` backend (registry name "triton"): inputs are validated "bhsd" tensors."""
 
     select_indices = staticmethod(select_indices)
@@ -288,23 +290,3 @@ class TritonBackend:
     def decode(q, k, v, cache):
         cache.kernels = CacheKernels
         return decode_step(cache, q, k, v)
-
-    # Chunked prefill (section 5b): backends/common/chunked_prefill.py with the sparse kernel and on-device
-    # selection; streaming chunks choose within the leaving blocks with the shared torch code.
-    @staticmethod
-    def exact_chunk(q, k, v, state, budgets, config, scale):
-        return chunked_prefill.exact_chunk(TritonBackend.attention, q, k, v, state, budgets, config, scale)
-
-    @staticmethod
-    def exact_finish(state):
-        return chunked_prefill.exact_finish(select_indices, CacheKernels, state)
-
-    @staticmethod
-    def empty_cache(batch_size, num_kv_heads, head_dim, dtype, device, budgets, config, scale):
-        return chunked_prefill.empty_cache(
-            batch_size, num_kv_heads, head_dim, dtype, device, budgets, config, scale, CacheKernels
-        )
-
-    @staticmethod
-    def streaming_chunk(q, k, v, cache, budgets):
-        return chunked_prefill.streaming_chunk(choose_leaving, attend_virtual, q, k, v, cache, budgets)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ...config import TCAConfig
+from ...dtypes import compute_dtype
 from ...geometry import window_start
 from .paged import PagedSequence
 
@@ -117,7 +118,7 @@ def decode_step(
     HQ, D = query.shape
     HKV = state.positions.shape[0]
     position = state.seq_len
-    dt = torch.float64 if query.dtype == torch.float64 else torch.float32
+    dt = compute_dtype(query.dtype)
     q = query.to(dt).reshape(HKV, HQ // HKV, D)
     lo = window_start(position, config.block_size, config.window)
     if lo > state.window_start:  # a block boundary was crossed: [lo(i-1), lo(i)) leaves the window
