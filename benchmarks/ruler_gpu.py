@@ -165,7 +165,7 @@ def run_workers(args, methods: list, out: Path, started: float) -> None:
                        "--methods", ",".join(m.name for m in group), "--samples", str(args.samples),
                        "--budget-s", str(max(0.0, args.budget_s - (time.perf_counter() - started))),
                        "--device", args.device, "--dtype", args.dtype, "--backend", args.backend,
-                       "--prompts", str(out / "prompts"), "--plans", str(out / "plans")]
+                       "--prompts", str(args.prompts), "--plans", str(args.plans)]
             command += ["--tasks", ",".join(args.grid_tasks)]
             command += ["--site", str(out / "site")] if (out / "site").is_dir() else []
             command += ["--gguf", str(args.gguf)] if args.gguf else []
@@ -279,7 +279,7 @@ def main(argv=None) -> int:
     print(f"prompts ready at {time.perf_counter() - started:.0f} s", flush=True)
 
     if args.jobs > 1:
-        args.lengths_list, args.grid_tasks = grid.lengths, grid.tasks
+        args.lengths_list, args.grid_tasks, args.prompts, args.plans = grid.lengths, grid.tasks, prompts, plans
         del ruler, runner, model  # the workers load their own copies
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
         run_workers(args, methods, out, started)
