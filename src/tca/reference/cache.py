@@ -120,20 +120,31 @@ def decode_step(q, k, v, cache: ReferenceKVCache) -> torch.Tensor:
     out = torch.empty_like(q)
     for b in range(B):
         for h in range(H):
-            keys = torch.cat([cache.keys[b][h], k[b, h]])  # [n + 1, D]
-            values = torch.cat([cache.values[b][h], v[b, h]])  # [n + 1, D]
-            positions = torch.cat([cache.positions[b][h], torch.tensor([i], device=cache.positions[b][h].device)])
+            keys, values, positions = with_new_token(cache, k, v, b, h)  # [n + 1, D], [n + 1, D], [n + 1]
             queries = q[b, h * G : (h + 1) * G, 0].to(dt)  # [G, D]
             if lo_now > lo_before:
                 keep = _compress_leaving_block(
                     queries, keys, positions, lo_before, lo_now, int(cache.keep_per_block[h]), cache.scale
                 )
                 keys, values, positions = keys[keep], values[keep], positions[keep]  # [n', D], [n', D], [n']
-            logits = einsum(queries, keys.to(dt), "g d, n d -> g n") * cache.scale
-            out[b, h * G : (h + 1) * G, 0] = (logits.softmax(-1) @ values.to(dt)).to(q.dtype)
+            out[b, h * G : (h + 1) * G, 0] = attend_held(queries, keys, values, cache.scale).to(q.dtype)
             cache.keys[b][h], cache.values[b][h], cache.positions[b][h] = keys, values, positions
     cache.seq_len = i + 1
     return out
+
+
+def with_new_token(cache: ReferenceKVCache, k, v, b: int, h: int):
+    """(keys, values, positions) of sequence b, KV head h: what the cache holds, then token i = cache.seq_len."""
+    held = cache.positions[b][h]
+    new_position = torch.tensor([cache.seq_len], dtype=held.dtype, device=held.device)
+    return (torch.cat([cache.keys[b][h], k[b, h]]), torch.cat([cache.values[b][h], v[b, h]]),
+            torch.cat([held, new_position]))
+
+
+def attend_held(queries, keys, values, scale: float) -> torch.Tensor:
+    """One softmax over the held tokens: queries [G, D] in the compute dtype -> [G, D] (same dtype)."""
+    logits = einsum(queries, keys.to(queries.dtype), "g d, n d -> g n") * scale
+    return logits.softmax(-1) @ values.to(queries.dtype)
 
 
 def _compress_leaving_block(queries, keys, positions, start: int, end: int, keep: int, scale: float):

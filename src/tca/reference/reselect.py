@@ -16,7 +16,7 @@ from einops import einsum
 
 from ..dtypes import compute_dtype
 from ..geometry import window_start
-from .cache import ReferenceKVCache, _compress_leaving_block
+from .cache import ReferenceKVCache, _compress_leaving_block, attend_held, with_new_token
 from .cache import prefill as section5_prefill
 
 
@@ -115,9 +115,7 @@ def decode_step(q, k, v, cache: ReselectingReferenceCache) -> torch.Tensor:
     out = torch.empty_like(q)
     for b in range(B):
         for h in range(H):
-            keys = torch.cat([active.keys[b][h], k[b, h]])
-            values = torch.cat([active.values[b][h], v[b, h]])
-            positions = torch.cat([active.positions[b][h], positions_like(active.positions[b][h], [i])])
+            keys, values, positions = with_new_token(active, k, v, b, h)
             queries = q[b, h * G : (h + 1) * G, 0].to(dt)  # [G, D]
             store = [cache.evicted_keys[b][h], cache.evicted_values[b][h], cache.evicted_positions[b][h]]
             if lo_now > lo_before:  # section 5 step 2; the tokens it drops join the store
@@ -128,8 +126,7 @@ def decode_step(q, k, v, cache: ReselectingReferenceCache) -> torch.Tensor:
                 keys, values, positions = keys[keep], values[keep], positions[keep]
             if reselect:
                 (keys, values, positions), store = _reselect(queries, [keys, values, positions], store, lo_now, active.scale)
-            logits = einsum(queries, keys.to(dt), "g d, n d -> g n") * active.scale
-            out[b, h * G : (h + 1) * G, 0] = (logits.softmax(-1) @ values.to(dt)).to(q.dtype)
+            out[b, h * G : (h + 1) * G, 0] = attend_held(queries, keys, values, active.scale).to(q.dtype)
             active.keys[b][h], active.values[b][h], active.positions[b][h] = keys, values, positions
             cache.evicted_keys[b][h], cache.evicted_values[b][h], cache.evicted_positions[b][h] = store
     active.seq_len = i + 1
@@ -166,7 +163,3 @@ def _missing(held: torch.Tensor, length: int) -> torch.Tensor:
     present = torch.zeros(length, dtype=torch.bool, device=held.device)
     present[held] = True
     return (~present).nonzero().squeeze(-1)
-
-
-def positions_like(like: torch.Tensor, values: list[int]) -> torch.Tensor:
-    return torch.tensor(values, dtype=like.dtype, device=like.device)
