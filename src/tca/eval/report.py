@@ -36,12 +36,13 @@ def _lengths(results: dict, key: str) -> list[int]:
     return sorted({r["length"] for r in results[key]})
 
 
+def tasks_in_order(rows) -> list[str]:
+    """The tasks of result rows (dicts with a "task"), each once, in the order they first appear."""
+    return list(dict.fromkeys(r["task"] for r in rows))
+
+
 def _tasks(results: dict) -> list[str]:
-    seen = []
-    for r in results["needles"]:
-        if r["task"] not in seen:
-            seen.append(r["task"])
-    return seen
+    return tasks_in_order(results["needles"])
 
 
 def method_summary(results: dict, method: str) -> str:

@@ -12,6 +12,8 @@ import math
 import random
 from pathlib import Path
 
+from .report import tasks_in_order
+
 BASELINE = "dense"
 BOOTSTRAP_DRAWS = 2000
 # One colour per method family, the same in every plot (families: method name up to its first "-" or "=").
@@ -51,11 +53,7 @@ def lengths_of(results: dict) -> list[int]:
 
 
 def tasks_of(results: dict) -> list[str]:
-    seen = []
-    for s in results["samples"]:
-        if s["task"] not in seen:
-            seen.append(s["task"])
-    return seen
+    return tasks_in_order(results["samples"])
 
 
 def _average(cells: dict, keys) -> float:
