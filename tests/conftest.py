@@ -97,3 +97,20 @@ def require_triton() -> str:
     pytest.importorskip("triton")
     return "cuda" if cuda else "cpu"
 
+
+def chunked_prefill_against_reference(q, k, v, length: int, chunk: int, mode: str, config, backend: str, dtype):
+    """Prefill the first `length` positions of q, k, v chunk by chunk on `backend` and on the reference (float64
+    copies), asserting every chunk's output close to the reference's (docs/semantics.md section 5b).
+    Returns (cache, reference cache), ready to decode."""
+    import tca
+    from tca.testing import assert_close
+
+    qr, kr, vr = q.double(), k.double(), v.double()
+    state = tca.start_prefill(mode=mode, config=config, backend=backend)
+    ref_state = tca.start_prefill(mode=mode, config=config, backend="reference")
+    for s in range(0, length, chunk):
+        e = min(length, s + chunk)
+        got = tca.prefill_chunk(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], state)
+        want = tca.prefill_chunk(qr[:, :, s:e], kr[:, :, s:e], vr[:, :, s:e], ref_state)
+        assert_close(got, want, dtype, msg=f"{backend} {mode} chunk [{s}, {e})")
+    return tca.finish_prefill(state), tca.finish_prefill(ref_state)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import tca
-from conftest import make_qkv
+from conftest import chunked_prefill_against_reference, make_qkv
 from tca import reference
 from tca.backends import registry
 from tca.config import TCAConfig
@@ -101,14 +101,7 @@ def test_chunked_prefill_matches_reference(backend, mode, chunk):
     HQ, HKV, L, steps = 4, 2, 150, 2
     q, k, v = _inputs(HQ, HKV, L + steps, seed=L + 11, dtype=DTYPE)
     qr, kr, vr = q.double(), k.double(), v.double()
-    state = tca.start_prefill(mode=mode, config=CONFIG, backend=backend)
-    ref_state = tca.start_prefill(mode=mode, config=CONFIG, backend="reference")
-    for s in range(0, L, chunk):
-        e = min(L, s + chunk)
-        got = tca.prefill_chunk(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], state)
-        want = tca.prefill_chunk(qr[:, :, s:e], kr[:, :, s:e], vr[:, :, s:e], ref_state)
-        assert_close(got, want, DTYPE, msg=f"{backend} {mode} chunk [{s}, {e})")
-    cache, ref_cache = tca.finish_prefill(state), tca.finish_prefill(ref_state)
+    cache, ref_cache = chunked_prefill_against_reference(q, k, v, L, chunk, mode, CONFIG, backend, DTYPE)
     positions = [[cache.positions_of(0, h).tolist() for h in range(HKV)]]
     assert positions == [[p.tolist() for p in row] for row in ref_cache.positions]
     for i in range(L, L + steps):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import tca
+from conftest import chunked_prefill_against_reference
 from tca.testing import assert_close
 
 pytestmark = [pytest.mark.gpu, pytest.mark.triton]
@@ -31,14 +32,7 @@ def _inputs(dtype):
 def test_chunked_prefill_on_the_gpu_matches_the_reference(backend, mode, chunk):
     q, k, v = _inputs(torch.bfloat16)
     qr, kr, vr = (t.double() for t in (q, k, v))
-    state = tca.start_prefill(mode=mode, config=CONFIG, backend=backend)
-    ref = tca.start_prefill(mode=mode, config=CONFIG, backend="reference")
-    for s in range(0, L, chunk):
-        e = min(L, s + chunk)
-        got = tca.prefill_chunk(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], state)
-        want = tca.prefill_chunk(qr[:, :, s:e], kr[:, :, s:e], vr[:, :, s:e], ref)
-        assert_close(got, want, torch.bfloat16, msg=f"{backend} {mode} chunk [{s}, {e})")
-    cache, ref_cache = tca.finish_prefill(state), tca.finish_prefill(ref)
+    cache, ref_cache = chunked_prefill_against_reference(q, k, v, L, chunk, mode, CONFIG, backend, torch.bfloat16)
     assert torch.equal(cache.lengths, ref_cache.lengths)
     for i in range(L, L + 4):
         sl = slice(i, i + 1)
