@@ -1,4 +1,4 @@
-"""End-to-end generation, dense vs TCA, on a model of the Llama-3.1-8B shape with random bf16 weights (no download).
+"""End-to-end generation, dense vs TCA, on a model of a real shape (default Llama-3.1-8B) with random bf16 weights.
 
 Per prompt length: time to first token, decode ms per token (mean over --new-tokens), peak memory, KV bytes;
 for dense (`sdpa`) and TCA in the same run, on two execution paths compared like with like: eager (one
@@ -8,7 +8,12 @@ that fits and its decode tokens/s (the batch's caches are replicas of the measur
 depend on the values).
 
     python benchmarks/e2e_generate.py --lengths 16384,32768,65536,131072 --out $OUT/e2e.json
+    python benchmarks/e2e_generate.py --shape qwen2.5-0.5b-shape --methods dense,tca-auto --lengths 4096,32768
     python benchmarks/e2e_generate.py --tiny --lengths 256 --new-tokens 4 --device cpu   # plumbing check on a CPU
+
+Methods: dense (transformers' sdpa and its caches), dense-kernels (dense budgets on tca's cache and kernels),
+tca-<backend> (the plan's budgets on that prefill backend), and tca-auto: what `enable_tca(model)` gives by default,
+the dense path below the crossover measured for the device and shape, TCA above it.
 """
 
 from __future__ import annotations
@@ -25,13 +30,13 @@ from tqdm import tqdm
 import tca
 from tca.models import TCACache, cache_kwargs, enable_tca
 from tca.models.graphs import StepGraph, prepare_static
-from tca.models.random_shapes import SHAPES, random_llama
+from tca.models.random_shapes import SHAPES, random_model
 
-LLAMA_8B, TINY = SHAPES["llama-3.1-8b-shape"], SHAPES["llama-tiny-shape"]
+TINY = SHAPES["llama-tiny-shape"]
 
 
 def build_model(shape: dict, device, dtype):
-    return random_llama(shape, 1 << 21, dtype, device)
+    return random_model(shape, 1 << 21, dtype, device)
 
 
 def sync(device):
@@ -70,7 +75,9 @@ def use(model, method: str, config) -> None:
     elif method == "dense-kernels":
         from tca.models import dense_plan, model_shape
 
-        enable_tca(model, plan=dense_plan(model_shape(model), config))
+        # A named backend: "auto" would take the dense path below the crossover, whose eager cache is not this one.
+        backend = "triton" if next(model.parameters()).is_cuda else "torch"
+        enable_tca(model, plan=dense_plan(model_shape(model), config), backend=backend)
     else:
         enable_tca(model, config=config, backend=method.removeprefix("tca-"))
 
@@ -210,7 +217,8 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3, help="prefills timed per point (median kept, spread kept)")
     parser.add_argument("--modes", default="eager,graph")
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--tiny", action="store_true", help="a 2-layer toy of the same architecture (plumbing)")
+    parser.add_argument("--shape", default="llama-3.1-8b-shape", choices=sorted(SHAPES), help="the model's shape")
+    parser.add_argument("--tiny", action="store_true", help="a 2-layer toy of the Llama architecture (plumbing)")
     parser.add_argument("--batch-search", action="store_true", help="largest batch at the longest length")
     parser.add_argument("--window", type=int, default=4096)
     parser.add_argument("--block-size", type=int, default=128)
@@ -221,11 +229,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = build_model(TINY if args.tiny else LLAMA_8B, device, dtype)
+    model = build_model(TINY if args.tiny else SHAPES[args.shape], device, dtype)
     config = tca.TCAConfig(block_size=args.block_size, window=args.window)
     lengths = [int(x) for x in args.lengths.split(",")]
     modes = args.modes.split(",")
-    results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+    results = {"shape": "llama-tiny-shape" if args.tiny else args.shape,
+               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
                "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": []}
     import transformers
 
@@ -236,8 +245,9 @@ def main(argv=None):
         results["triton"] = triton.__version__
     except ImportError:
         pass
+    head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
     methods = [m for m in args.methods.split(",")
-               if m in ("dense", "dense-kernels") or _usable(m.removeprefix("tca-"), device, dtype)]
+               if m in ("dense", "dense-kernels") or _usable(m.removeprefix("tca-"), device, dtype, head_dim)]
     results["methods"] = methods
     for method in methods:  # compile kernels, pick cuBLAS/cuDNN algorithms, fill the allocator: not timed
         use(model, method, config)
@@ -265,11 +275,11 @@ def main(argv=None):
     print_table(results)
 
 
-def _usable(backend: str, device, dtype) -> bool:
+def _usable(backend: str, device, dtype, head_dim: int) -> bool:
     from tca.backends import registry
 
     try:
-        registry.resolve(backend, device, dtype, 128, decode=True)
+        registry.resolve(backend, device, dtype, head_dim, decode=True)
         return True
     except (registry.BackendUnavailableError, ValueError) as error:
         print(f"skipping tca-{backend}: {error}")

@@ -52,7 +52,7 @@ import warnings
 
 import torch
 
-from tca.models.random_shapes import SHAPES, random_llama
+from tca.models.random_shapes import SHAPES, random_model
 
 LLAMA_8B, TINY = SHAPES["llama-3.1-8b-shape"], SHAPES["llama-tiny-shape"]
 
@@ -112,7 +112,7 @@ def load_factory(spec: str | None):
 
 
 def build_model(shape: dict, max_positions: int, dtype: torch.dtype, device: str, seed: int):
-    return random_llama(shape, max_positions, dtype, device, seed)
+    return random_model(shape, max_positions, dtype, device, seed)
 
 
 class Driver:

@@ -41,11 +41,17 @@ def test_decode_steps_never_synchronise():
     assert torch.equal(cache.global_len.cpu(), cache.global_len_host)
 
 
-def test_model_decode_step_never_synchronises():
+# "auto" below the crossover: the dense path's cache (every token, SDPA); "triton": the compressed cache.
+PATHS = ["auto", "triton"]
+
+
+@pytest.mark.parametrize("backend", PATHS)
+def test_model_decode_step_never_synchronises(backend):
     from tca.models import TCACache, cache_kwargs, enable_tca
     from tca.models.tiny_random import tiny_model
 
-    model = enable_tca(tiny_model("llama", dtype=torch.bfloat16).cuda(), config=tca.TCAConfig(block_size=16, window=64))
+    model = enable_tca(tiny_model("llama", dtype=torch.bfloat16).cuda(), config=tca.TCAConfig(block_size=16, window=64),
+                       backend=backend)
     cache = TCACache(model)
     ids = torch.randint(1, 128, (1, 300), device="cuda")
     with torch.no_grad():
@@ -62,13 +68,14 @@ def test_model_decode_step_never_synchronises():
             torch.cuda.set_sync_debug_mode("default")
 
 
+@pytest.mark.parametrize("backend", PATHS)
 @pytest.mark.parametrize("padded", [False, True])
-def test_generate_with_graph_decoding_equals_eager_generate(padded):
+def test_generate_with_graph_decoding_equals_eager_generate(padded, backend):
     from tca.models import TCACache, cache_kwargs, enable_tca
     from tca.models.graphs import graph_decoding
     from tca.models.tiny_random import tiny_model
 
-    model = enable_tca(tiny_model("llama").cuda(), config=tca.TCAConfig(block_size=16, window=64))
+    model = enable_tca(tiny_model("llama").cuda(), config=tca.TCAConfig(block_size=16, window=64), backend=backend)
     ids = torch.randint(1, 128, (2, 200), device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
     mask = torch.ones_like(ids)
     if padded:

@@ -315,3 +315,16 @@ def test_scale_accepts_real_numbers_and_zero_dim_tensors():
     expected = tca.attention(q, k, v, scale=0.25, config=CFG, backend="reference")
     for scale in (np.float32(0.25), torch.tensor(0.25)):
         torch.testing.assert_close(tca.attention(q, k, v, scale=scale, config=CFG, backend="reference"), expected)
+
+
+def test_budgets_are_checked_again_after_an_in_place_change():
+    """check_budgets remembers a tensor it accepted (a model passes the same one every call), not its values."""
+    from tca.validation import check_budgets
+
+    config = tca.TCAConfig(block_size=16, window=32)
+    budgets = tca.default_budgets(16).expand(2, -1).clone()
+    first = check_budgets(budgets, 2, config, "cpu")
+    assert check_budgets(budgets, 2, config, "cpu") is first
+    budgets.mul_(2)  # now sums to 2
+    with pytest.raises(ValueError, match="must sum to 1"):
+        check_budgets(budgets, 2, config, "cpu")

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from .backends import registry
-from .backends.common import dense
+from .backends.common import dense, dense_cache, protocol
+from .backends.common.dense_cache import DenseKVCache
 from .backends.common.packed_cache import PackedKVCache
 from .backends.common.reselecting_cache import ReselectingCache
 from .backends.crossover import crossover
@@ -44,6 +45,15 @@ def _by_length(backend: str, q: torch.Tensor, k: torch.Tensor, needs) -> str:
 def _runs_dense(backend: str, q: torch.Tensor, k: torch.Tensor) -> bool:
     """backend="auto" below the measured crossover runs exact dense attention (TCA with dense budgets)."""
     return backend == "auto" and k.shape[2] < crossover(k.device, _shape(q, k)).dense_below
+
+
+def batch_backend(backend: str, q: torch.Tensor, k: torch.Tensor) -> str:
+    """The backend for every sequence of a padded batch q, k (bhsd, padded length): "auto" stays "auto" where the
+    whole batch runs dense (every sequence is shorter than the padded length), else the backend "auto" picks for
+    the padded length, so that no shorter sequence of the batch takes another path than the rest."""
+    if backend != "auto" or _runs_dense(backend, q, k):
+        return backend
+    return registry.resolve(_by_length(backend, q, k, ()), q.device, q.dtype, q.shape[-1], decode=True).name
 
 
 def _shape(q: torch.Tensor, k: torch.Tensor) -> tuple[int, int, int]:
@@ -102,7 +112,7 @@ def prefill(q, k, v, *, budgets=None, config=None, scale=None, layout=None, back
             "use tca.attention for LQ < L"
         )
     if _runs_dense(backend, q, k):
-        out, cache = dense.prefill(q, k, v, config, scale)
+        out, cache = dense_cache.prefill(q, k, v, config, scale)
     else:
         out, cache = impl.prefill(q, k, v, budgets, config, scale)
     cache.num_query_heads = q.shape[1]  # decode checks it: another head count would silently regroup heads
@@ -112,7 +122,10 @@ def prefill(q, k, v, *, budgets=None, config=None, scale=None, layout=None, back
 
 
 def _reselecting(cache, k, v, policy):
-    """The section 5c cache around a section 5 cache, its evicted store filled from the prompt's k, v."""
+    """The section 5c cache around a section 5 cache, its evicted store filled from the prompt's k, v. The dense
+    path's cache evicts nothing (every token is attended), so it stays as it is."""
+    if isinstance(cache, DenseKVCache):
+        return cache
     if isinstance(cache, ReferenceKVCache):
         return ReselectingReferenceCache.wrap(cache, k, v, policy.every)
     return ReselectingCache.from_prefill(cache, k, v, every=policy.every, offload=policy.offload)
@@ -127,7 +140,7 @@ def decode(q, k, v, cache, *, layout=None, backend="auto"):
     `prefill(policy=tca.Reselect(...))` (section 5c) decode the same way, their active set on those kernels.
     """
     q, k, v = to_bhsd(q, k, v, layout)
-    if not isinstance(cache, (PackedKVCache, ReferenceKVCache, ReselectingCache, ReselectingReferenceCache)):
+    if not isinstance(cache, (PackedKVCache, DenseKVCache, ReferenceKVCache, ReselectingCache, ReselectingReferenceCache)):
         raise TypeError(f"cache must be a cache returned by tca.prefill, got {type(cache).__name__}")
     if q.shape[2] != 1 or k.shape[2] != 1:
         raise ValueError(f"decode takes one new token: q and k must have 1 position, got {q.shape[2]} and {k.shape[2]}")
@@ -155,6 +168,9 @@ def decode(q, k, v, cache, *, layout=None, backend="auto"):
         from .reference.reselect import decode_step
 
         return from_bhsd(decode_step(q, k, v, cache), layout)
+    if isinstance(cache, DenseKVCache):  # the dense path (auto below the crossover): exact attention, fastest kernels
+        cache.kernels = registry.resolve_decode(backend, q.device, q.dtype, q.shape[-1]).load().cache_kernels
+        return from_bhsd(protocol.decode_step(cache, q, k, v), layout)
     if isinstance(cache, (PackedKVCache, ReselectingCache)):  # a re-selecting cache decodes on its active set's kernels
         impl = registry.resolve_decode(backend, q.device, q.dtype, q.shape[-1]).load()
     else:
@@ -184,10 +200,14 @@ def start_prefill(*, mode="exact", budgets=None, config=None, scale=None, backen
     the window are compressed after every chunk; every chunk but the last must end on a multiple of
     config.block_size). budgets, config, scale, backend: as in `prefill`. cache: a cache from `prefill`,
     `finish_prefill` or `decode` to extend in streaming mode (mutated; its config and scale are kept; budgets
-    default to the ones it records; a PackedKVCache continues on `backend`, the reference's cache on the reference).
+    default to the ones it records; a PackedKVCache continues on `backend`, the reference's cache on the reference;
+    the dense path's cache, which backend="auto" makes below the crossover, continues as a packed copy: decode
+    the cache `finish_prefill` returns).
     """
     if cache is None:
         return ChunkedPrefill(mode, budgets, check_config(config), scale, backend)
+    if isinstance(cache, DenseKVCache):  # the dense path's cache continues as the same tokens, packed
+        cache = cache.to_packed()
     if isinstance(cache, (ReselectingCache, ReselectingReferenceCache)):
         raise ValueError(
             "a re-selecting cache (policy=tca.Reselect) cannot continue a streaming prefill (semantics.md section 5c); "

@@ -102,13 +102,34 @@ def _check_call(attention_mask, dropout: float, kwargs: dict) -> None:
         raise ValueError(f"TCA attention is for inference: attention dropout must be 0, got {dropout}; call model.eval()")
 
 
+class _LastPadding(threading.local):
+    """The last mask read by left_padding and its answer: every layer of a forward call gets the same mask
+    tensor, which is then read from the device once per call instead of once per layer."""
+
+    mask = None
+    length = None
+    pads = None
+
+
+_last_padding = _LastPadding()
+
+
 def left_padding(attention_mask: torch.Tensor | None, length: int) -> list[int] | None:
     """Pad tokens at the start of each sequence, from a 2D padding mask [B, >= length] (None: no padding).
 
-    Reads the mask on the host (a prefill happens once per generation). Only left padding is supported: a
-    sequence's real tokens must be contiguous and end at the last position."""
+    Reads the mask on the host, once per mask tensor (a prefill happens once per generation). Only left padding
+    is supported: a sequence's real tokens must be contiguous and end at the last position."""
     if attention_mask is None:
         return None
+    memo = _last_padding
+    if memo.mask is attention_mask and memo.length == length:
+        return memo.pads
+    pads = _read_left_padding(attention_mask, length)
+    memo.mask, memo.length, memo.pads = attention_mask, length, pads
+    return pads
+
+
+def _read_left_padding(attention_mask: torch.Tensor, length: int) -> list[int] | None:
     mask = attention_mask[:, -length:].cpu()
     counts = (~mask).sum(-1)
     if not bool(counts.any()):
@@ -217,7 +238,7 @@ def tca_mask(*args, attention_mask=None, mask_function=None, q_length=None, **kw
         return sdpa_mask(*args, attention_mask=attention_mask, mask_function=mask_function, **kwargs)
     if attention_mask is None or attention_mask.dim() != 2 or q_length == 1:
         return None
-    return attention_mask.to(torch.bool)
+    return attention_mask.to(torch.bool, copy=True)  # a fresh tensor per forward call: left_padding memoises on it
 
 
 def register(name: str, function) -> None:

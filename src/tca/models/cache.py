@@ -50,6 +50,8 @@ class TCACacheLayer(CacheLayerMixin):
         self.chunk_mode = None  # "exact" or "streaming" during a chunked prefill (section 5b), else None
         self.chunked = None  # that prefill's tca.ChunkedPrefill once its first chunk reached this layer
         self.policy = None  # tca.Reselect or None (section 5c), given to tca.prefill
+        self._normal_state = None  # the state last checked to hold no inference tensors (see attend)
+        self._step = None  # (state, its decode step): looked up once per state
 
     # -- transformers' Cache protocol ---------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -80,6 +82,7 @@ class TCACacheLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.state, self.seen, self.is_initialized, self._awaiting_attention = None, 0, False, False
+        self._normal_state = self._step = None
         self.chunk_mode = self.chunked = None
 
     def offload(self):
@@ -120,47 +123,79 @@ class TCACacheLayer(CacheLayerMixin):
         """Prefill (first call) or decode token by token. q [B, HQ, LQ, D], k, v [B, HKV, LQ, D] -> [B, HQ, LQ, D].
 
         attention_mask: the 2D padding mask of a left-padded prompt (prefill only), or None."""
-        import tca
-        from tca.backends.common.packed_cache import PackedKVCache
-        from tca.backends.common.reselecting_cache import ReselectingCache
-
         self._awaiting_attention = False
-        self._leave_inference_tensors()
+        if torch.is_inference_mode_enabled():
+            self._normal_state = None  # tensors made from now on may be inference tensors
+        elif self._normal_state is not self.state:
+            self._leave_inference_tensors()
         if self.chunk_mode is not None:
             return self._prefill_chunk(q, k, v, settings, scale, backend, attention_mask)
         if self.state is None:
-
-            def prefill(qb, kb, vb):
-                return tca.prefill(qb, kb, vb, budgets=settings.budgets, config=settings.config, scale=scale,
-                                   backend=backend, policy=self.policy)
-
-            pads = left_padding(attention_mask, k.shape[2])
-            if not pads:
-                out, self.state = prefill(q, k, v)
-                return out
-            states = []
-
-            def prefill_one(qb, kb, vb):  # each sequence's own cache, joined below
-                out_b, state = prefill(qb, kb, vb)
-                states.append(state)
-                return out_b
-
-            out = per_sequence(prefill_one, q, k, v, pads)
-            joined = next((kind for kind in (PackedKVCache, ReselectingCache) if all(isinstance(s, kind) for s in states)), None)
-            if joined is None:
-                raise ValueError(
-                    "padded batches need a backend with the packed cache (torch, triton or flash); the reference's "
-                    "cache holds one length for the whole batch: run the sequences one at a time"
-                )
-            self.state = joined.concat(states)
-            self.state.num_query_heads = q.shape[1]
-            return out
+            return self._prefill(q, k, v, settings, scale, backend, attention_mask)
         # Later chunks (a decode step, or several tokens appended to a filled cache) go one token at a time:
         # token r attends to the compressed past plus tokens r' <= r of the chunk, exactly as in section 5.
-        kwargs = {"backend": self.decode_backend} if isinstance(self.state, (PackedKVCache, ReselectingCache)) else {}
-        outs = [tca.decode(q[:, :, r : r + 1], k[:, :, r : r + 1], v[:, :, r : r + 1], self.state, **kwargs)
-                for r in range(q.shape[2])]
+        if self._step is None or self._step[0] is not self.state:
+            self._step = (self.state, self._decode_step())
+        step = self._step[1]
+        outs = [step(q[:, :, r : r + 1], k[:, :, r : r + 1], v[:, :, r : r + 1]) for r in range(q.shape[2])]
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+    def _prefill(self, q, k, v, settings, scale, backend, attention_mask) -> torch.Tensor:
+        """The prompt: one tca.prefill, or for a left-padded batch one per sequence (on one path for the whole
+        batch), joined into one cache of per-sequence lengths."""
+        import tca
+        from tca.api import batch_backend
+        from tca.backends.common.dense_cache import DenseKVCache
+        from tca.backends.common.packed_cache import PackedKVCache
+        from tca.backends.common.reselecting_cache import ReselectingCache
+
+        def prefill(qb, kb, vb):
+            return tca.prefill(qb, kb, vb, budgets=settings.budgets, config=settings.config, scale=scale,
+                               backend=backend, policy=self.policy)
+
+        pads = left_padding(attention_mask, k.shape[2])
+        if not pads:
+            out, self.state = prefill(q, k, v)
+            return out
+        backend = batch_backend(backend, q, k)
+        states = []
+
+        def prefill_one(qb, kb, vb):  # each sequence's own cache, joined below
+            out_b, state = prefill(qb, kb, vb)
+            states.append(state)
+            return out_b
+
+        out = per_sequence(prefill_one, q, k, v, pads)
+        kinds = (PackedKVCache, ReselectingCache, DenseKVCache)
+        joined = next((kind for kind in kinds if all(isinstance(s, kind) for s in states)), None)
+        if joined is None:
+            raise ValueError(
+                "padded batches need a backend with the packed cache (torch, triton or flash); the reference's "
+                "cache holds one length for the whole batch: run the sequences one at a time"
+            )
+        self.state = joined.concat(states)
+        self.state.num_query_heads = q.shape[1]
+        return out
+
+    def _decode_step(self):
+        """The decode step of this layer's cache (looked up once per cache): inputs come from the model, whose
+        shapes the prefill fixed, so the per-token checks of tca.decode are skipped (they cost more host time
+        than the dense path's whole step)."""
+        import tca
+        from tca.backends import registry
+        from tca.backends.common.dense_cache import DenseKVCache
+        from tca.backends.common.packed_cache import PackedKVCache
+        from tca.backends.common.protocol import decode_step
+        from tca.backends.common.reselecting_cache import ReselectingCache
+
+        state = self.state
+        if isinstance(state, (PackedKVCache, ReselectingCache, DenseKVCache)):
+            impl = registry.resolve_decode(self.decode_backend, state.device, state.dtype, state.head_dim).load()
+            if isinstance(state, DenseKVCache):
+                state.kernels = impl.cache_kernels
+                return lambda q, k, v: decode_step(state, q, k, v)
+            return lambda q, k, v: impl.decode(q, k, v, state)
+        return lambda q, k, v: tca.decode(q, k, v, state)
 
     def _check_chunk_position(self, n: int, kwargs: dict) -> None:
         """A chunk must start where the prefill stands: its position_ids (when the model passes them) say where."""
@@ -211,7 +246,8 @@ class TCACacheLayer(CacheLayerMixin):
     def _leave_inference_tensors(self) -> None:
         """A cache filled under torch.inference_mode() holds inference tensors, which cannot be updated in place
         outside it: copy them once into normal tensors (the reverse direction needs nothing)."""
-        if self.state is None or torch.is_inference_mode_enabled():
+        self._normal_state = self.state
+        if self.state is None:
             return
         for state in (self.state, getattr(self.state, "active", None)):  # a re-selecting cache wraps its active set
             if state is not None:
@@ -363,11 +399,8 @@ class TCACache(Cache):
     @property
     def used_nbytes(self) -> int:
         """Bytes of keys and values holding kept tokens (nbytes minus spare capacity, if the backend has any)."""
-        from tca.backends.common.packed_cache import PackedKVCache
-        from tca.backends.common.reselecting_cache import ReselectingCache
-
         return self._native_nbytes() + sum(
-            int(layer.state.used_nbytes if isinstance(layer.state, (PackedKVCache, ReselectingCache)) else layer.state.nbytes)
+            int(getattr(layer.state, "used_nbytes", layer.state.nbytes))  # a cache without spare room: all of it
             for layer in self.tca_layers(self.layers)
             if layer.state is not None
         )

@@ -98,10 +98,15 @@ def _tca_layers(cache):
 
 
 def prepare_static(cache, new_tokens: int) -> None:
-    """Reserve room for `new_tokens` more steps in every compressed layer and switch it to static shapes."""
+    """Reserve room for `new_tokens` more steps in every compressed layer and switch it to static shapes. The
+    dense path's cache (one growing buffer) becomes the same tokens in the packed cache, whose step is static."""
+    from tca.backends.common.dense_cache import DenseKVCache
+
     for layer in _tca_layers(cache):
         if layer.state is None:
             raise ValueError("graph decoding needs the cache prefilled first")
+        if isinstance(layer.state, DenseKVCache):
+            layer.state = layer.state.to_packed()
         layer.state.reserve(new_tokens + 2)  # + the warm-up step and one spare
         layer.state.static = True
 

@@ -94,3 +94,13 @@ def attend(cache, q: torch.Tensor) -> torch.Tensor:
     weights = torch.cat([logits_g, logits_l], dim=-1).softmax(-1)  # [B, HKV, G, N + W]
     out = torch.matmul(weights[..., :n], cache.global_v[rows].to(dt)) + torch.matmul(weights[..., n:], cache.local_v.to(dt))
     return out.reshape(B, HKV * G, 1, D).to(q.dtype)
+
+
+def attend_dense(cache, q: torch.Tensor) -> torch.Tensor:
+    """Exact attention of q [B, HQ, 1, D] over every token of a DenseKVCache (SDPA; padding columns masked)."""
+    n = cache.columns
+    keys, values = cache.keys[:, :, :n], cache.values[:, :, :n]
+    G = q.shape[1] // cache.num_kv_heads
+    mask = cache.key_mask()[..., :n] if any(cache.pads) else None
+    return torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=cache.scale,
+                                                            enable_gqa=G > 1)

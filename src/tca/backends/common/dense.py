@@ -1,5 +1,5 @@
-"""Exact dense causal attention as a TCA prefill with dense budgets (every token kept): what backend="auto"
-runs below the measured crossover, where the sparse kernels cannot beat the fused dense ones.
+"""Exact dense causal attention, TCA with dense budgets (every token kept): what backend="auto" runs below the
+measured crossover, where the sparse kernels cannot beat the fused dense ones (its cache: dense_cache.py).
 
 With all budget mass on k = b, TCA keeps every token of every budgeted block (docs/semantics.md section 1):
 its attention is causal attention and its cache holds every position, so nothing is selected here.
@@ -26,15 +26,15 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     return F.scaled_dot_product_attention(q, k, v, is_causal=LQ == L and L > 1, scale=scale, enable_gqa=G > 1)
 
 
-def prefill(q, k, v, config, scale: float, kernels=None):
-    """Dense prefill: (out [B, HQ, L, D], a PackedKVCache holding every position, decoding with dense budgets)."""
+def packed_cache(k, v, config, scale: float, kernels=None) -> PackedKVCache:
+    """Every position of k, v [B, HKV, L, D] as a PackedKVCache decoding with dense budgets (keep = b per leaving
+    block): the dense path's cache in the form a CUDA graph captures (DenseKVCache.to_packed)."""
     B, HKV, L, _ = k.shape
     n = num_budgeted_blocks(L, config.block_size, config.window) * config.block_size
     indices = torch.arange(n, device=k.device, dtype=torch.int64).expand(B, HKV, n)
     counts = torch.full((B, HKV), n, dtype=torch.int64)
     keep = torch.full((HKV,), config.block_size, dtype=torch.int64)
-    cache = PackedKVCache.from_indices(k, v, indices, counts, keep, config, scale, kernels=kernels)
-    return causal_attention(q, k, v, scale), cache
+    return PackedKVCache.from_indices(k, v, indices, counts, keep, config, scale, kernels=kernels)
 
 
 def budgets(num_kv_heads: int, config) -> torch.Tensor:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 
 from ...config import TCAConfig
+from ...devices import to_device as _to_device
 from ...geometry import window_start
 from . import decode_torch
 
@@ -406,10 +407,3 @@ def _exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:
     """Offsets of consecutive segments of sizes x (row-major over all dims), same shape as x."""
     flat = x.flatten()
     return (torch.cumsum(flat, 0) - flat).view_as(x)
-
-
-def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor copied to `device` without blocking the host (pinned staging on CUDA)."""
-    if device.type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device).clone()

@@ -166,6 +166,7 @@ class CacheKernels:
     FlashAttention split-KV attention."""
 
     compress = staticmethod(decode_torch.compress)
+    attend_dense = staticmethod(decode_torch.attend_dense)
 
     @staticmethod
     def attend(cache, q):

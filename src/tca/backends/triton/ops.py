@@ -224,30 +224,55 @@ class CacheKernels:
     @staticmethod
     def attend(cache, q):
         """One query per head over its global segment + local window. q: [B, HQ, 1, D] -> out [B, HQ, 1, D]."""
+        B, HKV = q.shape[0], cache.num_kv_heads
+        n_est = cache.global_k.shape[0] // max(1, B * HKV) + cache.window_slots  # from shapes: fixed between reallocations
+        return _split_k_attention(
+            q, cache.global_k, cache.global_v, cache.global_start, cache.global_len, cache.local_k, cache.local_v,
+            cache.positions_t, cache.config.block_size, cache.config.window, n_est, cache.scale,
+        )
+
+    @staticmethod
+    def attend_dense(cache, q):
+        """Exact attention of q [B, HQ, 1, D] over a DenseKVCache: every row of (b, h) is one global segment of
+        the flat buffer, and the local window is empty (position 0 with block and window 1 hold nothing)."""
         B, HQ, _, D = q.shape
-        HKV, W = cache.num_kv_heads, cache.window_slots
-        G = HQ // HKV
-        g_pad = _rows_pad(G)
-        chunk = 64
-        n_est = cache.global_k.shape[0] // max(1, B * HKV) + W  # from shapes: fixed between reallocations
-        splits = _decode_splits(q.device, B * HKV, n_est, chunk)
-        part_m = torch.empty(B * HKV, splits, g_pad, device=q.device, dtype=torch.float32)
-        part_l = torch.empty_like(part_m)
-        part_acc = torch.empty(B * HKV, splits, g_pad, D, device=q.device, dtype=torch.float32)
-        q1 = q[:, :, 0]
-        kernels_decode.decode_split_kernel[(B * HKV, splits)](
-            q1, cache.global_k, cache.global_v, cache.global_start, cache.global_len, cache.local_k, cache.local_v,
-            part_m, part_l, part_acc,
-            *q1.stride(), cache.local_k.stride(1), cache.local_k.stride(2),
-            cache.positions_t, HKV, W, cache.config.block_size, cache.config.window, splits, cache.scale * LOG2E,
-            G=G, G_PAD=g_pad, D=D, CHUNK=chunk, PREC=_precision(q.dtype),
+        HKV = cache.num_kv_heads
+        empty = q.new_empty(B * HKV, 1, D)  # never read: no local token
+        return _split_k_attention(
+            q, cache.keys.view(-1, D), cache.values.view(-1, D), cache.row_start, cache.row_len, empty, empty,
+            cache.no_local_positions, 1, 1, cache.keys.shape[2], cache.scale,
         )
-        out = torch.empty_like(q)
-        o1 = out[:, :, 0]
-        kernels_decode.decode_combine_kernel[(B * HKV, G)](
-            part_m, part_l, part_acc, o1, *o1.stride(), HKV, splits, G=G, G_PAD=g_pad, D=D, S_BLOCK=32,
-        )
-        return out
+
+
+def _split_k_attention(q, global_k, global_v, global_start, global_len, local_k, local_v, positions, block_size,
+                       window, n_est: int, scale: float):
+    """Split-K decode attention of q [B, HQ, 1, D] over, per (b, h), rows global_start .. + global_len of the flat
+    global_k/v [N, D] and the local ring local_k/v [B*HKV, W, D] (positions [B]: next position of each sequence).
+    n_est: keys per head, from shapes (fixed between reallocations, so a captured graph keeps its grid)."""
+    B, HQ, _, D = q.shape
+    HKV, W = global_start.shape[-1], local_k.shape[-2]
+    G = HQ // HKV
+    g_pad = _rows_pad(G)
+    chunk = 64
+    splits = _decode_splits(q.device, B * HKV, n_est, chunk)
+    part_m = torch.empty(B * HKV, splits, g_pad, device=q.device, dtype=torch.float32)
+    part_l = torch.empty_like(part_m)
+    part_acc = torch.empty(B * HKV, splits, g_pad, D, device=q.device, dtype=torch.float32)
+    q1 = q[:, :, 0]
+    stride_bh, stride_slot = local_k.stride(-3), local_k.stride(-2)
+    kernels_decode.decode_split_kernel[(B * HKV, splits)](
+        q1, global_k, global_v, global_start, global_len, local_k, local_v,
+        part_m, part_l, part_acc,
+        *q1.stride(), stride_bh, stride_slot,
+        positions, HKV, W, block_size, window, splits, scale * LOG2E,
+        G=G, G_PAD=g_pad, D=D, CHUNK=chunk, PREC=_precision(q.dtype),
+    )
+    out = torch.empty_like(q)
+    o1 = out[:, :, 0]
+    kernels_decode.decode_combine_kernel[(B * HKV, G)](
+        part_m, part_l, part_acc, o1, *o1.stride(), HKV, splits, G=G, G_PAD=g_pad, D=D, S_BLOCK=32,
+    )
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- backend
