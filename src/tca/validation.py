@@ -129,23 +129,40 @@ def check_budgets(budgets, num_kv_heads: int, config: TCAConfig, device) -> torc
     Remembered per budget tensor (until it is modified in place): the result must not be modified."""
     device = torch.device(device)
     if budgets is not None and not isinstance(budgets, torch.Tensor):
-        return _check_budgets(budgets, num_kv_heads, config, device)  # raises, saying what is expected
+        return _check_budgets(budgets, num_kv_heads, config)  # raises, saying what is expected
     key = (None, config.block_size, num_kv_heads, device) if budgets is None else id(budgets)
     facts = (None if budgets is None else budgets._version, num_kv_heads, config, device)
     hit = _CHECKED.get(key)
     if hit is not None and (budgets is None or hit[0]() is budgets) and hit[1:5] == facts:
         return hit[5]
-    result = _check_budgets(budgets, num_kv_heads, config, device)
+    host = _check_budgets(budgets, num_kv_heads, config)
+    result = to_device(host, device)  # no host synchronisation
     if len(_CHECKED) >= _CHECKED_MAX:
         _CHECKED.clear()
+        _HOST_COPIES.clear()
     _CHECKED[key] = (None if budgets is None else weakref.ref(budgets), *facts, result)
+    _HOST_COPIES[id(result)] = (weakref.ref(result), host)
     return result
 
 
-def _check_budgets(budgets, num_kv_heads: int, config: TCAConfig, device) -> torch.Tensor:
+# id of a tensor check_budgets returned -> (weak reference, its host copy): host-side planning reads budgets
+# without copying them back from the device.
+_HOST_COPIES: dict[int, tuple] = {}
+
+
+def host_copy(budgets: torch.Tensor) -> torch.Tensor:
+    """The values of `budgets` on the host: the copy check_budgets kept when it made this tensor (no device
+    read), else a copy from the device."""
+    hit = _HOST_COPIES.get(id(budgets))
+    if hit is not None and hit[0]() is budgets:
+        return hit[1]
+    return budgets.detach().to("cpu")
+
+
+def _check_budgets(budgets, num_kv_heads: int, config: TCAConfig) -> torch.Tensor:
     n = config.num_retain_counts
     if budgets is None:
-        return to_device(default_budgets(config.block_size).expand(num_kv_heads, n).contiguous(), device)
+        return default_budgets(config.block_size).expand(num_kv_heads, n).contiguous()
     if not isinstance(budgets, torch.Tensor):
         raise TypeError(f"budgets must be None or a torch.Tensor of probabilities, got {type(budgets).__name__}")
     check_dense("budgets", budgets)
@@ -173,4 +190,4 @@ def _check_budgets(budgets, num_kv_heads: int, config: TCAConfig, device) -> tor
             "normalise with budgets / budgets.sum(-1, keepdim=True)"
         )
     # Normalised once here, so Eq. 7's floors leave between 0 and len(K) units in every backend. [choice]
-    return to_device((p / sums[:, None]).contiguous(), device)  # no host synchronisation
+    return (p / sums[:, None]).contiguous()

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import torch
 
+from ...budgets import block_keep_count
+from ...geometry import num_budgeted_blocks
+from ...validation import host_copy
+
 
 def budget_counts(budgets: torch.Tensor, num_blocks: int) -> torch.Tensor:
     """n_k = floor(p[k] J) plus one unit for each of the J - sum floor largest fractional parts (ties to the
@@ -39,3 +43,16 @@ def block_keep_from_ranks(ranks: torch.Tensor, budgets: torch.Tensor) -> torch.T
     ends = counts.flip(-1).cumsum(-1)  # [HKV, K], cumulative counts with the largest k first
     group = torch.searchsorted(ends.expand(B, H, K).contiguous(), ranks.contiguous(), right=True)
     return k_desc[group.clamp_max(K - 1)]
+
+
+def selection_sizes(budgets: torch.Tensor, seq_len: int, config) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a prefill of seq_len tokens keeps, on the host, from the budgets alone: (selected tokens per KV head
+    [HKV] int64, t per block leaving the window while decoding [HKV] int64).
+
+    Every budgeted block keeps exactly its t_j tokens whatever the data (docs/semantics.md sections 3.3 and 8),
+    so the counts follow from Eq. 7: sum over k of n_k k. Reading the budgets' host copy (tca.validation) instead
+    of the selection's counts on the device spares the prefill a host synchronisation per layer."""
+    host = host_copy(budgets).to(torch.float64)
+    J = num_budgeted_blocks(seq_len, config.block_size, config.window)
+    retain = 2 ** torch.arange(host.shape[-1], dtype=torch.int64)
+    return (budget_counts(host, J) * retain).sum(-1), block_keep_count(host)

@@ -93,12 +93,11 @@ def exact_chunk(attention, q, k, v, state: DenseKV | None, budgets, config: TCAC
 
 def exact_finish(select_indices, kernels, state: DenseKV) -> PackedKVCache:
     """The one-shot prefill's cache: selection from the last chunk's last query over the dense keys.
-    select_indices(q, k, budgets, config, scale) -> (indices [B, HKV, N] sorted, counts [B, HKV])."""
+    select_indices(q, k, budgets, config, scale) -> (indices [B, HKV, N] sorted, counts [B, HKV]); the cache takes
+    its counts from the budgets, on the host."""
     keys, values = state.keys, state.values
-    indices, counts = select_indices(state.last_query[:, :, None], keys, state.budgets, state.config, state.scale)
-    cache = PackedKVCache.from_indices(
-        keys, values, indices, counts, block_keep_count(state.budgets), state.config, state.scale, kernels=kernels
-    )
+    indices, _ = select_indices(state.last_query[:, :, None], keys, state.budgets, state.config, state.scale)
+    cache = PackedKVCache.from_selected(keys, values, indices, state.budgets, state.config, state.scale, kernels=kernels)
     cache.budgets = state.budgets  # recorded: the cache can take streaming chunks with the same p later
     return cache
 

@@ -32,7 +32,7 @@ import torch
 from ...config import TCAConfig
 from ...devices import to_device as _to_device
 from ...geometry import window_start
-from . import decode_torch
+from . import block_budgets, decode_torch
 
 
 class PackedKVCache:
@@ -84,26 +84,31 @@ class PackedKVCache:
     def from_indices(cls, k, v, indices, counts, keep_per_block, config: TCAConfig, scale: float, **kwargs):
         """The cache after a prefill of L tokens: the selected positions (global) and [J*b, L) (local ring).
 
-        k, v [B, HKV, L, D] "bhsd"; indices [B, HKV, N] sorted selected positions, valid where < counts [B, HKV];
-        keep_per_block [HKV] int64. Reads the counts once (the prefill's only host synchronisation).
+        k, v [B, HKV, L, D] "bhsd"; indices [B, HKV, N] sorted selected positions, valid where < counts [B, HKV]
+        (or [1, HKV]); keep_per_block [HKV] int64. Counts and keep counts on the host cost nothing; on the device
+        they are read once (a host synchronisation: prefills use from_selected, which has none).
         """
         B, HKV, L, D = k.shape
         device = k.device
         b, w = config.block_size, config.window
-        counts_host = counts.to(device="cpu", dtype=torch.int64).reshape(B, HKV)
-        counts_dev = counts_host.to(device)
-        valid = torch.arange(indices.shape[-1], device=device) < counts_dev[..., None]  # [B, HKV, N]
-        pos = indices.to(device=device, dtype=torch.int64).clamp(0, max(L - 1, 0))
+        counts_host = counts.to(device="cpu", dtype=torch.int64).expand(B, HKV).contiguous()  # free if on the host
+        N = indices.shape[-1]
+        pos = indices.to(device=device, dtype=torch.int64).clamp(0, max(L - 1, 0)).flatten()  # (b, h, n) order
         n_total = int(counts_host.sum())
-        rows = valid.flatten().nonzero().squeeze(-1) if n_total else None  # (b, h, n) order
         global_k = k.new_zeros(n_total + 1, D)
         global_v = v.new_zeros(n_total + 1, D)
         global_pos = torch.zeros(n_total + 1, dtype=torch.int64, device=device)
         if n_total:
-            gather = pos[..., None].expand(-1, -1, -1, D)
-            global_k[:n_total] = torch.gather(k, 2, gather).reshape(-1, D)[rows]
-            global_v[:n_total] = torch.gather(v, 2, gather).reshape(-1, D)[rows]
-            global_pos[:n_total] = pos.flatten()[rows]
+            # Row r of the flat buffer is entry n = r - start[s] of segment s = (b, h): gathered in one pass, with
+            # sizes known on the host (no compaction that would read the device).
+            start = _to_device(_exclusive_cumsum(counts_host).flatten(), device)
+            r = torch.arange(n_total, device=device)
+            seg = torch.searchsorted(start, r, right=True) - 1
+            p = pos[seg * N + r - start[seg]]
+            b_of, h_of = seg // HKV, seg % HKV
+            global_k[:n_total] = k[b_of, h_of, p]
+            global_v[:n_total] = v[b_of, h_of, p]
+            global_pos[:n_total] = p
         W = ring_slots(L, config)
         lo = window_start(L - 1, b, w)
         local_k = k.new_zeros(B, HKV, W, D)
@@ -116,6 +121,13 @@ class PackedKVCache:
             local_k=local_k, local_v=local_v, global_k=global_k, global_v=global_v, global_pos=global_pos,
             global_len_host=counts_host, global_cap=counts_host, **kwargs,
         )
+
+    @classmethod
+    def from_selected(cls, k, v, indices, budgets, config: TCAConfig, scale: float, **kwargs):
+        """from_indices for a prefill's selection made with `budgets` [HKV, len(K)]: the counts come from the
+        budgets on the host (block_budgets.selection_sizes), so building the cache never waits for the device."""
+        counts, keep = block_budgets.selection_sizes(budgets, k.shape[2], config)
+        return cls.from_indices(k, v, indices, counts[None, :], keep, config, scale, **kwargs)
 
     @classmethod
     def from_prefill(cls, k, v, selection, keep_per_block, config: TCAConfig, scale: float, **kwargs):

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import torch
 
-from ...budgets import block_keep_count
 from ...geometry import window_start
 from ...selection import Selection
 from .. import registry
@@ -197,9 +196,7 @@ class FlashBackend:
     def prefill(q, k, v, budgets, config, scale):
         indices, counts = select_indices(q, k, budgets, config, scale)
         out = attend_indices(q, k, v, indices, counts, config.block_size, config.window, scale)
-        cache = PackedKVCache.from_indices(
-            k, v, indices, counts, block_keep_count(budgets), config, scale, kernels=CacheKernels,
-        )
+        cache = PackedKVCache.from_selected(k, v, indices, budgets, config, scale, kernels=CacheKernels)
         return out, cache
 
     cache_kernels = CacheKernels

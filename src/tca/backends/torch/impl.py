@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import torch
 
-from ...budgets import block_keep_count
 from ...config import TCAConfig
 from ...geometry import num_budgeted_blocks
 from ...selection import Selection
@@ -72,9 +71,7 @@ class TorchBackend(chunked_prefill.entry_points(choose=_selection.choose_leaving
             out = causal_sdpa(q, k, v, scale)
         else:
             out = attend_indices(q, k, v, indices, counts, mask, config.block_size, config.window, scale)
-        cache = PackedKVCache.from_indices(
-            k, v, indices, counts, block_keep_count(budgets), config, scale, kernels=decode_torch
-        )
+        cache = PackedKVCache.from_selected(k, v, indices, budgets, config, scale, kernels=decode_torch)
         return out, cache
 
     @staticmethod

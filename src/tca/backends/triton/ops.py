@@ -13,7 +13,6 @@ from dataclasses import dataclass, replace
 import torch
 import triton
 
-from ...budgets import block_keep_count
 from ...geometry import num_budgeted_blocks
 from ...selection import Selection
 from ..common import chunked_prefill, compact
@@ -306,9 +305,7 @@ class TritonBackend(chunked_prefill.entry_points(choose=choose_leaving, attend=a
     def prefill(q, k, v, budgets, config, scale):
         sel = _select(q, k, budgets, config, scale)
         out = sparse_attention(q, k, v, sel["indices"], sel["offsets"], config.block_size, config.window, scale)
-        cache = PackedKVCache.from_indices(
-            k, v, sel["indices"], sel["counts"], block_keep_count(budgets), config, scale, kernels=CacheKernels
-        )
+        cache = PackedKVCache.from_selected(k, v, sel["indices"], budgets, config, scale, kernels=CacheKernels)
         return out, cache
 
     @staticmethod
