@@ -51,7 +51,9 @@ def run_one(shape, L, method, args, device, dtype):
     total = L + args.warmup + args.steps
     q, k, v = (torch.randn(1, h, total, D, generator=gen).to(device, dtype) for h in (HQ, HKV, HKV))
     policy = None if METHODS[method] is None else tca.Reselect(*METHODS[method])
-    _, cache = tca.prefill(q[:, :, :L], k[:, :, :L], v[:, :, :L], config=config, backend=args.backend, policy=policy)
+    # A named prefill backend: "auto" would run the dense path below the crossover, where nothing is evicted.
+    prefill_backend = args.backend if args.backend != "auto" else ("triton" if torch.device(device).type == "cuda" else "torch")
+    _, cache = tca.prefill(q[:, :, :L], k[:, :, :L], v[:, :, :L], config=config, backend=prefill_backend, policy=policy)
     times = []
     for i in range(L, total):
         sync(device)

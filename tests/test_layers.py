@@ -23,7 +23,7 @@ NEVER = {
         "torch": ("oracle", "triton", "flash"),
         "triton": ("oracle", "torch", "flash"),
         "flash": ("oracle", "torch", "triton"),
-        "common": ("oracle", "torch", "triton", "flash"),
+        "common": ("oracle", "torch", "triton", "flash", "api", "models"),
         "models": ("oracle",),
         "core": ("api", "models"),
     }.items()

@@ -12,7 +12,8 @@ from conftest import make_qkv, random_budgets
 from tca.backends.common.block_budgets import selection_sizes
 from tca.backends.torch.impl import TorchBackend
 from tca.budgets import block_keep_count
-from tca.validation import check_budgets, host_copy
+from tca.devices import host_copy
+from tca.validation import check_budgets
 
 CONFIG = tca.TCAConfig(block_size=16, window=32)
 

@@ -328,3 +328,21 @@ def test_budgets_are_checked_again_after_an_in_place_change():
     budgets.mul_(2)  # now sums to 2
     with pytest.raises(ValueError, match="must sum to 1"):
         check_budgets(budgets, 2, config, "cpu")
+
+
+def test_budgets_made_in_inference_mode_are_checked_every_call():
+    """Inference tensors have no version counter: they are not remembered, and nothing made in inference mode
+    is handed to a later call outside it."""
+    from tca.validation import check_budgets
+
+    config = tca.TCAConfig(block_size=16, window=32)
+    with torch.inference_mode():
+        budgets = tca.default_budgets(16).expand(2, -1).clone()
+        inside = check_budgets(budgets, 2, config, "cpu")
+        assert check_budgets(None, 2, config, "cpu").is_inference()
+    outside = check_budgets(budgets, 2, config, "cpu")
+    assert torch.equal(inside, outside) and not check_budgets(None, 2, config, "cpu").is_inference()
+    q, k, v = make_qkv(1, 4, 2, 100, 16, dtype=torch.float32, seed=1)
+    with torch.inference_mode():
+        tca.prefill(q, k, v, budgets=budgets, config=config, backend="torch")
+    tca.prefill(q, k, v, budgets=budgets, config=config, backend="torch")

@@ -49,8 +49,8 @@ def _runs_dense(backend: str, q: torch.Tensor, k: torch.Tensor) -> bool:
 
 def batch_backend(backend: str, q: torch.Tensor, k: torch.Tensor) -> str:
     """The backend for every sequence of a padded batch q, k (bhsd, padded length): "auto" stays "auto" where the
-    whole batch runs dense (every sequence is shorter than the padded length), else the backend "auto" picks for
-    the padded length, so that no shorter sequence of the batch takes another path than the rest."""
+    padded length is below the crossover (then every sequence, being shorter, runs dense too), else the backend
+    "auto" picks for the padded length, so that no shorter sequence of the batch takes the dense path alone."""
     if backend != "auto" or _runs_dense(backend, q, k):
         return backend
     return registry.resolve(_by_length(backend, q, k, ()), q.device, q.dtype, q.shape[-1], decode=True).name
@@ -102,7 +102,8 @@ def prefill(q, k, v, *, budgets=None, config=None, scale=None, layout=None, back
     tokens and the local window; `cache.nbytes` is its real size. Continue with `decode`.
     policy: None (section 5, the paper's rule: evicted tokens are dropped) or tca.Reselect(every=N, offload=...)
     (section 5c: evicted tokens are kept, on the device or in host memory, and the active tokens are chosen again
-    by the current query every N decode steps; every=0 is section 5).
+    by the current query every N decode steps; every=0 is section 5). Below the crossover, backend="auto" returns the
+    dense path's cache whatever the policy: it keeps and attends every token, so there is nothing to re-select.
     """
     policy = check_policy(policy)
     q, k, v, budgets, config, scale, impl = _prepare(q, k, v, budgets, config, scale, layout, backend, decode=True)

@@ -14,7 +14,7 @@ import torch
 
 from .budgets import default_budgets
 from .config import TCAConfig
-from .devices import to_device
+from .devices import remember_host_copy, to_device
 
 LAYOUTS = ("bhsd", "bshd")
 # [choice: layout guard] More KV heads than this on the head axis of a call that did not name its layout is
@@ -126,37 +126,27 @@ _CHECKED_MAX = 1024
 def check_budgets(budgets, num_kv_heads: int, config: TCAConfig, device) -> torch.Tensor:
     """Return the budget configurations as float64 [HKV, len(K)] on `device`, each divided by its sum (budgets
     are accepted when they sum to 1 within BUDGET_SUM_TOLERANCE; after this they sum to 1 up to rounding).
-    Remembered per budget tensor (until it is modified in place): the result must not be modified."""
+    Remembered per budget tensor (until it is modified in place): the result is shared and must not be modified.
+    The copy to the device is asynchronous on the current stream; a caller on another stream waits for it first."""
     device = torch.device(device)
     if budgets is not None and not isinstance(budgets, torch.Tensor):
         return _check_budgets(budgets, num_kv_heads, config)  # raises, saying what is expected
+    # Inference tensors have no version counter, and a result made in inference mode must not reach callers
+    # outside it: those calls are checked every time.
+    remember = not torch.is_inference_mode_enabled() and not (budgets is not None and budgets.is_inference())
     key = (None, config.block_size, num_kv_heads, device) if budgets is None else id(budgets)
-    facts = (None if budgets is None else budgets._version, num_kv_heads, config, device)
-    hit = _CHECKED.get(key)
+    facts = (None if budgets is None or not remember else budgets._version, num_kv_heads, config, device)
+    hit = _CHECKED.get(key) if remember else None
     if hit is not None and (budgets is None or hit[0]() is budgets) and hit[1:5] == facts:
         return hit[5]
     host = _check_budgets(budgets, num_kv_heads, config)
     result = to_device(host, device)  # no host synchronisation
-    if len(_CHECKED) >= _CHECKED_MAX:
-        _CHECKED.clear()
-        _HOST_COPIES.clear()
-    _CHECKED[key] = (None if budgets is None else weakref.ref(budgets), *facts, result)
-    _HOST_COPIES[id(result)] = (weakref.ref(result), host)
+    remember_host_copy(result, host)
+    if remember:
+        if len(_CHECKED) >= _CHECKED_MAX:
+            _CHECKED.clear()
+        _CHECKED[key] = (None if budgets is None else weakref.ref(budgets), *facts, result)
     return result
-
-
-# id of a tensor check_budgets returned -> (weak reference, its host copy): host-side planning reads budgets
-# without copying them back from the device.
-_HOST_COPIES: dict[int, tuple] = {}
-
-
-def host_copy(budgets: torch.Tensor) -> torch.Tensor:
-    """The values of `budgets` on the host: the copy check_budgets kept when it made this tensor (no device
-    read), else a copy from the device."""
-    hit = _HOST_COPIES.get(id(budgets))
-    if hit is not None and hit[0]() is budgets:
-        return hit[1]
-    return budgets.detach().to("cpu")
 
 
 def _check_budgets(budgets, num_kv_heads: int, config: TCAConfig) -> torch.Tensor:

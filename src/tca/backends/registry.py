@@ -248,7 +248,7 @@ def _resolve_decode(name: str, device, dtype: torch.dtype, head_dim: int) -> Bac
     if name != "auto":
         backend = resolve(name, device, dtype, head_dim, decode=True)
         if backend.decode_priority is None:
-            raise BackendUnavailableError(f"backend {name!r} cannot decode a PackedKVCache (its decode needs its own cache)")
+            raise BackendUnavailableError(f"backend {name!r} cannot decode the shared caches (PackedKVCache, DenseKVCache): its decode needs its own cache")
         return backend
     why = {}
     candidates = sorted((b for b in _REGISTRY.values() if b.decode_priority is not None), key=lambda b: -b.decode_priority)

@@ -8,8 +8,9 @@ or decodes that layer's compressed state (a tca cache that follows the cache con
 
 - prefill (first call): `tca.prefill` keeps, per sequence and KV head, only Sel_g U [J*b, L) (ragged); a
   left-padded batch is prefilled sequence by sequence and joined into one cache of per-sequence lengths;
-- later calls: one `tca.decode` per new token (compress the block leaving the window, append, attend), on the
-  fastest decode kernels for the device, whichever backend prefilled;
+- later calls: one decode step per new token (compress the block leaving the window, append, attend: the cache's
+  own step, shapes checked once at prefill), on the fastest decode kernels for the device, whichever backend
+  prefilled; below the crossover (backend="auto") the layer holds the dense path's cache, every token kept;
 - between `begin_chunked_prefill(mode)` and `end_chunked_prefill()`: every call is the next chunk of a long prompt
   (semantics.md section 5b, `tca.prefill_chunk`); `tca.models.prefill_in_chunks` drives it.
 
@@ -41,7 +42,7 @@ class TCACacheLayer(CacheLayerMixin):
 
     def __init__(self, model_config=None, layer_idx: int = 0):
         super().__init__()
-        self.state = None
+        self._state = None
         self.seen = 0  # tokens passed to update (positions 0 .. seen-1)
         self.layer_idx = layer_idx
         self._model_config = model_config
@@ -52,6 +53,16 @@ class TCACacheLayer(CacheLayerMixin):
         self.policy = None  # tca.Reselect or None (section 5c), given to tca.prefill
         self._normal_state = None  # the state last checked to hold no inference tensors (see attend)
         self._step = None  # (state, its decode step): looked up once per state
+
+    @property
+    def state(self):
+        """This layer's cache (a tca cache following the contract), or None before the prefill."""
+        return self._state
+
+    @state.setter
+    def state(self, state) -> None:
+        # The memos of the previous state go with it (they would keep its buffers alive).
+        self._state, self._step, self._normal_state = state, None, None
 
     # -- transformers' Cache protocol ---------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -82,7 +93,6 @@ class TCACacheLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.state, self.seen, self.is_initialized, self._awaiting_attention = None, 0, False, False
-        self._normal_state = self._step = None
         self.chunk_mode = self.chunked = None
 
     def offload(self):
@@ -277,7 +287,9 @@ class TCACache(Cache):
 
     Batches may hold prompts of different lengths, left-padded (the attention_mask of a tokenizer with
     padding_side="left"): each sequence is prefilled on its own tokens and decoded at its own position, so a
-    batched run gives each prompt's tokens alone. One cache serves one generation: make a new one (or call
+    batched run gives each prompt's tokens alone on the same path (with backend="auto" the padded length picks
+    the path for the whole batch: a short prompt in a batch above the crossover runs TCA, alone it would run
+    dense). One cache serves one generation: make a new one (or call
     `cache.reset()`) for the next prompt.
 
     decode_backend: "auto" (the fastest decode kernels for the device: Triton on a GPU, else torch) or a

@@ -8,6 +8,6 @@ and never the oracle.
     packed_cache.py     PackedKVCache: the compressed KV cache every fast backend builds and decodes
     decode_torch.py     a decode step's device work in torch (the default kernels of the cache)
     dense.py            exact dense attention as TCA with dense budgets (backend="auto" below the crossover)
-    dense_cache.py      DenseKVCache: that path's cache, every token in one contiguous buffer, SDPA decode
+    dense_cache.py      DenseKVCache: that path's cache, every token in one contiguous buffer, exact decode
     chunked_prefill.py  exact and streaming chunked prefill over the PackedKVCache
 """

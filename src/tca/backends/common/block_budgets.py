@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 
 from ...budgets import block_keep_count
+from ...devices import host_copy
 from ...geometry import num_budgeted_blocks
-from ...validation import host_copy
 
 
 def budget_counts(budgets: torch.Tensor, num_blocks: int) -> torch.Tensor:
@@ -50,7 +50,7 @@ def selection_sizes(budgets: torch.Tensor, seq_len: int, config) -> tuple[torch.
     [HKV] int64, t per block leaving the window while decoding [HKV] int64).
 
     Every budgeted block keeps exactly its t_j tokens whatever the data (docs/semantics.md sections 3.3 and 8),
-    so the counts follow from Eq. 7: sum over k of n_k k. Reading the budgets' host copy (tca.validation) instead
+    so the counts follow from Eq. 7: sum over k of n_k k. Reading the budgets' host copy (tca.devices) instead
     of the selection's counts on the device spares the prefill a host synchronisation per layer."""
     host = host_copy(budgets).to(torch.float64)
     J = num_budgeted_blocks(seq_len, config.block_size, config.window)

@@ -1,7 +1,9 @@
-"""The device work of a decode step on the PackedKVCache, in torch (any device; the default `kernels`).
+"""The device work of a decode step in torch (any device; the caches' default `kernels`).
 
-Every operation is predicated on the device (no host branch on data, no host read of a length), so a step can
-be captured in a CUDA graph: a sequence whose window does not move writes its compressed rows to the scratch row.
+On the PackedKVCache every operation is predicated on the device (no host branch on data, no host read of a
+length), so a step can be captured in a CUDA graph: a sequence whose window does not move writes its compressed
+rows to the scratch row. `attend_dense` serves the DenseKVCache (its length is a host number: eager steps only;
+graph decoding captures the cache's packed copy).
 
 Shape letters: B batch, HQ query heads, HKV key/value heads, G = HQ / HKV, D head dim, b block size,
 T = max keep count, N padded global rows, W ring slots.

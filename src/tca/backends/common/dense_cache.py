@@ -156,7 +156,7 @@ class DenseKVCache:
     def key_mask(self) -> torch.Tensor:
         """[B, 1, 1, C] bool: True where a column holds a token of that sequence (made once per capacity)."""
         if self._key_mask is None or self._key_mask.shape[-1] != self.keys.shape[2]:
-            pads = torch.tensor(self.pads, device=self.device)
+            pads = to_device(torch.tensor(self.pads), self.device)
             self._key_mask = (torch.arange(self.keys.shape[2], device=self.device) >= pads[:, None])[:, None, None]
         return self._key_mask
 
