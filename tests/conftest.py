@@ -114,3 +114,31 @@ def chunked_prefill_against_reference(q, k, v, length: int, chunk: int, mode: st
         want = tca.prefill_chunk(qr[:, :, s:e], kr[:, :, s:e], vr[:, :, s:e], ref_state)
         assert_close(got, want, dtype, msg=f"{backend} {mode} chunk [{s}, {e})")
     return tca.finish_prefill(state), tca.finish_prefill(ref_state)
+
+
+def force_crossover(monkeypatch, dense_below: int) -> None:
+    """Make backend="auto" run its dense path below `dense_below` tokens on every device (and never flash), as a
+    measured crossover would on a GPU."""
+    from tca.backends.crossover import Crossover
+
+    table = Crossover(dense_below=dense_below, flash_from=1 << 40, measured="test")
+    monkeypatch.setattr("tca.api.crossover", lambda device, shape=None: table)
+
+
+def dense_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Exact causal attention with grouped KV heads: q [B, HQ, L, D], k, v [B, HKV, L, D]."""
+    G = q.shape[1] // k.shape[1]
+    return torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(G, 1), v.repeat_interleave(G, 1), is_causal=True, scale=scale
+    )
+
+
+def left_padded(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts [1, L_i] of token ids, left-padded with 0 into one batch: (ids [B, L], attention_mask [B, L])."""
+    L = max(p.shape[1] for p in prompts)
+    ids = torch.zeros(len(prompts), L, dtype=torch.long)
+    mask = torch.zeros(len(prompts), L, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, L - p.shape[1]:] = p[0]
+        mask[b, L - p.shape[1]:] = 1
+    return ids, mask

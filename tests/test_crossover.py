@@ -6,33 +6,25 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import tca
-from conftest import make_qkv
+from conftest import dense_causal, force_crossover, make_qkv
 from tca.backends import crossover as crossover_module
-from tca.backends.crossover import CPU, Crossover
+from tca.backends.crossover import CPU
 
 CONFIG = tca.TCAConfig(block_size=16, window=32)
 
 
 @pytest.fixture
 def dense_below_200(monkeypatch):
-    table = Crossover(dense_below=200, flash_from=1 << 40, measured="test")
-    monkeypatch.setattr("tca.api.crossover", lambda device, shape=None: table)
-    return table
-
-
-def _dense(q, k, v, scale):
-    G = q.shape[1] // k.shape[1]
-    return F.scaled_dot_product_attention(q, k.repeat_interleave(G, 1), v.repeat_interleave(G, 1), is_causal=True, scale=scale)
+    force_crossover(monkeypatch, 200)
 
 
 def test_auto_runs_dense_below_the_crossover(dense_below_200):
     q, k, v = make_qkv(1, 4, 2, 150, 16, dtype=torch.float32, seed=1)
-    torch.testing.assert_close(tca.attention(q, k, v, config=CONFIG), _dense(q, k, v, 0.25), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(tca.attention(q, k, v, config=CONFIG), dense_causal(q, k, v, 0.25), atol=1e-5, rtol=1e-5)
     sparse = tca.attention(q, k, v, config=CONFIG, backend="torch")  # named: the plan's budgets
-    assert (sparse - _dense(q, k, v, 0.25)).abs().max() > 1e-3
+    assert (sparse - dense_causal(q, k, v, 0.25)).abs().max() > 1e-3
 
 
 def test_auto_prefill_below_the_crossover_keeps_every_token_and_decodes_densely(dense_below_200):
@@ -41,7 +33,7 @@ def test_auto_prefill_below_the_crossover_keeps_every_token_and_decodes_densely(
     assert int(cache.lengths.min()) == 150  # nothing dropped
     for i in range(150, 190):
         step = tca.decode(q[:, :, i : i + 1], k[:, :, i : i + 1], v[:, :, i : i + 1], cache)
-        want = _dense(q[:, :, : i + 1], k[:, :, : i + 1], v[:, :, : i + 1], 0.25)[:, :, -1:]
+        want = dense_causal(q[:, :, : i + 1], k[:, :, : i + 1], v[:, :, : i + 1], 0.25)[:, :, -1:]
         torch.testing.assert_close(step, want, atol=1e-5, rtol=1e-5)
     assert int(cache.lengths.min()) == 190
 

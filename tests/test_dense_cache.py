@@ -6,28 +6,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import tca
-from conftest import make_qkv
+from conftest import dense_causal, force_crossover, make_qkv
 from tca.backends.common.dense_cache import DenseKVCache
 from tca.backends.common.packed_cache import PackedKVCache
 from tca.backends.common.protocol import KVCache
-from tca.backends.crossover import Crossover
 
 CONFIG = tca.TCAConfig(block_size=16, window=32)
 
 
 @pytest.fixture
 def dense_below_200(monkeypatch):
-    table = Crossover(dense_below=200, flash_from=1 << 40, measured="test")
-    monkeypatch.setattr("tca.api.crossover", lambda device, shape=None: table)
-    return table
-
-
-def _dense(q, k, v, scale):
-    G = q.shape[1] // k.shape[1]
-    return F.scaled_dot_product_attention(q, k.repeat_interleave(G, 1), v.repeat_interleave(G, 1), is_causal=True, scale=scale)
+    force_crossover(monkeypatch, 200)
 
 
 def test_auto_below_the_crossover_makes_a_dense_cache_of_dense_bytes(dense_below_200):
@@ -68,7 +59,7 @@ def test_sequences_of_different_lengths_join_right_aligned_and_decode_as_alone(d
         out = tca.decode(q, k, v, joined)
         for b, ((qa, ka, va), L) in enumerate(zip(qkvs, lengths, strict=True)):
             n = L + step + 1
-            want = _dense(qa[:, :, :n], ka[:, :, :n], va[:, :, :n], 0.25)[:, :, -1:]
+            want = dense_causal(qa[:, :, :n], ka[:, :, :n], va[:, :, :n], 0.25)[:, :, -1:]
             torch.testing.assert_close(out[b : b + 1], want, atol=1e-5, rtol=1e-5)
     assert joined.seq_lens == [L + new for L in lengths]
 

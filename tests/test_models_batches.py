@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import tca
+from conftest import left_padded
 
 transformers = pytest.importorskip("transformers")
 from tca.models import TCACache, cache_kwargs, enable_tca  # noqa: E402
@@ -30,23 +31,13 @@ def _generate(model, ids, mask=None):
     return out.sequences[:, ids.shape[1]:], torch.stack(out.logits, 1), cache
 
 
-def _left_padded(prompts):
-    L = max(p.shape[1] for p in prompts)
-    ids = torch.zeros(len(prompts), L, dtype=torch.long)
-    mask = torch.zeros(len(prompts), L, dtype=torch.long)
-    for b, p in enumerate(prompts):
-        ids[b, L - p.shape[1]:] = p[0]
-        mask[b, L - p.shape[1]:] = 1
-    return ids, mask
-
-
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("backend", ["torch", "reference"])
 def test_left_padded_batch_equals_each_prompt_alone(arch, backend):
     model = tiny_model(arch)
     enable_tca(model, config=CONFIG, backend=backend if backend != "reference" else "torch")
     prompts = [_ids(150, 1), _ids(97, 2), _ids(40, 3)]
-    ids, mask = _left_padded(prompts)
+    ids, mask = left_padded(prompts)
     tokens, logits, cache = _generate(model, ids, mask)
     for b, prompt in enumerate(prompts):
         alone_tokens, alone_logits, alone_cache = _generate(model, prompt)

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import tca
+from conftest import force_crossover, left_padded
 from tca.backends.common.dense_cache import DenseKVCache
 from tca.backends.common.packed_cache import PackedKVCache
-from tca.backends.crossover import Crossover
 
 transformers = pytest.importorskip("transformers")
 from tca.models import TCACache, cache_kwargs, disable_tca, enable_tca  # noqa: E402
@@ -18,11 +18,6 @@ from tca.models.tiny_random import tiny_model  # noqa: E402
 
 CONFIG = tca.TCAConfig(block_size=16, window=32)
 NEW = 24
-
-
-def _crossover(monkeypatch, dense_below: int) -> None:
-    table = Crossover(dense_below=dense_below, flash_from=1 << 40, measured="test")
-    monkeypatch.setattr("tca.api.crossover", lambda device, shape=None: table)
 
 
 def _ids(L: int, seed: int) -> torch.Tensor:
@@ -37,18 +32,9 @@ def _generate(model, ids, cache, mask=None):
     return out.sequences[:, ids.shape[1]:], torch.stack(out.logits, 1)
 
 
-def _left_padded(prompts):
-    L = max(p.shape[1] for p in prompts)
-    ids = torch.zeros(len(prompts), L, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for b, p in enumerate(prompts):
-        ids[b, L - p.shape[1]:], mask[b, L - p.shape[1]:] = p[0], 1
-    return ids, mask
-
-
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_below_the_crossover_generation_is_the_dense_models(monkeypatch, arch):
-    _crossover(monkeypatch, 1 << 20)
+    force_crossover(monkeypatch, 1 << 20)
     model = tiny_model(arch)
     ids = _ids(150, 1)
     dense_tokens, dense_logits = _generate(model, ids, transformers.DynamicCache(config=model.config))
@@ -67,10 +53,10 @@ def test_below_the_crossover_generation_is_the_dense_models(monkeypatch, arch):
 
 
 def test_below_the_crossover_a_padded_batch_is_each_prompt_alone(monkeypatch):
-    _crossover(monkeypatch, 1 << 20)
+    force_crossover(monkeypatch, 1 << 20)
     model = enable_tca(tiny_model("llama"), config=CONFIG)
     prompts = [_ids(150, 2), _ids(61, 3), _ids(100, 4)]
-    ids, mask = _left_padded(prompts)
+    ids, mask = left_padded(prompts)
     cache = TCACache(model)
     tokens, logits = _generate(model, ids, cache, mask)
     assert all(isinstance(layer.state, DenseKVCache) for layer in cache.layers)
@@ -82,10 +68,10 @@ def test_below_the_crossover_a_padded_batch_is_each_prompt_alone(monkeypatch):
 
 def test_a_padded_batch_across_the_crossover_runs_one_path(monkeypatch):
     """The padded length decides: a short prompt in a long batch runs TCA like the rest (one cache type)."""
-    _crossover(monkeypatch, 120)
+    force_crossover(monkeypatch, 120)
     model = enable_tca(tiny_model("llama"), config=CONFIG)
     prompts = [_ids(150, 5), _ids(70, 6)]
-    ids, mask = _left_padded(prompts)
+    ids, mask = left_padded(prompts)
     cache = TCACache(model)
     tokens, logits = _generate(model, ids, cache, mask)
     assert all(isinstance(layer.state, PackedKVCache) for layer in cache.layers)

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import tca
-from conftest import make_qkv, require_triton
+from conftest import dense_causal, force_crossover, make_qkv, require_triton
 from tca.backends.common.dense_cache import DenseKVCache
-from tca.backends.crossover import Crossover
 
 pytestmark = pytest.mark.triton
 DEVICE = require_triton()
@@ -19,15 +17,11 @@ CONFIG = tca.TCAConfig(block_size=16, window=32)
 
 @pytest.fixture(autouse=True)
 def dense_below_1000(monkeypatch):
-    table = Crossover(dense_below=1000, flash_from=1 << 40, measured="test")
-    monkeypatch.setattr("tca.api.crossover", lambda device, shape=None: table)
+    force_crossover(monkeypatch, 1000)
 
 
 def _exact_last(q, k, v, n):
-    G = q.shape[1] // k.shape[1]
-    out = F.scaled_dot_product_attention(q[:, :, :n].float(), k[:, :, :n].repeat_interleave(G, 1).float(),
-                                         v[:, :, :n].repeat_interleave(G, 1).float(), is_causal=True, scale=0.125)
-    return out[:, :, -1:]
+    return dense_causal(q[:, :, :n].float(), k[:, :, :n].float(), v[:, :, :n].float(), 0.125)[:, :, -1:]
 
 
 @pytest.mark.parametrize("lengths", [(70, 70), (100, 41)])

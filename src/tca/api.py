@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .backends import registry
-from .backends.common import dense, dense_cache, protocol
+from .backends.common import dense, dense_cache
 from .backends.common.dense_cache import DenseKVCache
 from .backends.common.packed_cache import PackedKVCache
 from .backends.common.reselecting_cache import ReselectingCache
@@ -169,10 +169,9 @@ def decode(q, k, v, cache, *, layout=None, backend="auto"):
         from .reference.reselect import decode_step
 
         return from_bhsd(decode_step(q, k, v, cache), layout)
-    if isinstance(cache, DenseKVCache):  # the dense path (auto below the crossover): exact attention, fastest kernels
-        cache.kernels = registry.resolve_decode(backend, q.device, q.dtype, q.shape[-1]).load().cache_kernels
-        return from_bhsd(protocol.decode_step(cache, q, k, v), layout)
-    if isinstance(cache, (PackedKVCache, ReselectingCache)):  # a re-selecting cache decodes on its active set's kernels
+    # The shared caches decode on the fastest kernels of the device (a re-selecting cache on its active set's, the
+    # dense path's cache on their attend_dense).
+    if isinstance(cache, (PackedKVCache, ReselectingCache, DenseKVCache)):
         impl = registry.resolve_decode(backend, q.device, q.dtype, q.shape[-1]).load()
     else:
         impl = registry.get("reference").load()

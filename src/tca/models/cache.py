@@ -195,15 +195,11 @@ class TCACacheLayer(CacheLayerMixin):
         from tca.backends import registry
         from tca.backends.common.dense_cache import DenseKVCache
         from tca.backends.common.packed_cache import PackedKVCache
-        from tca.backends.common.protocol import decode_step
         from tca.backends.common.reselecting_cache import ReselectingCache
 
         state = self.state
         if isinstance(state, (PackedKVCache, ReselectingCache, DenseKVCache)):
             impl = registry.resolve_decode(self.decode_backend, state.device, state.dtype, state.head_dim).load()
-            if isinstance(state, DenseKVCache):
-                state.kernels = impl.cache_kernels
-                return lambda q, k, v: decode_step(state, q, k, v)
             return lambda q, k, v: impl.decode(q, k, v, state)
         return lambda q, k, v: tca.decode(q, k, v, state)
 
