@@ -35,7 +35,8 @@ LACKS_HEADER = """
 ## What each backend lacks, and why
 
 Inputs that require grad need `gradients`: `auto` passes over backends without it, and naming one raises with
-the reason. `varlen` (different lengths in one batch) is not implemented by any backend yet.
+the reason. `varlen`: a left-padded batch (`tca.prefill(..., starts=...)`) is prefilled in one call; backends
+without it prefill one sequence at a time, with the same result.
 
 """
 

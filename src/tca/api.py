@@ -17,6 +17,7 @@ from .backends.common.reselecting_cache import ReselectingCache
 from .backends.crossover import crossover
 from .chunked import MODES, ChunkedPrefill
 from .config import TCAConfig
+from .padding import LeftPadding
 from .policy import check_policy
 from .reference.cache import ReferenceKVCache
 from .reference.reselect import ReselectingReferenceCache
@@ -95,7 +96,7 @@ def attention(
     return from_bhsd(result, layout)
 
 
-def prefill(q, k, v, *, budgets=None, config=None, scale=None, layout=None, backend="auto", policy=None):
+def prefill(q, k, v, *, budgets=None, config=None, scale=None, layout=None, backend="auto", policy=None, starts=None):
     """Prefill a prompt: TCA attention over it (LQ == L) and the compressed KV cache of section 5.
 
     Returns (out, cache). The cache keeps, per batch element and KV head, exactly the selected global
@@ -104,6 +105,10 @@ def prefill(q, k, v, *, budgets=None, config=None, scale=None, layout=None, back
     (section 5c: evicted tokens are kept, on the device or in host memory, and the active tokens are chosen again
     by the current query every N decode steps; every=0 is section 5). Below the crossover, backend="auto" returns the
     dense path's cache whatever the policy: it keeps and attends every token, so there is nothing to re-select.
+    starts: a left-padded batch (section 9.1): starts[b] padding tokens precede sequence b (ints, or a 1D integer
+    tensor of B). Each sequence is prefilled as if alone; padding rows of out are 0 and the cache holds each
+    sequence at its own length. A backend with "varlen" (triton) prefills the batch in one call, the others one
+    sequence at a time; with backend="auto" the padded length picks one path for the whole batch.
     """
     policy = check_policy(policy)
     q, k, v, budgets, config, scale, impl = _prepare(q, k, v, budgets, config, scale, layout, backend, decode=True)
@@ -112,6 +117,10 @@ def prefill(q, k, v, *, budgets=None, config=None, scale=None, layout=None, back
             f"prefill needs one query per key (LQ == L), got LQ={q.shape[2]}, L={k.shape[2]}; "
             "use tca.attention for LQ < L"
         )
+    padding = None if starts is None else LeftPadding.of(starts, k.shape[0], k.shape[2])
+    if padding is not None:
+        out, cache = _prefill_padded(q, k, v, padding, budgets, config, scale, backend, policy)
+        return from_bhsd(out, layout), cache
     if _runs_dense(backend, q, k):
         out, cache = dense_cache.prefill(q, k, v, config, scale)
     else:
@@ -120,6 +129,42 @@ def prefill(q, k, v, *, budgets=None, config=None, scale=None, layout=None, back
     if policy is not None and policy.active:
         cache = _reselecting(cache, k, v, policy)
     return from_bhsd(out, layout), cache
+
+
+def _prefill_padded(q, k, v, padding: LeftPadding, budgets, config, scale, backend, policy):
+    """prefill of a left-padded batch (bhsd, validated): one call on a backend with "varlen", else each sequence
+    on its own tokens, the caches joined into one of per-sequence lengths."""
+    backend = batch_backend(backend, q, k)
+    runs_dense = _runs_dense(backend, q, k)
+    if not runs_dense and (policy is None or not policy.active):
+        chosen = registry.resolve(backend, q.device, q.dtype, q.shape[-1], decode=True)
+        if chosen.supports("varlen"):
+            out, cache = chosen.load().prefill_padded(q, k, v, padding, budgets, config, scale)
+            cache.num_query_heads = q.shape[1]
+            return out, cache
+    return prefill_one_by_one(q, k, v, padding, budgets, config, scale, backend, policy)
+
+
+def prefill_one_by_one(q, k, v, padding: LeftPadding, budgets, config, scale, backend, policy=None):
+    """A left-padded batch (bhsd, validated) prefilled one sequence at a time on its own tokens, the caches joined
+    into one of per-sequence lengths: what backends without "varlen" do (and the benchmarks' comparison)."""
+    out = torch.zeros_like(q)
+    caches = []
+    for b, pad in enumerate(padding.starts):
+        own = (q[b : b + 1, :, pad:], k[b : b + 1, :, pad:], v[b : b + 1, :, pad:])
+        out_b, cache_b = prefill(*own, budgets=budgets, config=config, scale=scale, backend=backend, policy=policy)
+        out[b : b + 1, :, pad:] = out_b
+        caches.append(cache_b)
+    kinds = (PackedKVCache, ReselectingCache, DenseKVCache)
+    joined = next((kind for kind in kinds if all(isinstance(c, kind) for c in caches)), None)
+    if joined is None:
+        raise ValueError(
+            "padded batches need a backend with the packed cache (torch, triton or flash); the reference's "
+            "cache holds one length for the whole batch: run the sequences one at a time"
+        )
+    cache = joined.concat(caches)
+    cache.num_query_heads = q.shape[1]
+    return out, cache
 
 
 def _reselecting(cache, k, v, policy):

@@ -59,6 +59,16 @@ class CompactSelector(Protocol):
 
 
 @runtime_checkable
+class PaddedPrefill(Protocol):
+    """Backends without "varlen" in their lacks: a left-padded batch prefilled in one call (section 9.1)."""
+
+    @staticmethod
+    def prefill_padded(q, k, v, padding, budgets: torch.Tensor, config: TCAConfig, scale: float) -> tuple[torch.Tensor, Any]:
+        """prefill of sequence b = rows padding.starts[b]: of q, k, v (a tca.padding.LeftPadding; LQ == L) as if
+        alone: (out, its padding rows 0; one cache of per-sequence lengths)."""
+
+
+@runtime_checkable
 class Calibrator(Protocol):
     """Backends without "calibration" in their lacks: the retained mass of section 6 for every candidate."""
 

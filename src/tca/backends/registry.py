@@ -26,7 +26,7 @@ import torch
 # What a backend may lack, beyond devices, dtypes and head dims (declared in Backend.lacks with a reason):
 #   gradients    backward through attention / prefill (inputs that require grad)
 #   decode       stateful prefill + decode on a compressed cache
-#   varlen       sequences of different lengths in one batch (cu_seqlens); no backend has it yet
+#   varlen       a left-padded batch prefilled in one call (`prefill_padded`, sequences of different lengths)
 #   calibration  retained_mass over calibration rows (section 6), chunked
 #   chunked_prefill  a prompt prefilled chunk by chunk (docs/semantics.md section 5b): exact_chunk,
 #                exact_finish, empty_cache and streaming_chunk on the implementation

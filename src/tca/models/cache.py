@@ -7,7 +7,8 @@ the "tca" attention function (attention.py), which also has the queries that TCA
 or decodes that layer's compressed state (a tca cache that follows the cache contract, KVCache):
 
 - prefill (first call): `tca.prefill` keeps, per sequence and KV head, only Sel_g U [J*b, L) (ragged); a
-  left-padded batch is prefilled sequence by sequence and joined into one cache of per-sequence lengths;
+  left-padded batch passes each sequence's start (`starts`): one call on the triton backend, sequence by
+  sequence on the others, either way one cache of per-sequence lengths;
 - later calls: one decode step per new token (compress the block leaving the window, append, attend: the cache's
   own step, shapes checked once at prefill), on the fastest decode kernels for the device, whichever backend
   prefilled; below the crossover (backend="auto") the layer holds the dense path's cache, every token kept;
@@ -26,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from . import _hf
-from .attention import IMPLEMENTATIONS, handoff, left_padding, per_sequence
+from .attention import IMPLEMENTATIONS, handoff, left_padding
 from .shape import check_supported, text_config
 
 _hf.require()
@@ -151,40 +152,14 @@ class TCACacheLayer(CacheLayerMixin):
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
     def _prefill(self, q, k, v, settings, scale, backend, attention_mask) -> torch.Tensor:
-        """The prompt: one tca.prefill, or for a left-padded batch one per sequence (on one path for the whole
-        batch), joined into one cache of per-sequence lengths."""
+        """The prompt: one tca.prefill; a left-padded batch passes each sequence's start (one path for the whole
+        batch, a cache of per-sequence lengths)."""
         import tca
-        from tca.api import batch_backend
-        from tca.backends.common.dense_cache import DenseKVCache
-        from tca.backends.common.packed_cache import PackedKVCache
-        from tca.backends.common.reselecting_cache import ReselectingCache
 
-        def prefill(qb, kb, vb):
-            return tca.prefill(qb, kb, vb, budgets=settings.budgets, config=settings.config, scale=scale,
-                               backend=backend, policy=self.policy)
-
-        pads = left_padding(attention_mask, k.shape[2])
-        if not pads:
-            out, self.state = prefill(q, k, v)
-            return out
-        backend = batch_backend(backend, q, k)
-        states = []
-
-        def prefill_one(qb, kb, vb):  # each sequence's own cache, joined below
-            out_b, state = prefill(qb, kb, vb)
-            states.append(state)
-            return out_b
-
-        out = per_sequence(prefill_one, q, k, v, pads)
-        kinds = (PackedKVCache, ReselectingCache, DenseKVCache)
-        joined = next((kind for kind in kinds if all(isinstance(s, kind) for s in states)), None)
-        if joined is None:
-            raise ValueError(
-                "padded batches need a backend with the packed cache (torch, triton or flash); the reference's "
-                "cache holds one length for the whole batch: run the sequences one at a time"
-            )
-        self.state = joined.concat(states)
-        self.state.num_query_heads = q.shape[1]
+        out, self.state = tca.prefill(
+            q, k, v, budgets=settings.budgets, config=settings.config, scale=scale, backend=backend,
+            policy=self.policy, starts=left_padding(attention_mask, k.shape[2]),
+        )
         return out
 
     def _decode_step(self):

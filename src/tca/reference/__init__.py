@@ -9,6 +9,7 @@ from .cache import ReferenceKVCache, cache_from_selection, decode_step, prefill
 from .calibration import calibrate, evaluated_rows, retained_mass
 from .calibration_variants import retrieval_mass
 from .chunked import DensePrefillState, empty_cache, exact_chunk, exact_finish, streaming_chunk
+from .padded import prefill_padded
 from .reselect import ReselectingReferenceCache
 from .selection import (
     block_budgets,
@@ -57,6 +58,7 @@ __all__ = [
     "budget_counts",
     "cache_from_selection",
     "calibrate",
+    "prefill_padded",
     "decode_step",
     "dense_causal_attention",
     "empty_cache",

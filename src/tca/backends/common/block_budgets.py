@@ -15,9 +15,10 @@ from ...devices import host_copy
 from ...geometry import num_budgeted_blocks
 
 
-def budget_counts(budgets: torch.Tensor, num_blocks: int) -> torch.Tensor:
+def budget_counts(budgets: torch.Tensor, num_blocks) -> torch.Tensor:
     """n_k = floor(p[k] J) plus one unit for each of the J - sum floor largest fractional parts (ties to the
-    larger k). budgets [..., K] float64 summing to 1  ->  int64 [..., K], each row summing to J."""
+    larger k). budgets [..., K] float64 summing to 1  ->  int64 [..., K], each row summing to J. num_blocks: an
+    int, or a float64 tensor broadcasting against budgets[..., :1] (one J per row)."""
     exact = budgets.to(torch.float64) * num_blocks
     counts = exact.floor()
     fraction = exact - counts
@@ -30,19 +31,25 @@ def budget_counts(budgets: torch.Tensor, num_blocks: int) -> torch.Tensor:
     return (counts + (rank < remaining)).long()
 
 
-def block_keep_from_ranks(ranks: torch.Tensor, budgets: torch.Tensor) -> torch.Tensor:
+def block_keep_from_ranks(ranks: torch.Tensor, budgets: torch.Tensor, blocks: torch.Tensor | None = None) -> torch.Tensor:
     """t_j = Psi[r_j] (Psi: each retain count k written n_k times, largest first), without building Psi.
 
     ranks [B, HKV, J] (0 = highest priority), budgets [HKV, K] -> int64 [B, HKV, J]. Psi[r] is the k of the
     first group (largest k first) whose cumulative count exceeds r: a searchsorted.
+    blocks: None, or [B] integers J_b <= J on the device (a left-padded batch): sequence b has J_b blocks (its
+    ranks of blocks j < J_b lie below J_b), its counts n_k are those of J_b, and blocks j >= J_b keep 0.
     """
     B, H, J = ranks.shape
-    counts = budget_counts(budgets, J).to(ranks.device)  # [HKV, K]
+    num_blocks = J if blocks is None else blocks.to(torch.float64).view(B, 1, 1)
+    counts = budget_counts(budgets, num_blocks).to(ranks.device)  # [HKV, K], or [B, HKV, K] per sequence
     K = counts.shape[-1]
     k_desc = 2 ** torch.arange(K - 1, -1, -1, device=ranks.device)
-    ends = counts.flip(-1).cumsum(-1)  # [HKV, K], cumulative counts with the largest k first
+    ends = counts.flip(-1).cumsum(-1)  # cumulative counts with the largest k first
     group = torch.searchsorted(ends.expand(B, H, K).contiguous(), ranks.contiguous(), right=True)
-    return k_desc[group.clamp_max(K - 1)]
+    keep = k_desc[group.clamp_max(K - 1)]
+    if blocks is None:
+        return keep
+    return torch.where(torch.arange(J, device=ranks.device) < blocks.view(B, 1, 1), keep, 0)
 
 
 def selection_sizes(budgets: torch.Tensor, seq_len: int, config) -> tuple[torch.Tensor, torch.Tensor]:

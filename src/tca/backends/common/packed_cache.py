@@ -81,16 +81,20 @@ class PackedKVCache:
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def from_indices(cls, k, v, indices, counts, keep_per_block, config: TCAConfig, scale: float, **kwargs):
+    def from_indices(cls, k, v, indices, counts, keep_per_block, config: TCAConfig, scale: float, starts=None, **kwargs):
         """The cache after a prefill of L tokens: the selected positions (global) and [J*b, L) (local ring).
 
         k, v [B, HKV, L, D] "bhsd"; indices [B, HKV, N] sorted selected positions, valid where < counts [B, HKV]
         (or [1, HKV]); keep_per_block [HKV] int64. Counts and keep counts on the host cost nothing; on the device
         they are read once (a host synchronisation: prefills use from_selected, which has none).
+        starts: None, or [B] host ints, a left-padded batch: sequence b is k[b, :, starts[b]:], its indices and
+        cached positions relative to its start.
         """
         B, HKV, L, D = k.shape
         device = k.device
         b, w = config.block_size, config.window
+        starts = [0] * B if starts is None else [int(s) for s in starts]
+        lens = [L - s for s in starts]
         counts_host = counts.to(device="cpu", dtype=torch.int64).expand(B, HKV).contiguous()  # free if on the host
         N = indices.shape[-1]
         pos = indices.to(device=device, dtype=torch.int64).clamp(0, max(L - 1, 0)).flatten()  # (b, h, n) order
@@ -106,28 +110,47 @@ class PackedKVCache:
             seg = torch.searchsorted(start, r, right=True) - 1
             p = pos[seg * N + r - start[seg]]
             b_of, h_of = seg // HKV, seg % HKV
-            global_k[:n_total] = k[b_of, h_of, p]
-            global_v[:n_total] = v[b_of, h_of, p]
+            shift = 0 if not any(starts) else _to_device(torch.tensor(starts), device)[b_of]
+            global_k[:n_total] = k[b_of, h_of, p + shift]
+            global_v[:n_total] = v[b_of, h_of, p + shift]
             global_pos[:n_total] = p
-        W = ring_slots(L, config)
-        lo = window_start(L - 1, b, w)
+        W = ring_slots(max(lens), config)
         local_k = k.new_zeros(B, HKV, W, D)
         local_v = v.new_zeros(B, HKV, W, D)
-        slots = torch.arange(lo, L, device=device) % W
-        local_k[:, :, slots] = k[:, :, lo:L]
-        local_v[:, :, slots] = v[:, :, lo:L]
+        if not any(starts):
+            lo = window_start(L - 1, b, w)
+            slots = torch.arange(lo, L, device=device) % W
+            local_k[:, :, slots] = k[:, :, lo:L]
+            local_v[:, :, slots] = v[:, :, lo:L]
+        else:
+            # Each sequence's window [lo_b, len_b) in its own positions; the shorter windows repeat their last
+            # position (the same value written twice to one slot), so one gather serves the batch.
+            los = [window_start(n - 1, b, w) for n in lens]
+            span = max(n - lo for n, lo in zip(lens, los, strict=True))
+            rel = torch.tensor([[lo + min(i, n - lo - 1) for i in range(span)] for n, lo in zip(lens, los, strict=True)])
+            src = _to_device(rel + torch.tensor(starts)[:, None], device)
+            slots = _to_device(rel % W, device)
+            rows = torch.arange(B, device=device)[:, None]
+            local_k[rows, :, slots] = k[rows, :, src]
+            local_v[rows, :, slots] = v[rows, :, src]
         return cls(
-            config=config, scale=scale, keep_per_block=keep_per_block, seq_lens=[L] * B,
+            config=config, scale=scale, keep_per_block=keep_per_block, seq_lens=lens,
             local_k=local_k, local_v=local_v, global_k=global_k, global_v=global_v, global_pos=global_pos,
             global_len_host=counts_host, global_cap=counts_host, **kwargs,
         )
 
     @classmethod
-    def from_selected(cls, k, v, indices, budgets, config: TCAConfig, scale: float, **kwargs):
+    def from_selected(cls, k, v, indices, budgets, config: TCAConfig, scale: float, starts=None, **kwargs):
         """from_indices for a prefill's selection made with `budgets` [HKV, len(K)]: the counts come from the
-        budgets on the host (block_budgets.selection_sizes), so building the cache never waits for the device."""
-        counts, keep = block_budgets.selection_sizes(budgets, k.shape[2], config)
-        return cls.from_indices(k, v, indices, counts[None, :], keep, config, scale, **kwargs)
+        budgets on the host (block_budgets.selection_sizes), so building the cache never waits for the device.
+        starts: as from_indices (each sequence keeps what a prefill of its own length keeps)."""
+        L = k.shape[2]
+        if starts is None:
+            counts, keep = block_budgets.selection_sizes(budgets, L, config)
+            return cls.from_indices(k, v, indices, counts[None, :], keep, config, scale, **kwargs)
+        sizes = [block_budgets.selection_sizes(budgets, L - s, config) for s in starts]
+        counts = torch.stack([c for c, _ in sizes])
+        return cls.from_indices(k, v, indices, counts, sizes[0][1], config, scale, starts=starts, **kwargs)
 
     @classmethod
     def from_prefill(cls, k, v, selection, keep_per_block, config: TCAConfig, scale: float, **kwargs):

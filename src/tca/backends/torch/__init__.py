@@ -16,7 +16,7 @@ SPEC = Backend(
     devices=("cpu", "cuda"),  # MPS has no float64, which the budgets and the fp64 path use
     dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
     head_dims=None,
-    lacks=(("varlen", "one length per prefill call: a left-padded batch is prefilled one sequence at a time, then decoded together at per-sequence positions"),),
+    lacks=(("varlen", "one length per prefill call: a left-padded batch is prefilled one sequence at a time (same result), then decoded together"),),
     priority=10,
     decode_priority=10,
 )

@@ -29,7 +29,6 @@ SPEC = Backend(
     head_dims=(16, 32, 64, 128),
     lacks=(
         ("gradients", "the kernels have no backward pass; use backend='torch' (or 'auto') for inputs that require grad"),
-        ("varlen", "one length per prefill call: a left-padded batch is prefilled one sequence at a time, then decoded together at per-sequence positions"),
         ("calibration", "no calibration kernel; the torch backend's chunked calibration runs on CUDA too"),
     ),
     priority=30,

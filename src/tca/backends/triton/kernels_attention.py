@@ -6,6 +6,10 @@ loads serves the whole group (pack GQA). BLOCK_Q divides b, so all rows of a til
 the tile attends, in one online softmax, to the selected global positions below lo (a prefix of the sorted
 selected list: offsets[lo // b] of them) and then to the local keys [lo, p0 + BLOCK_Q) with a causal mask.
 Softmax in log2 units (exp2), accumulation in fp32; the step is online_softmax.py's.
+
+VARLEN (a left-padded batch, LQ == L): sequence b is rows start[b]: of q, k, v and out, a prompt of its own of
+L - start[b] tokens in positions relative to its start; the tiles past its end do nothing, and its padding
+rows of out are not written.
 """
 
 import triton
@@ -16,7 +20,7 @@ from .online_softmax import online_softmax_step
 
 @triton.jit
 def sparse_prefill_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr, off_ptr,
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr, off_ptr, start_ptr,
     stride_qb, stride_qh, stride_ql, stride_qd,
     stride_kb, stride_kh, stride_kl, stride_kd,
     stride_vb, stride_vh, stride_vl, stride_vd,
@@ -24,7 +28,7 @@ def sparse_prefill_kernel(
     stride_idx_bh, stride_off_bh,
     HKV, HQ, L, LQ, first_pos, block_size, window, scale_log2,
     G: tl.constexpr, BLOCK_Q: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-    PREC: tl.constexpr, STORE_LSE: tl.constexpr,
+    PREC: tl.constexpr, STORE_LSE: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """q: [B, HQ, LQ, D] (row r at position L - LQ + r), k, v: [B, HKV, L, D]; idx: [B, HKV, N] int32 sorted
     selected positions; off: [B, HKV, J + 1] int32 (selected positions in blocks < j); out like q;
@@ -35,6 +39,16 @@ def sparse_prefill_kernel(
     bh = tl.program_id(1)
     b = bh // HKV
     h = bh % HKV
+    lse_row_stride = LQ
+    if VARLEN:
+        pad = tl.load(start_ptr + b)  # its pad rows: move every pointer past them, then L and LQ are its own
+        q_ptr += pad * stride_ql
+        k_ptr += pad * stride_kl
+        v_ptr += pad * stride_vl
+        o_ptr += pad * stride_ol
+        lse_ptr += pad
+        L = L - pad
+        LQ = LQ - pad
     p0 = first_pos + t * BLOCK_Q
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
@@ -51,8 +65,15 @@ def sparse_prefill_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     lo = tl.maximum((p0 // block_size + 1) * block_size - window, 0)
+    hi = tl.minimum(p0 + BLOCK_Q, L)
+    if VARLEN:
+        live = p0 < L  # a tile past a shorter sequence's end: every loop below is empty
+        lo = tl.where(live, lo, hi)
     # global part: the selected positions below lo, gathered by index (full chunks unmasked, then the tail)
-    n_glob = tl.load(off_ptr + bh * stride_off_bh + lo // block_size)
+    if VARLEN:
+        n_glob = tl.load(off_ptr + bh * stride_off_bh + lo // block_size, mask=live, other=0)
+    else:
+        n_glob = tl.load(off_ptr + bh * stride_off_bh + lo // block_size)
     idx_base = idx_ptr + bh * stride_idx_bh
     n_full = (n_glob // BLOCK_N) * BLOCK_N
     for start in range(0, n_full, BLOCK_N):
@@ -71,12 +92,13 @@ def sparse_prefill_kernel(
     # local part: whole chunks of [lo, p0) are visible to every row (no mask); the rest up to the diagonal
     # gets the causal mask
     mid = lo + ((p0 - lo) // BLOCK_N) * BLOCK_N
+    if VARLEN:
+        mid = tl.where(live, mid, hi)
     for start in range(lo, mid, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :] * stride_kd)
         v = tl.load(v_base + offs_n[:, None] * stride_vl + offs_d[None, :] * stride_vd)
         m_i, l_i, acc = online_softmax_step(q, k, v, m_i, l_i, acc, None, scale_log2, PREC, False)
-    hi = tl.minimum(p0 + BLOCK_Q, L)
     for start in range(mid, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         n_ok = offs_n < hi
@@ -89,4 +111,4 @@ def sparse_prefill_kernel(
              out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
     if STORE_LSE:
         lse = (m_i * scale_log2 + tl.log2(l_i)) * 0.6931471805599453
-        tl.store(lse_ptr + (b * HQ + head) * LQ + row, lse, mask=row_ok)
+        tl.store(lse_ptr + (b * HQ + head) * lse_row_stride + row, lse, mask=row_ok)

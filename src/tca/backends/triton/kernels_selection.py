@@ -11,17 +11,20 @@ import triton.language as tl
 
 @triton.jit
 def last_query_logits_kernel(
-    q_ptr, k_ptr, logits_ptr, part_max_ptr, part_sum_ptr,
+    q_ptr, k_ptr, logits_ptr, part_max_ptr, part_sum_ptr, start_ptr,
     stride_qb, stride_qh, stride_qd,
     stride_kb, stride_kh, stride_kl, stride_kd,
     L, HKV, n_chunks, scale_log2,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_L: tl.constexpr, PREC: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
     """Eq. 5, pass 1: one read of K. logits[b, h, g, l] = scale*log2e * q_last[b, h*G+g] . k[b, h, l];
     per chunk of BLOCK_L keys also the row max and sum of exp2 (combined on the host side by torch ops).
 
     q: [B, HQ, D] (the last query row), k: [B, HKV, L, D]; logits: [B, HKV, G, L] fp32;
     part_max, part_sum: [B, HKV, G, n_chunks] fp32.
+    VARLEN: sequence b is k[b, :, start[b]:] (start: [B] int32, its left padding); its logits are written at
+    positions relative to its start, and -inf from its length L - start[b] to L.
     """
     bh = tl.program_id(0)
     c = tl.program_id(1)
@@ -31,17 +34,21 @@ def last_query_logits_kernel(
     offs_d = tl.arange(0, D)
     offs_l = c * BLOCK_L + tl.arange(0, BLOCK_L)
     g_ok = offs_g < G
-    l_ok = offs_l < L
+    if VARLEN:
+        start = tl.load(start_ptr + b)
+    else:
+        start = 0
+    l_ok = offs_l < L - start
     q = tl.load(q_ptr + b * stride_qb + (h * G + offs_g)[:, None] * stride_qh + offs_d[None, :] * stride_qd,
                 mask=g_ok[:, None], other=0.0)
-    k = tl.load(k_ptr + b * stride_kb + h * stride_kh + offs_l[:, None] * stride_kl + offs_d[None, :] * stride_kd,
+    k = tl.load(k_ptr + b * stride_kb + h * stride_kh + (start + offs_l)[:, None] * stride_kl + offs_d[None, :] * stride_kd,
                 mask=l_ok[:, None], other=0.0)
     x = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2  # [G_PAD, BLOCK_L]
     # [choice: non-finite] a NaN/Inf logit is left out of the softmax (scores 0), as in the reference
     finite = (x == x) & (tl.abs(x) < float("inf"))
     x = tl.where(l_ok[None, :] & finite, x, float("-inf"))
     row = bh * G + offs_g
-    tl.store(logits_ptr + row[:, None] * L + offs_l[None, :], x, mask=g_ok[:, None] & l_ok[None, :])
+    tl.store(logits_ptr + row[:, None] * L + offs_l[None, :], x, mask=g_ok[:, None] & (offs_l < L)[None, :])
     m = tl.max(x, axis=1)
     # a chunk with no finite logit sums to 0 (not exp2(-inf - -inf) = NaN)
     s = tl.sum(tl.where(x > float("-inf"), tl.exp2(x - m[:, None]), 0.0), axis=1)
@@ -51,26 +58,35 @@ def last_query_logits_kernel(
 
 @triton.jit
 def block_scores_kernel(
-    logits_ptr, row_max_ptr, row_sum_ptr, priority_ptr, rank_ptr,
-    L, J, mass_factor, alpha,
-    G: tl.constexpr, G_PAD: tl.constexpr, BS: tl.constexpr,
+    logits_ptr, row_max_ptr, row_sum_ptr, priority_ptr, rank_ptr, blocks_ptr,
+    L, J, HKV, alpha,
+    G: tl.constexpr, G_PAD: tl.constexpr, BS: tl.constexpr, MASS_MEAN: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """Eq. 5 (end) and Eq. 6 for one budgeted block j, plus each token's rank inside its block (Eq. 8).
 
     s = mean over the group of exp2(logit - max) / sum; M_j = sum s, H_j = sum r^2 / (sum r)^2 with
     r = s / max s (= sum s^2 / M_j^2; 1 if M_j = 0),
-    priority = (1 - alpha) * mass_factor * M_j + alpha * (1 - H_j) with mass_factor J ("mean") or 1 ("none").
+    priority = (1 - alpha) * mass_factor * M_j + alpha * (1 - H_j) with mass_factor J ("mean", MASS_MEAN) or 1.
     rank[t] = number of tokens of the block with larger s, or equal s and smaller position: the top-t
     tokens are those of rank < t (ties to the smaller position), found without a sort (a BS x BS count).
     priority: [B, HKV, J] fp32; rank: [B, HKV, J * BS] int32.
+    VARLEN: sequence b has its own J_b = blocks[b] <= J budgeted blocks ([B] int32); blocks j >= J_b do not
+    exist and get priority -inf, so they rank after every block that does.
     """
     bh = tl.program_id(0)
     j = tl.program_id(1)
+    if VARLEN:
+        num_blocks = tl.load(blocks_ptr + bh // HKV)
+    else:
+        num_blocks = J
+    exists = j < num_blocks
     offs_g = tl.arange(0, G_PAD)
     offs_t = tl.arange(0, BS)
     g_ok = offs_g < G
     row = bh * G + offs_g
-    x = tl.load(logits_ptr + row[:, None] * L + (j * BS + offs_t)[None, :], mask=g_ok[:, None], other=float("-inf"))
+    in_block = (j * BS + offs_t) < num_blocks * BS  # all of the block, or none of it
+    x = tl.load(logits_ptr + row[:, None] * L + (j * BS + offs_t)[None, :], mask=g_ok[:, None] & in_block[None, :],
+                other=float("-inf"))
     m = tl.load(row_max_ptr + row, mask=g_ok, other=0.0)
     z = tl.load(row_sum_ptr + row, mask=g_ok, other=1.0)
     # left-out logits (-inf) score 0, also in a row with no finite logit (m = -inf, z = 0)
@@ -82,8 +98,12 @@ def block_scores_kernel(
     r = s / tl.where(peak > 0, peak, 1.0)
     r_sum = tl.sum(r, axis=0)
     herfindahl = tl.where(mass > 0, tl.sum(r * r, axis=0) / tl.where(mass > 0, r_sum * r_sum, 1.0), 1.0)
+    if MASS_MEAN:
+        mass_factor = num_blocks * 1.0  # J may arrive as a constexpr (Triton specialises 1)
+    else:
+        mass_factor = 1.0
     priority = (1 - alpha) * mass_factor * mass + alpha * (1 - herfindahl)
-    tl.store(priority_ptr + bh * J + j, priority)
+    tl.store(priority_ptr + bh * J + j, tl.where(exists, priority, float("-inf")))
     # rank of token i = #{k : s_k > s_i or (s_k == s_i and k < i)}
     s_i = s[:, None]
     s_k = s[None, :]

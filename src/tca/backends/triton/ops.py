@@ -37,11 +37,12 @@ def _rows_pad(G: int) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- selection
-def last_query_importance_logits(q_last: torch.Tensor, k: torch.Tensor, scale: float):
+def last_query_importance_logits(q_last: torch.Tensor, k: torch.Tensor, scale: float, starts=None):
     """Eq. 5 statistics: logits [B, HKV, G, L] fp32 in log2 units, row max and row sum of exp2 [B, HKV, G].
 
     q_last: [B, HQ, D], k: [B, HKV, L, D]. One pass over K; the partial (max, sum) per chunk are merged
-    with a few torch ops (O(G * L / BLOCK_L) numbers)."""
+    with a few torch ops (O(G * L / BLOCK_L) numbers). starts: None, or [B] int32 on the device, the left
+    padding of each sequence (its logits are then relative to its start, -inf past its end)."""
     B, HQ, D = q_last.shape
     HKV, L = k.shape[1], k.shape[2]
     G = HQ // HKV
@@ -51,10 +52,10 @@ def last_query_importance_logits(q_last: torch.Tensor, k: torch.Tensor, scale: f
     part_max = torch.empty(B, HKV, G, n_chunks, device=k.device, dtype=torch.float32)
     part_sum = torch.empty_like(part_max)
     kernels_selection.last_query_logits_kernel[(B * HKV, n_chunks)](
-        q_last, k, logits, part_max, part_sum,
+        q_last, k, logits, part_max, part_sum, logits if starts is None else starts,
         *q_last.stride(), *k.stride(),
         L, HKV, n_chunks, scale * LOG2E,
-        G=G, G_PAD=_rows_pad(G), D=D, BLOCK_L=block_l, PREC=_precision(k.dtype),
+        G=G, G_PAD=_rows_pad(G), D=D, BLOCK_L=block_l, PREC=_precision(k.dtype), VARLEN=starts is not None,
         num_warps=4,
     )
     row_max = part_max.amax(-1)
@@ -63,10 +64,12 @@ def last_query_importance_logits(q_last: torch.Tensor, k: torch.Tensor, scale: f
     return logits, row_max, row_sum
 
 
-def _select(q: torch.Tensor, k: torch.Tensor, budgets: torch.Tensor, config, scale: float) -> dict:
+def _select(q: torch.Tensor, k: torch.Tensor, budgets: torch.Tensor, config, scale: float, padding=None) -> dict:
     """Sections 3.1-3.4 on the device. Returns rank [B,HKV,J*b] int32 (within-block rank), keep [B,HKV,J]
     int32 (t_j), offsets [B,HKV,J+1] int32, and the compact form of tca.backends.common.compact: indices
-    [B,HKV,max(J*b,1)] int32 (ascending, padded with L), counts [B,HKV] int32."""
+    [B,HKV,max(J*b,1)] int32 (ascending, padded with L), counts [B,HKV] int32.
+    padding: None, or a LeftPadding: sequence b is k[b, :, starts[b]:], selected on its own (its J_b budgeted
+    blocks, positions relative to its start; blocks j >= J_b keep nothing)."""
     B, HQ = q.shape[:2]
     HKV, L = k.shape[1], k.shape[2]
     G = HQ // HKV
@@ -79,20 +82,22 @@ def _select(q: torch.Tensor, k: torch.Tensor, budgets: torch.Tensor, config, sca
             "rank": zeros[..., :0], "keep": zeros[..., :0], "offsets": zeros,
             "indices": torch.full((B, HKV, 1), L, device=dev, dtype=torch.int32), "counts": zeros[..., 0],
         }
-    logits, row_max, row_sum = last_query_importance_logits(q[:, :, -1], k, scale)
+    starts = None if padding is None else padding.starts_on(dev)
+    logits, row_max, row_sum = last_query_importance_logits(q[:, :, -1], k, scale, starts)
     priority = torch.empty(B, HKV, J, device=dev, dtype=torch.float32)
     rank = torch.empty(B, HKV, J * b, device=dev, dtype=torch.int32)
-    mass_factor = float(J) if config.mass_scale == "mean" else 1.0
+    blocks = None if padding is None else padding.blocks_on(dev, config)
     kernels_selection.block_scores_kernel[(B * HKV, J)](
-        logits, row_max, row_sum, priority, rank,
-        L, J, mass_factor, float(config.alpha),
-        G=G, G_PAD=_rows_pad(G), BS=b, num_warps=4 if b <= 128 else 8,
+        logits, row_max, row_sum, priority, rank, priority if blocks is None else blocks,
+        L, J, HKV, float(config.alpha),
+        G=G, G_PAD=_rows_pad(G), BS=b, MASS_MEAN=config.mass_scale == "mean", VARLEN=blocks is not None,
+        num_warps=4 if b <= 128 else 8,
     )
     # Ranking of J blocks (ties to the smaller index): a stable sort, on the device.
     order = priority.sort(dim=-1, descending=True, stable=True).indices
     ranks = torch.empty_like(order)
     ranks.scatter_(-1, order, torch.arange(J, device=dev).expand_as(order))
-    keep = block_keep_from_ranks(ranks, budgets).to(torch.int32)
+    keep = block_keep_from_ranks(ranks, budgets, blocks).to(torch.int32)
     offsets = torch.zeros(B, HKV, J + 1, device=dev, dtype=torch.int32)
     torch.cumsum(keep, dim=-1, out=offsets[..., 1:])
     indices = torch.full((B, HKV, J * b), L, device=dev, dtype=torch.int32)
@@ -140,13 +145,16 @@ def default_tiles(G: int, D: int, block_size: int, dtype: torch.dtype = torch.bf
 
 
 def sparse_attention(
-    q, k, v, indices, offsets, block_size: int, window: int, scale: float, return_lse: bool = False, tiles=None
+    q, k, v, indices, offsets, block_size: int, window: int, scale: float, return_lse: bool = False, tiles=None,
+    padding=None,
 ):
     """Eq. 2 given a selection in compact form. q: [B, HQ, LQ, D] (bottom-right aligned), k, v: [B, HKV, L, D];
     indices [B, HKV, N] int32 sorted selected positions; offsets [B, HKV, J+1] int32 (selected below block j).
     Returns out [B, HQ, LQ, D] (q's dtype) and lse [B, HQ, LQ] fp32 when asked.
     tiles: an AttentionTiles (default: default_tiles(G, D, block_size)); a dict of some of its fields is
-    merged over the defaults (benchmark sweeps)."""
+    merged over the defaults (benchmark sweeps).
+    padding: None, or a LeftPadding of a whole padded prompt (LQ == L): sequence b is rows starts[b]: of q, k, v,
+    its selection relative to its start; its padding rows of out are 0 (lse -inf)."""
     B, HQ, LQ, D = q.shape
     HKV, L = k.shape[1], k.shape[2]
     G = HQ // HKV
@@ -156,20 +164,24 @@ def sparse_attention(
     block_q, block_n = tiles.block_q, tiles.block_n
     if block_size % block_q:
         raise ValueError(f"the query tile ({block_q}) must divide the block size ({block_size})")
-    out = torch.empty_like(q)
-    lse = torch.empty(B, HQ, LQ, device=q.device, dtype=torch.float32) if return_lse else out
+    if padding is not None and LQ != L:
+        raise ValueError(f"a left-padded batch is attended as whole prompts (LQ == L), got LQ={LQ}, L={L}")
+    out = torch.empty_like(q) if padding is None else torch.zeros_like(q)
+    lse = out
+    if return_lse:
+        lse = q.new_empty(B, HQ, LQ, dtype=torch.float32) if padding is None else q.new_full((B, HQ, LQ), float("-inf"), dtype=torch.float32)
     first = ((L - LQ) // block_q) * block_q
     n_tiles = triton.cdiv(L - first, block_q)
     indices = indices.contiguous()
     offsets = offsets.contiguous()
     extra = {} if INTERPRET else {"num_warps": tiles.num_warps, "num_stages": tiles.num_stages}
     kernels_attention.sparse_prefill_kernel[(n_tiles, B * HKV)](
-        q, k, v, out, lse, indices, offsets,
+        q, k, v, out, lse, indices, offsets, indices if padding is None else padding.starts_on(q.device),
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         indices.stride(1), offsets.stride(1),
         HKV, HQ, L, LQ, first, block_size, window, scale * LOG2E,
         G=G, BLOCK_Q=block_q, G_PAD=g_pad, D=D, BLOCK_N=block_n,
-        PREC=_precision(q.dtype), STORE_LSE=return_lse, **extra,
+        PREC=_precision(q.dtype), STORE_LSE=return_lse, VARLEN=padding is not None, **extra,
     )
     return (out, lse) if return_lse else out
 
@@ -306,6 +318,17 @@ class TritonBackend(chunked_prefill.entry_points(choose=choose_leaving, attend=a
         sel = _select(q, k, budgets, config, scale)
         out = sparse_attention(q, k, v, sel["indices"], sel["offsets"], config.block_size, config.window, scale)
         cache = PackedKVCache.from_selected(k, v, sel["indices"], budgets, config, scale, kernels=CacheKernels)
+        return out, cache
+
+    @staticmethod
+    def prefill_padded(q, k, v, padding, budgets, config, scale):
+        """prefill of a left-padded batch in one launch per kernel: sequence b is rows padding.starts[b]: of
+        q, k, v, prefilled as if alone; its padding rows of out are 0 and the cache holds per-sequence lengths."""
+        sel = _select(q, k, budgets, config, scale, padding)
+        out = sparse_attention(q, k, v, sel["indices"], sel["offsets"], config.block_size, config.window, scale,
+                               padding=padding)
+        cache = PackedKVCache.from_selected(k, v, sel["indices"], budgets, config, scale, kernels=CacheKernels,
+                                            starts=padding.starts)
         return out, cache
 
     @staticmethod
