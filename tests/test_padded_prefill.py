@@ -72,7 +72,7 @@ def test_padded_batch_decodes_as_each_sequence_alone(case):
              for i, s in enumerate(starts)]
     for i, start in enumerate(starts):
         assert torch.equal(out[i : i + 1, :, start:], alone[i][0])
-    steps = min(STEPS, 2 * b + 3)
+    steps = 8 if case in LARGE else min(STEPS, 2 * b + 3)  # the large cases pin the one-call prefill
     nq, nk, nv = _inputs(B, HQ, HKV, steps, D, seed=2)
     for t in range(steps):
         step = (x[:, :, t : t + 1] for x in (nq, nk, nv))
