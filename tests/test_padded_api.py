@@ -48,6 +48,32 @@ def test_starts_as_a_tensor_and_bshd_layout():
     assert cache.seq_lens == [130 - s for s in STARTS]
 
 
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_padded_attention_one_sequence_at_a_time(backend):
+    """Backends without "varlen" attend each sequence alone; padding rows get out 0 and lse -inf."""
+    q, k, v = _qkv()
+    out, lse = tca.attention(q, k, v, config=CONFIG, backend=backend, starts=STARTS, return_lse=True)
+    for b, start in enumerate(STARTS):
+        alone = (x[b : b + 1, :, start:] for x in (q, k, v))
+        ref_out, ref_lse = tca.attention(*alone, config=CONFIG, backend="reference", return_lse=True)
+        assert_close(out[b : b + 1, :, start:], ref_out)
+        assert_close(lse[b : b + 1, :, start:], ref_lse, lse=True)
+        assert torch.count_nonzero(out[b, :, :start]) == 0 and bool((lse[b, :, :start] == float("-inf")).all())
+
+
+def test_padded_attention_needs_whole_prompts():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="whole prompts"):
+        tca.attention(q[:, :, -10:], k, v, config=CONFIG, backend="torch", starts=STARTS)
+
+
+def test_padded_attention_with_gradients_takes_a_backend_with_a_backward_pass():
+    q, k, v = (x.float().requires_grad_() for x in _qkv())
+    out = tca.attention(q, k, v, config=CONFIG, starts=STARTS)
+    out.sum().backward()
+    assert q.grad is not None and torch.count_nonzero(q.grad[1, :, :45]) == 0
+
+
 def test_no_padding_is_the_plain_prefill():
     q, k, v = _qkv()
     out, cache = tca.prefill(q, k, v, config=CONFIG, backend="torch", starts=[0, 0, 0])

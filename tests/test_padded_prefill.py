@@ -86,6 +86,23 @@ def test_padded_batch_decodes_as_each_sequence_alone(case):
     assert torch.equal(cache.lengths, torch.cat([c.lengths for _, c in alone]))
 
 
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"L{c[3]}-starts{'-'.join(map(str, c[7]))}")
+def test_padded_attention_equals_each_sequence_alone(case):
+    """tca.attention(starts=...) in one call: out and lse of each sequence as the reference gives them alone;
+    padding rows get out 0 and lse -inf."""
+    B, HQ, HKV, L, D, b, w, starts = case
+    config = TCAConfig(block_size=b, window=w)
+    q, k, v = _inputs(B, HQ, HKV, L, D, seed=4)
+    out, lse = tca.attention(q, k, v, config=config, backend="triton", starts=starts, return_lse=True)
+    for i, start in enumerate(starts):
+        ref_out, ref_lse = tca.attention(*(_alone(x, i, start).cpu().double() for x in (q, k, v)), config=config,
+                                         backend="reference", return_lse=True)
+        assert_close(out[i : i + 1, :, start:].cpu(), ref_out.float())
+        assert_close(lse[i : i + 1, :, start:].cpu(), ref_lse.float(), lse=True)
+        assert torch.count_nonzero(out[i, :, :start]) == 0
+        assert bool((lse[i, :, :start] == float("-inf")).all())
+
+
 @pytest.mark.skipif(not CUDA, reason="bf16 is computed wrongly by the Triton interpreter")
 def test_padded_prefill_bf16_matches_each_sequence_alone():
     config = TCAConfig(block_size=128, window=1024)

@@ -204,11 +204,11 @@ def test_a_capability_the_registry_does_not_know_is_refused():
 def test_every_registered_implementation_follows_the_protocol(name):
     if registry.get(name).environment_reasons():
         pytest.skip(f"{name} cannot be imported here")
-    from tca.backends.protocol import Calibrator, CompactSelector, PaddedPrefill, TCABackend
+    from tca.backends.protocol import Calibrator, CompactSelector, PaddedBatches, TCABackend
 
     impl = registry.get(name).load()
     assert isinstance(impl, TCABackend)
     assert isinstance(impl, Calibrator) == registry.get(name).supports("calibration")
-    assert isinstance(impl, PaddedPrefill) == registry.get(name).supports("varlen")
+    assert isinstance(impl, PaddedBatches) == registry.get(name).supports("varlen")
     if name != "reference":  # the oracle speaks in masks only (it imports nothing from tca.backends)
         assert isinstance(impl, CompactSelector)

@@ -31,7 +31,7 @@ def _prepare(q, k, v, budgets, config, scale, layout, backend, decode=False):
     budgets = check_budgets(budgets, k.shape[1], config, q.device)
     # Inputs that require grad need a backend with a backward pass: "auto" picks one, a named one that has
     # none raises (never an output silently cut from the graph).
-    needs = ("gradients",) if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)) else ()
+    needs = _needs(q, k, v)
     impl = registry.resolve(_by_length(backend, q, k, needs), q.device, q.dtype, q.shape[-1], decode=decode, needs=needs).load()
     return q, k, v, budgets, config, scale, impl
 
@@ -48,13 +48,18 @@ def _runs_dense(backend: str, q: torch.Tensor, k: torch.Tensor) -> bool:
     return backend == "auto" and k.shape[2] < crossover(k.device, _shape(q, k)).dense_below
 
 
-def batch_backend(backend: str, q: torch.Tensor, k: torch.Tensor) -> str:
+def batch_backend(backend: str, q: torch.Tensor, k: torch.Tensor, needs=(), decode: bool = True) -> str:
     """The backend for every sequence of a padded batch q, k (bhsd, padded length): "auto" stays "auto" where the
     padded length is below the crossover (then every sequence, being shorter, runs dense too), else the backend
     "auto" picks for the padded length, so that no shorter sequence of the batch takes the dense path alone."""
     if backend != "auto" or _runs_dense(backend, q, k):
         return backend
-    return registry.resolve(_by_length(backend, q, k, ()), q.device, q.dtype, q.shape[-1], decode=True).name
+    return registry.resolve(_by_length(backend, q, k, needs), q.device, q.dtype, q.shape[-1], decode=decode, needs=needs).name
+
+
+def _needs(q, k, v) -> tuple[str, ...]:
+    """Capabilities a call requires: inputs that require grad need a backend with a backward pass."""
+    return ("gradients",) if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)) else ()
 
 
 def _shape(q: torch.Tensor, k: torch.Tensor) -> tuple[int, int, int]:
@@ -73,6 +78,7 @@ def attention(
     layout: str | None = None,
     backend: str = "auto",
     return_lse: bool = False,
+    starts=None,
 ):
     """TCA-Attention (docs/semantics.md section 4), a drop-in for causal attention.
 
@@ -83,10 +89,20 @@ def attention(
     the last query row. budgets: None (the defaults), [len(K)] or [HKV, len(K)] probabilities over the retain
     counts K = 1, 2, 4, ..., block_size. Returns out in q's layout and dtype, and with return_lse=True also
     lse [B, HQ, LQ] (float32, or float64 for float64 inputs).
+    starts: a left-padded batch of whole prompts (LQ == L; section 9.1): starts[b] padding tokens precede sequence
+    b. Each sequence is attended as if alone; padding rows get out 0 and lse -inf.
     """
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
     q, k, v, budgets, config, scale, impl = _prepare(q, k, v, budgets, config, scale, layout, backend)
+    padding = None if starts is None else LeftPadding.of(starts, k.shape[0], k.shape[2])
+    if padding is not None:
+        if q.shape[2] != k.shape[2]:
+            raise ValueError(
+                f"attention over a left-padded batch takes whole prompts (LQ == L), got LQ={q.shape[2]}, L={k.shape[2]}"
+            )
+        result = _attention_padded(q, k, v, padding, budgets, config, scale, backend, return_lse)
+        return (from_bhsd(result[0], layout), result[1]) if return_lse else from_bhsd(result, layout)
     if _runs_dense(backend, q, k) and not return_lse:
         return from_bhsd(dense.causal_attention(q, k, v, scale), layout)
     result = impl.attention(q, k, v, budgets, config, scale, return_lse)
@@ -129,6 +145,28 @@ def prefill(q, k, v, *, budgets=None, config=None, scale=None, layout=None, back
     if policy is not None and policy.active:
         cache = _reselecting(cache, k, v, policy)
     return from_bhsd(out, layout), cache
+
+
+def _attention_padded(q, k, v, padding: LeftPadding, budgets, config, scale, backend, return_lse):
+    """Stateless attention over a left-padded batch (bhsd, validated): one call on a backend with "varlen", else
+    each sequence on its own tokens."""
+    needs = _needs(q, k, v)
+    backend = batch_backend(backend, q, k, needs, decode=False)
+    if not _runs_dense(backend, q, k):
+        chosen = registry.resolve(backend, q.device, q.dtype, q.shape[-1], needs=needs)
+        if chosen.supports("varlen"):
+            return chosen.load().attention_padded(q, k, v, padding, budgets, config, scale, return_lse)
+    out, lse = torch.zeros_like(q), None
+    for b, pad in enumerate(padding.starts):
+        own = (q[b : b + 1, :, pad:], k[b : b + 1, :, pad:], v[b : b + 1, :, pad:])
+        result = attention(*own, budgets=budgets, config=config, scale=scale, backend=backend, return_lse=return_lse)
+        out_b, lse_b = result if return_lse else (result, None)
+        out[b : b + 1, :, pad:] = out_b
+        if return_lse:
+            if lse is None:
+                lse = torch.full(q.shape[:3], float("-inf"), device=q.device, dtype=lse_b.dtype)
+            lse[b : b + 1, :, pad:] = lse_b
+    return (out, lse) if return_lse else out
 
 
 def _prefill_padded(q, k, v, padding: LeftPadding, budgets, config, scale, backend, policy):

@@ -59,8 +59,13 @@ class CompactSelector(Protocol):
 
 
 @runtime_checkable
-class PaddedPrefill(Protocol):
-    """Backends without "varlen" in their lacks: a left-padded batch prefilled in one call (section 9.1)."""
+class PaddedBatches(Protocol):
+    """Backends without "varlen" in their lacks: a left-padded batch attended or prefilled in one call (section 9.1)."""
+
+    @staticmethod
+    def attention_padded(q, k, v, padding, budgets: torch.Tensor, config: TCAConfig, scale: float, return_lse: bool = False) -> Any:
+        """Section 4 for sequence b = rows padding.starts[b]: of q, k, v (LQ == L) as if alone: out, its padding
+        rows 0 (and lse [B, HQ, L] fp32, -inf on padding rows)."""
 
     @staticmethod
     def prefill_padded(q, k, v, padding, budgets: torch.Tensor, config: TCAConfig, scale: float) -> tuple[torch.Tensor, Any]:

@@ -145,15 +145,6 @@ def _read_left_padding(attention_mask: torch.Tensor, length: int) -> list[int] |
     return counts.tolist()
 
 
-def per_sequence(fn, q, k, v, pads: list[int]) -> torch.Tensor:
-    """Run fn(q_b, k_b, v_b) -> out_b on each sequence's own tokens (left padding dropped); padding rows get 0.
-    q [B, HQ, LQ, D], k, v [B, HKV, L, D] with LQ == L."""
-    out = torch.zeros_like(q)
-    for b, pad in enumerate(pads):
-        out[b : b + 1, :, pad:] = fn(q[b : b + 1, :, pad:], k[b : b + 1, :, pad:], v[b : b + 1, :, pad:])
-    return out
-
-
 def _forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, backend=None, **kwargs):
     """q [B, HQ, LQ, D], k, v [B, HKV, L, D] -> (out [B, LQ, HQ, D], None), as transformers expects."""
     import tca
@@ -167,17 +158,14 @@ def _forward(module, query, key, value, attention_mask, dropout=0.0, scaling=Non
     if layer is not None:
         out = layer.attend(query, key, value, settings, scaling, backend, attention_mask)
     else:
-
-        def stateless(q, k, v):
-            return tca.attention(q, k, v, budgets=settings.budgets, config=settings.config, scale=scaling, backend=backend)
-
         pads = left_padding(attention_mask, key.shape[2])
         if pads and query.shape[2] != key.shape[2]:
             raise ValueError(
                 "stateless TCA over a padded batch needs the whole sequence at once; generate with a "
                 "tca.models.TCACache to decode padded batches"
             )
-        out = per_sequence(stateless, query, key, value, pads) if pads else stateless(query, key, value)
+        out = tca.attention(query, key, value, budgets=settings.budgets, config=settings.config, scale=scaling,
+                            backend=backend, starts=pads)
     return out.transpose(1, 2).contiguous(), None
 
 

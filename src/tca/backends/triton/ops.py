@@ -321,6 +321,13 @@ class TritonBackend(chunked_prefill.entry_points(choose=choose_leaving, attend=a
         return out, cache
 
     @staticmethod
+    def attention_padded(q, k, v, padding, budgets, config, scale, return_lse=False):
+        """attention over a left-padded batch of whole prompts in one launch per kernel (section 9.1)."""
+        sel = _select(q, k, budgets, config, scale, padding)
+        return sparse_attention(q, k, v, sel["indices"], sel["offsets"], config.block_size, config.window, scale,
+                                return_lse, padding=padding)
+
+    @staticmethod
     def prefill_padded(q, k, v, padding, budgets, config, scale):
         """prefill of a left-padded batch in one launch per kernel: sequence b is rows padding.starts[b]: of
         q, k, v, prefilled as if alone; its padding rows of out are 0 and the cache holds per-sequence lengths."""
