@@ -74,6 +74,26 @@ def test_padded_attention_with_gradients_takes_a_backend_with_a_backward_pass():
     assert q.grad is not None and torch.count_nonzero(q.grad[1, :, :45]) == 0
 
 
+def test_padded_prefill_with_gradients_takes_a_backend_with_a_backward_pass():
+    q, k, v = (x.float().requires_grad_() for x in _qkv())
+    out, _ = tca.prefill(q, k, v, config=CONFIG, starts=STARTS)
+    out.sum().backward()
+    assert q.grad is not None and torch.count_nonzero(q.grad[2, :, :100]) == 0
+
+
+def test_padded_prefill_on_the_reference_is_refused_before_any_work():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="packed cache"):
+        tca.prefill(q, k, v, config=CONFIG, backend="reference", starts=STARTS)
+
+
+def test_numpy_starts_are_accepted():
+    np = pytest.importorskip("numpy")
+    q, k, v = _qkv()
+    _, cache = tca.prefill(q, k, v, config=CONFIG, backend="torch", starts=np.array(STARTS))
+    assert cache.seq_lens == [130 - s for s in STARTS]
+
+
 def test_no_padding_is_the_plain_prefill():
     q, k, v = _qkv()
     out, cache = tca.prefill(q, k, v, config=CONFIG, backend="torch", starts=[0, 0, 0])

@@ -123,8 +123,9 @@ def prefill(q, k, v, *, budgets=None, config=None, scale=None, layout=None, back
     dense path's cache whatever the policy: it keeps and attends every token, so there is nothing to re-select.
     starts: a left-padded batch (section 9.1): starts[b] padding tokens precede sequence b (ints, or a 1D integer
     tensor of B). Each sequence is prefilled as if alone; padding rows of out are 0 and the cache holds each
-    sequence at its own length. A backend with "varlen" (triton) prefills the batch in one call, the others one
-    sequence at a time; with backend="auto" the padded length picks one path for the whole batch.
+    sequence at its own length. A backend with "varlen" (triton) prefills the batch in one call, torch and flash one
+    sequence at a time (the reference's cache holds one length: it refuses); with backend="auto" the padded length
+    picks one path for the whole batch.
     """
     policy = check_policy(policy)
     q, k, v, budgets, config, scale, impl = _prepare(q, k, v, budgets, config, scale, layout, backend, decode=True)
@@ -159,7 +160,8 @@ def _attention_padded(q, k, v, padding: LeftPadding, budgets, config, scale, bac
     out, lse = torch.zeros_like(q), None
     for b, pad in enumerate(padding.starts):
         own = (q[b : b + 1, :, pad:], k[b : b + 1, :, pad:], v[b : b + 1, :, pad:])
-        result = attention(*own, budgets=budgets, config=config, scale=scale, backend=backend, return_lse=return_lse)
+        result = attention(*own, budgets=budgets, config=config, scale=scale, layout="bhsd", backend=backend,
+                           return_lse=return_lse)
         out_b, lse_b = result if return_lse else (result, None)
         out[b : b + 1, :, pad:] = out_b
         if return_lse:
@@ -172,11 +174,16 @@ def _attention_padded(q, k, v, padding: LeftPadding, budgets, config, scale, bac
 def _prefill_padded(q, k, v, padding: LeftPadding, budgets, config, scale, backend, policy):
     """prefill of a left-padded batch (bhsd, validated): one call on a backend with "varlen", else each sequence
     on its own tokens, the caches joined into one of per-sequence lengths."""
-    backend = batch_backend(backend, q, k)
-    runs_dense = _runs_dense(backend, q, k)
-    if not runs_dense and (policy is None or not policy.active):
-        chosen = registry.resolve(backend, q.device, q.dtype, q.shape[-1], decode=True)
-        if chosen.supports("varlen"):
+    needs = _needs(q, k, v)
+    backend = batch_backend(backend, q, k, needs)
+    if not _runs_dense(backend, q, k):
+        chosen = registry.resolve(backend, q.device, q.dtype, q.shape[-1], decode=True, needs=needs)
+        if chosen.decode_priority is None:  # its cache holds one length for the whole batch (the reference's)
+            raise ValueError(
+                f"padded batches need a backend with the packed cache (torch, triton or flash), not {chosen.name!r}: "
+                "its cache holds one length for the whole batch; run the sequences one at a time"
+            )
+        if chosen.supports("varlen") and (policy is None or not policy.active):
             out, cache = chosen.load().prefill_padded(q, k, v, padding, budgets, config, scale)
             cache.num_query_heads = q.shape[1]
             return out, cache
@@ -190,16 +197,12 @@ def prefill_one_by_one(q, k, v, padding: LeftPadding, budgets, config, scale, ba
     caches = []
     for b, pad in enumerate(padding.starts):
         own = (q[b : b + 1, :, pad:], k[b : b + 1, :, pad:], v[b : b + 1, :, pad:])
-        out_b, cache_b = prefill(*own, budgets=budgets, config=config, scale=scale, backend=backend, policy=policy)
+        out_b, cache_b = prefill(*own, budgets=budgets, config=config, scale=scale, layout="bhsd", backend=backend,
+                                 policy=policy)
         out[b : b + 1, :, pad:] = out_b
         caches.append(cache_b)
     kinds = (PackedKVCache, ReselectingCache, DenseKVCache)
-    joined = next((kind for kind in kinds if all(isinstance(c, kind) for c in caches)), None)
-    if joined is None:
-        raise ValueError(
-            "padded batches need a backend with the packed cache (torch, triton or flash); the reference's "
-            "cache holds one length for the whole batch: run the sequences one at a time"
-        )
+    joined = next(kind for kind in kinds if all(isinstance(c, kind) for c in caches))
     cache = joined.concat(caches)
     cache.num_query_heads = q.shape[1]
     return out, cache

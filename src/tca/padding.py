@@ -7,6 +7,7 @@ once per padding and device without blocking the host.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 
 import torch
@@ -32,7 +33,7 @@ class LeftPadding:
                 raise ValueError(f"starts must be a 1D integer tensor [B], got {starts.dtype} of shape {tuple(starts.shape)}")
             starts = starts.tolist()
         starts = tuple(starts)
-        if len(starts) != batch_size or not all(isinstance(s, int) and not isinstance(s, bool) for s in starts):
+        if len(starts) != batch_size or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in starts):
             raise ValueError(f"starts must hold one int per sequence ({batch_size}), got {starts!r}")
         bad = [s for s in starts if not 0 <= s < length]
         if bad:
@@ -40,6 +41,7 @@ class LeftPadding:
                 f"starts must lie in [0, {length}) (the padding before each sequence, which keeps at least one token), "
                 f"got {bad}"
             )
+        starts = tuple(int(s) for s in starts)  # NumPy integers become ints
         return cls(starts, length) if any(starts) else None
 
     @property

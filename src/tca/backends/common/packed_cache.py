@@ -125,9 +125,10 @@ class PackedKVCache:
         else:
             # Each sequence's window [lo_b, len_b) in its own positions; the shorter windows repeat their last
             # position (the same value written twice to one slot), so one gather serves the batch.
-            los = [window_start(n - 1, b, w) for n in lens]
-            span = max(n - lo for n, lo in zip(lens, los, strict=True))
-            rel = torch.tensor([[lo + min(i, n - lo - 1) for i in range(span)] for n, lo in zip(lens, los, strict=True)])
+            n = torch.tensor(lens)
+            lo = torch.tensor([window_start(length - 1, b, w) for length in lens])
+            held = n - lo  # positions in each window
+            rel = lo[:, None] + torch.minimum(torch.arange(int(held.max())), held[:, None] - 1)
             src = _to_device(rel + torch.tensor(starts)[:, None], device)
             slots = _to_device(rel % W, device)
             rows = torch.arange(B, device=device)[:, None]
