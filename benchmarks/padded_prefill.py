@@ -176,8 +176,11 @@ def main(argv=None) -> int:
             if device.type == "cuda":
                 torch.cuda.empty_cache()  # the batch's tensors are gone: hand their memory to the next one
     meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch": torch.__version__,
-            "heads": args.heads, "block_size": args.block_size, "window": args.window, "dtype": args.dtype,
-            "backend": args.backend, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+            "dtype": args.dtype, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    if args.model:  # the model's own heads; enable_tca's defaults (backend "auto", b 128, w 4096)
+        meta.update(model=args.model, backend="auto")
+    else:
+        meta.update(heads=args.heads, block_size=args.block_size, window=args.window, backend=args.backend)
     try:
         import triton
 
