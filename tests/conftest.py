@@ -5,7 +5,9 @@ Shape letters: B batch, HQ query heads, HKV key/value heads, L keys, LQ queries,
 
 from __future__ import annotations
 
+import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -131,6 +133,15 @@ def dense_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
     return torch.nn.functional.scaled_dot_product_attention(
         q, k.repeat_interleave(G, 1), v.repeat_interleave(G, 1), is_causal=True, scale=scale
     )
+
+
+def load_script(relative: str):
+    """A script of the repository that is not a package module (benchmarks/..., docs/...), imported as a module."""
+    path = Path(__file__).resolve().parents[1] / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def left_padded(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
+from conftest import load_script
 from tca.backends.common.environment import triton_interpret
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -14,9 +14,7 @@ DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 @pytest.mark.skipif(triton_interpret(), reason="the interpreter changes what triton declares")
 def test_backends_page_is_up_to_date():
-    spec = importlib.util.spec_from_file_location("generate_backends", DOCS / "generate_backends.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("docs/generate_backends.py")
     assert module.main(["--check"]) == 0, "run: PYTHONPATH=src python docs/generate_backends.py"
 
 

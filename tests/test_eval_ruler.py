@@ -129,15 +129,10 @@ def test_the_harness_runs_every_method_kind_on_the_tiny_model(tmp_path):
 
 
 def test_gpu_workers_keep_each_press_with_the_method_it_matches():
-    import importlib.util
-    from pathlib import Path
-
+    from conftest import load_script
     from tca.eval.ruler_presets import ruler_methods
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "ruler_gpu.py"
-    spec = importlib.util.spec_from_file_location("ruler_gpu", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("benchmarks/ruler_gpu.py")
     methods = ruler_methods()
     groups = module.worker_groups(methods, 3)
     assert len(groups) == 3 and sorted(m.name for g in groups for m in g) == sorted(m.name for m in methods)

@@ -3,25 +3,20 @@ and both runs (streaming, exact vs one-shot) complete and report what they promi
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import load_script
+
 pytest.importorskip("transformers")
 pytest.importorskip("tqdm")
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "long_prompt.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("long_prompt", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/long_prompt.py")
 
 
 def test_the_driver_is_the_models_forward(bench):

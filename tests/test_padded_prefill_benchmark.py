@@ -3,20 +3,15 @@ calls agree, and the model mode times both methods on a tiny random model."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "padded_prefill.py"
+from conftest import load_script
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("padded_prefill", SCRIPT)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    return load_script("benchmarks/padded_prefill.py")
 
 
 def test_tiny_layer_run_reports_every_method(tmp_path):

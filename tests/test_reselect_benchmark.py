@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "reselect_decode.py"
+from conftest import load_script
 
 
 def test_tiny_run_reports_every_method(tmp_path):
-    spec = importlib.util.spec_from_file_location("reselect_decode", SCRIPT)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("benchmarks/reselect_decode.py")
     out = tmp_path / "reselect_decode.json"
     assert bench.main(["--tiny", "--device", "cpu", "--out", str(out)]) == 0
     rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
