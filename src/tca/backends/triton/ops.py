@@ -305,38 +305,34 @@ class TritonBackend(chunked_prefill.entry_points(choose=choose_leaving, attend=a
         return sparse_attention(q, k, v, indices, offsets, selection.block_size, selection.window, scale, return_lse)
 
     @staticmethod
-    def attention(q, k, v, budgets, config, scale, return_lse=False):
-        sel = _select(q, k, budgets, config, scale)
-        return sparse_attention(
-            q, k, v, sel["indices"], sel["offsets"], config.block_size, config.window, scale, return_lse
-        )
-
-    cache_kernels = CacheKernels
-
-    @staticmethod
-    def prefill(q, k, v, budgets, config, scale):
-        sel = _select(q, k, budgets, config, scale)
-        out = sparse_attention(q, k, v, sel["indices"], sel["offsets"], config.block_size, config.window, scale)
-        cache = PackedKVCache.from_selected(k, v, sel["indices"], budgets, config, scale, kernels=CacheKernels)
-        return out, cache
-
-    @staticmethod
-    def attention_padded(q, k, v, padding, budgets, config, scale, return_lse=False):
-        """attention over a left-padded batch of whole prompts in one launch per kernel (section 9.1)."""
+    def attention(q, k, v, budgets, config, scale, return_lse=False, padding=None):
+        """Section 4; padding: None, or the LeftPadding of a batch of whole prompts (section 9.1)."""
         sel = _select(q, k, budgets, config, scale, padding)
         return sparse_attention(q, k, v, sel["indices"], sel["offsets"], config.block_size, config.window, scale,
                                 return_lse, padding=padding)
 
+    cache_kernels = CacheKernels
+
     @staticmethod
-    def prefill_padded(q, k, v, padding, budgets, config, scale):
-        """prefill of a left-padded batch in one launch per kernel: sequence b is rows padding.starts[b]: of
-        q, k, v, prefilled as if alone; its padding rows of out are 0 and the cache holds per-sequence lengths."""
+    def prefill(q, k, v, budgets, config, scale, padding=None):
+        """Section 5's prefill; padding: None, or a LeftPadding (each sequence prefilled as if alone, the cache
+        holding per-sequence lengths; its padding rows of out are 0)."""
         sel = _select(q, k, budgets, config, scale, padding)
         out = sparse_attention(q, k, v, sel["indices"], sel["offsets"], config.block_size, config.window, scale,
                                padding=padding)
+        starts = None if padding is None else padding.starts
         cache = PackedKVCache.from_selected(k, v, sel["indices"], budgets, config, scale, kernels=CacheKernels,
-                                            starts=padding.starts)
+                                            starts=starts)
         return out, cache
+
+    # A left-padded batch in one launch per kernel (section 9.1): the same entry points with its padding.
+    @staticmethod
+    def attention_padded(q, k, v, padding, budgets, config, scale, return_lse=False):
+        return TritonBackend.attention(q, k, v, budgets, config, scale, return_lse, padding)
+
+    @staticmethod
+    def prefill_padded(q, k, v, padding, budgets, config, scale):
+        return TritonBackend.prefill(q, k, v, budgets, config, scale, padding)
 
     @staticmethod
     def decode(q, k, v, cache):
