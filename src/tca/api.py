@@ -251,17 +251,23 @@ def decode(q, k, v, cache, *, layout=None, backend="auto"):
                 f"the cache holds {what} {expected} but the new token is {given}; decode with the same {what} "
                 "as tca.prefill (convert with .to(...))"
             )
-    if isinstance(cache, ReselectingReferenceCache):
-        from .reference.reselect import decode_step
+    return from_bhsd(decode_step(cache, backend)(q, k, v), layout)
 
-        return from_bhsd(decode_step(q, k, v, cache), layout)
-    # The shared caches decode on the fastest kernels of the device (a re-selecting cache on its active set's, the
-    # dense path's cache on their attend_dense).
+
+def decode_step(cache, backend: str = "auto"):
+    """The function that decodes one token into `cache` (a cache of tca.prefill): step(q, k, v) -> out, bhsd inputs
+    as `decode` takes them, unchecked. Resolved once, so a caller that has validated its shapes (the model path)
+    can keep it for every step. The shared caches decode on the fastest kernels of the device (a re-selecting
+    cache on its active set's, the dense path's cache on their attend_dense); the reference's on the reference."""
+    if isinstance(cache, ReselectingReferenceCache):
+        from .reference.reselect import decode_step as reselecting_step
+
+        return lambda q, k, v: reselecting_step(q, k, v, cache)
     if isinstance(cache, (PackedKVCache, ReselectingCache, DenseKVCache)):
-        impl = registry.resolve_decode(backend, q.device, q.dtype, q.shape[-1]).load()
+        impl = registry.resolve_decode(backend, cache.device, cache.dtype, cache.head_dim).load()
     else:
         impl = registry.get("reference").load()
-    return from_bhsd(impl.decode(q, k, v, cache), layout)
+    return lambda q, k, v: impl.decode(q, k, v, cache)
 
 
 def available_backends() -> list[str]:

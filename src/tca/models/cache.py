@@ -166,17 +166,9 @@ class TCACacheLayer(CacheLayerMixin):
         """The decode step of this layer's cache (looked up once per cache): inputs come from the model, whose
         shapes the prefill fixed, so the per-token checks of tca.decode are skipped (they cost more host time
         than the dense path's whole step)."""
-        import tca
-        from tca.backends import registry
-        from tca.backends.common.dense_cache import DenseKVCache
-        from tca.backends.common.packed_cache import PackedKVCache
-        from tca.backends.common.reselecting_cache import ReselectingCache
+        from tca.api import decode_step
 
-        state = self.state
-        if isinstance(state, (PackedKVCache, ReselectingCache, DenseKVCache)):
-            impl = registry.resolve_decode(self.decode_backend, state.device, state.dtype, state.head_dim).load()
-            return lambda q, k, v: impl.decode(q, k, v, state)
-        return lambda q, k, v: tca.decode(q, k, v, state)
+        return decode_step(self.state, self.decode_backend)
 
     def _check_chunk_position(self, n: int, kwargs: dict) -> None:
         """A chunk must start where the prefill stands: its position_ids (when the model passes them) say where."""
