@@ -56,8 +56,11 @@ class LeftPadding:
     def blocks_on(self, device, config) -> torch.Tensor:
         """[B] int32 budgeted blocks J_b of each sequence on device (copied once per block size and window)."""
         b, w = config.block_size, config.window
-        host = [num_budgeted_blocks(n, b, w) for n in self.lengths]
-        return self._cached(("blocks", str(device), b, w), lambda: to_device(torch.tensor(host, dtype=torch.int32), device))
+
+        def make():
+            return to_device(torch.tensor([num_budgeted_blocks(n, b, w) for n in self.lengths], dtype=torch.int32), device)
+
+        return self._cached(("blocks", str(device), b, w), make)
 
     def _cached(self, key, make):
         if key not in self._on_device:
