@@ -1,6 +1,8 @@
 """vLLM with the TCA plugin against vLLM's own attention backend: time to first token, decode step, KV read.
 
     PYTHONPATH=src python benchmarks/vllm_serving.py --tiny --lengths 256 1024 --max-tokens 16      # CPU smoke run
+    PYTHONPATH=src python benchmarks/vllm_serving.py --shape llama-3.1-8b --lengths 16384 32768 65536 131072 \
+        --batch 1 --max-tokens 33 --dtype bfloat16 --no-enforce-eager --backends vllm --out vllm.json   # GPU
     PYTHONPATH=src python benchmarks/vllm_serving.py --model DIR --plan plan.json --lengths 16384 65536 \
         --batch 4 --dtype bfloat16 --tensor-parallel-size 2 --out benchmarks/results/vllm.json
 
@@ -23,6 +25,29 @@ import tempfile
 import time
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+
+SHAPES = {  # --shape: a config alone, filled with random weights by vLLM (load_format="dummy"): no download
+    "llama-3.1-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+                         rope_theta=500000.0),
+}
+
+
+def shape_dir(name: str, max_len: int) -> str:
+    from transformers import LlamaConfig
+
+    directory = tempfile.mkdtemp(prefix=f"tca-vllm-{name}-")
+    shape = {**SHAPES[name], "max_position_embeddings": max(max_len, SHAPES[name]["max_position_embeddings"])}
+    LlamaConfig(**shape, torch_dtype="bfloat16").save_pretrained(directory)
+    return directory
+
+
+def pool_tokens(llm) -> int | None:
+    """Tokens vLLM's KV pool holds (pages x page size), as the engine allocated it."""
+    cache = llm.llm_engine.vllm_config.cache_config
+    blocks = getattr(cache, "num_gpu_blocks", None)
+    return None if blocks is None else blocks * cache.block_size
 
 
 def tiny_llama_dir() -> str:
@@ -49,15 +74,25 @@ def run_backend(name: str, args, model: str, vocab: int) -> list[dict]:
     from tca.serving.vllm import kv_usage
 
     engine = {"attention_backend": "CUSTOM"} if name == "tca" else {}
+    if args.shape:
+        engine["load_format"] = "dummy"
+    if args.max_num_batched_tokens:
+        engine["max_num_batched_tokens"] = args.max_num_batched_tokens
+    max_len = max(args.lengths) + args.max_tokens
+    start = time.perf_counter()
     llm = vllm.LLM(
         model=model, dtype=args.dtype, enforce_eager=args.enforce_eager, enable_prefix_caching=False,
-        max_model_len=max(args.lengths) + args.max_tokens, tensor_parallel_size=args.tensor_parallel_size,
-        skip_tokenizer_init=True, seed=0, **engine,
+        max_model_len=max_len, tensor_parallel_size=args.tensor_parallel_size,
+        gpu_memory_utilization=args.gpu_memory_utilization, skip_tokenizer_init=True, seed=0, **engine,
     )
+    started = time.perf_counter() - start
+    pool = pool_tokens(llm)
     rows = []
     try:
         rng = random.Random(0)
-        timed_generate(llm, [{"prompt_token_ids": [1, 2, 3]}], 2)  # warm-up
+        # Warm-up: kernels compile on first use (TCA's at the first prompt past the crossover), not in the timings.
+        warm = min(args.lengths)
+        timed_generate(llm, [{"prompt_token_ids": [rng.randrange(vocab) for _ in range(warm)]}], 3)
         for length in args.lengths:
             requests = [{"prompt_token_ids": [rng.randrange(vocab) for _ in range(length)]} for _ in range(args.batch)]
             before = kv_usage()
@@ -65,7 +100,8 @@ def run_backend(name: str, args, model: str, vocab: int) -> list[dict]:
             full = timed_generate(llm, requests, args.max_tokens)
             after = kv_usage()
             row = {
-                "backend": name, "L": length, "batch": args.batch, "ttft_s": first,
+                "backend": name, "L": length, "batch": args.batch, "ttft_s": first, "engine_start_s": started,
+                "pool_tokens": pool, "admits_at_L": None if pool is None else pool // (length + args.max_tokens),
                 "decode_step_ms": 1000 * (full - first) / max(1, args.max_tokens - 1),
                 "decode_tokens_per_s": args.batch * (args.max_tokens - 1) / max(1e-9, full - first),
             }
@@ -88,6 +124,7 @@ def main() -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="a Hugging Face model folder vLLM can load")
     source.add_argument("--tiny", action="store_true", help="a tiny random Llama (CPU smoke runs)")
+    source.add_argument("--shape", choices=sorted(SHAPES), help="a model shape with random weights (no download)")
     parser.add_argument("--plan", default="default", help="TCA_VLLM_PLAN: a plan JSON, 'default' or 'dense'")
     parser.add_argument("--block-size", type=int, help="TCA_VLLM_BLOCK_SIZE (default/dense plans)")
     parser.add_argument("--window", type=int, help="TCA_VLLM_WINDOW")
@@ -96,6 +133,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    parser.add_argument("--max-num-batched-tokens", type=int, help="vLLM's prefill chunk limit (default: vLLM's)")
+    parser.add_argument("--dense-below", type=int, help="TCA_VLLM_DENSE_BELOW (default: the measured crossover)")
     parser.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--backends", nargs="+", default=["vllm", "tca"], choices=["vllm", "tca"])
     parser.add_argument("--out", help="save all rows as JSON here")
@@ -103,7 +143,8 @@ def main() -> None:
     if args.max_tokens < 2:
         parser.error("--max-tokens must be at least 2 (the decode step is timed after the first token)")
     os.environ["TCA_VLLM_PLAN"] = args.plan
-    for variable, value in (("TCA_VLLM_BLOCK_SIZE", args.block_size), ("TCA_VLLM_WINDOW", args.window)):
+    for variable, value in (("TCA_VLLM_BLOCK_SIZE", args.block_size), ("TCA_VLLM_WINDOW", args.window),
+                            ("TCA_VLLM_DENSE_BELOW", args.dense_below)):
         if value is not None:
             os.environ[variable] = str(value)
     import tca.serving.vllm
@@ -112,6 +153,8 @@ def main() -> None:
     if args.tiny:
         model, vocab = tiny_llama_dir(), 128
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    elif args.shape:
+        model, vocab = shape_dir(args.shape, max(args.lengths) + args.max_tokens), SHAPES[args.shape]["vocab_size"]
     else:
         from transformers import AutoConfig
 
@@ -119,7 +162,18 @@ def main() -> None:
     rows = [row for name in args.backends for row in run_backend(name, args, model, vocab)]
     if args.out:
         with open(args.out, "w") as handle:
-            json.dump({"args": vars(args), "rows": rows}, handle, indent=1)
+            json.dump({"args": vars(args), "environment": environment(), "rows": rows}, handle, indent=1)
+
+
+def environment() -> dict:
+    import platform
+
+    import torch
+    import vllm
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    return {"device": device, "torch": torch.__version__, "vllm": vllm.__version__,
+            "date": time.strftime("%Y-%m-%d")}
 
 
 if __name__ == "__main__":

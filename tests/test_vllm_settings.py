@@ -124,3 +124,27 @@ def test_layer_features_tca_cannot_honour():
         "a sliding window (TCA already keeps a local window of its own)"
     ]
     assert "encoder" in layer_problems(**{**plain, "attn_type": "encoder"})[0]
+
+
+@pytest.mark.parametrize("version", ["0.26.0", "0.28.1", "0.32.0", "0.32.1+cpu"])
+def test_supported_vllm_versions(version):
+    from tca.serving.vllm.compat import version_problem
+
+    assert version_problem(version) is None
+
+
+@pytest.mark.parametrize("version", ["0.25.1", "0.33.0", "1.0.0", "nightly"])
+def test_other_vllm_versions_are_refused_with_the_ones_to_use(version):
+    from tca.serving.vllm.compat import version_problem
+
+    assert "0.26 to 0.32" in version_problem(version)
+
+
+def test_dense_below_is_read_and_checked():
+    from tca.serving.vllm.settings import Settings
+
+    assert Settings.from_environment({"TCA_VLLM_DENSE_BELOW": "0"}).dense_below(torch.device("cpu"), (4, 2, 16)) == 0
+    default = Settings.from_environment({"TCA_VLLM_BLOCK_SIZE": "16", "TCA_VLLM_WINDOW": "64"})
+    assert default.dense_below(torch.device("cpu"), (4, 2, 16)) == 64  # the CPU has no crossover: the window
+    with pytest.raises(ValueError, match="TCA_VLLM_DENSE_BELOW"):
+        Settings.from_environment({"TCA_VLLM_DENSE_BELOW": "-1"})

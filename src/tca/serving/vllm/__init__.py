@@ -5,8 +5,10 @@ in every process it starts. Serve with `--attention-backend CUSTOM` (LLM(..., at
 budgets come from TCA_VLLM_PLAN (settings.py). Nothing here is imported by `import tca`, and vLLM itself is
 imported only inside `register` and by the modules vLLM loads through the registered class paths.
 
-Modules: settings (environment), checks (refused configurations), paged (reading vLLM's pages), sequence (TCA
-per sequence), backend (the vLLM classes), cpu_switch (CPU platform routing), memory (KV bytes held and read).
+Modules: settings (environment), checks (refused configurations), compat (supported vLLM versions), paged
+(reading vLLM's pages), sequence (TCA per sequence), layer (one layer's rows loop), cuda (the CUDA backend: vLLM's
+FlashAttention plus TCA), backend (the CPU backend), custom and cpu_switch (which class a platform loads), memory
+(KV bytes held and read).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from .memory import kv_usage
 
 __all__ = ["kv_usage", "register"]
 
-BACKEND_PATH = "tca.serving.vllm.backend.TCAAttentionBackend"
+BACKEND_PATH = "tca.serving.vllm.custom.Backend"  # the CUDA or the CPU backend, by platform
 CPU_SWITCH_PATH = "tca.serving.vllm.cpu_switch.Backend"
 
 

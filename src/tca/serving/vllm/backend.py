@@ -11,7 +11,6 @@ Shape letters: T tokens in the batch, HQ query heads, HKV key/value heads, D hea
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -24,24 +23,13 @@ from vllm.v1.attention.backend import (
     AttentionType,
     CommonAttentionMetadata,
 )
-from vllm.v1.kv_cache_interface import KVCacheLayout
 
-from ...backends import registry
-from ...budgets import block_keep_count
-from .checks import engine_problems, layer_problems
-from .memory import LayerUsage
-from .paged import PagedSequence, split_pages, write_tokens
-from .sequence import SequenceState, attend_chunk, decode_step
-from .settings import Settings, layer_index
-
-# Every live layer implementation, for kv_usage() (memory.py): weak, so finished engines are not kept alive.
-LIVE_IMPLS: weakref.WeakSet = weakref.WeakSet()
-
-
-def refuse(vllm_config) -> None:
-    problems = engine_problems(vllm_config)
-    if problems:
-        raise ValueError("the TCA attention backend cannot run this vLLM configuration:\n  - " + "\n  - ".join(problems))
+from .checks import refuse, refuse_layer
+from .compat import cpu_layouts
+from .layer import LayerRunner, Rows
+from .memory import LIVE_IMPLS
+from .paged import split_pages, write_tokens
+from .settings import Settings
 
 
 @dataclass
@@ -89,40 +77,17 @@ class TCAAttentionImpl(AttentionImpl[TCAMetadata]):
         kv_sharing_target_layer_name=None,
         sinks=None,
     ) -> None:
-        problems = layer_problems(
-            alibi_slopes=alibi_slopes, sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, sinks=sinks,
-            attn_type=attn_type, decoder=AttentionType.DECODER,
-        )
-        if problems:
-            raise ValueError(
-                "the TCA attention backend cannot run this model's attention: it uses " + "; ".join(problems)
-                + "; serve it with vLLM's own backend (drop --attention-backend CUSTOM)"
-            )
+        refuse_layer(alibi_slopes=alibi_slopes, sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
+                     sinks=sinks, attn_type=attn_type, decoder=AttentionType.DECODER)
         refuse(get_current_vllm_config())
         self.num_heads, self.head_size, self.scale = num_heads, head_size, float(scale)
         self.num_kv_heads = num_kv_heads
         self.kv_cache_dtype = kv_cache_dtype
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
         self.attn_type = attn_type
-        self.settings = Settings.from_environment()
-        # Per running sequence, keyed by its first page: unique while it runs (prefix caching is refused), and
-        # a new owner of that page always starts with a prompt (context 0), which replaces the old state.
-        self.states: dict[int, SequenceState] = {}
-        self.usage = LayerUsage()
-        self._budgets = None
+        self.tca = LayerRunner(num_heads, num_kv_heads, head_size, float(scale), Settings.from_environment())
+        self._dense_below = None
         LIVE_IMPLS.add(self)
-
-    def _layer_budgets(self, layer, device: torch.device, dtype: torch.dtype):
-        if self._budgets is None:
-            from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
-
-            budgets = self.settings.layer_budgets(
-                layer_index(layer.layer_name), self.num_kv_heads,
-                get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size(),
-            )
-            impl = registry.resolve(self.settings.backend, device, dtype, self.head_size).load()
-            self._budgets = (budgets.to(device), block_keep_count(budgets).to(device), impl)
-        return self._budgets
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         key_pages, value_pages = split_pages(kv_cache, self.head_size)
@@ -136,35 +101,20 @@ class TCAAttentionImpl(AttentionImpl[TCAMetadata]):
             raise NotImplementedError("the TCA attention backend does not fuse output quantization")
         if attn_metadata is None:  # vLLM's profiling and warm-up runs
             return output
-        budgets, keep, impl = self._layer_budgets(layer, query.device, query.dtype)
-        config = self.settings.config
+        if self._dense_below is None:
+            shape = (self.num_heads, self.num_kv_heads, self.head_size)
+            self._dense_below = self.tca.settings.dense_below(query.device, shape)
         key_pages, value_pages = split_pages(kv_cache, self.head_size)
-        page_size = key_pages.shape[2]
+        self.tca.usage.pool_bytes = kv_cache.numel() * kv_cache.element_size()
         out = output[: attn_metadata.num_actual_tokens].view(-1, self.num_heads, self.head_size)
-        self.usage.pool_bytes = kv_cache.numel() * kv_cache.element_size()
-        bounds = attn_metadata.query_start
-        kinds = set()
-        for row, seq_len in enumerate(attn_metadata.seq_lens):
-            start, end = bounds[row], bounds[row + 1]
-            if end == start:
-                continue
-            pages = attn_metadata.block_table[row, : -(-seq_len // page_size)]
-            paged = PagedSequence(key_pages, value_pages, pages)
-            owner = int(pages[0])
-            state = self.states.get(owner)
-            if end - start == 1 and state is not None and state.seq_len == seq_len - 1:
-                out[start] = decode_step(query[start], paged, state, keep, config, self.scale)
-                kind = "decodes"
-            else:
-                # A prompt, a prompt chunk, or a row with no state to continue: section 4 over all its keys.
-                out[start:end], state = attend_chunk(query[start:end], paged, seq_len, budgets, config, self.scale, impl)
-                self.states[owner] = state
-                kind = "prompts" if end - start == seq_len else "chunks"
-            self.usage.add(kind, seq_len, state.kept_tokens(), self.head_size, key_pages.element_size())
-            kinds.add(kind)
-        if "decodes" in kinds and len(kinds) > 1:
-            self.usage.mixed += 1
+        table = attn_metadata.block_table
+        rows = Rows(attn_metadata.query_start, attn_metadata.seq_lens, table, table[:, 0].tolist())
+        self.tca.run(layer.layer_name, query, key_pages, value_pages, rows, out, self._dense_below)
         return output
+
+    @property
+    def usage(self):
+        return self.tca.usage
 
 
 class TCAAttentionBackend(AttentionBackend):
@@ -186,9 +136,13 @@ class TCAAttentionBackend(AttentionBackend):
     def get_builder_cls():
         return TCAMetadataBuilder
 
+    @staticmethod
+    def get_kv_cache_shape(num_blocks, block_size, num_kv_heads, head_size, cache_dtype_str="auto"):
+        return (num_blocks, num_kv_heads, block_size, 2 * head_size)  # what paged.split_pages reads
+
     @classmethod
     def supported_kv_cache_layouts(cls):
-        return (KVCacheLayout.LBHNC,)  # pages [NP, HKV, P, 2 * D], what paged.split_pages reads
+        return cpu_layouts()  # head-major pages (vLLM versions that choose a layout per backend)
 
     @classmethod
     def supports_attn_type(cls, attn_type: str) -> bool:

@@ -49,3 +49,20 @@ def layer_problems(*, alibi_slopes, sliding_window, logits_soft_cap, sinks, attn
     if sinks is not None:
         problems.append("attention sinks")
     return problems
+
+
+def refuse(vllm_config) -> None:
+    """Raise one ValueError listing every engine setting TCA cannot honour (nothing when it can)."""
+    problems = engine_problems(vllm_config)
+    if problems:
+        raise ValueError("the TCA attention backend cannot run this vLLM configuration:\n  - " + "\n  - ".join(problems))
+
+
+def refuse_layer(**layer) -> None:
+    """Raise a ValueError naming the features of this attention layer that TCA cannot run (see layer_problems)."""
+    problems = layer_problems(**layer)
+    if problems:
+        raise ValueError(
+            "the TCA attention backend cannot run this model's attention: it uses " + "; ".join(problems)
+            + "; serve it with vLLM's own backend (drop --attention-backend CUSTOM)"
+        )

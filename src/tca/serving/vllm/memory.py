@@ -7,9 +7,13 @@ running sequence: TCA's selection decides what is *read* (and computed), not wha
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
+
+# Every live TCA layer implementation (CPU or CUDA backend), for kv_usage(): weak, so finished engines are not kept.
+LIVE_IMPLS: weakref.WeakSet = weakref.WeakSet()
 
 
 @dataclass
@@ -58,7 +62,5 @@ class KVUsage:
 
 def kv_usage() -> KVUsage:
     """KV numbers of the TCA layers in this process (run the engine in-process: VLLM_ENABLE_V1_MULTIPROCESSING=0)."""
-    from .backend import LIVE_IMPLS
-
     layers = [impl.usage for impl in list(LIVE_IMPLS)]
     return KVUsage(**{name: sum(getattr(u, name) for u in layers) for name in KVUsage.__dataclass_fields__})

@@ -18,13 +18,22 @@ def split_pages(kv_cache: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, to
     """The key and value views of one layer's cache [NP, HKV, P, 2 * D]: ([NP, HKV, P, D], [NP, HKV, P, D]).
 
     Within a page and head, the first P * D numbers hold the keys of the P tokens and the next P * D their
-    values (the split vLLM's CPU backend uses, so the pool's size and layout are vLLM's own).
+    values (the split vLLM's CPU backend uses, so the pool's size and layout are vLLM's own; on CUDA the
+    plugin keeps FlashAttention's layout instead: `split_channels`).
     """
     pages, heads, page_size, channels = kv_cache.shape
     if channels != 2 * head_dim:
         raise ValueError(f"expected a KV cache [pages, heads, page size, 2 * {head_dim}], got {tuple(kv_cache.shape)}")
     both = kv_cache.view(pages, heads, 2, page_size, head_dim)
     return both[:, :, 0], both[:, :, 1]
+
+
+def split_channels(kv_cache: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The key and value views of one layer's cache [NP, HKV, P, 2 * D] whose last dim holds a token's key, then
+    its value (vLLM's FlashAttention layout, any stride order): ([NP, HKV, P, D], [NP, HKV, P, D])."""
+    if kv_cache.shape[-1] != 2 * head_dim:
+        raise ValueError(f"expected a KV cache [pages, heads, page size, 2 * {head_dim}], got {tuple(kv_cache.shape)}")
+    return kv_cache[..., :head_dim], kv_cache[..., head_dim:]
 
 
 @dataclass(frozen=True)

@@ -14,10 +14,10 @@ size, N kept global tokens (padded to the max over heads).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ...config import TCAConfig
 from ...dtypes import compute_dtype
@@ -92,10 +92,11 @@ def compress_leaving_block(
 
     Importance: the group's mean of a softmax over the block; ties go to the smaller position (stable sort).
     """
+    width = int(keep.max())  # keep lives on the host (LayerRunner): no wait for the device
+    keep = keep.to(q.device)
     block = torch.arange(start, end, device=paged.pages.device)
     k, _ = paged.gather(block)  # [HKV, b, D]
     scores = torch.matmul(q, k.to(q.dtype).transpose(-1, -2)).mul(scale).softmax(-1).mean(1)  # [HKV, b]
-    width = int(keep.max())
     top = scores.sort(dim=-1, descending=True, stable=True).indices[:, :width]  # [HKV, T]
     valid = torch.arange(width, device=top.device) < keep[:, None]
     top = torch.where(valid, top, end - start).sort(dim=-1).values  # kept offsets ascending, invalid last
@@ -122,15 +123,17 @@ def decode_step(
     q = query.to(dt).reshape(HKV, HQ // HKV, D)
     lo = window_start(position, config.block_size, config.window)
     if lo > state.window_start:  # a block boundary was crossed: [lo(i-1), lo(i)) leaves the window
-        compress_leaving_block(q, paged, state, state.window_start, lo, keep.to(q.device), scale)
+        compress_leaving_block(q, paged, state, state.window_start, lo, keep, scale)
     state.seq_len, state.window_start = position + 1, lo
-    valid = state.positions >= 0  # [HKV, N]
-    g_k, g_v = paged.gather_per_head(state.positions.clamp_min(0))
-    w_k, w_v = paged.gather(torch.arange(lo, position + 1, device=paged.pages.device))  # [HKV, W, D]
-    keys = torch.cat([g_k, w_k], dim=1).to(dt)
-    values = torch.cat([g_v, w_v], dim=1).to(dt)
-    logits = torch.matmul(q, keys.transpose(-1, -2)).mul_(scale)  # [HKV, G, N + W]
-    mask = torch.cat([valid, valid.new_ones(HKV, w_k.shape[1])], dim=1)
-    logits.masked_fill_(~mask[:, None], -math.inf)
-    out = torch.matmul(logits.softmax(-1), values)  # [HKV, G, D]
+    # One gather of every kept position (globals, then the window) per head, and one fused masked softmax.
+    window = torch.arange(lo, position + 1, device=state.positions.device).expand(HKV, -1)
+    positions = torch.cat([state.positions, window], dim=1)  # [HKV, N + W], -1 where a head keeps fewer
+    keys, values = paged.gather_per_head(positions.clamp_min(0))  # [HKV, N + W, D]
+    mask = (positions >= 0)[:, None, None]  # [HKV, 1, 1, N + W]
+    # On CUDA, half-precision pages go to SDPA as they are (its kernels accumulate in float32): no float32 copy of
+    # the kept keys and values each step. Elsewhere the float64-or-float32 rule of tca.dtypes.
+    at = query.dtype if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) else dt
+    out = F.scaled_dot_product_attention(  # heads as the batch, each group's G queries as its rows
+        q[:, None].to(at), keys[:, None].to(at), values[:, None].to(at), attn_mask=mask, scale=scale
+    )  # [HKV, 1, G, D]
     return out.reshape(HQ, D).to(query.dtype)

@@ -6,6 +6,9 @@ TCA_VLLM_BLOCK_SIZE  TCA block size b for "default"/"dense" (a plan brings its o
 TCA_VLLM_WINDOW      local window w in tokens; overrides a plan's; default 4096 (or the plan's).
 TCA_VLLM_BACKEND     which tca backend computes selection and prefill attention ("auto", "torch", "triton",
                      "flash", "reference"); default "auto".
+TCA_VLLM_DENSE_BELOW sequences shorter than this many tokens run vLLM's own dense attention; default: the
+                     measured crossover of the device and attention shape (tca.backends.crossover), and never
+                     below the window (under it TCA is dense attention anyway). 0 runs TCA on every sequence.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ PLAN_VARIABLE = "TCA_VLLM_PLAN"
 BLOCK_SIZE_VARIABLE = "TCA_VLLM_BLOCK_SIZE"
 WINDOW_VARIABLE = "TCA_VLLM_WINDOW"
 BACKEND_VARIABLE = "TCA_VLLM_BACKEND"
+DENSE_BELOW_VARIABLE = "TCA_VLLM_DENSE_BELOW"
 UNIFORM = ("default", "dense")
 
 
@@ -47,6 +51,7 @@ class Settings:
     plan: BudgetPlan | None
     uniform: torch.Tensor | None
     source: str
+    dense_below_tokens: int | None = None  # TCA_VLLM_DENSE_BELOW, when given
 
     @classmethod
     def from_environment(cls, environ=None) -> Settings:
@@ -55,11 +60,14 @@ class Settings:
         block_size = _int_variable(environ, BLOCK_SIZE_VARIABLE)
         window = _int_variable(environ, WINDOW_VARIABLE)
         backend = environ.get(BACKEND_VARIABLE) or "auto"
+        dense_below = _int_variable(environ, DENSE_BELOW_VARIABLE)
+        if dense_below is not None and dense_below < 0:
+            raise ValueError(f"{DENSE_BELOW_VARIABLE} must be 0 or more tokens, got {dense_below}")
         if source in UNIFORM:
             given = {"block_size": block_size, "window": window}
             config = TCAConfig(**{name: value for name, value in given.items() if value is not None})
             p = default_budgets(config.block_size) if source == "default" else dense_budgets(config.block_size)
-            return cls(config, backend, None, p, source)
+            return cls(config, backend, None, p, source, dense_below)
         path = Path(source)
         if not path.is_file():
             raise ValueError(
@@ -73,7 +81,16 @@ class Settings:
                 f"unset {BLOCK_SIZE_VARIABLE} (budgets are distributions over 1, 2, ..., b of the plan)"
             )
         config = plan.config if window is None else TCAConfig(**{**plan.config.to_dict(), "window": window})
-        return cls(config, backend, plan, None, str(path))
+        return cls(config, backend, plan, None, str(path), dense_below)
+
+    def dense_below(self, device: torch.device, shape: tuple[int, int, int]) -> int:
+        """Sequences shorter than this run dense: TCA_VLLM_DENSE_BELOW, else the crossover of `device` for attention
+        of `shape` (query heads, KV heads, head dim per rank), at least the window."""
+        if self.dense_below_tokens is not None:
+            return self.dense_below_tokens
+        from ...backends.crossover import crossover
+
+        return max(self.config.window, crossover(device, shape).dense_below)
 
     def layer_budgets(self, layer: int, num_kv_heads: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
         """[HKV, len(K)] float64 budgets of `layer` for the HKV heads this tensor-parallel rank holds."""

@@ -1,0 +1,114 @@
+"""One attention layer's TCA work over a vLLM batch (pure PyTorch, no vLLM import): the rows loop both backends share.
+
+A batch is rows of query tokens (prompts, prompt chunks, decode steps) over vLLM's pages. Each row is one of:
+- a **decode step with a state** (one token, and the sequence's state covers the tokens before it):
+  docs/semantics.md section 5 on that state (sequence.decode_step), reading only the kept tokens;
+- a **prompt or chunk** whose sequence reaches `dense_below` tokens: section 4 over all its keys, which
+  becomes the sequence's state (sequence.attend_chunk, section 5.1);
+- anything else (a prompt or chunk under `dense_below` tokens, or one token with no state: a sequence prefilled
+  dense stays dense, as in tca's transformers integration): exact causal attention over all its keys, no state.
+
+`dense_below` is where TCA stops paying (tca.backends.crossover); 0 runs TCA on every row.
+Shape letters: T tokens in the batch, HQ query heads, HKV key/value heads, D head dim, NP pages, P page size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ...backends import registry
+from ...backends.common.dense import causal_attention
+from ...budgets import block_keep_count
+from .memory import LayerUsage
+from .paged import PagedSequence
+from .sequence import SequenceState, attend_chunk, decode_step
+from .settings import Settings, layer_index
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Host copies of one batch's row boundaries and lengths, and the device block table.
+
+    query_start: [rows + 1] token offsets; seq_lens: [rows] tokens of each sequence after this step;
+    block_table: [rows, max pages] the pages of each row's sequence, in order; owners: [rows] its first
+    pages (host copies, so that the loop never waits for the device).
+    """
+
+    query_start: list[int]
+    seq_lens: list[int]
+    block_table: torch.Tensor
+    owners: list[int]
+
+
+class LayerRunner:
+    """TCA for one attention layer: its budgets, the per-sequence states and the KV counters.
+
+    States are keyed by a sequence's first page, which belongs to it alone while it runs (prefix caching is
+    refused). `forget` drops the states of pages that a new sequence now owns.
+    """
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_size: int, scale: float, settings: Settings):
+        self.num_heads, self.num_kv_heads, self.head_size, self.scale = num_heads, num_kv_heads, head_size, scale
+        self.settings = settings
+        self.states: dict[int, SequenceState] = {}
+        self.usage = LayerUsage()
+        self._budgets = None
+
+    def budgets(self, layer_name: str, device: torch.device, dtype: torch.dtype):
+        """(budgets [HKV, len(K)] on `device`, keep per leaving block [HKV] on the host, the tca backend) of this
+        layer, made once."""
+        if self._budgets is None:
+            from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+
+            budgets = self.settings.layer_budgets(
+                layer_index(layer_name), self.num_kv_heads,
+                get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size(),
+            )
+            impl = registry.resolve(self.settings.backend, device, dtype, self.head_size).load()
+            self._budgets = (budgets.to(device), block_keep_count(budgets), impl)
+        return self._budgets
+
+    def forget(self, owners) -> None:
+        for owner in owners:
+            self.states.pop(owner, None)
+
+    def run(self, layer_name: str, query: torch.Tensor, key_pages: torch.Tensor, value_pages: torch.Tensor,
+            rows: Rows, out: torch.Tensor, dense_below: int) -> None:
+        """query [T, HQ, D]; key_pages, value_pages [NP, HKV, P, D] (new tokens already written); out [T, HQ, D]."""
+        budgets, keep, impl = self.budgets(layer_name, query.device, query.dtype)
+        config = self.settings.config
+        page_size = key_pages.shape[2]
+        kinds = set()
+        for row, seq_len in enumerate(rows.seq_lens):
+            start, end = rows.query_start[row], rows.query_start[row + 1]
+            if end == start:
+                continue
+            pages = rows.block_table[row, : -(-seq_len // page_size)]
+            paged = PagedSequence(key_pages, value_pages, pages)
+            owner = rows.owners[row]
+            state = self.states.get(owner)
+            if end - start == 1 and state is not None and state.seq_len == seq_len - 1:
+                out[start] = decode_step(query[start], paged, state, keep, config, self.scale)
+                kind = "decodes"
+            elif end - start > 1 and seq_len >= dense_below:
+                out[start:end], state = attend_chunk(query[start:end], paged, seq_len, budgets, config, self.scale, impl)
+                self.states[owner] = state
+                kind = "prompts" if end - start == seq_len else "chunks"
+            else:
+                self.states.pop(owner, None)
+                out[start:end] = dense_rows(query[start:end], paged, seq_len, self.scale)
+                continue
+            self.usage.add(kind, seq_len, state.kept_tokens(), self.head_size, key_pages.element_size())
+            kinds.add(kind)
+        if "decodes" in kinds and len(kinds) > 1:
+            self.usage.mixed += 1
+
+
+def dense_rows(query: torch.Tensor, paged: PagedSequence, seq_len: int, scale: float) -> torch.Tensor:
+    """Exact causal attention of query [LQ, HQ, D] (the last LQ positions) over all seq_len keys -> [LQ, HQ, D]."""
+    k, v = paged.prefix(seq_len)  # [HKV, L, D]
+    q = query.transpose(0, 1)[None]
+    out = causal_attention(q, k[None].to(q.dtype), v[None].to(q.dtype), scale)
+    return out[0].transpose(0, 1)
