@@ -15,6 +15,7 @@ Shape letters: T tokens in the batch, HQ query heads, HKV key/value heads, D hea
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,7 @@ from .memory import LIVE_IMPLS
 from .paged import split_channels
 from .settings import Settings
 
+logger = logging.getLogger("vllm.tca")  # under vLLM's logger, so that its handlers print it
 
 @dataclass(frozen=True)
 class TCABatch:
@@ -66,6 +68,9 @@ class TCAFlashMetadataBuilder(FlashAttentionMetadataBuilder):
         refuse(vllm_config)
         self.dense_below = engine_dense_below(vllm_config, device)
         self.may_run_tca = vllm_config.model_config.max_model_len >= self.dense_below
+        graphs = "eager attention, the rest of the model in CUDA graphs" if self.may_run_tca else "vLLM's CUDA graphs"
+        logger.info("%s; max_model_len %d: %s", Settings.from_environment().describe(self.dense_below),
+                    vllm_config.model_config.max_model_len, graphs)
 
     def build(self, common_prefix_len: int, common_attn_metadata, fast_build: bool = False):
         meta = super().build(common_prefix_len, common_attn_metadata, fast_build)

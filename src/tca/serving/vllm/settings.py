@@ -92,6 +92,13 @@ class Settings:
 
         return max(self.config.window, crossover(device, shape).dense_below)
 
+    def describe(self, dense_below: int) -> str:
+        """One line for the engine's start-up log: the TCA settings in effect."""
+        return (
+            f"TCA attention: budgets {self.source!r}, block size {self.config.block_size}, window {self.config.window}, "
+            f"tca backend {self.backend!r}; sequences under {dense_below} tokens run dense ({DENSE_BELOW_VARIABLE})"
+        )
+
     def layer_budgets(self, layer: int, num_kv_heads: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
         """[HKV, len(K)] float64 budgets of `layer` for the HKV heads this tensor-parallel rank holds."""
         if self.plan is None:
