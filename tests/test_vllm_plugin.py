@@ -181,3 +181,25 @@ def test_smollm2_shipped_plan_runs_chunked(smollm2, monkeypatch):
                              {"TCA_VLLM_PLAN": str(smollm2_plan_path())}, monkeypatch, requests=requests, max_tokens=8)
     assert [len(t) for t in tokens] == [8, 8]
     assert usage.chunks > 0 and 0 < usage.read_bytes < usage.dense_bytes
+
+
+def test_cuda_builder_routes_batches_without_waiting_for_the_device():
+    """The CUDA builder's per-batch decision (run on the CPU: only host copies and the block table are read)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from tca.serving.vllm.cuda import TCAFlashMetadataBuilder
+
+    common = SimpleNamespace(
+        num_reqs=3, query_start_loc_cpu=torch.tensor([0, 5, 6, 10], dtype=torch.int32),
+        seq_lens=torch.tensor([5, 20, 12], dtype=torch.int32), seq_lens_cpu_upper_bound=None, max_seq_len=20,
+        block_table_tensor=torch.tensor([[7, 8], [3, 4], [9, 1]], dtype=torch.int32),
+    )  # a new 5-token prompt, a decode step at 20 tokens, a 4-token chunk reaching 12
+    batch = TCAFlashMetadataBuilder.tca_batch(SimpleNamespace(may_run_tca=True, dense_below=16), common)
+    assert batch.fresh == (7,) and batch.rows.owners == [7, 3, 9]
+    assert batch.rows.query_start == [0, 5, 6, 10] and batch.rows.seq_lens == [5, 20, 12]
+    short = TCAFlashMetadataBuilder.tca_batch(SimpleNamespace(may_run_tca=True, dense_below=64), common)
+    assert short.rows is None and short.fresh == (7,)  # all dense: vLLM's FlashAttention alone runs the batch
+    never = TCAFlashMetadataBuilder.tca_batch(SimpleNamespace(may_run_tca=False, dense_below=64), common)
+    assert never.rows is None and never.fresh == ()
