@@ -96,3 +96,29 @@ def test_left_padded_batch_equals_each_prompt_alone():
 def test_a_policy_that_is_not_one_is_refused():
     with pytest.raises(TypeError, match="policy must be None"):
         TCACache(tiny_model("llama"), policy=16)
+
+
+def test_graph_decoding_refuses_a_reselecting_cache_before_the_prefill():
+    """The check runs before the CUDA device check, so it is reached on the CPU; the prefill never runs."""
+    from tca.models.graphs import graph_decoding, prepare_static
+
+    model = _sparse(tiny_model("llama", seed=2))
+    ids = _ids(40, 5)
+    cache = TCACache(model, policy=tca.Reselect(every=4))
+    with torch.no_grad(), pytest.raises(ValueError, match=r"re-selecting cache.*TCACache\(model\) \(the default"):
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False, pad_token_id=0,
+                       custom_generate=graph_decoding, **cache_kwargs(model, cache))
+    assert all(layer.state is None for layer in cache.layers)
+    # A cache already filled with re-selecting states is refused before any layer changes.
+    filled = TCACache(model, policy=tca.Reselect(every=4))
+    with torch.no_grad():
+        model(_ids(60, 5), **cache_kwargs(model, filled))
+    states = [layer.state for layer in filled.layers]
+    with pytest.raises(ValueError, match="layer 0 holds a ReselectingCache"):
+        prepare_static(filled, 8)
+    assert [layer.state for layer in filled.layers] == states
+    # every=0 is the paper's rule: the packed cache, which graph decoding takes
+    graphs_ok = TCACache(model, policy=tca.Reselect(every=0))
+    with torch.no_grad(), pytest.raises(ValueError, match="CUDA device"):
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False, pad_token_id=0,
+                       custom_generate=graph_decoding, **cache_kwargs(model, graphs_ok))

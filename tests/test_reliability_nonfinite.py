@@ -188,3 +188,39 @@ def test_decode_compression_keeps_its_budget_with_a_nan_key(backend):
     held = cache.positions[0][0].tolist() if backend == "reference" else cache.positions_of(0, 0).tolist()
     assert 32 not in held  # the NaN key ranks last in its block
     assert len([p for p in held if 32 <= p < 48]) == keep
+
+
+@pytest.mark.parametrize("scale", [1e-300, 2.0**-127, 2.0**128, 1e300])
+def test_scale_outside_the_float32_range_is_refused_at_every_entry(scale):
+    """Section 8: a scale that rounds to 0 or infinity in float32 is a ValueError before any backend runs."""
+    q, k, v = make_qkv(B, HQ, HKV, L, D, dtype=torch.float32)
+    match = r"scale must lie between 2\*\*-126 .* and 2\*\*127 .*float32"
+    with pytest.raises(ValueError, match=match):
+        tca.attention(q, k, v, config=CONFIG, scale=scale)
+    with pytest.raises(ValueError, match=match):
+        tca.prefill(q, k, v, config=CONFIG, scale=scale, backend="reference")
+    state = tca.start_prefill(config=CONFIG, scale=scale)
+    with pytest.raises(ValueError, match=match):
+        tca.prefill_chunk(q, k, v, state)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("scale", "magnitude"), [(2.0**-126, 1.0), (2.0**127, 1e-3)])
+def test_scale_at_the_ends_of_its_range_matches_the_reference(backend, scale, magnitude):
+    """The smallest and largest accepted scales: prefill and a decode step that compresses a block equal the float64
+    reference (q and k are small at the large end, so that the logits themselves stay within float32)."""
+    device = _ready(backend)
+    q, k, v = make_qkv(B, HQ, HKV, 81, D)
+    q, k = q * magnitude, k * magnitude
+    budgets = random_budgets(HKV, CONFIG.block_size)
+    prompt, step = (slice(0, 80), slice(80, 81))  # position 80 moves the window: block [48, 64) is compressed
+    want, want_cache = tca.prefill(q[:, :, prompt], k[:, :, prompt], v[:, :, prompt], budgets=budgets, config=CONFIG,
+                                   scale=scale, backend="reference")
+    want_step = tca.decode(q[:, :, step], k[:, :, step], v[:, :, step], want_cache)
+    q, k, v = _to(device, q.float(), k.float(), v.float())
+    got, cache = tca.prefill(q[:, :, prompt], k[:, :, prompt], v[:, :, prompt], budgets=budgets, config=CONFIG,
+                             scale=scale, backend=backend)
+    got_step = tca.decode(q[:, :, step], k[:, :, step], v[:, :, step], cache, backend=backend)
+    for g, w in ((got, want), (got_step, want_step)):
+        assert not g.isnan().any()
+        torch.testing.assert_close(g.cpu().double(), w, atol=1e-5, rtol=1e-5)

@@ -17,6 +17,7 @@ from .backends.common.reselecting_cache import ReselectingCache
 from .backends.crossover import crossover
 from .chunked import MODES, ChunkedPrefill
 from .config import TCAConfig
+from .inference_tensors import leave_inference_tensors
 from .padding import LeftPadding
 from .policy import check_policy
 from .reference.cache import ReferenceKVCache
@@ -225,6 +226,8 @@ def decode(q, k, v, cache, *, layout=None, backend="auto"):
     the reference makes one) decodes on `backend`: "auto" takes the fastest decode kernels for the device
     (Triton on a GPU), whichever backend prefilled; the reference's cache decodes on the reference. The caches of
     `prefill(policy=tca.Reselect(...))` (section 5c) decode the same way, their active set on those kernels.
+    A cache filled under torch.inference_mode() may be decoded outside it: its inference tensors are copied once
+    into normal tensors (the step updates the cache in place, which inference tensors refuse outside that mode).
     """
     q, k, v = to_bhsd(q, k, v, layout)
     if not isinstance(cache, (PackedKVCache, DenseKVCache, ReferenceKVCache, ReselectingCache, ReselectingReferenceCache)):
@@ -251,6 +254,8 @@ def decode(q, k, v, cache, *, layout=None, backend="auto"):
                 f"the cache holds {what} {expected} but the new token is {given}; decode with the same {what} "
                 "as tca.prefill (convert with .to(...))"
             )
+    if not torch.is_inference_mode_enabled():
+        leave_inference_tensors(cache)
     return from_bhsd(decode_step(cache, backend)(q, k, v), layout)
 
 

@@ -9,7 +9,10 @@ plus the kept tokens. Shape letters: B batch, HQ query heads, HKV key/value head
 
 from __future__ import annotations
 
+import torch
+
 from .backends import registry
+from .inference_tensors import leave_inference_tensors
 
 MODES = ("exact", "streaming")
 
@@ -120,6 +123,8 @@ class ChunkedPrefill:
         """Run a checked chunk ("bhsd"); returns its output [B, HQ, n, D]. The first chunk brings `setup`:
         (backend name, implementation, validated budgets, scale). Nothing changes unless the chunk succeeds."""
         backend, impl, budgets, scale = setup or (self._backend, self._impl, self.budgets, self.scale)
+        if self._state is not None and not torch.is_inference_mode_enabled():
+            leave_inference_tensors(self._state)  # a state filled in inference mode is extended in place below
         if self.mode == "exact":
             out, state = impl.exact_chunk(q, k, v, self._state, budgets, self.config, scale)
         else:

@@ -21,6 +21,12 @@ LAYOUTS = ("bhsd", "bshd")
 # taken as [B, L, H, D] passed by mistake (released models have at most 128 heads): an error with the fix.
 MAX_PLAUSIBLE_HEADS = 256
 BUDGET_SUM_TOLERANCE = 1e-4
+# [choice: scale range] The kernels apply the scale in float32 (Triton as scale * log2(e)): below the smallest
+# normal float32 it rounds to 0 there (a masked logit then becomes -inf * 0 = NaN), above 2**127 it, or
+# scale * log2(e), rounds to infinity. The reference (float64) would give a result; such scales are refused at
+# validation instead, so every backend accepts the same range (semantics.md section 8).
+MIN_SCALE = 2.0**-126
+MAX_SCALE = 2.0**127
 
 
 def check_config(config) -> TCAConfig:
@@ -114,6 +120,12 @@ def check_scale(scale, head_dim: int) -> float:
         scale = scale.item()  # a 0-d tensor (one host sync, at most once per call)
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale must be a finite number > 0 or None (meaning 1/sqrt(D)), got {scale!r}")
+    if not MIN_SCALE <= scale <= MAX_SCALE:
+        raise ValueError(
+            f"scale must lie between 2**-126 (about 1.2e-38) and 2**127 (about 1.7e38), got {scale!r}: the kernels "
+            "compute logits in float32, where a smaller scale rounds to 0 and a larger one to infinity; "
+            "leave scale=None for 1/sqrt(D)"
+        )
     return float(scale)
 
 

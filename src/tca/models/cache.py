@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import torch
 
+from ..inference_tensors import leave_inference_tensors
 from . import _hf
 from .attention import IMPLEMENTATIONS, handoff, left_padding
 from .shape import check_supported, text_config
@@ -220,11 +221,8 @@ class TCACacheLayer(CacheLayerMixin):
         """A cache filled under torch.inference_mode() holds inference tensors, which cannot be updated in place
         outside it: copy them once into normal tensors (the reverse direction needs nothing)."""
         self._normal_state = self.state
-        if self.state is None:
-            return
-        for state in (self.state, getattr(self.state, "active", None)):  # a re-selecting cache wraps its active set
-            if state is not None:
-                _clone_inference_tensors(state)
+        if self.state is not None:
+            leave_inference_tensors(self.state)
 
     @property
     def nbytes(self) -> int:
@@ -428,17 +426,6 @@ class TCACache(Cache):
                 element = torch.empty((), dtype=layer.dtype).element_size()
                 total += 2 * H * _dense_positions(layer.state) * layer.state.head_dim * element
         return total
-
-
-def _clone_inference_tensors(state) -> None:
-    """Every inference tensor of a tca cache, also in ragged lists [b][h] (the reference's), copied once."""
-    tensors = {name: t for name, t in vars(state).items() if isinstance(t, torch.Tensor) and t.is_inference()}
-    for name, t in tensors.items():
-        setattr(state, name, t.clone())
-    for rows_name in ("keys", "values", "positions", "evicted_keys", "evicted_values", "evicted_positions"):
-        rows = getattr(state, rows_name, None)
-        if isinstance(rows, list):
-            setattr(state, rows_name, [[t.clone() if t.is_inference() else t for t in row] for row in rows])
 
 
 def _dense_positions(state) -> int:

@@ -8,8 +8,8 @@
 processors and the stopping criteria; this loop prefills eagerly, captures one single-token forward of the
 model (every layer's compress, ring write and attention, on the device, no host synchronisation) and replays it.
 It needs a cache whose decode step is static: a TCACache (its compressed caches reserve room for the whole
-generation first) or a transformers StaticCache (the dense baseline, captured the same way). Greedy and
-sampling; no beams.
+generation first; the default policy only, not tca.Reselect) or a transformers StaticCache (the dense baseline,
+captured the same way). Greedy and sampling; no beams.
 
 Shape letters: B batch, V vocabulary.
 """
@@ -97,14 +97,36 @@ def _tca_layers(cache):
     return [layer for layer in getattr(cache, "layers", []) if isinstance(layer, TCACacheLayer)]
 
 
+def check_graph_policy(cache) -> None:
+    """Refuse, before the prefill, a TCACache whose decode step has no static form: a re-selecting one
+    (policy=tca.Reselect with every >= 1) chooses its attended tokens again and grows its evicted store on the
+    host side of the step, which a replayed graph would not redo."""
+    if any(layer.policy is not None and layer.policy.active for layer in _tca_layers(cache)):
+        raise ValueError(
+            "graph_decoding does not support a re-selecting cache (TCACache(model, policy=tca.Reselect(...))): its "
+            "decode step re-selects on some steps only and grows its evicted store, which one captured step cannot replay; "
+            "call generate without "
+            "custom_generate, or use TCACache(model) (the default policy)"
+        )
+
+
 def prepare_static(cache, new_tokens: int) -> None:
     """Reserve room for `new_tokens` more steps in every compressed layer and switch it to static shapes. The
-    dense path's cache (one growing buffer) becomes the same tokens in the packed cache, whose step is static."""
+    dense path's cache (one growing buffer) becomes the same tokens in the packed cache, whose step is static.
+    Any other cache (the reference's, a re-selecting one) is refused before a layer changes."""
     from tca.backends.common.dense_cache import DenseKVCache
+    from tca.backends.common.packed_cache import PackedKVCache
 
     for layer in _tca_layers(cache):
         if layer.state is None:
             raise ValueError("graph decoding needs the cache prefilled first")
+        if not isinstance(layer.state, (PackedKVCache, DenseKVCache)):
+            raise ValueError(
+                f"graph_decoding needs the packed cache of the torch, triton or flash backends, but layer "
+                f"{layer.layer_idx} holds a {type(layer.state).__name__}; call generate without custom_generate"
+                + (", or use TCACache(model) (the default policy)" if layer.policy is not None else "")
+            )
+    for layer in _tca_layers(cache):
         if isinstance(layer.state, DenseKVCache):
             layer.state = layer.state.to_packed()
         layer.state.reserve(new_tokens + 2)  # + the warm-up step and one spare
@@ -135,6 +157,7 @@ def graph_decoding(
         # replayed graph would not redo.
         raise ValueError("graph_decoding does not support hybrid models (sliding-window layers); call generate "
                          "without custom_generate")
+    check_graph_policy(cache)
     if input_ids.device.type != "cuda":
         raise ValueError("graph_decoding needs a CUDA device (CUDA graphs); call generate without custom_generate")
     mask = model_kwargs.get("attention_mask")
