@@ -135,6 +135,22 @@ def test_prefix_caching_is_refused_with_the_flag_to_set(tiny_llama, monkeypatch)
                  skip_tokenizer_init=True)
 
 
+def test_bad_plugin_settings_stop_the_engine_while_it_starts(tiny_llama, monkeypatch, tmp_path):
+    """A plan for another model, or a tca backend that cannot run here: the engine does not start (so a server
+    exits at start-up instead of answering its first request with an error), and the message names the variable."""
+    import tca
+    from tca.models.plans import default_plan
+    from tca.models.shape import ModelShape
+
+    other = ModelShape(name="other", num_layers=3, num_heads=4, num_kv_heads=2, head_dim=32)
+    path = tmp_path / "other.json"
+    default_plan(other, tca.TCAConfig(block_size=16, window=32)).save(path)
+    with pytest.raises(Exception, match="TCA_VLLM_PLAN=.* is a plan for 3 layers"):
+        generate(tiny_llama, TCA, {"TCA_VLLM_PLAN": str(path)}, monkeypatch, skip_tokenizer_init=True)
+    with pytest.raises(Exception, match="TCA_VLLM_BACKEND='triton' cannot run here"):
+        generate(tiny_llama, TCA, {"TCA_VLLM_BACKEND": "triton"}, monkeypatch, skip_tokenizer_init=True)
+
+
 def test_entry_point_is_discovered_when_tca_is_installed():
     from importlib.metadata import entry_points
 

@@ -75,6 +75,18 @@ def test_plan_file_budgets_and_tensor_parallel_slices(tmp_path):
         settings.layer_budgets(2, 4)
     with pytest.raises(ValueError, match="differs from the plan's block size 16"):
         Settings.from_environment({"TCA_VLLM_PLAN": str(path), "TCA_VLLM_BLOCK_SIZE": "32"})
+    # Checked when the model is built, before its weights load: a plan for another model, fewer or more layers.
+    cpu = torch.device("cpu")
+    settings.check_model(2, 2, 2, cpu, torch.float32, 16)
+    for layers, heads in ((2, 3), (3, 4), (1, 4)):
+        with pytest.raises(ValueError, match="TCA_VLLM_PLAN=.* is a plan for 2 layers of 4 KV heads"):
+            settings.check_model(layers, heads, 1, cpu, torch.float32, 16)
+
+
+def test_a_backend_that_cannot_run_here_is_refused_naming_the_variable():
+    settings = Settings.from_environment({"TCA_VLLM_BACKEND": "flash"})
+    with pytest.raises(ValueError, match="TCA_VLLM_BACKEND='flash' cannot run here"):
+        settings.check_model(2, 2, 1, torch.device("cpu"), torch.float32, 16)
 
 
 @pytest.mark.parametrize(
@@ -83,7 +95,9 @@ def test_plan_file_budgets_and_tensor_parallel_slices(tmp_path):
         ({"TCA_VLLM_PLAN": "missing.json"}, "no such plan file"),
         ({"TCA_VLLM_WINDOW": "lots"}, "whole number of tokens"),
         ({"TCA_VLLM_BLOCK_SIZE": "100"}, "power of two"),
-        ({"TCA_VLLM_BLOCK_SIZE": "64", "TCA_VLLM_WINDOW": "100"}, "multiple"),
+        ({"TCA_VLLM_BLOCK_SIZE": "64", "TCA_VLLM_WINDOW": "100"}, "TCA_VLLM_WINDOW.*multiple"),
+        ({"TCA_VLLM_BACKEND": "trition"}, "TCA_VLLM_BACKEND='trition' is not a tca backend"),
+        ({"TCA_VLLM_DENSE_BELOW": "-1"}, "TCA_VLLM_DENSE_BELOW"),
     ],
 )
 def test_bad_settings_are_explained(environ, message):
@@ -146,5 +160,3 @@ def test_dense_below_is_read_and_checked():
     assert Settings.from_environment({"TCA_VLLM_DENSE_BELOW": "0"}).dense_below(torch.device("cpu"), (4, 2, 16)) == 0
     default = Settings.from_environment({"TCA_VLLM_BLOCK_SIZE": "16", "TCA_VLLM_WINDOW": "64"})
     assert default.dense_below(torch.device("cpu"), (4, 2, 16)) == 64  # the CPU has no crossover: the window
-    with pytest.raises(ValueError, match="TCA_VLLM_DENSE_BELOW"):
-        Settings.from_environment({"TCA_VLLM_DENSE_BELOW": "-1"})

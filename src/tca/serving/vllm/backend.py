@@ -24,7 +24,7 @@ from vllm.v1.attention.backend import (
     CommonAttentionMetadata,
 )
 
-from .checks import refuse, refuse_layer
+from .checks import refuse, refuse_layer, refuse_settings
 from .compat import cpu_layouts
 from .layer import LayerRunner, Rows
 from .memory import LIVE_IMPLS
@@ -79,13 +79,14 @@ class TCAAttentionImpl(AttentionImpl[TCAMetadata]):
     ) -> None:
         refuse_layer(alibi_slopes=alibi_slopes, sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
                      sinks=sinks, attn_type=attn_type, decoder=AttentionType.DECODER)
-        refuse(get_current_vllm_config())
+        settings = Settings.from_environment()
+        refuse_settings(settings, get_current_vllm_config(), num_kv_heads, head_size)
         self.num_heads, self.head_size, self.scale = num_heads, head_size, float(scale)
         self.num_kv_heads = num_kv_heads
         self.kv_cache_dtype = kv_cache_dtype
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
         self.attn_type = attn_type
-        self.tca = LayerRunner(num_heads, num_kv_heads, head_size, float(scale), Settings.from_environment())
+        self.tca = LayerRunner(num_heads, num_kv_heads, head_size, float(scale), settings)
         self._dense_below = None
         LIVE_IMPLS.add(self)
 

@@ -66,3 +66,16 @@ def refuse_layer(**layer) -> None:
             "the TCA attention backend cannot run this model's attention: it uses " + "; ".join(problems)
             + "; serve it with vLLM's own backend (drop --attention-backend CUSTOM)"
         )
+
+
+def refuse_settings(settings, vllm_config, num_kv_heads: int, head_size: int) -> None:
+    """Refuse the engine's settings and the plugin's (plan against the model, tca backend on this device) while the
+    model is being built, before any weight loads: a bad setting stops the server at start-up, not at a request."""
+    refuse(vllm_config)
+    import torch
+    from vllm.distributed import get_tensor_model_parallel_world_size
+
+    model = vllm_config.model_config
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    settings.check_model(model.get_total_num_hidden_layers(), num_kv_heads, get_tensor_model_parallel_world_size(),
+                         device, model.dtype, head_size)

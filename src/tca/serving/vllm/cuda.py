@@ -19,6 +19,7 @@ import logging
 from dataclasses import dataclass
 
 import torch
+from vllm.config import get_current_vllm_config
 from vllm.v1.attention.backend import AttentionCGSupport, AttentionType
 from vllm.v1.attention.backends.flash_attn import (
     FlashAttentionBackend,
@@ -26,7 +27,7 @@ from vllm.v1.attention.backends.flash_attn import (
     FlashAttentionMetadataBuilder,
 )
 
-from .checks import refuse, refuse_layer
+from .checks import refuse, refuse_layer, refuse_settings
 from .compat import version_problem
 from .layer import LayerRunner, Rows
 from .memory import LIVE_IMPLS
@@ -113,9 +114,11 @@ class TCAFlashImpl(FlashAttentionImpl):
     ) -> None:
         refuse_layer(alibi_slopes=alibi_slopes, sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
                      sinks=sinks, attn_type=attn_type, decoder=AttentionType.DECODER)
+        settings = Settings.from_environment()
+        refuse_settings(settings, get_current_vllm_config(), num_kv_heads, head_size)
         super().__init__(num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window, kv_cache_dtype,
                          logits_soft_cap, attn_type, kv_sharing_target_layer_name, sinks)
-        self.tca = LayerRunner(num_heads, num_kv_heads, head_size, float(scale), Settings.from_environment())
+        self.tca = LayerRunner(num_heads, num_kv_heads, head_size, float(scale), settings)
         LIVE_IMPLS.add(self)
 
     @property

@@ -42,6 +42,14 @@ def _int_variable(environ, name: str) -> int | None:
         raise ValueError(f"{name} must be a whole number of tokens, got {text!r}") from None
 
 
+def _config(given: dict) -> TCAConfig:
+    """TCAConfig of the given fields (None: the default), its error naming the variables that set them."""
+    try:
+        return TCAConfig(**{name: value for name, value in given.items() if value is not None})
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{BLOCK_SIZE_VARIABLE} / {WINDOW_VARIABLE} (or the plan's): {error}") from None
+
+
 @dataclass(frozen=True)
 class Settings:
     """Budgets for every layer: a plan, or one uniform budget configuration p [len(K)]."""
@@ -60,12 +68,16 @@ class Settings:
         block_size = _int_variable(environ, BLOCK_SIZE_VARIABLE)
         window = _int_variable(environ, WINDOW_VARIABLE)
         backend = environ.get(BACKEND_VARIABLE) or "auto"
+        from ...backends import registry
+
+        if backend != "auto" and backend not in registry.names():
+            raise ValueError(f"{BACKEND_VARIABLE}={backend!r} is not a tca backend: use auto or one of {registry.names()}")
         dense_below = _int_variable(environ, DENSE_BELOW_VARIABLE)
         if dense_below is not None and dense_below < 0:
             raise ValueError(f"{DENSE_BELOW_VARIABLE} must be 0 or more tokens, got {dense_below}")
         if source in UNIFORM:
             given = {"block_size": block_size, "window": window}
-            config = TCAConfig(**{name: value for name, value in given.items() if value is not None})
+            config = _config(given)
             p = default_budgets(config.block_size) if source == "default" else dense_budgets(config.block_size)
             return cls(config, backend, None, p, source, dense_below)
         path = Path(source)
@@ -80,7 +92,7 @@ class Settings:
                 f"{BLOCK_SIZE_VARIABLE}={block_size} differs from the plan's block size {plan.config.block_size}; "
                 f"unset {BLOCK_SIZE_VARIABLE} (budgets are distributions over 1, 2, ..., b of the plan)"
             )
-        config = plan.config if window is None else TCAConfig(**{**plan.config.to_dict(), "window": window})
+        config = plan.config if window is None else _config({**plan.config.to_dict(), "window": window})
         return cls(config, backend, plan, None, str(path), dense_below)
 
     def dense_below(self, device: torch.device, shape: tuple[int, int, int]) -> int:
@@ -98,6 +110,21 @@ class Settings:
             f"TCA attention: budgets {self.source!r}, block size {self.config.block_size}, window {self.config.window}, "
             f"tca backend {self.backend!r}; sequences under {dense_below} tokens run dense ({DENSE_BELOW_VARIABLE})"
         )
+
+    def check_model(self, num_layers: int, num_kv_heads: int, world_size: int, device, dtype, head_size: int) -> None:
+        """Refuse, before the model loads, a plan made for another model or a tca backend that cannot run here."""
+        if self.plan is not None and (self.plan.num_layers, self.plan.num_kv_heads) != (num_layers, num_kv_heads * world_size):
+            raise ValueError(
+                f"{PLAN_VARIABLE}={self.source!r} is a plan for {self.plan.num_layers} layers of "
+                f"{self.plan.num_kv_heads} KV heads, but the model has {num_layers} layers of "
+                f"{num_kv_heads * world_size} KV heads; calibrate a plan for this model (`python -m tca calibrate`)"
+            )
+        from ...backends import registry
+
+        try:
+            registry.resolve(self.backend, device, dtype, head_size)
+        except (RuntimeError, ValueError, TypeError) as error:
+            raise ValueError(f"{BACKEND_VARIABLE}={self.backend!r} cannot run here: {error}") from None
 
     def layer_budgets(self, layer: int, num_kv_heads: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
         """[HKV, len(K)] float64 budgets of `layer` for the HKV heads this tensor-parallel rank holds."""
