@@ -219,3 +219,34 @@ def test_cuda_builder_routes_batches_without_waiting_for_the_device():
     assert short.rows is None and short.fresh == (7,)  # all dense: vLLM's FlashAttention alone runs the batch
     never = TCAFlashMetadataBuilder.tca_batch(SimpleNamespace(may_run_tca=False, dense_below=64), common)
     assert never.rows is None and never.fresh == ()
+
+
+def _tca_heads(worker) -> list[tuple[int, int]]:
+    """On a vLLM worker: (KV heads, budget rows) of each TCA layer once it has run."""
+    from tca.serving.vllm.memory import LIVE_IMPLS
+
+    return [(impl.num_kv_heads, impl.tca._budgets[0].shape[0]) for impl in LIVE_IMPLS if impl.tca._budgets]
+
+
+def test_tensor_parallel_gives_vllm_tokens_and_splits_the_heads(tiny_llama, monkeypatch):
+    """Two tensor-parallel CPU workers (one core each): dense budgets give vLLM's own tokens at the same
+    parallelism, default budgets run, and each rank holds budgets for its own KV head only."""
+    parallel = {"tensor_parallel_size": 2, "distributed_executor_backend": "mp"}
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # one core per worker (vLLM wants a NUMA node each)
+    monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # the probe below is a function sent to workers
+    expected, _ = generate(tiny_llama, parallel, {}, monkeypatch, skip_tokenizer_init=True)
+    tokens, _ = generate(tiny_llama, {**TCA, **parallel}, {"TCA_VLLM_PLAN": "dense", **SMALL_GEOMETRY}, monkeypatch,
+                         skip_tokenizer_init=True)
+    assert tokens == expected
+    monkeypatch.setenv("TCA_VLLM_PLAN", "default")
+    engine = vllm.LLM(model=tiny_llama, enforce_eager=True, dtype="float32", seed=0, skip_tokenizer_init=True,
+                      **TCA, **parallel)
+    try:
+        params = vllm.SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, detokenize=False)
+        outputs = engine.generate(prompts(), params, use_tqdm=False)
+        assert [len(o.outputs[0].token_ids) for o in outputs] == [8] * len(PROMPT_LENGTHS)
+        per_rank = engine.collective_rpc(_tca_heads)
+        assert len(per_rank) == 2 and all(heads == [(1, 1)] * 2 for heads in per_rank)  # 2 layers x 1 KV head
+    finally:
+        del engine
+        gc.collect()
