@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ...config import TCAConfig
 from ...dtypes import compute_dtype
@@ -133,7 +134,9 @@ def decode_step(
     # On CUDA, half-precision pages go to SDPA as they are (its kernels accumulate in float32): no float32 copy of
     # the kept keys and values each step. Elsewhere the float64-or-float32 rule of tca.dtypes.
     at = query.dtype if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) else dt
-    out = F.scaled_dot_product_attention(  # heads as the batch, each group's G queries as its rows
-        q[:, None].to(at), keys[:, None].to(at), values[:, None].to(at), attn_mask=mask, scale=scale
-    )  # [HKV, 1, G, D]
+    # Not cuDNN's kernel: it builds a graph for every new key length, i.e. at every decode step.
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        out = F.scaled_dot_product_attention(  # heads as the batch, each group's G queries as its rows
+            q[:, None].to(at), keys[:, None].to(at), values[:, None].to(at), attn_mask=mask, scale=scale
+        )  # [HKV, 1, G, D]
     return out.reshape(HQ, D).to(query.dtype)
