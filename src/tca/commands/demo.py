@@ -87,7 +87,7 @@ def run(args) -> int:
     from transformers import DynamicCache
 
     from tca.backends import registry
-    from tca.models import TCACache, enable_tca
+    from tca.models import TCACache, enable_tca, model_shape
     from tca.models.passkey import found, passkey_prompt
     from tca.models.registry import named_model
 
@@ -103,6 +103,7 @@ def run(args) -> int:
     print(f"tca demo: {entry.description} (CPU, float32), a passkey hidden in Python's pydoc text")
     start = time.perf_counter()
     model, tokenizer = resolve_model(args.model).load(verbose=args.verbose)
+    shape = model_shape(model)  # configs need not name head_dim (Qwen2's derives it from the hidden size)
     print(f"  model loaded in {time.perf_counter() - start:.1f} s")
     prompt = passkey_prompt(tokenizer, args.tokens, args.depth, args.passkey)
     L = prompt.input_ids.shape[1]
@@ -119,7 +120,7 @@ def run(args) -> int:
         raise UsageError(f"--plan {plan_name}: {error}") from None
     backend = args.backend
     if backend == "auto":
-        backend = registry.resolve("auto", model.device, model.dtype, model.config.head_dim, decode=True).name
+        backend = registry.resolve("auto", model.device, model.dtype, shape.head_dim, decode=True).name
     tca_cache = TCACache(model)
     tca_tokens, tca_time = _generate(model, prompt, tca_cache, args.max_new_tokens, "TCA")
 
@@ -140,8 +141,8 @@ def run(args) -> int:
     print()
     print(f"  KV cache: TCA holds {tca_cache.nbytes:,} bytes vs dense {dense_bytes:,} "
           f"({tca_cache.nbytes / dense_bytes:.1%}); kept {tca_cache.kept_fraction():.1%} of the tokens "
-          f"(dense = 2 x {model.config.num_hidden_layers} layers x {model.config.num_key_value_heads} KV heads x "
-          f"{dense_cache.get_seq_length()} tokens x {model.config.head_dim} x 4 bytes)")
+          f"(dense = 2 x {shape.num_layers} layers x {shape.num_kv_heads} KV heads x "
+          f"{dense_cache.get_seq_length()} tokens x {shape.head_dim} x 4 bytes)")
     if found(dense_answer, args.passkey) and not found(tca_answer, args.passkey):
         print(f"  warning: TCA missed the passkey that dense attention found: this plan (tau={cfg.tau}) keeps too "
               "little for this prompt; calibrate with a higher --tau (the shipped plan uses 0.97) or keep the default plan")
