@@ -33,11 +33,13 @@ def check_args(args):
     from tca.models.plans import shipped_plan_path
     from tca.models.registry import named_model
 
-    from ._args import check_fractions, check_plan_file, check_positive
+    from ._args import check_backend, check_context, check_fractions, check_plan_file, check_positive
 
     check_fractions("--depth", [args.depth])
     check_positive("--tokens", args.tokens, 64)
     check_positive("--max-new-tokens", args.max_new_tokens)
+    check_context("--tokens", [args.tokens], args.model, args.max_new_tokens, "--max-new-tokens")
+    check_backend(args.backend, "cpu")
     if not args.passkey.isdigit():
         raise UsageError(f"--passkey must be a number (digits only), got {args.passkey!r}")
     return check_plan_file(str(args.plan or shipped_plan_path(named_model(args.model).plan)))
