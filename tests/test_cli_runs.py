@@ -89,3 +89,18 @@ def test_loader_progress_bars_only_when_verbose(capsys):
             pass
         raise RuntimeError("broken file")
     assert "Converting" in capsys.readouterr().err
+
+
+def test_ctrl_c_during_eval_prints_one_line_naming_resume(tmp_path, monkeypatch, capsys):
+    """Ctrl-C mid-run: status 130 and one line saying where the finished methods are and how to continue."""
+    from tca.eval import harness
+
+    def interrupted(runner, tokenizer, methods, grid, out=None, **kwargs):
+        (tmp_path / "partial.json").write_text("{}")  # the harness writes after every method
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(harness, "evaluate", interrupted)
+    assert main(["eval", "--model", "tiny", "--device", "cpu", "--quiet", "--out", str(tmp_path / "partial.json")]) == 130
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err, err
+    assert "interrupted" in err and "partial.json" in err and "--resume" in err

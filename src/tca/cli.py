@@ -54,7 +54,8 @@ def _unrecognized(parser: Parser, command: str, extra: list[str]):
 
 
 def main(argv=None) -> int:
-    """Run one command. Bad arguments or files print as one line (status 2); a closed stdout (`| head`) ends quietly."""
+    """Run one command. Bad arguments or files print as one line (status 2); Ctrl-C prints one line (status
+    130); a closed stdout (`| head`) ends quietly."""
     from tca.backends.registry import BackendChoiceWarning
     from tca.commands._args import UsageError
 
@@ -70,6 +71,11 @@ def main(argv=None) -> int:
         except UsageError as error:
             print(f"python -m tca {args.command}: error: {error}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:
+            module = importlib.import_module(f"tca.commands.{args.command}")
+            hint = getattr(module, "interrupted_hint", lambda args: "")(args)
+            print(f"\npython -m tca {args.command}: interrupted{'; ' + hint if hint else ''}", file=sys.stderr)
+            return 130
         except BrokenPipeError:
             # the reader stopped early (e.g. `python -m tca info | head`): send the rest nowhere, no traceback
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -1,6 +1,6 @@
 """`python -m tca eval`: needle tasks and perplexity on SmolLM2-135M, dense vs TCA, JSON + plots + tables.
 
-    python -m tca eval                     # the "quick" preset on SmolLM2 (a few minutes on a CPU) -> tca_eval.json
+    python -m tca eval                     # the "quick" preset on SmolLM2 (1-2 minutes on a 2-core CPU) -> tca_eval.json
     python -m tca eval --preset main --out benchmarks/results/quality_main.json --plots docs/quality
     python -m tca eval --preset ablation --out benchmarks/results/quality_ablation.json --plots docs/quality_ablation
     python -m tca eval --from-json benchmarks/results/quality_main.json --plots docs/quality   # tables/plots only
@@ -39,7 +39,7 @@ def configure(parser) -> None:
     from tca.eval.ruler_presets import RULER_PRESETS
 
     parser.add_argument("--preset", choices=PRESETS + RULER_PRESETS, default=DEFAULT_PRESET,
-                        help=f"methods and grid to run (default: {DEFAULT_PRESET}, a few minutes on a CPU; "
+                        help=f"methods and grid to run (default: {DEFAULT_PRESET}, 1-2 minutes on a 2-core CPU; "
                         "ruler*: RULER tasks and the kvpress peers)")
     shipped = "; ".join(f"{name}: {what}" for name, what in SHIPPED_MODELS.items())
     parser.add_argument("--model", default="smollm2",
@@ -78,6 +78,19 @@ def _grid(args, grid):
     grid.seed = args.seed
     grid.__post_init__()
     return grid
+
+
+def interrupted_hint(args) -> str:
+    """What the one-line message after Ctrl-C says: where the finished part is and how to continue."""
+    if args.from_json or not args.out or not Path(args.out).is_file():
+        return ("no method had finished, so nothing was saved (results are written after every method, and "
+                "--resume continues from them)")
+    from tca.eval.ruler_presets import RULER_PRESETS
+
+    if args.preset in RULER_PRESETS:  # RULER runs always continue from their --out
+        return f"the finished samples are in {args.out}; run the same command again to continue"
+    again = "run the same command again" if args.resume else "add --resume to the same command"
+    return f"the finished methods are in {args.out}; {again} to continue"
 
 
 def _print_report(results: dict, plots: str | None) -> None:
