@@ -55,3 +55,9 @@ def test_demo_runs_a_model_whose_config_has_no_head_dim(qwen2_demo, capsys):
     assert main(qwen2_demo) == 0
     out = capsys.readouterr().out
     assert "16 x 4 bytes" in out  # head dim 64 / 4 heads, read through the model's shape
+    assert "3 runs each: best, median, spread" in out and "median" in out and "%" in out
+
+
+def test_demo_repeats_are_checked(qwen2_demo, capsys):
+    assert main([*qwen2_demo, "--repeats", "0"]) == 2
+    assert "--repeats must be at least 1" in capsys.readouterr().err
