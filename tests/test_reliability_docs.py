@@ -31,3 +31,16 @@ def test_text_speaks_of_the_project_only(path):
     text = path.read_text(encoding="utf-8")
     found = [f"{what}: {m.group(0)!r}" for pattern, what in FORBIDDEN for m in re.finditer(pattern, text, re.IGNORECASE)]
     assert not found, f"{path.relative_to(ROOT)}: " + "; ".join(found)
+
+
+def test_install_commands_install_tca_from_its_source():
+    """The name `tca` on PyPI belongs to an unrelated package: no command in the docs installs tca by that name."""
+    wrong = []
+    for path in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]:
+        for block in re.findall(r"```(?:bash|sh|console)?\n(.*?)```", path.read_text(encoding="utf-8"), re.DOTALL):
+            for line in block.splitlines():
+                for command in line.split("#")[0].split("&&"):
+                    words = [w.strip("'\"") for w in command.split()]
+                    if words[:2] == ["pip", "install"] and any(w == "tca" or w.startswith("tca[") for w in words):
+                        wrong.append(f"{path.name}: {command.strip()}")
+    assert not wrong, wrong
