@@ -44,3 +44,12 @@ def test_install_commands_install_tca_from_its_source():
                     if words[:2] == ["pip", "install"] and any(w == "tca" or w.startswith("tca[") for w in words):
                         wrong.append(f"{path.name}: {command.strip()}")
     assert not wrong, wrong
+
+
+def test_ci_runs_the_readmes_test_command():
+    """The README starts with two commands (the demo, the tests); .ci/run runs the second one as written."""
+    first_block = re.search(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(encoding="utf-8"), re.DOTALL).group(1)
+    commands = [line for line in first_block.splitlines() if line and not line.startswith("#")]
+    assert len(commands) == 2, commands
+    ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if not line.startswith("#")]
+    assert commands[1] in ci, (commands[1], ci)
