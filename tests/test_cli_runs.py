@@ -28,6 +28,9 @@ def test_eval_defaults_write_a_default_file_after_saying_what_and_how_long(tmp_p
     results = json.loads((tmp_path / "tca_eval.json").read_text())
     assert set(results["methods"]) == {"dense", "tca-tau0.97", "tca-fixed31"}
     assert "wrote tca_eval.json" in out
+    # the three kept values printed say what they average: all prompts, one length, the perplexity length
+    assert "KV kept (all prompts)" in out and "| KV kept @" in out and "KV kept: positions the cache holds" in out
+    assert "(KV kept @2048: " in out
 
 
 def test_bench_times_three_repeats_and_reports_their_spread(tmp_path, capsys):

@@ -97,12 +97,14 @@ def _print_report(results: dict, plots: str | None) -> None:
     from tca.eval import report
 
     print(report.markdown_table(results))
+    print(report.KEPT_LEGEND)
     for method in results["methods"]:
         if method != report.BASELINE:
             checks = report.targets(results, method)
             if checks:
                 print(f"{method}: needle misses vs dense {checks['needle_misses']}/{checks['needle_cells_dense_succeeds']}, "
-                      + ", ".join(f"ppl@{L} {100 * v['ppl_increase']:+.2f}% kept {v['kept_fraction']:.3f}" for L, v in checks["perplexity"].items()))
+                      + ", ".join(f"ppl@{L} {100 * v['ppl_increase']:+.2f}% (KV kept @{L}: {v['kept_fraction']:.3f})"
+                                  for L, v in checks["perplexity"].items()))
     if plots:
         from tca.eval import plots as P
 
