@@ -162,3 +162,20 @@ def test_parser_errors_are_one_specific_line(capsys):
     import tca
 
     assert capsys.readouterr().out.strip() == f"tca {tca.__version__}"
+
+
+def test_calibrate_defaults_are_the_shipped_plans_for_a_named_model(no_model_load, tmp_path):
+    """What the docs advise for SmolLM2 is what `calibrate --model smollm2` does with no settings."""
+    from tca.cli import build_parser
+    from tca.commands import calibrate
+
+    out = str(tmp_path / "p.json")
+    _, config, _, _ = calibrate.check_args(build_parser().parse_args(["calibrate", "--model", "smollm2", "--out", out]))
+    assert (config.block_size, config.window, config.tau) == (64, 512, 0.97)
+    args = build_parser().parse_args(["calibrate", "--model", "smollm2", "--out", out, "--tau", "0.99"])
+    assert calibrate.check_args(args)[1].tau == 0.99 and args.length == 2048
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    _, config, _, _ = calibrate.check_args(build_parser().parse_args(["calibrate", "--model", str(folder), "--out", out]))
+    assert (config.block_size, config.window, config.tau) == (128, 4096, 0.9)
