@@ -19,7 +19,7 @@ FILES = sorted(
 FORBIDDEN = [
     (r"\bissues? #?\d+", "an issue number"),
     (r"\bthe (?:\w+ )?issue's\b", "a reference to an issue"),
-    (r"/work/|\.\./shared/", "a folder outside the repository"),
+    (r"/work/|\.\./shared/|/tmp/|/scratch/", "a folder outside the repository"),
     (r"\bcommit [0-9a-f]{7}|\([0-9a-f]{7}\)", "a commit id"),
     (r"\b(?:this|next|same|GPU) session\b", "a work session"),
     (r"device budget|no device time", "how the work was done"),
