@@ -17,7 +17,7 @@ class Parser(argparse.ArgumentParser):
     """An argument parser whose errors are one line (no usage block), like the commands' own checks; status 2.
     `commands` maps each subcommand to its parser."""
 
-    commands: dict[str, argparse.ArgumentParser] = {}
+    commands: dict[str, argparse.ArgumentParser]  # set by build_parser on the top-level parser
 
     def error(self, message: str):
         missing = re.fullmatch(r"argument (\S+?)(?:/\S+)?: expected one argument", message)

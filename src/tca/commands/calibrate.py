@@ -29,15 +29,15 @@ def configure(parser) -> None:
     parser.add_argument("--gguf-file", default=None, help="a GGUF file name inside the --model folder")
     parser.add_argument("--out", required=True, help="where to write the plan JSON")
     parser.add_argument("--text", default=None, help="a UTF-8 text file (default: Python's pydoc topics)")
-    shipped = "a named model's: its shipped plan's; others"
+    shipped = "the shipped plan's for a named model, else"
     parser.add_argument("--length", type=int, default=None,
-                        help=f"tokens of calibration text (default {shipped}: 2 x window)")
+                        help=f"tokens of calibration text (default: {shipped} 2 x window)")
     parser.add_argument("--tau", type=float, default=None,
-                        help=f"retained attention mass to reach (default {shipped}: 0.9)")
-    parser.add_argument("--block-size", type=int, default=None, help=f"block size b (default {shipped}: 128)")
-    parser.add_argument("--window", type=int, default=None, help=f"local window w (default {shipped}: 4096)")
+                        help=f"retained attention mass to reach (default: {shipped} 0.9)")
+    parser.add_argument("--block-size", type=int, default=None, help=f"block size b (default: {shipped} 128)")
+    parser.add_argument("--window", type=int, default=None, help=f"local window w (default: {shipped} 4096)")
     parser.add_argument("--alpha", type=float, default=None,
-                        help=f"redundancy weight of the block priority (default {shipped}: 0.5)")
+                        help=f"redundancy weight of the block priority (default: {shipped} 0.5)")
     parser.add_argument("--num-rows", type=int, default=256, help="query rows evaluated per layer (default 256)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
