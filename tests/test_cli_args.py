@@ -114,3 +114,68 @@ def test_info_into_a_closed_pipe_exits_cleanly():
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 0
     assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def parser_error(capsys, argv, *expected):
+    """The CLI's argument parser must exit 2 with one stderr line holding every `expected` text."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "usage:" not in err, err
+    for text in expected:
+        assert text in err, err
+
+
+def test_backend_names_and_availability_are_checked_first(no_model_load, capsys, monkeypatch):
+    import torch
+
+    one_line_error(capsys, ["demo", "--backend", "trition"], "unknown backend", "did you mean 'triton'", "torch")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    for argv in (["bench", "--model", "tiny"], ["eval", "--model", "tiny"], ["demo"]):
+        one_line_error(capsys, [*argv, "--backend", "triton"], "--backend triton cannot run here", "Usable here: auto")
+    one_line_error(capsys, ["eval", "--device", "gpu"], "--device gpu", "not a torch device")
+
+
+def test_lengths_take_k_suffixes_and_must_be_positive(no_model_load, capsys):
+    assert _args.lengths("2k,32K,4096") == [2048, 32768, 4096]
+    parser_error(capsys, ["eval", "--lengths", "-2048"], "--lengths", "must be positive", "-2048")
+    parser_error(capsys, ["bench", "--lengths", "0"], "--lengths", "must be positive")
+    parser_error(capsys, ["bench", "--lengths", "2M"], "'2M' is not a token count", "32K")
+
+
+def test_lengths_beyond_the_models_context_are_refused_with_the_limit(no_model_load, capsys):
+    one_line_error(capsys, ["demo", "--tokens", "100000"], "8192 positions", "--tokens 8182 or less")
+    one_line_error(capsys, ["demo", "--model", "qwen2.5-0.5b", "--tokens", "32768"], "32768 positions")
+    one_line_error(capsys, ["eval", "--lengths", "16k"], "--lengths 16384", "8192 positions")
+    one_line_error(capsys, ["bench", "--lengths", "64K", "--no-kernels"], "--lengths 65536", "8192 positions")
+
+
+def test_parser_errors_are_one_specific_line(capsys):
+    parser_error(capsys, ["eval", "--plan", "p.json"], "eval has no option --plan", "demo and bench take it")
+    parser_error(capsys, ["demo", "--plan"], "--plan needs a value: a plan JSON")
+    parser_error(capsys, [], "name a command: info, demo")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    import tca
+
+    assert capsys.readouterr().out.strip() == f"tca {tca.__version__}"
+
+
+def test_calibrate_defaults_are_the_shipped_plans_for_a_named_model(no_model_load, tmp_path):
+    """What the docs advise for SmolLM2 is what `calibrate --model smollm2` does with no settings."""
+    from tca.cli import build_parser
+    from tca.commands import calibrate
+
+    out = str(tmp_path / "p.json")
+    _, config, _, _ = calibrate.check_args(build_parser().parse_args(["calibrate", "--model", "smollm2", "--out", out]))
+    assert (config.block_size, config.window, config.tau) == (64, 512, 0.97)
+    args = build_parser().parse_args(["calibrate", "--model", "smollm2", "--out", out, "--tau", "0.99"])
+    assert calibrate.check_args(args)[1].tau == 0.99 and args.length == 2048
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    _, config, _, _ = calibrate.check_args(build_parser().parse_args(["calibrate", "--model", str(folder), "--out", out]))
+    assert (config.block_size, config.window, config.tau) == (128, 4096, 0.9)

@@ -23,10 +23,11 @@ def test_info_lists_the_reference_backend():
     assert "backends" in out
 
 
-def test_unknown_command_fails_with_usage():
+def test_unknown_command_fails_in_one_line_naming_the_commands():
     env = dict(os.environ, PYTHONPATH=SRC)
     result = subprocess.run(
         [sys.executable, "-m", "tca", "no-such-command"], env=env, capture_output=True, text=True, timeout=120
     )
-    assert result.returncode != 0
-    assert "usage" in result.stderr and "info" in result.stderr
+    assert result.returncode == 2
+    assert "invalid choice" in result.stderr and "info" in result.stderr and "--help" in result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr

@@ -28,6 +28,9 @@ def test_eval_defaults_write_a_default_file_after_saying_what_and_how_long(tmp_p
     results = json.loads((tmp_path / "tca_eval.json").read_text())
     assert set(results["methods"]) == {"dense", "tca-tau0.97", "tca-fixed31"}
     assert "wrote tca_eval.json" in out
+    # the three kept values printed say what they average: all prompts, one length, the perplexity length
+    assert "KV kept (all prompts)" in out and "| KV kept @" in out and "KV kept: positions the cache holds" in out
+    assert "(KV kept @2048: " in out
 
 
 def test_bench_times_three_repeats_and_reports_their_spread(tmp_path, capsys):
@@ -89,3 +92,18 @@ def test_loader_progress_bars_only_when_verbose(capsys):
             pass
         raise RuntimeError("broken file")
     assert "Converting" in capsys.readouterr().err
+
+
+def test_ctrl_c_during_eval_prints_one_line_naming_resume(tmp_path, monkeypatch, capsys):
+    """Ctrl-C mid-run: status 130 and one line saying where the finished methods are and how to continue."""
+    from tca.eval import harness
+
+    def interrupted(runner, tokenizer, methods, grid, out=None, **kwargs):
+        (tmp_path / "partial.json").write_text("{}")  # the harness writes after every method
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(harness, "evaluate", interrupted)
+    assert main(["eval", "--model", "tiny", "--device", "cpu", "--quiet", "--out", str(tmp_path / "partial.json")]) == 130
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err, err
+    assert "interrupted" in err and "partial.json" in err and "--resume" in err

@@ -6,6 +6,8 @@ to SHIPPED_MODELS and `_load_shipped`), a local Hugging Face model directory, or
 
 from __future__ import annotations
 
+import argparse
+import difflib
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,3 +151,81 @@ def check_plots_possible() -> None:
     """--plots needs matplotlib; say so before hours of evaluation, not after."""
     if importlib.util.find_spec("matplotlib") is None:
         raise UsageError("--plots needs matplotlib, which is not installed: pip install matplotlib (or tca[eval])")
+
+
+def lengths(text: str) -> list[int]:
+    """An argparse type: comma-separated token counts, each a positive integer, `k`/`K` meaning x1024
+    ("2k,32K" -> [2048, 32768])."""
+    values = []
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        digits, scale = (item[:-1], 1024) if item[-1] in "kK" else (item, 1)
+        try:
+            value = int(digits) * scale
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{item!r} is not a token count: give integers, optionally with k (x1024), e.g. 2048,4k,32K"
+            ) from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"lengths are token counts and must be positive, got {item}")
+        values.append(value)
+    return values
+
+
+def model_context(model: str) -> tuple[str, int] | None:
+    """(description, positions it was trained for) of a named model of tca.models.registry, known without loading
+    it; None for other models (their config says, once loaded)."""
+    from tca.models.registry import MODELS
+
+    entry = MODELS.get(model)
+    return None if entry is None else (entry.description, entry.context)
+
+
+def check_context(option: str, values, model: str, extra: int = 0, extra_option: str = "") -> None:
+    """Every length (plus `extra` tokens generated after it, set by `extra_option`) within the context of a named
+    model; other models are checked by their own config once loaded."""
+    known = model_context(model)
+    if known is None:
+        return
+    description, context = known
+    too_long = [v for v in values if v + extra > context]
+    if too_long:
+        plus = f" (prompt + {extra_option} {extra})" if extra else ""
+        raise UsageError(f"{option} {too_long[0]}: {description} takes at most {context} positions{plus}; "
+                         f"pass {option} {context - extra} or less")
+
+
+def resolve_device(text: str):
+    """--device as a torch.device ("auto": cuda when available, else cpu); a UsageError for an unknown name."""
+    import torch
+
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(text)
+    except RuntimeError as error:
+        raise UsageError(f"--device {text}: not a torch device ({error}); e.g. cpu, cuda, cuda:1") from None
+
+
+def check_backend(name: str, device, dtype=None) -> None:
+    """--backend: "auto" or a registered backend that can run on `device` (and `dtype`) here. The model's head dim
+    is known only once it loads, so it is not checked here."""
+    import torch
+
+    from tca.backends import registry
+
+    if name == "auto":
+        return
+    known = registry.names()
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise UsageError(f"--backend {name}: unknown backend; {hint}known: auto, {', '.join(known)}")
+    backend = registry.get(name)
+    head_dim = backend.head_dims[0] if backend.head_dims else 64  # any head dim it takes: checked after loading
+    reasons = backend.reasons(torch.device(device), dtype or torch.float32, head_dim)
+    if reasons:
+        usable = [n for n in known if not registry.get(n).reasons(torch.device(device), dtype or torch.float32, 64)]
+        raise UsageError(f"--backend {name} cannot run here: {'; '.join(reasons)}. Usable here: auto, "
+                         + ", ".join(usable))

@@ -20,7 +20,17 @@ import sys
 import time
 from pathlib import Path
 
-from ._args import SHIPPED_MODELS, UsageError, check_plan_file, check_positive, resolve_model
+from ._args import (
+    SHIPPED_MODELS,
+    UsageError,
+    check_backend,
+    check_context,
+    check_plan_file,
+    check_positive,
+    lengths,
+    resolve_device,
+    resolve_model,
+)
 
 MIN_REPEATS = 3  # fewer timed runs give no spread to report
 HELP = "benchmarks: end-to-end generate dense vs TCA (TTFT, decode tok/s, memory); Triton kernels on a GPU"
@@ -29,18 +39,16 @@ E2E_SCRIPT = Path("benchmarks") / "e2e_generate.py"
 SHAPE_MODELS = {"llama-3.1-8b-shape": "the Llama-3.1-8B shape with random bf16 weights (GPU; benchmarks/e2e_generate.py)"}
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
-
-
 def configure(parser) -> None:
     parser.add_argument("--model", default="smollm2",
                         help=f"a shipped model ({', '.join(SHIPPED_MODELS)}), a local Hugging Face model directory, "
                         f"a .gguf file, or {', '.join(SHAPE_MODELS)} (random weights of that shape)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda when available)")
-    parser.add_argument("--dtype", default="auto", help="auto: bfloat16 on a GPU, float32 on the CPU")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                        help="auto: bfloat16 on a GPU, float32 on the CPU")
     parser.add_argument("--backend", default="auto", help="TCA backend (auto: the best available)")
-    parser.add_argument("--lengths", type=_ints, help="prompt lengths (default: GPU 4096,8192,16384,32768; CPU 2048)")
+    parser.add_argument("--lengths", type=lengths,
+                        help="prompt lengths in tokens, e.g. 2048 or 4k,32K (default: GPU 4k,8k,16k,32k; CPU 2k)")
     parser.add_argument("--new-tokens", type=int, help="decoded tokens per run (default: GPU 128, CPU 16)")
     parser.add_argument("--repeats", type=int, default=MIN_REPEATS,
                         help=f"timed runs per point, at least {MIN_REPEATS}: best and spread reported ({MIN_REPEATS})")
@@ -169,10 +177,14 @@ def table(rows: list[dict]) -> str:
 
 def check_args(args):
     """Arguments and files checked before anything loads: (model choice, BudgetPlan or None)."""
+    import torch
+
     check_positive("--repeats", args.repeats, MIN_REPEATS)
     check_positive("--new-tokens", args.new_tokens, 2)
-    for length in args.lengths or []:
-        check_positive("--lengths", length)
+    check_context("--lengths", args.lengths or [], args.model)
+    device = resolve_device(args.device)
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    check_backend(args.backend, device, dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32))
     plan = check_plan_file(args.plan) if args.plan else None
     if plan is not None and (args.block_size is not None or args.window is not None):
         raise UsageError("--block-size and --window set the default budgets; a --plan fixes its own "
@@ -208,7 +220,7 @@ def run(args) -> int:
     if args.model in SHAPE_MODELS:
         return run_shape_model(args)
     choice, plan = check_args(args)
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     gpu = device.type == "cuda"
     if gpu and not args.no_kernels:
         if KERNEL_SCRIPT.is_file():

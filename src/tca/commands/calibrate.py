@@ -1,10 +1,12 @@
 """`python -m tca calibrate`: one forward pass over real text -> a budget plan JSON for a model.
 
-    python -m tca calibrate --model smollm2 --block-size 64 --window 512 --length 2048 --out plan.json
+    python -m tca calibrate --model smollm2 --out plan.json      # the shipped plan's settings: b 64, w 512, tau 0.97
     python -m tca calibrate --model path/to/hf-model-dir --out plan.json [--text FILE]
     python -m tca calibrate --model path/to/model.gguf --out plan.json
 
-The default text is the pydoc topic documentation shipped with Python (no download).
+The default text is the pydoc topic documentation shipped with Python (no download). A named model's settings
+default to those of its shipped plan (SmolLM2: b = 64, w = 512, tau = 0.97, 2048 tokens); other models' to the
+paper's (b = 128, w = 4096, tau = 0.9, 2 x w tokens).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from ._args import SHIPPED_MODELS, UsageError, check_positive, resolve_model
 
 # The tau of the plan shipped for SmolLM2 (b = 64, w = 512): at 0.9 and 0.95 the demo's passkey was lost.
 DEMO_TAU = 0.97
+PAPER = {"block_size": 128, "window": 4096, "tau": 0.9, "alpha": 0.5}  # the defaults of a model without a plan
 HELP = "calibrate per-layer, per-KV-head budgets of a model in one forward pass; writes a plan JSON"
 
 
@@ -26,21 +29,48 @@ def configure(parser) -> None:
     parser.add_argument("--gguf-file", default=None, help="a GGUF file name inside the --model folder")
     parser.add_argument("--out", required=True, help="where to write the plan JSON")
     parser.add_argument("--text", default=None, help="a UTF-8 text file (default: Python's pydoc topics)")
-    parser.add_argument("--length", type=int, default=None, help="tokens of calibration text (default: 2 x window)")
-    parser.add_argument("--tau", type=float, default=0.9, help="retained attention mass to reach (default 0.9)")
-    parser.add_argument("--block-size", type=int, default=128, help="block size b (default 128)")
-    parser.add_argument("--window", type=int, default=4096, help="local window w (default 4096)")
-    parser.add_argument("--alpha", type=float, default=0.5, help="redundancy weight of the block priority (0.5)")
+    shipped = "the shipped plan's for a named model, else"
+    parser.add_argument("--length", type=int, default=None,
+                        help=f"tokens of calibration text (default: {shipped} 2 x window)")
+    parser.add_argument("--tau", type=float, default=None,
+                        help=f"retained attention mass to reach (default: {shipped} 0.9)")
+    parser.add_argument("--block-size", type=int, default=None, help=f"block size b (default: {shipped} 128)")
+    parser.add_argument("--window", type=int, default=None, help=f"local window w (default: {shipped} 4096)")
+    parser.add_argument("--alpha", type=float, default=None,
+                        help=f"redundancy weight of the block priority (default: {shipped} 0.5)")
     parser.add_argument("--num-rows", type=int, default=256, help="query rows evaluated per layer (default 256)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument("--verbose", action="store_true", help="show the model loader's progress bars")
 
 
+def defaults(model: str) -> tuple[dict, str]:
+    """The settings a calibration of `model` starts from, and where they come from: a named model's shipped
+    plan (block size, window, tau, alpha, calibration length), else the paper's."""
+    from tca.models.registry import MODELS
+
+    entry = MODELS.get(model)
+    if entry is None or entry.plan is None:
+        return dict(PAPER, length=None), "the paper's defaults"
+    from tca.models.plans import shipped_plan_path
+    from tca.plan import BudgetPlan
+
+    plan = BudgetPlan.load(str(shipped_plan_path(entry.plan)))
+    config = plan.config
+    settings = {"block_size": config.block_size, "window": config.window, "tau": config.tau, "alpha": config.alpha,
+                "length": plan.metadata.get("length")}
+    return settings, f"the settings of the plan shipped for {model}"
+
+
 def check_args(args):
-    """Arguments and files checked before the model loads: (model choice, TCAConfig, text, text source)."""
+    """Arguments and files checked before the model loads: (model choice, TCAConfig, text, text source).
+    Settings left unset take `defaults(args.model)` (written into `args`; `args.settings_from` says whose)."""
     import tca
 
+    settings, args.settings_from = defaults(args.model if args.gguf_file is None else "")
+    for name, value in settings.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     try:
         config = tca.TCAConfig(block_size=args.block_size, window=args.window, alpha=args.alpha, tau=args.tau)
     except (TypeError, ValueError) as error:
@@ -74,6 +104,8 @@ def run(args) -> int:
 
     choice, config, text, source = check_args(args)
     length = args.length or 2 * config.window
+    print(f"calibrating {args.model}: b={config.block_size}, w={config.window}, tau={config.tau}, alpha={config.alpha}, "
+          f"{length} tokens (unset ones from {args.settings_from})")
     start = time.perf_counter()
     model, tokenizer = choice.load(args.device, getattr(torch, args.dtype), verbose=args.verbose)
     print(f"loaded {args.model} in {time.perf_counter() - start:.1f} s")

@@ -1,6 +1,6 @@
 """`python -m tca eval`: needle tasks and perplexity on SmolLM2-135M, dense vs TCA, JSON + plots + tables.
 
-    python -m tca eval                     # the "quick" preset on SmolLM2 (a few minutes on a CPU) -> tca_eval.json
+    python -m tca eval                     # the "quick" preset on SmolLM2 (1-2 minutes on a 2-core CPU) -> tca_eval.json
     python -m tca eval --preset main --out benchmarks/results/quality_main.json --plots docs/quality
     python -m tca eval --preset ablation --out benchmarks/results/quality_ablation.json --plots docs/quality_ablation
     python -m tca eval --from-json benchmarks/results/quality_main.json --plots docs/quality   # tables/plots only
@@ -13,7 +13,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ._args import SHIPPED_MODELS, UsageError, check_fractions, check_plots_possible, check_positive, resolve_model
+from ._args import (
+    SHIPPED_MODELS,
+    UsageError,
+    check_backend,
+    check_context,
+    check_fractions,
+    check_plots_possible,
+    check_positive,
+    lengths,
+    resolve_device,
+    resolve_model,
+)
 
 DEFAULT_OUT = "tca_eval.json"
 HELP = "quality harness: RULER-style needles and perplexity, dense vs TCA (JSON, tables, plots)"
@@ -23,16 +34,12 @@ def _floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x]
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
-
-
 def configure(parser) -> None:
     from tca.eval.presets import DEFAULT_PRESET, PRESETS
     from tca.eval.ruler_presets import RULER_PRESETS
 
     parser.add_argument("--preset", choices=PRESETS + RULER_PRESETS, default=DEFAULT_PRESET,
-                        help=f"methods and grid to run (default: {DEFAULT_PRESET}, a few minutes on a CPU; "
+                        help=f"methods and grid to run (default: {DEFAULT_PRESET}, 1-2 minutes on a 2-core CPU; "
                         "ruler*: RULER tasks and the kvpress peers)")
     shipped = "; ".join(f"{name}: {what}" for name, what in SHIPPED_MODELS.items())
     parser.add_argument("--model", default="smollm2",
@@ -46,10 +53,10 @@ def configure(parser) -> None:
     parser.add_argument("--backend", default="auto", help="TCA backend (auto: the best available)")
     parser.add_argument("--methods", help="comma-separated method names to keep from the preset")
     parser.add_argument("--tasks", help="comma-separated tasks (niah_single,niah_multikey,niah_multivalue,vt; RULER's for ruler*)")
-    parser.add_argument("--lengths", type=_ints, help="needle context lengths, e.g. 2048,4096")
+    parser.add_argument("--lengths", type=lengths, help="needle context lengths in tokens, e.g. 2048,4096 or 2k,4k")
     parser.add_argument("--depths", type=_floats, help="needle depths in [0, 1], e.g. 0.1,0.5,0.9")
     parser.add_argument("--samples", type=int, help="samples per (task, length, depth)")
-    parser.add_argument("--ppl-lengths", type=_ints, help="perplexity text lengths (0 items: none)")
+    parser.add_argument("--ppl-lengths", type=lengths, help="perplexity text lengths in tokens (empty: none)")
     parser.add_argument("--ppl-docs", type=int, help="texts per perplexity length")
     parser.add_argument("--ppl-tokens", type=int, help="scored tokens at the end of each text")
     parser.add_argument("--ppl-modes", help="decode,prefill")
@@ -73,16 +80,31 @@ def _grid(args, grid):
     return grid
 
 
+def interrupted_hint(args) -> str:
+    """What the one-line message after Ctrl-C says: where the finished part is and how to continue."""
+    if args.from_json or not args.out or not Path(args.out).is_file():
+        return ("no method had finished, so nothing was saved (results are written after every method, and "
+                "--resume continues from them)")
+    from tca.eval.ruler_presets import RULER_PRESETS
+
+    if args.preset in RULER_PRESETS:  # RULER runs always continue from their --out
+        return f"the finished samples are in {args.out}; run the same command again to continue"
+    again = "run the same command again" if args.resume else "add --resume to the same command"
+    return f"the finished methods are in {args.out}; {again} to continue"
+
+
 def _print_report(results: dict, plots: str | None) -> None:
     from tca.eval import report
 
     print(report.markdown_table(results))
+    print(report.KEPT_LEGEND)
     for method in results["methods"]:
         if method != report.BASELINE:
             checks = report.targets(results, method)
             if checks:
                 print(f"{method}: needle misses vs dense {checks['needle_misses']}/{checks['needle_cells_dense_succeeds']}, "
-                      + ", ".join(f"ppl@{L} {100 * v['ppl_increase']:+.2f}% kept {v['kept_fraction']:.3f}" for L, v in checks["perplexity"].items()))
+                      + ", ".join(f"ppl@{L} {100 * v['ppl_increase']:+.2f}% (KV kept @{L}: {v['kept_fraction']:.3f})"
+                                  for L, v in checks["perplexity"].items()))
     if plots:
         from tca.eval import plots as P
 
@@ -94,6 +116,8 @@ def _print_report(results: dict, plots: str | None) -> None:
 def check_args(args):
     """Every argument and file checked before the model loads. Returns (model choice, methods, grid, calibration
     length); raises UsageError (printed as one line)."""
+    import torch
+
     from tca.eval.presets import preset
 
     if args.plots:
@@ -106,6 +130,9 @@ def check_args(args):
         if not Path(args.from_json).is_file():
             raise UsageError(f"--from-json {args.from_json}: file not found")
         return None, [], None, None
+    check_context("--lengths", args.lengths or [], args.model)
+    check_context("--ppl-lengths", args.ppl_lengths or [], args.model)
+    check_backend(args.backend, resolve_device(args.device), getattr(torch, args.dtype))
     from tca.eval.ruler_presets import RULER_PRESETS
 
     if args.preset in RULER_PRESETS:  # the RULER grid is built from the RULER preset when it runs
@@ -204,7 +231,7 @@ def run(args) -> int:
     from tca.eval.harness import evaluate
     from tca.eval.methods import Runner
 
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(resolve_device(args.device))
     dtype = getattr(torch, args.dtype)
     if methods is None:
         return _run_ruler(args, device, dtype, choice)

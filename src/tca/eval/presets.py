@@ -8,7 +8,8 @@
 - "cachediag": a diagnostic: the same plans with the compressed cache and with a full cache (fresh
   selection at every decode step), to tell selection losses from cache-compression losses.
 - "quick" (what `python -m tca eval` runs with no arguments): dense, the demo's plan level (tau 0.97) and one
-  fixed budget, single needles at 2K tokens and three depths, one perplexity text: a few minutes on a CPU.
+  fixed budget, single needles at 2K tokens and three depths, one perplexity text: 1-2 minutes on a 2-core CPU
+  (SmolLM2-135M, model loading included; the run prints its own estimate first).
 - "reselect": decode with re-selection (section 5c) every 1, 16, 64 steps against the paper's rule, on the plan
   calibrated at tau 0.99, single and multi-key needles at 2K.
 - "smoke": a seconds-long run for tests and a first check on a new machine.

@@ -46,7 +46,7 @@ def _tasks(results: dict) -> list[str]:
 
 
 def method_summary(results: dict, method: str) -> str:
-    parts = [f"{method}: kept {kept_fraction(results, method):.3f}"]
+    parts = [f"{method}: KV kept {kept_fraction(results, method):.3f} (all prompts)"]
     for task in _tasks(results):
         parts.append(f"{task} {needle_scores(results, method, task):.2f}")
     for L in _lengths(results, "perplexity"):
@@ -99,11 +99,16 @@ def ordered_methods(results: dict) -> list[str]:
     return [name for _, (name, _) in sorted(enumerate(results["methods"].items()), key=key)]
 
 
+KEPT_LEGEND = ("KV kept: positions the cache holds / positions a dense cache holds, averaged over the needle prompts "
+               "and decode-perplexity texts of every length (all prompts) or of one length (@2K, ...)")
+
+
 def markdown_table(results: dict, baseline: str = BASELINE) -> str:
     """One row per method: kept KV fraction, needle accuracy per task, misses vs dense, decode perplexity
     per length with its change against dense."""
     tasks, ppl_lengths, lengths = _tasks(results), _lengths(results, "perplexity"), _lengths(results, "needles")
-    head = ["method", "kept KV"] + [f"kept@{length_label(L)}" for L in lengths] + tasks + ["misses vs dense"]
+    head = ["method", "KV kept (all prompts)"] + [f"KV kept @{length_label(L)}" for L in lengths] + tasks
+    head += ["misses vs dense"]
     head += [f"ppl@{length_label(L)}" for L in ppl_lengths]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name in ordered_methods(results):
