@@ -14,7 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from vllm.config import get_current_vllm_config
 from vllm.v1.attention.backend import (
     AttentionBackend,
     AttentionCGSupport,
@@ -24,12 +23,12 @@ from vllm.v1.attention.backend import (
     CommonAttentionMetadata,
 )
 
-from .checks import refuse, refuse_layer, refuse_settings
+from .checks import layer_settings, log_settings, refuse
 from .compat import cpu_layouts
 from .layer import LayerRunner, Rows
 from .memory import LIVE_IMPLS
 from .paged import split_pages, write_tokens
-from .settings import Settings
+from .settings import engine_dense_below
 
 
 @dataclass
@@ -41,6 +40,7 @@ class TCAMetadata:
     seq_lens: list[int]  # [rows]
     block_table: torch.Tensor  # [rows, max pages]
     slot_mapping: torch.Tensor  # [T]
+    dense_below: int  # sequences shorter than this run dense (settings.engine_dense_below)
 
 
 class TCAMetadataBuilder(AttentionMetadataBuilder[TCAMetadata]):
@@ -49,6 +49,8 @@ class TCAMetadataBuilder(AttentionMetadataBuilder[TCAMetadata]):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         refuse(vllm_config)
+        self.dense_below = engine_dense_below(vllm_config, device)
+        log_settings(vllm_config, self.dense_below, "eager attention (vLLM's CPU engine)")
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False):
         meta = common_attn_metadata
@@ -59,6 +61,7 @@ class TCAMetadataBuilder(AttentionMetadataBuilder[TCAMetadata]):
             seq_lens=meta.seq_lens[:rows].cpu().tolist(),
             block_table=meta.block_table_tensor[:rows],
             slot_mapping=meta.slot_mapping,
+            dense_below=self.dense_below,
         )
 
 
@@ -77,17 +80,15 @@ class TCAAttentionImpl(AttentionImpl[TCAMetadata]):
         kv_sharing_target_layer_name=None,
         sinks=None,
     ) -> None:
-        refuse_layer(alibi_slopes=alibi_slopes, sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
-                     sinks=sinks, attn_type=attn_type, decoder=AttentionType.DECODER)
-        settings = Settings.from_environment()
-        refuse_settings(settings, get_current_vllm_config(), num_kv_heads, head_size)
+        settings = layer_settings(num_kv_heads=num_kv_heads, head_size=head_size, alibi_slopes=alibi_slopes,
+                                  sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, sinks=sinks,
+                                  attn_type=attn_type, decoder=AttentionType.DECODER)
         self.num_heads, self.head_size, self.scale = num_heads, head_size, float(scale)
         self.num_kv_heads = num_kv_heads
         self.kv_cache_dtype = kv_cache_dtype
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
         self.attn_type = attn_type
         self.tca = LayerRunner(num_heads, num_kv_heads, head_size, float(scale), settings)
-        self._dense_below = None
         LIVE_IMPLS.add(self)
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
@@ -102,15 +103,12 @@ class TCAAttentionImpl(AttentionImpl[TCAMetadata]):
             raise NotImplementedError("the TCA attention backend does not fuse output quantization")
         if attn_metadata is None:  # vLLM's profiling and warm-up runs
             return output
-        if self._dense_below is None:
-            shape = (self.num_heads, self.num_kv_heads, self.head_size)
-            self._dense_below = self.tca.settings.dense_below(query.device, shape)
         key_pages, value_pages = split_pages(kv_cache, self.head_size)
         self.tca.usage.pool_bytes = kv_cache.numel() * kv_cache.element_size()
         out = output[: attn_metadata.num_actual_tokens].view(-1, self.num_heads, self.head_size)
         table = attn_metadata.block_table
         rows = Rows(attn_metadata.query_start, attn_metadata.seq_lens, table, table[:, 0].tolist())
-        self.tca.run(layer.layer_name, query, key_pages, value_pages, rows, out, self._dense_below)
+        self.tca.run(layer.layer_name, query, key_pages, value_pages, rows, out, attn_metadata.dense_below)
         return output
 
     @property

@@ -68,14 +68,34 @@ def refuse_layer(**layer) -> None:
         )
 
 
-def refuse_settings(settings, vllm_config, num_kv_heads: int, head_size: int) -> None:
-    """Refuse the engine's settings and the plugin's (plan against the model, tca backend on this device) while the
-    model is being built, before any weight loads: a bad setting stops the server at start-up, not at a request."""
-    refuse(vllm_config)
+def layer_settings(*, num_kv_heads: int, head_size: int, decoder: str, **layer):
+    """The plugin's settings for one attention layer being built, once the layer's features (layer_problems), the
+    engine's settings and the plugin's (plan against the model, tca backend on this device) are accepted: this runs
+    before any weight loads, so a bad setting stops the server at start-up, not at its first request."""
     import torch
+    from vllm.config import get_current_vllm_config
     from vllm.distributed import get_tensor_model_parallel_world_size
 
+    from .settings import Settings
+
+    refuse_layer(decoder=decoder, **layer)
+    vllm_config = get_current_vllm_config()
+    refuse(vllm_config)
+    settings = Settings.from_environment()
     model = vllm_config.model_config
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     settings.check_model(model.get_total_num_hidden_layers(), num_kv_heads, get_tensor_model_parallel_world_size(),
                          device, model.dtype, head_size)
+    return settings
+
+
+def log_settings(vllm_config, dense_below: int, attention: str) -> None:
+    """The start-up log line of an engine that asked for TCA (under vLLM's logger, so that its handlers print it)."""
+    import logging
+
+    from .settings import Settings
+
+    logging.getLogger("vllm.tca").info(
+        "%s; max_model_len %d: %s", Settings.from_environment().describe(dense_below),
+        vllm_config.model_config.max_model_len, attention,
+    )

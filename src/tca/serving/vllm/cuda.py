@@ -15,11 +15,8 @@ Shape letters: T tokens in the batch, HQ query heads, HKV key/value heads, D hea
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
-import torch
-from vllm.config import get_current_vllm_config
 from vllm.v1.attention.backend import AttentionCGSupport, AttentionType
 from vllm.v1.attention.backends.flash_attn import (
     FlashAttentionBackend,
@@ -27,14 +24,13 @@ from vllm.v1.attention.backends.flash_attn import (
     FlashAttentionMetadataBuilder,
 )
 
-from .checks import refuse, refuse_layer, refuse_settings
+from .checks import layer_settings, log_settings, refuse
 from .compat import version_problem
 from .layer import LayerRunner, Rows
 from .memory import LIVE_IMPLS
 from .paged import split_channels
-from .settings import Settings
+from .settings import engine_dense_below
 
-logger = logging.getLogger("vllm.tca")  # under vLLM's logger, so that its handlers print it
 
 @dataclass(frozen=True)
 class TCABatch:
@@ -47,14 +43,6 @@ class TCABatch:
     rows: Rows | None
     fresh: tuple[int, ...]
     dense_below: int
-
-
-def engine_dense_below(vllm_config, device: torch.device | None = None) -> int:
-    """Sequences shorter than this run dense in this engine (settings.Settings.dense_below, per rank's shape)."""
-    model, parallel = vllm_config.model_config, vllm_config.parallel_config
-    shape = (model.get_num_attention_heads(parallel), model.get_num_kv_heads(parallel), model.get_head_size())
-    device = torch.device("cuda", torch.cuda.current_device()) if device is None else device
-    return Settings.from_environment().dense_below(device, shape)
 
 
 class TCAFlashMetadataBuilder(FlashAttentionMetadataBuilder):
@@ -70,8 +58,7 @@ class TCAFlashMetadataBuilder(FlashAttentionMetadataBuilder):
         self.dense_below = engine_dense_below(vllm_config, device)
         self.may_run_tca = vllm_config.model_config.max_model_len >= self.dense_below
         graphs = "eager attention, the rest of the model in CUDA graphs" if self.may_run_tca else "vLLM's CUDA graphs"
-        logger.info("%s; max_model_len %d: %s", Settings.from_environment().describe(self.dense_below),
-                    vllm_config.model_config.max_model_len, graphs)
+        log_settings(vllm_config, self.dense_below, graphs)
 
     def build(self, common_prefix_len: int, common_attn_metadata, fast_build: bool = False):
         meta = super().build(common_prefix_len, common_attn_metadata, fast_build)
@@ -112,10 +99,9 @@ class TCAFlashImpl(FlashAttentionImpl):
         kv_sharing_target_layer_name=None,
         sinks=None,
     ) -> None:
-        refuse_layer(alibi_slopes=alibi_slopes, sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
-                     sinks=sinks, attn_type=attn_type, decoder=AttentionType.DECODER)
-        settings = Settings.from_environment()
-        refuse_settings(settings, get_current_vllm_config(), num_kv_heads, head_size)
+        settings = layer_settings(num_kv_heads=num_kv_heads, head_size=head_size, alibi_slopes=alibi_slopes,
+                                  sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, sinks=sinks,
+                                  attn_type=attn_type, decoder=AttentionType.DECODER)
         super().__init__(num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window, kv_cache_dtype,
                          logits_soft_cap, attn_type, kv_sharing_target_layer_name, sinks)
         self.tca = LayerRunner(num_heads, num_kv_heads, head_size, float(scale), settings)

@@ -144,6 +144,15 @@ class Settings:
         return self.plan.budgets(layer)[rank * num_kv_heads : (rank + 1) * num_kv_heads].contiguous()
 
 
+def engine_dense_below(vllm_config, device: torch.device | None = None) -> int:
+    """Sequences shorter than this run dense in this engine (Settings.dense_below for the shape one rank holds).
+    device: None for the current CUDA device."""
+    model, parallel = vllm_config.model_config, vllm_config.parallel_config
+    shape = (model.get_num_attention_heads(parallel), model.get_num_kv_heads(parallel), model.get_head_size())
+    device = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
+    return Settings.from_environment().dense_below(device, shape)
+
+
 def layer_index(layer_name: str) -> int:
     """The layer number in a vLLM layer name such as "model.layers.3.self_attn.attn"."""
     numbers = re.findall(r"\.(\d+)\.", f".{layer_name}.")

