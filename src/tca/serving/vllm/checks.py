@@ -76,8 +76,12 @@ def layer_settings(*, num_kv_heads: int, head_size: int, decoder: str, **layer):
     from vllm.config import get_current_vllm_config
     from vllm.distributed import get_tensor_model_parallel_world_size
 
+    from .compat import version_problem
     from .settings import Settings
 
+    problem = version_problem()
+    if problem:
+        raise ValueError(problem)
     refuse_layer(decoder=decoder, **layer)
     vllm_config = get_current_vllm_config()
     refuse(vllm_config)
