@@ -100,3 +100,20 @@ def test_dense_budgets_decode_equals_causal_attention():
         want = torch.softmax(q[0, :, i, None] @ kk.transpose(-1, -2) * D**-0.5, -1) @ vv
         torch.testing.assert_close(got, want[:, 0], rtol=1e-10, atol=1e-10)
     assert state.kept_tokens().tolist() == [L0 + steps] * HKV
+
+
+def test_a_non_finite_key_in_the_leaving_block_ranks_last():
+    """Section 8 in the plugin's decode: a key whose logit is not finite scores 0, so the leaving block still keeps
+    exactly t tokens and the bad key is kept only when every token is."""
+    from tca.serving.vllm.sequence import SequenceState, compress_leaving_block
+
+    HKV, G, D, b = 2, 2, 16, 16
+    q, k, v = make_qkv(1, HKV * G, HKV, b, D, seed=5)
+    k[0, :, 3] = float("inf")  # position 3 of the block, both heads
+    paged = paged_copy(k[0], v[0], 8)
+    state = SequenceState(seq_len=b, window_start=0, positions=torch.empty(HKV, 0, dtype=torch.long),
+                          counts=torch.zeros(HKV, dtype=torch.long))
+    keep = torch.tensor([4, b])  # head 0 keeps 4 tokens of the block, head 1 all of them
+    compress_leaving_block(q[0, :, -1].reshape(HKV, G, D), paged, state, 0, b, keep, D**-0.5)
+    assert state.counts.tolist() == [4, b]
+    assert 3 not in state.positions[0, :4].tolist() and state.positions[1].tolist() == list(range(b))

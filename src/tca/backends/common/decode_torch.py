@@ -34,6 +34,15 @@ def ring_write(cache, k: torch.Tensor, v: torch.Tensor) -> None:
     cache.local_v[rows, :, slot] = v[:, :, 0].to(cache.dtype)
 
 
+def leaving_block_importance(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """Section 5's importance of the tokens of a block leaving the window: the group's mean of a softmax over the
+    block of scale q . k, a non-finite logit left out (scores 0; section 8). q [..., G, D], k [..., b, D] -> [..., b]."""
+    logits = torch.matmul(q, k.to(q.dtype).transpose(-1, -2)).mul(scale)
+    # [choice: non-finite] a non-finite logit is left out of the block's softmax: it scores 0 (section 8)
+    logits = logits.masked_fill(~torch.isfinite(logits), -math.inf)
+    return logits.softmax(-1).nan_to_num(nan=0.0).mean(-2)
+
+
 def compress(cache, q: torch.Tensor) -> None:
     """Section 5 step 1 for every sequence: block [lo(i-1), lo(i)) of position i = positions_t[b] is scored by
     the group mean of a softmax over the block; its keep[h] best tokens (ties: smaller position) are appended,
@@ -52,10 +61,7 @@ def compress(cache, q: torch.Tensor) -> None:
     gather = slots[:, None, :, None].expand(B, HKV, bsz, D)
     block_k = cache.local_k.gather(2, gather)  # [B, HKV, b, D]
     block_v = cache.local_v.gather(2, gather)
-    logits = torch.matmul(qg, block_k.to(qg.dtype).transpose(-1, -2)).mul(cache.scale)
-    # [choice: non-finite] a non-finite logit is left out of the block's softmax: it scores 0 (section 8)
-    logits = logits.masked_fill(~torch.isfinite(logits), -math.inf)
-    scores = logits.softmax(-1).nan_to_num(nan=0.0).mean(2)
+    scores = leaving_block_importance(qg, block_k, cache.scale)  # [B, HKV, b]
     top = scores.sort(dim=-1, descending=True, stable=True).indices[..., :T]  # [B, HKV, T]
     keep = cache.keep[None, :] * moves[:, None]  # [B, HKV] rows appended
     valid = torch.arange(T, device=cache.device) < keep[..., None]  # [B, HKV, T]

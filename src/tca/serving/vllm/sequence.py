@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ...backends.common.decode_torch import leaving_block_importance
 from ...config import TCAConfig
 from ...dtypes import compute_dtype
 from ...geometry import window_start
@@ -91,13 +92,14 @@ def compress_leaving_block(
 ) -> None:
     """Keep the top keep[h] tokens of positions [start, end) per KV head, scored by q [HKV, G, D] (fp32+).
 
-    Importance: the group's mean of a softmax over the block; ties go to the smaller position (stable sort).
+    Importance: the group's mean of a softmax over the block (tca.backends.common.decode_torch, shared with the
+    torch backend); ties go to the smaller position (stable sort).
     """
     width = int(keep.max())  # keep lives on the host (LayerRunner): no wait for the device
     keep = keep.to(q.device)
     block = torch.arange(start, end, device=paged.pages.device)
     k, _ = paged.gather(block)  # [HKV, b, D]
-    scores = torch.matmul(q, k.to(q.dtype).transpose(-1, -2)).mul(scale).softmax(-1).mean(1)  # [HKV, b]
+    scores = leaving_block_importance(q, k, scale)  # [HKV, b], section 8's rule for non-finite logits
     top = scores.sort(dim=-1, descending=True, stable=True).indices[:, :width]  # [HKV, T]
     valid = torch.arange(width, device=top.device) < keep[:, None]
     top = torch.where(valid, top, end - start).sort(dim=-1).values  # kept offsets ascending, invalid last
