@@ -23,7 +23,7 @@ from vllm.v1.attention.backend import (
     CommonAttentionMetadata,
 )
 
-from .checks import layer_settings, log_settings, refuse
+from .checks import layer_settings, log_settings
 from .compat import cpu_layouts
 from .layer import LayerRunner, Rows
 from .memory import LIVE_IMPLS
@@ -48,7 +48,6 @@ class TCAMetadataBuilder(AttentionMetadataBuilder[TCAMetadata]):
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        refuse(vllm_config)
         self.dense_below = engine_dense_below(vllm_config, device)
         log_settings(vllm_config, self.dense_below, "eager attention (vLLM's CPU engine)")
 

@@ -24,8 +24,7 @@ from vllm.v1.attention.backends.flash_attn import (
     FlashAttentionMetadataBuilder,
 )
 
-from .checks import layer_settings, log_settings, refuse
-from .compat import version_problem
+from .checks import layer_settings, log_settings
 from .layer import LayerRunner, Rows
 from .memory import LIVE_IMPLS
 from .paged import split_channels
@@ -54,7 +53,6 @@ class TCAFlashMetadataBuilder(FlashAttentionMetadataBuilder):
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        refuse(vllm_config)
         self.dense_below = engine_dense_below(vllm_config, device)
         self.may_run_tca = vllm_config.model_config.max_model_len >= self.dense_below
         graphs = "eager attention, the rest of the model in CUDA graphs" if self.may_run_tca else "vLLM's CUDA graphs"
@@ -148,9 +146,3 @@ class TCAFlashBackend(FlashAttentionBackend):
     @classmethod
     def supports_attn_type(cls, attn_type: str) -> bool:
         return attn_type == AttentionType.DECODER
-
-    @classmethod
-    def validate_configuration(cls, **configuration) -> list[str]:
-        reasons = list(super().validate_configuration(**configuration))
-        problem = version_problem()
-        return reasons + [problem] if problem else reasons
