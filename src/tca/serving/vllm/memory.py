@@ -28,7 +28,13 @@ class LayerUsage:
     decodes: int = 0
     mixed: int = 0
     dense_bytes: int = 0
-    read_bytes: int = 0
+    # Summed where kept_per_head lives (the device): reading it back at every step would stall each layer until
+    # the device caught up. `read_bytes` reads it when asked.
+    read_on_device: torch.Tensor | int = 0
+
+    @property
+    def read_bytes(self) -> int:
+        return int(self.read_on_device)
 
     def add(self, kind: str, seq_len: int, kept_per_head: torch.Tensor, head_dim: int, element_size: int) -> None:
         """A row of `kind` ("prompts", "chunks" or "decodes") over seq_len tokens, after which its heads keep
@@ -37,7 +43,7 @@ class LayerUsage:
         if kind == "decodes":
             per_token = 2 * head_dim * element_size  # a key and a value
             self.dense_bytes += seq_len * kept_per_head.numel() * per_token
-            self.read_bytes += int(kept_per_head.sum()) * per_token
+            self.read_on_device = self.read_on_device + kept_per_head.sum() * per_token
 
 
 @dataclass(frozen=True)
