@@ -16,6 +16,7 @@ from ..common.packed_cache import PackedKVCache
 from ..common.protocol import decode_step
 from .attention import attend_indices, causal_sdpa
 from .calibration import retained_mass
+from .retrieval_mass import retrieval_mass
 
 
 def attend_virtual(q, keys, values, selected, config: TCAConfig, scale: float):
@@ -32,6 +33,7 @@ class TorchBackend(chunked_prefill.entry_points(attend=attend_virtual)):
     select = staticmethod(_selection.select)
     select_indices = staticmethod(_selection.select_indices)
     retained_mass = staticmethod(retained_mass)
+    retrieval_mass = staticmethod(retrieval_mass)  # calibration rules beyond the paper (section 6.1)
 
     @staticmethod
     def attend(q, k, v, selection: Selection, scale: float, return_lse: bool = False):
