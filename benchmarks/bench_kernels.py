@@ -165,6 +165,7 @@ def sampled_error(q, k, v, out, indices, counts, b, w, scale, rows) -> float:
 
 def bench_prefill(name, shape, L, config, budgets_by_name, dense, args, tiles=None) -> list[dict]:
     from tca import reference
+    from tca.backends.common import selection_triton
     from tca.backends.triton import ops
 
     HQ, HKV, D = shape
@@ -195,14 +196,14 @@ def bench_prefill(name, shape, L, config, budgets_by_name, dense, args, tiles=No
     sample = sorted({L - 1, L - 2, *[int(x) for x in torch.linspace(0, L - 1, 6).long().tolist()]})
     for bname, p in budgets_by_name.items():
         budgets = p.to("cuda").expand(HKV, -1).contiguous()
-        sel = ops._select(q, k, budgets, config, scale)
-        sel_ms = timeit(lambda budgets=budgets: ops._select(q, k, budgets, config, scale))
+        sel = selection_triton.select_on_device(q, k, budgets, config, scale)
+        sel_ms = timeit(lambda budgets=budgets: selection_triton.select_on_device(q, k, budgets, config, scale))
         attn = lambda sel=sel: ops.sparse_attention(  # noqa: E731
             q, k, v, sel["indices"], sel["offsets"], b, w, scale, tiles=tiles)
         attn_ms = timeit(attn)
 
         def total(budgets=budgets):  # the backend's attention (select, attend) with the tiles picked for this shape
-            s = ops._select(q, k, budgets, config, scale)
+            s = selection_triton.select_on_device(q, k, budgets, config, scale)
             return ops.sparse_attention(q, k, v, s["indices"], s["offsets"], b, w, scale, tiles=tiles)
 
         total_ms = timeit(total)
@@ -215,7 +216,7 @@ def bench_prefill(name, shape, L, config, budgets_by_name, dense, args, tiles=No
         agree = None
         if J > 0:
             ref_sel = reference.select(q, k, budgets, config, scale)
-            mine = ops.to_selection(sel, config, L)
+            mine = selection_triton.to_selection(sel, config, L)
             union = (ref_sel.mask | mine.mask).sum().item()
             agree = (ref_sel.mask & mine.mask).sum().item() / max(union, 1)
             del ref_sel
@@ -263,7 +264,7 @@ def bench_prefill(name, shape, L, config, budgets_by_name, dense, args, tiles=No
 
     for bname, p in budgets_by_name.items():
         budgets = p.to("cuda").expand(HKV, -1).contiguous()
-        sel = ops._select(q[:, :, :-1], k[:, :, :-1], budgets, config, scale)
+        sel = selection_triton.select_on_device(q[:, :, :-1], k[:, :, :-1], budgets, config, scale)
         cache = PackedKVCache.from_indices(
             k[:, :, :-1], v[:, :, :-1], sel["indices"], sel["counts"], block_keep_count(budgets), config, scale,
             kernels=ops.CacheKernels,
@@ -307,7 +308,7 @@ def bench_prefill(name, shape, L, config, budgets_by_name, dense, args, tiles=No
 
 def sweep(args):
     """Time the sparse attention kernel under several tile configurations at one length (to pick defaults)."""
-    from tca.backends.triton import ops
+    from tca.backends.common import selection_triton
     from tca.budgets import default_budgets
     from tca.config import TCAConfig
 
@@ -319,7 +320,7 @@ def sweep(args):
         k = torch.randn(1, HKV, L, D, device="cuda", dtype=torch.bfloat16)
         v = torch.randn(1, HKV, L, D, device="cuda", dtype=torch.bfloat16)
         budgets = default_budgets(128).cuda().expand(HKV, -1).contiguous()
-        sel = ops._select(q, k, budgets, config, D**-0.5)
+        sel = selection_triton.select_on_device(q, k, budgets, config, D**-0.5)
         _sweep_tiles(name, L, q, k, v, sel, D)
 
 
@@ -357,7 +358,7 @@ SHORT_SWEEP = [
 def pick_tiles(name, config) -> dict | None:
     """A short sweep at 16K tokens; the winner drives every length of this shape (like triton.autotune)."""
 
-    from tca.backends.triton import ops
+    from tca.backends.common import selection_triton
     from tca.budgets import default_budgets
 
     HQ, HKV, D = SHAPES[name]
@@ -366,7 +367,7 @@ def pick_tiles(name, config) -> dict | None:
     k = torch.randn(1, HKV, L, D, device="cuda", dtype=torch.bfloat16)
     v = torch.randn(1, HKV, L, D, device="cuda", dtype=torch.bfloat16)
     budgets = default_budgets(config.block_size).cuda().expand(HKV, -1).contiguous()
-    sel = ops._select(q, k, budgets, config, D**-0.5)
+    sel = selection_triton.select_on_device(q, k, budgets, config, D**-0.5)
     best = _sweep_tiles(name, L, q, k, v, sel, D, SHORT_SWEEP)
     log(f"tiles for {name}: {best}")
     return best

@@ -53,6 +53,25 @@ def test_retrieval_mass_sees_the_needle_the_paper_rows_miss():
         V.retrieval_mass(q, k, candidates, CFG, 1.0, k.shape[2])
 
 
+
+@pytest.mark.parametrize(("B", "HQ", "HKV", "L", "P"), [(1, 2, 1, 104, 100), (2, 4, 2, 150, 97), (1, 3, 3, 90, 33)])
+def test_production_retrieval_mass_equals_the_reference(B, HQ, HKV, L, P):
+    from tca.backends.torch.retrieval_mass import retrieval_mass
+
+    gen = torch.Generator().manual_seed(L + P)
+    q = torch.randn(B, HQ, L, 8, generator=gen, dtype=torch.float64)
+    k = torch.randn(B, HKV, L, 8, generator=gen, dtype=torch.float64)
+    sparse = calibration_candidates(CFG.block_size, CFG.num_candidates, CFG.sigma)
+    candidates = torch.cat([sparse, dense_budgets(CFG.block_size)[None].to(sparse.dtype)])
+    ours = retrieval_mass(q, k, candidates, CFG, 0.5, P)
+    assert ours.shape == (len(candidates), HKV) and ours.dtype == torch.float64
+    torch.testing.assert_close(ours, V.retrieval_mass(q, k, candidates, CFG, 0.5, P), rtol=0, atol=1e-12)
+    needle_q, needle_k, needle_P = _needle_inputs()
+    torch.testing.assert_close(retrieval_mass(needle_q, needle_k, candidates, CFG, 1.0, needle_P),
+                               V.retrieval_mass(needle_q, needle_k, candidates, CFG, 1.0, needle_P), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="answer_start must be inside"):
+        retrieval_mass(q, k, candidates, CFG, 0.5, L)
+
 def test_retrieval_rule_is_the_paper_rule_on_the_minimum_and_never_cheaper():
     torch.manual_seed(0)
     candidates = calibration_candidates(CFG.block_size, CFG.num_candidates, CFG.sigma)

@@ -22,7 +22,7 @@ import tca
 from conftest import make_qkv, random_budgets
 from tca import TCAConfig, reference
 from tca.backends import registry
-from tca.backends.torch import selection as torch_selection
+from tca.backends.common import selection_torch as torch_selection
 from tca.backends.torch.impl import TorchBackend
 from tca.budgets import dense_budgets
 from tca.testing import assert_close, selection_difference

@@ -18,6 +18,7 @@ from tca.testing import assert_close
 pytestmark = pytest.mark.triton
 DEVICE = require_triton()
 CUDA = DEVICE == "cuda"
+from tca.backends.common import selection_triton  # noqa: E402
 from tca.backends.triton import ops  # noqa: E402
 
 
@@ -76,7 +77,7 @@ def test_sparse_attention_low_precision_gpu(dtype, HQ, HKV, D):
 def test_importance_logits_match_reference():
     q, k, _ = make(2, 6, 2, 333, 64, seed=3)
     scale = 64**-0.5
-    logits, row_max, row_sum = ops.last_query_importance_logits(q[:, :, -1], k, scale)
+    logits, row_max, row_sum = selection_triton.last_query_importance_logits(q[:, :, -1], k, scale)
     s = (torch.exp2(logits - row_max[..., None]) / row_sum[..., None]).mean(2)
     ref = reference.selection.last_query_importance(q[:, :, -1].double(), k.double(), scale)
     assert not torch.isnan(s).any()

@@ -31,6 +31,16 @@ from .selection import Selection
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # `import tca` leaves the oracle unloaded (no production path needs it); `tca.reference` still works after a
+    # plain `import tca`, loaded on first use.
+    if name == "reference":
+        from importlib import import_module
+
+        return import_module(".reference", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 __all__ = [
     "BackendChoiceWarning",
     "BackendUnavailableError",

@@ -7,6 +7,8 @@ and a scale, and are chosen through the registry.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from .backends import registry
@@ -20,8 +22,6 @@ from .config import TCAConfig
 from .inference_tensors import leave_inference_tensors
 from .padding import LeftPadding
 from .policy import check_policy
-from .reference.cache import ReferenceKVCache
-from .reference.reselect import ReselectingReferenceCache
 from .validation import check_budgets, check_config, check_scale, from_bhsd, to_bhsd
 
 
@@ -209,12 +209,32 @@ def prefill_one_by_one(q, k, v, padding: LeftPadding, budgets, config, scale, ba
     return out, cache
 
 
+# The reference's caches, for isinstance: () while the oracle is not loaded. Such a cache exists only once something
+# imported the oracle, and `import tca` itself never loads it.
+def _reference_cache() -> tuple[type, ...]:
+    if "tca.reference" not in sys.modules:
+        return ()
+    from .reference.cache import ReferenceKVCache
+
+    return (ReferenceKVCache,)
+
+
+def _reselecting_reference_cache() -> tuple[type, ...]:
+    if "tca.reference" not in sys.modules:
+        return ()
+    from .reference.reselect import ReselectingReferenceCache
+
+    return (ReselectingReferenceCache,)
+
+
 def _reselecting(cache, k, v, policy):
     """The section 5c cache around a section 5 cache, its evicted store filled from the prompt's k, v. The dense
     path's cache evicts nothing (every token is attended), so it stays as it is."""
     if isinstance(cache, DenseKVCache):
         return cache
-    if isinstance(cache, ReferenceKVCache):
+    if isinstance(cache, _reference_cache()):
+        from .reference.reselect import ReselectingReferenceCache
+
         return ReselectingReferenceCache.wrap(cache, k, v, policy.every)
     return ReselectingCache.from_prefill(cache, k, v, every=policy.every, offload=policy.offload)
 
@@ -230,7 +250,7 @@ def decode(q, k, v, cache, *, layout=None, backend="auto"):
     into normal tensors (the step updates the cache in place, which inference tensors refuse outside that mode).
     """
     q, k, v = to_bhsd(q, k, v, layout)
-    if not isinstance(cache, (PackedKVCache, DenseKVCache, ReferenceKVCache, ReselectingCache, ReselectingReferenceCache)):
+    if not isinstance(cache, (PackedKVCache, DenseKVCache, ReselectingCache, *_reference_cache(), *_reselecting_reference_cache())):
         raise TypeError(f"cache must be a cache returned by tca.prefill, got {type(cache).__name__}")
     if q.shape[2] != 1 or k.shape[2] != 1:
         raise ValueError(f"decode takes one new token: q and k must have 1 position, got {q.shape[2]} and {k.shape[2]}")
@@ -264,7 +284,7 @@ def decode_step(cache, backend: str = "auto"):
     as `decode` takes them, unchecked. Resolved once, so a caller that has validated its shapes (the model path)
     can keep it for every step. The shared caches decode on the fastest kernels of the device (a re-selecting
     cache on its active set's, the dense path's cache on their attend_dense); the reference's on the reference."""
-    if isinstance(cache, ReselectingReferenceCache):
+    if isinstance(cache, _reselecting_reference_cache()):
         from .reference.reselect import decode_step as reselecting_step
 
         return lambda q, k, v: reselecting_step(q, k, v, cache)
@@ -305,7 +325,7 @@ def start_prefill(*, mode="exact", budgets=None, config=None, scale=None, backen
         return ChunkedPrefill(mode, budgets, check_config(config), scale, backend)
     if isinstance(cache, DenseKVCache):  # the dense path's cache continues as the same tokens, packed
         cache = cache.to_packed()
-    if isinstance(cache, (ReselectingCache, ReselectingReferenceCache)):
+    if isinstance(cache, (ReselectingCache, *_reselecting_reference_cache())):
         raise ValueError(
             "a re-selecting cache (policy=tca.Reselect) cannot continue a streaming prefill (semantics.md section 5c); "
             "prefill the whole prompt with tca.prefill, or use policy=None"

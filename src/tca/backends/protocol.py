@@ -75,8 +75,14 @@ class PaddedBatches(Protocol):
 
 @runtime_checkable
 class Calibrator(Protocol):
-    """Backends without "calibration" in their lacks: the retained mass of section 6 for every candidate."""
+    """Backends without "calibration" in their lacks: the retained mass of section 6 for every candidate, and the
+    retrieval mass of the calibration rules beyond the paper (section 6.1)."""
 
     @staticmethod
     def retained_mass(q, k, candidates: torch.Tensor, config: TCAConfig, scale: float, num_rows: int = ...):
         """a_m per KV head: q [B, HQ, L, D], k [B, HKV, L, D], candidates [M, K] -> [M, HKV] float64."""
+
+    @staticmethod
+    def retrieval_mass(q, k, candidates: torch.Tensor, config: TCAConfig, scale: float, answer_start: int):
+        """a_m^ret per KV head on one probe: q [B, HQ, L, D], k [B, HKV, L, D], candidates [M, K], the answer rows
+        answer_start .. L-1 -> [M, HKV] float64."""

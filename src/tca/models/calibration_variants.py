@@ -67,10 +67,9 @@ class _RetrievalRecorder:
         self.native_layers, self.native = frozenset(), None  # hybrid models are calibrated by the paper's rule only
 
     def record(self, layer: int, q, k, scale: float) -> None:
-        # The retrieval mass has one implementation, the reference's, reached through the registry.
-        masses = registry.get("reference").load().retrieval_mass(
-            q, k, self.candidates.to(q.device), self.config, scale, self.answer_start
-        )
+        # On the backend that calibrates (the torch backend's own copy of the rule; the oracle's is the tests').
+        impl = registry.resolve(paper.CALIBRATION_BACKEND, q.device, q.dtype, q.shape[-1], needs=("calibration",)).load()
+        masses = impl.retrieval_mass(q, k, self.candidates.to(q.device), self.config, scale, self.answer_start)
         self.masses[layer] = masses.cpu()
 
 

@@ -1,8 +1,11 @@
-"""What the non-oracle backends share. Pure PyTorch; imports no backend (backends import it, never each other),
-and never the oracle.
+"""What the non-oracle backends share. Imports no backend (backends import it, never each other), and never the
+oracle. Pure PyTorch, but for the three Triton modules, which are imported only where Triton runs.
 
     compact.py          the one compact form of a selection (indices padded with L, counts) and its conversions
+    selection_torch.py  the selection in torch: the one production copy of Eqs. 5 and 6 (and Eq. 8)
     block_budgets.py    Eq. 7: how many blocks get each retain count, and t_j = Psi[r_j] without building Psi
+    selection_triton.py the selection on the device in Triton (the triton backend's and the flash backend's),
+                        its kernels in kernels_selection.py and the launch helpers in triton_launch.py
     environment.py      TRITON_INTERPRET, read in one place
     protocol.py         the cache contract (KVCache) and decode_step
     packed_cache.py     PackedKVCache: the compressed KV cache every fast backend builds and decodes

@@ -2,7 +2,8 @@
 
 Shared by the backends that prefill into the PackedKVCache: a backend supplies its own attention and selection
 functions (as callables), so the torch backend runs it with its chunked torch attention and Triton with its
-sparse kernel.
+sparse kernel. Streaming chunks choose within the leaving blocks with the one torch copy of Eqs. 5-8
+(selection_torch.py) on every backend.
 
 - Exact: the dense keys and values grow chunk by chunk in one buffer (capacity doubles, so appending is
   amortised O(n)); each chunk is the backend's stateless attention on the prefix; finishing selects with the
@@ -20,16 +21,15 @@ b block size, J_c blocks leaving during the chunk, N_pad padded global rows, V v
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 from ...budgets import block_keep_count
 from ...config import TCAConfig
-from ...dtypes import compute_dtype
 from ...geometry import window_start
 from .packed_cache import PackedKVCache
+from .selection_torch import choose_leaving, last_query_importance
 
 
 @dataclass
@@ -118,12 +118,11 @@ def empty_cache(batch_size, num_kv_heads, head_dim, dtype, device, budgets, conf
     return cache
 
 
-def streaming_chunk(choose, attend, q, k, v, cache: PackedKVCache, budgets) -> torch.Tensor:
+def streaming_chunk(attend, q, k, v, cache: PackedKVCache, budgets) -> torch.Tensor:
     """One streaming chunk [s, e) on a PackedKVCache: append, compress the blocks that left the window, attend.
 
     q [B, HQ, n, D], k, v [B, HKV, n, D], budgets [HKV, len(K)] -> out [B, HQ, n, D]. Mutates `cache` only
     once the output is computed (an error before leaves it as it was).
-    choose(importance [B, HKV, J_c*b], J_c, budgets, config) -> kept [B, HKV, J_c*b] bool (Eqs. 6-8);
     attend(q, keys [B, HKV, V, D], values, selected [B, HKV, P] bool, config, scale) -> out, section 4 on the
     virtual sequence with the queries at its end.
     [choice: the blocks leaving during a chunk are budgeted together by Eqs. 5-8, scored by the chunk's last
@@ -145,9 +144,9 @@ def streaming_chunk(choose, attend, q, k, v, cache: PackedKVCache, budgets) -> t
     kept = held.new_zeros(*held.shape[:2], 0)
     if num_leaving:
         # Eq. 5 over every key held after appending (holes excluded), then the leaving blocks' share of it.
-        importance = _last_query_importance(q[:, :, -1], keys, held, cache.scale)
+        importance = last_query_importance(q[:, :, -1], keys, cache.scale, held)
         leaving = importance[..., n_pad : n_pad + num_leaving * b]
-        kept = choose(leaving, num_leaving, budgets.to(q.device), config)
+        kept = choose_leaving(leaving, num_leaving, budgets.to(q.device), config)
     selected = torch.cat([held, kept], dim=-1)  # [B, HKV, P]: P = N_pad + J_c * b
     out = attend(q, keys, values, selected, config, cache.scale)
     _commit(cache, keys, values, kept, n_pad, lo_before, k, v)
@@ -155,13 +154,13 @@ def streaming_chunk(choose, attend, q, k, v, cache: PackedKVCache, budgets) -> t
     return out
 
 
-def entry_points(*, choose, attend) -> type:
+def entry_points(*, attend) -> type:
     """A base class giving a backend the four chunked-prefill entry points of the registry (exact_chunk,
     exact_finish, empty_cache, streaming_chunk) over the functions above.
 
     What the backend already has, it is read from the backend class at call time: its stateless `attention`
     (exact chunks), `select_indices` (finishing) and `cache_kernels` (the PackedKVCache's decode kernels). What
-    only streaming chunks need is passed here: choose and attend, as streaming_chunk takes them.
+    only streaming chunks need is passed here: attend, as streaming_chunk takes it.
     """
 
     class ChunkedPrefill:
@@ -181,7 +180,7 @@ def entry_points(*, choose, attend) -> type:
 
         @staticmethod
         def streaming_chunk(q, k, v, cache, budgets):
-            return streaming_chunk(choose, attend, q, k, v, cache, budgets)
+            return streaming_chunk(attend, q, k, v, cache, budgets)
 
     return ChunkedPrefill
 
@@ -205,18 +204,6 @@ def _virtual_sequence(cache: PackedKVCache, k, v, lo_before: int):
     parts_k.append(k.to(cache.dtype))
     parts_v.append(v.to(cache.dtype))
     return torch.cat(parts_k, dim=2), torch.cat(parts_v, dim=2), held, n_pad
-
-
-def _last_query_importance(q_last, keys, held, scale: float) -> torch.Tensor:
-    """Eq. 5 on the virtual sequence: q_last [B, HQ, D], keys [B, HKV, V, D], held [B, HKV, N_pad] ->
-    [B, HKV, V], the group mean of one softmax over the real keys (holes get 0)."""
-    dt = compute_dtype(q_last.dtype)
-    B, HQ, D = q_last.shape
-    HKV = keys.shape[1]
-    qg = q_last.to(dt).reshape(B, HKV, HQ // HKV, D)
-    logits = torch.matmul(qg, keys.to(dt).transpose(-1, -2)) * scale  # [B, HKV, G, V]
-    logits[..., : held.shape[-1]].masked_fill_(~held[:, :, None], -math.inf)
-    return logits.softmax(dim=-1).mean(dim=2)
 
 
 def _commit(cache: PackedKVCache, keys, values, kept, n_pad: int, lo_before: int, k, v) -> None:

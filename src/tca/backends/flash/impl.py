@@ -1,8 +1,9 @@
 """FlashBackend: TCA-Attention (semantics.md sections 4 and 5) as FlashAttention varlen calls merged by LSE.
 
 Prefill / stateless attention (plan.py says exactly what is sent):
-  1. selection: the compact form of tca.backends.common.compact, made by the Triton backend where it can run
-     these inputs (FlashAttention has no top-k), else by the torch backend, both found through the registry;
+  1. selection: the compact form of tca.backends.common.compact, made by the shared on-device selection in
+     Triton where the Triton backend could run these inputs (FlashAttention has no top-k), else by the shared
+     torch selection (tca.backends.common: selection_triton.py, selection_torch.py);
   2. local call: one sequence per (batch, query head, query block c), keys [lo(c), end(c)) read in place
      from k, causal bottom-right: the block-aligned window of section 2, exactly;
   3. global call: the selected keys gathered once into [B, HKV, N, D]; query block c reads the prefix of
@@ -25,7 +26,7 @@ import torch
 from ...geometry import window_start
 from ...selection import Selection
 from .. import registry
-from ..common import compact, decode_torch
+from ..common import compact, decode_torch, selection_torch
 from ..common.packed_cache import PackedKVCache
 from ..common.protocol import decode_step
 from .generations import check_inputs, get_adapter
@@ -35,10 +36,15 @@ from .segments import global_prefix_counts, global_segments, local_segments, que
 
 def select_indices(q, k, budgets, config, scale) -> tuple[torch.Tensor, torch.Tensor]:
     """Section 3 in the compact form (indices [B, HKV, N] int32 ascending, padded with L; counts [B, HKV] int32),
-    trimmed to N = max(counts): by the Triton backend on a CUDA device where it can run these inputs, else by
-    the torch backend (the same function). q: [B, HQ, LQ, D] (last row), k: [B, HKV, L, D], budgets [HKV, K]."""
-    name = "triton" if q.is_cuda and registry.usable("triton", q.device, q.dtype, q.shape[-1]) else "torch"
-    indices, counts = registry.get(name).load().select_indices(q, k, budgets, config, scale)
+    trimmed to N = max(counts): on the device in Triton kernels where the triton backend could run these inputs
+    (the registry says so from its declaration; nothing of that backend is loaded), else in torch (the same
+    function). q: [B, HQ, LQ, D] (last row), k: [B, HKV, L, D], budgets [HKV, K]."""
+    select = selection_torch.select_indices
+    if q.is_cuda and registry.usable("triton", q.device, q.dtype, q.shape[-1]):
+        from ..common import selection_triton  # imports triton: only where it runs
+
+        select = selection_triton.select_indices
+    indices, counts = select(q, k, budgets, config, scale)
     return compact.trim(indices, counts), counts
 
 

@@ -19,7 +19,7 @@ from ...config import TCAConfig
 from ...dtypes import compute_dtype
 from ...geometry import DEFAULT_CALIBRATION_ROWS, evaluated_rows, num_budgeted_blocks, window_start
 from ..common.block_budgets import block_keep_from_ranks
-from .selection import block_priority, block_ranks, last_query_importance
+from ..common.selection_torch import block_priority, block_ranks, last_query_importance
 
 ROW_CHUNK = 64  # rows per chunk: the dense rows [B, HQ, r, L] of one chunk are the peak memory
 

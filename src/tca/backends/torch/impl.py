@@ -11,11 +11,12 @@ from ...config import TCAConfig
 from ...geometry import num_budgeted_blocks
 from ...selection import Selection
 from ..common import chunked_prefill, compact, decode_torch
+from ..common import selection_torch as _selection
 from ..common.packed_cache import PackedKVCache
 from ..common.protocol import decode_step
-from . import selection as _selection
 from .attention import attend_indices, causal_sdpa
 from .calibration import retained_mass
+from .retrieval_mass import retrieval_mass
 
 
 def attend_virtual(q, keys, values, selected, config: TCAConfig, scale: float):
@@ -26,13 +27,13 @@ def attend_virtual(q, keys, values, selected, config: TCAConfig, scale: float):
 
 # Chunked prefill (section 5b) over the PackedKVCache: backends/common/chunked_prefill.py with this
 # backend's attention and selection.
-class TorchBackend(chunked_prefill.entry_points(choose=_selection.choose_leaving, attend=attend_virtual)):
+class TorchBackend(chunked_prefill.entry_points(attend=attend_virtual)):
     """Pure PyTorch, chunked over query blocks: O(L (w + N)) work and O(R (w + N)) memory, any device."""
 
     select = staticmethod(_selection.select)
     select_indices = staticmethod(_selection.select_indices)
-    choose_leaving = staticmethod(_selection.choose_leaving)  # streaming prefill's Eqs. 6-8 (triton reuses it)
     retained_mass = staticmethod(retained_mass)
+    retrieval_mass = staticmethod(retrieval_mass)  # calibration rules beyond the paper (section 6.1)
 
     @staticmethod
     def attend(q, k, v, selection: Selection, scale: float, return_lse: bool = False):

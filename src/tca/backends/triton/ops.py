@@ -1,4 +1,5 @@
 """Launch code of the Triton backend: shapes, grids, tile sizes; the `TritonBackend` implementation class.
+The on-device selection is shared with the flash backend (tca.backends.common.selection_triton).
 
 Hot paths (select_indices, sparse_attention, decode) issue no host synchronisation: every size they need
 (J, the padding of the selected list, the grid) follows from the shapes; per-head counts stay on the device.
@@ -13,113 +14,16 @@ from dataclasses import dataclass, replace
 import torch
 import triton
 
-from ...geometry import num_budgeted_blocks
 from ...selection import Selection
 from ..common import chunked_prefill, compact
-from ..common.block_budgets import block_keep_from_ranks
 from ..common.environment import triton_interpret
 from ..common.packed_cache import PackedKVCache
 from ..common.protocol import decode_step
-from . import kernels_attention, kernels_decode, kernels_selection
+from ..common.selection_triton import select_indices, select_on_device, to_selection
+from ..common.triton_launch import LOG2E, precision, rows_pad
+from . import kernels_attention, kernels_decode
 
-LOG2E = 1.4426950408889634
 INTERPRET = triton_interpret()  # as Triton itself, fixed when this module is imported
-
-
-def _precision(dtype: torch.dtype) -> str:
-    # fp32 inputs must not silently drop to tf32 on GPUs: the tolerance table assumes full fp32 products.
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _rows_pad(G: int) -> int:
-    """Rows of a single-query tile: G query heads padded to a power of two, at least 16 (tl.dot minimum)."""
-    return max(16, triton.next_power_of_2(G))
-
-
-# ----------------------------------------------------------------------------------------------- selection
-def last_query_importance_logits(q_last: torch.Tensor, k: torch.Tensor, scale: float, starts=None):
-    """Eq. 5 statistics: logits [B, HKV, G, L] fp32 in log2 units, row max and row sum of exp2 [B, HKV, G].
-
-    q_last: [B, HQ, D], k: [B, HKV, L, D]. One pass over K; the partial (max, sum) per chunk are merged
-    with a few torch ops (O(G * L / BLOCK_L) numbers). starts: None, or [B] int32 on the device, the left
-    padding of each sequence (its logits are then relative to its start, -inf past its end)."""
-    B, HQ, D = q_last.shape
-    HKV, L = k.shape[1], k.shape[2]
-    G = HQ // HKV
-    block_l = 128
-    n_chunks = triton.cdiv(L, block_l)
-    logits = torch.empty(B, HKV, G, L, device=k.device, dtype=torch.float32)
-    part_max = torch.empty(B, HKV, G, n_chunks, device=k.device, dtype=torch.float32)
-    part_sum = torch.empty_like(part_max)
-    kernels_selection.last_query_logits_kernel[(B * HKV, n_chunks)](
-        q_last, k, logits, part_max, part_sum, logits if starts is None else starts,
-        *q_last.stride(), *k.stride(),
-        L, HKV, n_chunks, scale * LOG2E,
-        G=G, G_PAD=_rows_pad(G), D=D, BLOCK_L=block_l, PREC=_precision(k.dtype), VARLEN=starts is not None,
-        num_warps=4,
-    )
-    row_max = part_max.amax(-1)
-    # chunks with no finite logit (part_max = -inf, part_sum = 0) add 0, also when the whole row has none
-    row_sum = torch.where(part_sum > 0, part_sum * torch.exp2(part_max - row_max[..., None]), 0.0).sum(-1)
-    return logits, row_max, row_sum
-
-
-def _select(q: torch.Tensor, k: torch.Tensor, budgets: torch.Tensor, config, scale: float, padding=None) -> dict:
-    """Sections 3.1-3.4 on the device. Returns rank [B,HKV,J*b] int32 (within-block rank), keep [B,HKV,J]
-    int32 (t_j), offsets [B,HKV,J+1] int32, and the compact form of tca.backends.common.compact: indices
-    [B,HKV,max(J*b,1)] int32 (ascending, padded with L), counts [B,HKV] int32.
-    padding: None, or a LeftPadding: sequence b is k[b, :, starts[b]:], selected on its own (its J_b budgeted
-    blocks, positions relative to its start; blocks j >= J_b keep nothing)."""
-    B, HQ = q.shape[:2]
-    HKV, L = k.shape[1], k.shape[2]
-    G = HQ // HKV
-    b = config.block_size
-    J = num_budgeted_blocks(L, b, config.window)
-    dev = k.device
-    if J == 0:
-        zeros = torch.zeros(B, HKV, 1, device=dev, dtype=torch.int32)
-        return {
-            "rank": zeros[..., :0], "keep": zeros[..., :0], "offsets": zeros,
-            "indices": torch.full((B, HKV, 1), L, device=dev, dtype=torch.int32), "counts": zeros[..., 0],
-        }
-    starts = None if padding is None else padding.starts_on(dev)
-    logits, row_max, row_sum = last_query_importance_logits(q[:, :, -1], k, scale, starts)
-    priority = torch.empty(B, HKV, J, device=dev, dtype=torch.float32)
-    rank = torch.empty(B, HKV, J * b, device=dev, dtype=torch.int32)
-    blocks = None if padding is None else padding.blocks_on(dev, config)
-    kernels_selection.block_scores_kernel[(B * HKV, J)](
-        logits, row_max, row_sum, priority, rank, priority if blocks is None else blocks,
-        L, J, HKV, float(config.alpha),
-        G=G, G_PAD=_rows_pad(G), BS=b, MASS_MEAN=config.mass_scale == "mean", VARLEN=blocks is not None,
-        num_warps=4 if b <= 128 else 8,
-    )
-    # Ranking of J blocks (ties to the smaller index): a stable sort, on the device.
-    order = priority.sort(dim=-1, descending=True, stable=True).indices
-    ranks = torch.empty_like(order)
-    ranks.scatter_(-1, order, torch.arange(J, device=dev).expand_as(order))
-    keep = block_keep_from_ranks(ranks, budgets, blocks).to(torch.int32)
-    offsets = torch.zeros(B, HKV, J + 1, device=dev, dtype=torch.int32)
-    torch.cumsum(keep, dim=-1, out=offsets[..., 1:])
-    indices = torch.full((B, HKV, J * b), L, device=dev, dtype=torch.int32)
-    kernels_selection.compact_kernel[(B * HKV, J)](rank, keep, offsets, indices, J, indices.stride(1), BS=b)
-    return {"rank": rank, "keep": keep, "offsets": offsets, "indices": indices, "counts": offsets[..., -1]}
-
-
-def select_indices(q, k, budgets, config, scale):
-    """The selection in the compact form (tca.backends.common.compact): indices [B, HKV, N] int32 ascending,
-    padded with L to N = max(J*b, 1) (no host sync); counts [B, HKV] int32.
-    q: [B, HQ, LQ, D] (last row used), k: [B, HKV, L, D], budgets [HKV, len(K)]."""
-    sel = _select(q, k, budgets, config, scale)
-    return sel["indices"], sel["counts"]
-
-
-def to_selection(sel: dict, config, seq_len: int) -> Selection:
-    """A tca.Selection (mask form) from the device selection (for tests and the cache; not a hot path)."""
-    b = config.block_size
-    rank, keep = sel["rank"], sel["keep"]
-    B, H, J = keep.shape
-    mask = (rank.view(B, H, J, b) < keep[..., None]).reshape(B, H, J * b)
-    return Selection(mask=mask, block_budgets=keep.long(), block_size=b, window=config.window, seq_len=seq_len)
 
 
 # ----------------------------------------------------------------------------------------------- attention
@@ -181,7 +85,7 @@ def sparse_attention(
         indices.stride(1), offsets.stride(1),
         HKV, HQ, L, LQ, first, block_size, window, scale * LOG2E,
         G=G, BLOCK_Q=block_q, G_PAD=g_pad, D=D, BLOCK_N=block_n,
-        PREC=_precision(q.dtype), STORE_LSE=return_lse, VARLEN=padding is not None, **extra,
+        PREC=precision(q.dtype), STORE_LSE=return_lse, VARLEN=padding is not None, **extra,
     )
     return (out, lse) if return_lse else out
 
@@ -193,14 +97,6 @@ def attend_virtual(q, keys, values, selected, config, scale):
     indices, _ = compact.from_mask(selected, L)
     offsets = compact.block_offsets(indices, L, config.block_size, config.window)
     return sparse_attention(q, keys, values, indices, offsets, config.block_size, config.window, scale)
-
-
-def choose_leaving(importance, num_blocks: int, budgets, config):
-    """Eqs. 6-8 on a streaming chunk's leaving blocks: the torch backend's, reached through the registry (the
-    backends never import each other)."""
-    from ..registry import get
-
-    return get("torch").load().choose_leaving(importance, num_blocks, budgets, config)
 
 
 # ----------------------------------------------------------------------------------------------- decode
@@ -229,7 +125,7 @@ class CacheKernels:
             cache.global_k, cache.global_v, cache.global_pos, cache.global_start, cache.global_len,
             *q1.stride(), cache.local_k.stride(1), cache.local_k.stride(2),
             HKV, W, cache.config.window, cache.global_k.shape[0] - 1, cache.scale,
-            G=G, G_PAD=_rows_pad(G), BS=cache.config.block_size, D=D, PREC=_precision(q.dtype),
+            G=G, G_PAD=rows_pad(G), BS=cache.config.block_size, D=D, PREC=precision(q.dtype),
         )
 
     @staticmethod
@@ -263,7 +159,7 @@ def _split_k_attention(q, global_k, global_v, global_start, global_len, local_k,
     B, HQ, _, D = q.shape
     HKV, W = global_start.shape[-1], local_k.shape[-2]
     G = HQ // HKV
-    g_pad = _rows_pad(G)
+    g_pad = rows_pad(G)
     chunk = 64
     splits = _decode_splits(q.device, B * HKV, n_est, chunk)
     part_m = torch.empty(B * HKV, splits, g_pad, device=q.device, dtype=torch.float32)
@@ -276,7 +172,7 @@ def _split_k_attention(q, global_k, global_v, global_start, global_len, local_k,
         part_m, part_l, part_acc,
         *q1.stride(), stride_bh, stride_slot,
         positions, HKV, W, block_size, window, splits, scale * LOG2E,
-        G=G, G_PAD=g_pad, D=D, CHUNK=chunk, PREC=_precision(q.dtype),
+        G=G, G_PAD=g_pad, D=D, CHUNK=chunk, PREC=precision(q.dtype),
     )
     out = torch.empty_like(q)
     o1 = out[:, :, 0]
@@ -288,15 +184,15 @@ def _split_k_attention(q, global_k, global_v, global_start, global_len, local_k,
 
 # ----------------------------------------------------------------------------------------------- backend
 # Chunked prefill (section 5b): backends/common/chunked_prefill.py with the sparse kernel and on-device
-# selection; streaming chunks choose within the leaving blocks with the shared torch code.
-class TritonBackend(chunked_prefill.entry_points(choose=choose_leaving, attend=attend_virtual)):
+# selection; streaming chunks choose within the leaving blocks with the shared torch code (selection_torch.py).
+class TritonBackend(chunked_prefill.entry_points(attend=attend_virtual)):
     """The `triton` backend (registry name "triton"): inputs are validated "bhsd" tensors."""
 
     select_indices = staticmethod(select_indices)
 
     @staticmethod
     def select(q, k, budgets, config, scale) -> Selection:
-        return to_selection(_select(q, k, budgets, config, scale), config, k.shape[2])
+        return to_selection(select_on_device(q, k, budgets, config, scale), config, k.shape[2])
 
     @staticmethod
     def attend(q, k, v, selection: Selection, scale, return_lse=False):
@@ -307,7 +203,7 @@ class TritonBackend(chunked_prefill.entry_points(choose=choose_leaving, attend=a
     @staticmethod
     def attention(q, k, v, budgets, config, scale, return_lse=False, padding=None):
         """Section 4; padding: None, or the LeftPadding of a batch of whole prompts (section 9.1)."""
-        sel = _select(q, k, budgets, config, scale, padding)
+        sel = select_on_device(q, k, budgets, config, scale, padding)
         return sparse_attention(q, k, v, sel["indices"], sel["offsets"], config.block_size, config.window, scale,
                                 return_lse, padding=padding)
 
@@ -317,7 +213,7 @@ class TritonBackend(chunked_prefill.entry_points(choose=choose_leaving, attend=a
     def prefill(q, k, v, budgets, config, scale, padding=None):
         """Section 5's prefill; padding: None, or a LeftPadding (each sequence prefilled as if alone, the cache
         holding per-sequence lengths; its padding rows of out are 0)."""
-        sel = _select(q, k, budgets, config, scale, padding)
+        sel = select_on_device(q, k, budgets, config, scale, padding)
         out = sparse_attention(q, k, v, sel["indices"], sel["offsets"], config.block_size, config.window, scale,
                                padding=padding)
         starts = None if padding is None else padding.starts

@@ -1,4 +1,7 @@
-"""Online token selection (docs/semantics.md section 3, Eqs. 5-8), vectorised over batch, heads and blocks.
+"""Online token selection in torch (docs/semantics.md section 3, Eqs. 5-8), vectorised over batch, heads and
+blocks: the one production copy of Eqs. 5 and 6, used by the torch backend, the flash backend where Triton cannot
+run, the streaming chunked prefill of every backend that has one (chunked_prefill.py) and the torch calibration.
+The oracle (tca.reference.selection) keeps its own readable copy, which the tests compare against.
 
 No L x L tensor: the importance comes from the last query row only (one [HQ, L] softmax). Every tie rule of
 the spec is reproduced with stable sorts (blocks: smaller index first; tokens: smaller position first; budget
@@ -16,17 +19,22 @@ from ...config import TCAConfig
 from ...dtypes import compute_dtype
 from ...geometry import num_budgeted_blocks
 from ...selection import Selection
-from ..common import compact
-from ..common.block_budgets import block_keep_from_ranks
+from . import compact
+from .block_budgets import block_keep_from_ranks
 
 
-def last_query_importance(q_last: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """Eq. 5: mean over each group of softmax(scale * q_last . K^T). q_last [B, HQ, D], k [B, HKV, L, D] -> [B, HKV, L]."""
+def last_query_importance(q_last: torch.Tensor, k: torch.Tensor, scale: float, held=None) -> torch.Tensor:
+    """Eq. 5: mean over each group of softmax(scale * q_last . K^T). q_last [B, HQ, D], k [B, HKV, L, D] -> [B, HKV, L].
+
+    held: None, or [B, HKV, N] bool over the first N keys, False where a key is a hole (the streaming prefill's
+    padding of its global rows): a hole takes no part in the softmax and scores 0."""
     dt = compute_dtype(q_last.dtype)
     B, HQ, D = q_last.shape
     HKV = k.shape[1]
     q = q_last.to(dt).reshape(B, HKV, HQ // HKV, D)
     logits = torch.matmul(q, k.to(dt).transpose(-1, -2)) * scale  # [B, HKV, G, L]
+    if held is not None:
+        logits[..., : held.shape[-1]].masked_fill_(~held[:, :, None], float("-inf"))
     # [choice: non-finite] a NaN/Inf logit is left out of the softmax (scores 0; a row with none finite
     # scores 0 everywhere), so one bad key cannot turn the whole row NaN. Same rule as the reference.
     logits = logits.masked_fill(~torch.isfinite(logits), float("-inf"))
