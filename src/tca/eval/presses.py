@@ -97,21 +97,28 @@ def make_press(method: PressMethod, keep: float | None = None):
 
 def _adapt_hook(hook):
     """The press's forward hook, given `past_key_values` and `cache_position` where transformers passes neither."""
-    import torch
 
     def adapted(module, args, kwargs, output):
-        if "past_key_values" not in kwargs:
-            kwargs = {**kwargs, "past_key_values": kwargs.get("cache")}
-        if "cache_position" not in kwargs:
-            cache = kwargs["past_key_values"]
-            q_len = kwargs["hidden_states"].shape[1]
-            end = cache.layers[module.layer_idx].keys.shape[-2] if cache is not None else q_len
-            # The tokens this call added sit at the cache's last q_len slots; the prefill is the call whose
-            # first position is 0 (kvpress's is_prefilling: cache_position[-1] + 1 == q_len).
-            kwargs = {**kwargs, "cache_position": torch.arange(end - q_len, end, device=kwargs["hidden_states"].device)}
-        return hook(module, args, kwargs, output)
+        return hook(module, args, hook_kwargs(module, kwargs), output)
 
     return adapted
+
+
+def hook_kwargs(module, kwargs: dict) -> dict:
+    """An attention layer's keyword arguments with the `past_key_values` and `cache_position` kvpress's forward
+    hook reads, supplied where this transformers passes neither (module docstring)."""
+    import torch
+
+    if "past_key_values" not in kwargs:
+        kwargs = {**kwargs, "past_key_values": kwargs.get("cache")}
+    if "cache_position" not in kwargs:
+        cache = kwargs["past_key_values"]
+        q_len = kwargs["hidden_states"].shape[1]
+        end = cache.layers[module.layer_idx].keys.shape[-2] if cache is not None else q_len
+        # The tokens this call added sit at the cache's last q_len slots; the prefill is the call whose
+        # first position is 0 (kvpress's is_prefilling: cache_position[-1] + 1 == q_len).
+        kwargs = {**kwargs, "cache_position": torch.arange(end - q_len, end, device=kwargs["hidden_states"].device)}
+    return kwargs
 
 
 def held_positions(model, cache) -> int:
