@@ -156,7 +156,7 @@ def last_query(module, hidden_states: torch.Tensor, position_embeddings) -> torc
 
 
 def _press_class():
-    kvpress = import_kvpress()
+    kvpress = import_kvpress("TCAPress and the kvpress peers")
 
     @dataclass
     class TCAPress(kvpress.BasePress):
