@@ -76,3 +76,8 @@ def test_press_methods_check_their_arguments():
     assert press_method("snapkv", match="tca-tau0.9").name == "snapkv=tca-tau0.9"
     with pytest.raises(ValueError, match="needs a kept fraction"):
         make_press(press_method("snapkv", match="tca-tau0.9"))
+    with pytest.raises(ValueError, match="runs a TCA method's plan"):
+        PressMethod("x", "tca", 0.5)
+    assert press_method("tca", match="tca-tau0.9").name == "tca-press=tca-tau0.9"
+    with pytest.raises(ValueError, match="needs the plan of 'dense'"):
+        make_press(press_method("tca", match="dense"))

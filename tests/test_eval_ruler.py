@@ -119,6 +119,9 @@ def test_the_harness_runs_every_method_kind_on_the_tiny_model(tmp_path):
     assert matched["press_keep"] == pytest.approx(tca_kept)  # the press was set to what TCA really kept
     assert matched["kept_fraction"] == pytest.approx(tca_kept, abs=0.01)
     assert rows["snapkv-50"]["kept_fraction"] == pytest.approx(0.5, abs=0.01)
+    # TCA as a press keeps per head what TCA's own cache keeps after the prefill (Eq. 7's counts), so nearly the
+    # same share as the method whose plan it runs (which also compresses while decoding its few tokens)
+    assert rows["tca-press=tca-fixed17"]["kept_fraction"] == pytest.approx(tca_kept, abs=0.01)
     # resuming runs nothing new; the report covers every method
     again = evaluate_ruler(RulerRunner(Runner(model, "torch", ids, progress=False), tok), methods, grid, out=out,
                            progress=False)
@@ -157,5 +160,6 @@ def test_score_against_length_plot_draws_every_method(tmp_path):
     results = {"metadata": {}, "methods": {}, "samples": samples}
     assert ruler_report.family("tca-tau0.9-reselect1") == "tca_reselect"
     assert ruler_report.family("tca-tau0.9-stream2048") == "tca_stream"
+    assert ruler_report.family("tca-press=tca-tau0.9-reselect1") == "tca_press"
     path = ruler_report.plot_score_vs_length(results, tmp_path / "l.png")
     assert path.is_file() and path.stat().st_size > 10_000

@@ -97,13 +97,20 @@ class RulerRunner:
         self.eos = _eos_ids(self.model, tokenizer)
         self.press = None
 
-    def use(self, method, keep: float | None = None) -> None:
+    def use(self, method, keep: float | None = None, methods: dict | None = None) -> None:
+        """Switch to `method`; a "tca" press takes the plan of its matched method, found by name in `methods`."""
         if isinstance(method, PressMethod):
+            plan = self._matched_plan(method, methods or {}) if method.press == "tca" else None
             self.runner.use(Method("dense", "dense"))
-            self.press = make_press(method, keep)
+            self.press = make_press(method, keep, plan=plan, backend=self.runner.backend)
         else:
             self.runner.use(method)
             self.press = None
+
+    def _matched_plan(self, method: PressMethod, methods: dict):
+        if method.match not in methods:
+            raise ValueError(f"press {method.name!r} runs the plan of {method.match!r}, which is not among the methods")
+        return self.runner.plan(methods[method.match])  # calibrated here if that method's cell was resumed
 
     def run(self, sample: RulerSample, max_new_tokens: int) -> tuple[str, dict]:
         cache = self.runner.new_cache()
@@ -168,7 +175,7 @@ def evaluate_ruler(
             if not todo:
                 continue
             keep = matched_keep(results, method, length) if isinstance(method, PressMethod) and method.match else None
-            ruler.use(method, keep)
+            ruler.use(method, keep, {m.name: m for m in methods})
             info = method.describe()
             plan = None if isinstance(method, PressMethod) else ruler.runner.plan(method)
             if plan is not None:

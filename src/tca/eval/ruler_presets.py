@@ -8,8 +8,10 @@
   prompts per task and length (13 methods, 1352 generations: run it per length on a GPU, `--lengths 4096`
   ...; results resume).
 - "ruler-cpu": the same kinds of method on a cell a shared 2-core CPU finishes in minutes: 2K tokens, a single
-  needle and variable tracking, one prompt each; dense, the tau 0.9 plan, StreamingLLM and SnapKV matched to it.
-- "ruler-smoke": seconds, on the tiny random model (tests).
+  needle and variable tracking, one prompt each; dense, the tau 0.9 plan, StreamingLLM and SnapKV matched to it,
+  and that plan as a kvpress press (`tca-press=tca-tau0.9`: TCA's post-prefill cache after a dense prefill).
+- "ruler-smoke": seconds, on the tiny random model (tests); it also runs TCA as a kvpress press
+  (`tca-press=tca-fixed17`: the fixed-budget plan through tca.eval.tca_press.TCAPress).
 """
 
 from __future__ import annotations
@@ -53,12 +55,12 @@ def ruler_preset(name: str) -> tuple[list, RulerGrid, int]:
     if name == "ruler-cpu":
         grid = RulerGrid(tasks=["niah_single_2", "vt"], lengths=[2048], samples=1)
         methods = [dense(), calibrated(0.9, LONG_CONTEXT_CONFIG)]
-        methods += [press_method(p, match="tca-tau0.9") for p in ("streamingllm", "snapkv")]
+        methods += [press_method(p, match="tca-tau0.9") for p in ("streamingllm", "snapkv", "tca")]
         return methods, grid, 2048
     if name == "ruler-smoke":
         tiny = TCAConfig(block_size=16, window=64)
         grid = RulerGrid(tasks=["fwe"], lengths=[2048], samples=1, max_new_tokens=4)
         methods = [dense(), fixed(1, tiny), press_method("streamingllm", match="tca-fixed17"),
-                   press_method("snapkv", keep=0.5)]
+                   press_method("snapkv", keep=0.5), press_method("tca", match="tca-fixed17")]
         return methods, grid, 256
     raise ValueError(f"unknown RULER preset {name!r}; known: {', '.join(RULER_PRESETS)}")

@@ -20,13 +20,15 @@ BOOTSTRAP_DRAWS = 2000
 FAMILY_COLOURS = {
     "dense": "black", "tca": "tab:blue", "tca_fixed": "tab:cyan", "streamingllm": "tab:orange", "snapkv": "tab:green",
     "expected": "tab:red", "adakv": "tab:purple", "knorm": "tab:brown", "tca_variant": "tab:olive",
-    "tca_reselect": "magenta", "tca_stream": "goldenrod", "other": "tab:gray",
+    "tca_reselect": "magenta", "tca_stream": "goldenrod", "tca_press": "tab:pink", "other": "tab:gray",
 }
 
 
 def family(method: str) -> str:
     if method == BASELINE:
         return "dense"
+    if method.startswith("tca-press="):  # TCA as a kvpress press (before the TCA families: it names one)
+        return "tca_press"
     if method.startswith("tca-fixed"):
         return "tca_fixed"
     if method.startswith("tca-") and any(v in method for v in ("retrieval", "fallback")):
