@@ -10,7 +10,8 @@
 
 One in-process engine per backend (VLLM_ENABLE_V1_MULTIPROCESSING=0 is set here, so kv_usage() sees the layers),
 on the same seeded random prompts, prefix caching off for both. For each prompt length: time to first token =
-wall time of a run with max_tokens=1 (the whole batch's prefill); decode step = (t(max_tokens=N) - t(1)) / (N - 1);
+wall time of a run with max_tokens=1 (the whole batch's prefill); decode step = each request's last-token time minus
+its first-token time over N - 1, from the engine's request metrics (else (t(max_tokens=N) - t(1)) / (N - 1));
 output tokens/s = batch x N / t(N); --saturate adds a run of as many longest prompts as the pool admits at once;
 for TCA also kv_usage(): vLLM's pool bytes, and the KV bytes a dense backend would read over the decode steps
 against the bytes TCA read. Printed as one JSON object per (backend, length); --out saves them all.
@@ -69,13 +70,20 @@ def tiny_llama_dir() -> str:
     return directory
 
 
-def timed_generate(llm, requests, max_tokens: int) -> float:
+def timed_generate(llm, requests, max_tokens: int) -> tuple[float, float | None]:
+    """(wall seconds of the whole run, the mean decode step in seconds from the engine's own per-request first- and
+    last-token times, or None where the engine keeps no such times)."""
     import vllm
 
     params = vllm.SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, detokenize=False)
     start = time.perf_counter()
-    llm.generate(requests, params, use_tqdm=False)
-    return time.perf_counter() - start
+    outputs = llm.generate(requests, params, use_tqdm=False)
+    wall = time.perf_counter() - start
+    stats = [output.metrics for output in outputs]
+    if max_tokens < 2 or any(getattr(s, "last_token_ts", 0.0) <= getattr(s, "first_token_ts", 0.0) for s in stats):
+        return wall, None
+    steps = [(s.last_token_ts - s.first_token_ts) / (max_tokens - 1) for s in stats]
+    return wall, sum(steps) / len(steps)
 
 
 def run_backend(name: str, args, model: str, vocab: int) -> list[dict]:
@@ -93,7 +101,9 @@ def run_backend(name: str, args, model: str, vocab: int) -> list[dict]:
     llm = vllm.LLM(
         model=model, dtype=args.dtype, enforce_eager=args.enforce_eager, enable_prefix_caching=False,
         max_model_len=max_len, tensor_parallel_size=args.tensor_parallel_size,
-        gpu_memory_utilization=args.gpu_memory_utilization, skip_tokenizer_init=True, seed=0, **engine,
+        gpu_memory_utilization=args.gpu_memory_utilization, skip_tokenizer_init=True, seed=0,
+        disable_log_stats=False,  # keeps each request's first- and last-token times (the decode step)
+        **engine,
     )
     started = time.perf_counter() - start
     pool = pool_tokens(llm)
@@ -110,14 +120,17 @@ def run_backend(name: str, args, model: str, vocab: int) -> list[dict]:
         for length, batch in tqdm(runs, desc=f"{name}: prompt lengths", disable=None):
             requests = [{"prompt_token_ids": [rng.randrange(vocab) for _ in range(length)]} for _ in range(batch)]
             before = kv_usage()
-            first = timed_generate(llm, requests, 1)
-            full = timed_generate(llm, requests, args.max_tokens)
+            first, _ = timed_generate(llm, requests, 1)
+            full, step = timed_generate(llm, requests, args.max_tokens)
             after = kv_usage()
+            # The engine's own token times where it keeps them: the difference of two whole runs also carries the
+            # run-to-run spread of their prefills, which at long prompts exceeds all the decode steps together.
+            step = (full - first) / max(1, args.max_tokens - 1) if step is None else step
             row = {
                 "backend": name, "L": length, "batch": batch, "ttft_s": first, "engine_start_s": started,
                 "pool_tokens": pool, "admits_at_L": None if pool is None else pool // (length + args.max_tokens),
-                "decode_step_ms": 1000 * (full - first) / max(1, args.max_tokens - 1),
-                "decode_tokens_per_s": batch * (args.max_tokens - 1) / max(1e-9, full - first),
+                "decode_step_ms": 1000 * step,
+                "decode_tokens_per_s": batch / step,
                 # what a client sees: every output token of the batch over the whole run, prefill included
                 "output_tokens_per_s": batch * args.max_tokens / max(1e-9, full),
             }
