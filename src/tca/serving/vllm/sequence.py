@@ -136,7 +136,8 @@ def decode_step(
     # On CUDA, half-precision pages go to SDPA as they are (its kernels accumulate in float32): no float32 copy of
     # the kept keys and values each step. Elsewhere the float64-or-float32 rule of tca.dtypes.
     at = query.dtype if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) else dt
-    # Not cuDNN's kernel: it builds a graph for every new key length, i.e. at every decode step.
+    # Not cuDNN's kernel: its execution plans are cached per key length, which grows at every step. (Leaving it
+    # out did not make vLLM's decode steps faster on an H100; their time is host-side, docs/benchmarks.md.)
     with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
         out = F.scaled_dot_product_attention(  # heads as the batch, each group's G queries as its rows
             q[:, None].to(at), keys[:, None].to(at), values[:, None].to(at), attn_mask=mask, scale=scale
