@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import tca
-from conftest import make_qkv, random_budgets
+from helpers import make_qkv, random_budgets
 from tca.backends.common.packed_cache import PackedKVCache
 from tca.geometry import window_start
 from tca.reference.cache import cached_positions

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import tca
-from conftest import make_qkv, random_budgets
+from helpers import make_qkv, random_budgets
 from tca.geometry import window_start
 from tca.reference import (
     attention,

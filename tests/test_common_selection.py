@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_qkv, random_budgets
+from helpers import make_qkv, random_budgets
 from tca import TCAConfig, reference
 from tca.backends import registry
 from tca.backends.common import compact

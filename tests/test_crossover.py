@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import tca
-from conftest import dense_causal, force_crossover, make_qkv
+from helpers import dense_causal, force_crossover, make_qkv
 from tca.backends import crossover as crossover_module
 from tca.backends.crossover import CPU
 

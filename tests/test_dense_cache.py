@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import tca
-from conftest import dense_causal, force_crossover, make_qkv
+from helpers import dense_causal, force_crossover, make_qkv
 from tca.backends.common.dense_cache import DenseKVCache
 from tca.backends.common.packed_cache import PackedKVCache
 from tca.backends.common.protocol import KVCache

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import load_script
+from helpers import load_script
 from tca.backends.common.environment import triton_interpret
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"

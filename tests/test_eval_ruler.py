@@ -132,7 +132,7 @@ def test_the_harness_runs_every_method_kind_on_the_tiny_model(tmp_path):
 
 
 def test_gpu_workers_keep_each_press_with_the_method_it_matches():
-    from conftest import load_script
+    from helpers import load_script
     from tca.eval.ruler_presets import ruler_methods
 
     module = load_script("benchmarks/ruler_gpu.py")

@@ -17,7 +17,7 @@ import types
 import pytest
 import torch
 
-from conftest import make_qkv, random_budgets
+from helpers import make_qkv, random_budgets
 from tca import TCAConfig, reference
 from tca.backends.common import compact
 from tca.backends.flash import fa2, fa3, fa4

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import require_triton
+from helpers import require_triton
 
 pytestmark = pytest.mark.triton
 DEVICE = require_triton()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import tca
-from conftest import chunked_prefill_against_reference
+from helpers import chunked_prefill_against_reference
 from tca.testing import assert_close
 
 pytestmark = [pytest.mark.gpu, pytest.mark.triton]

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import tca
-from conftest import make_qkv, random_budgets
+from helpers import make_qkv, random_budgets
 from tca.backends import registry
 
 CONFIG = tca.TCAConfig(block_size=16, window=32)

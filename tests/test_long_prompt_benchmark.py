@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from conftest import load_script
+from helpers import load_script
 
 pytest.importorskip("transformers")
 pytest.importorskip("tqdm")

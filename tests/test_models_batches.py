@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import tca
-from conftest import left_padded
+from helpers import left_padded
 
 transformers = pytest.importorskip("transformers")
 from tca.models import TCACache, cache_kwargs, enable_tca  # noqa: E402

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import tca
-from conftest import left_padded, require_triton
+from helpers import left_padded, require_triton
 
 pytestmark = pytest.mark.triton
 DEVICE = require_triton()

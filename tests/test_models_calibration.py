@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import tca
-from conftest import capture_layer_qk
+from helpers import capture_layer_qk
 from tca.budgets import calibration_candidates
 from tca.reference.calibration import retained_mass as reference_retained_mass
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import tca
-from conftest import force_crossover, left_padded
+from helpers import force_crossover, left_padded
 from tca.backends.common.dense_cache import DenseKVCache
 from tca.backends.common.packed_cache import PackedKVCache
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import tca
-from conftest import capture_layer_qk
+from helpers import capture_layer_qk
 
 transformers = pytest.importorskip("transformers")
 from tca.models import (  # noqa: E402

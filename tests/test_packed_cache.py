@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_qkv, random_budgets
+from helpers import make_qkv, random_budgets
 from tca import TCAConfig, reference
 from tca.backends.common import decode_torch
 from tca.backends.common.packed_cache import PackedKVCache, ring_slots

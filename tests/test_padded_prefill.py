@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import tca
-from conftest import make_qkv, require_triton
+from helpers import make_qkv, require_triton
 from tca import reference
 from tca.budgets import default_budgets
 from tca.config import TCAConfig

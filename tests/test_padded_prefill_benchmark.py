@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from conftest import load_script
+from helpers import load_script
 
 
 def _bench():

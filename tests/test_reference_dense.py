@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import tca
-from conftest import make_qkv
+from helpers import make_qkv
 from tca import reference
 
 

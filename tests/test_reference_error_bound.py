@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import tca
-from conftest import make_qkv, random_budgets
+from helpers import make_qkv, random_budgets
 from tca import reference
 
 CASES = [  # (HQ, HKV, L, LQ, D, b, w, mass_scale)

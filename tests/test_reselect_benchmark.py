@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import load_script
+from helpers import load_script
 
 
 def test_tiny_run_reports_every_method(tmp_path):

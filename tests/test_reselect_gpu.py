@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import tca
-from conftest import make_qkv, random_budgets
+from helpers import make_qkv, random_budgets
 
 pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():

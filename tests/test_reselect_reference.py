@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import tca
-from conftest import make_qkv, random_budgets
+from helpers import make_qkv, random_budgets
 from tca import reference
 from tca.reference import reselect
 

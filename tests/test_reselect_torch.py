@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import tca
-from conftest import make_qkv, random_budgets
+from helpers import make_qkv, random_budgets
 from tca.backends.common.reselecting_cache import ReselectingCache
 from tca.reference.reselect import ReselectingReferenceCache
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import tca
-from conftest import make_qkv, random_budgets
+from helpers import make_qkv, random_budgets
 from tca.backends.common.block_budgets import selection_sizes
 from tca.backends.torch.impl import TorchBackend
 from tca.budgets import block_keep_count

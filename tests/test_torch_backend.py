@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 import tca
-from conftest import make_qkv, random_budgets
+from helpers import make_qkv, random_budgets
 from tca import TCAConfig, reference
 from tca.backends import registry
 from tca.backends.common import selection_torch as torch_selection

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import tca
-from conftest import dense_causal, force_crossover, make_qkv, require_triton
+from helpers import dense_causal, force_crossover, make_qkv, require_triton
 from tca.backends.common.dense_cache import DenseKVCache
 
 pytestmark = pytest.mark.triton

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_qkv, require_triton
+from helpers import make_qkv, require_triton
 from tca import reference
 from tca.config import TCAConfig
 from tca.selection import Selection

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import require_triton
+from helpers import require_triton
 from tca import reference
 from tca.backends.common import compact
 from tca.budgets import default_budgets, dense_budgets, log_gaussian_budgets

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import tca
-from conftest import make_qkv, random_budgets
+from helpers import make_qkv, random_budgets
 from tca.budgets import block_keep_count
 from tca.serving.vllm.paged import PagedSequence, split_pages, write_tokens
 from tca.serving.vllm.sequence import attend_chunk, decode_step
