@@ -12,7 +12,7 @@ import torch
 from hypothesis import HealthCheck, settings
 
 # The CPU suite runs tiny tensors on a shared 2-core machine: with 2 intra-op threads, OpenMP barriers
-# spin against other processes and the same tests ran 40x slower (test_cache_reference.py: 45 s vs 1.1 s
+# spin against other processes and the same tests ran 40x slower (reference/test_cache.py: 45 s vs 1.1 s
 # with 1 thread, load average 4). One thread unless TCA_TEST_THREADS asks for more.
 torch.set_num_threads(int(os.environ.get("TCA_TEST_THREADS", "1")))
 

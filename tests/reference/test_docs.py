@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "semantics.md"
+from helpers import ROOT
+
+DOC = ROOT / "docs" / "semantics.md"
 
 MARKS = [
     "[choice: block-aligned]",

@@ -12,10 +12,11 @@ pytest.importorskip("matplotlib")
 
 from matplotlib.colors import to_rgba  # noqa: E402
 
+from helpers import ROOT
 from tca.eval import plots  # noqa: E402
 from tca.eval.report import ordered_methods  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "quality_ablation_2k_cpu.json"
+RESULTS = ROOT / "benchmarks" / "results" / "quality_ablation_2k_cpu.json"
 
 
 @pytest.fixture

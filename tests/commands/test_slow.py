@@ -28,7 +28,7 @@ def test_eval_with_no_arguments_runs_small_and_writes_the_default_file(tmp_path,
 
 
 def test_demo_says_where_tca_pays_off_and_shows_progress(capsys):
-    assert main(["demo", "--max-new-tokens", "4", "--repeats", "1"]) == 0  # the repeats: tests/test_cli_demo.py
+    assert main(["demo", "--max-new-tokens", "4", "--repeats", "1"]) == 0  # the repeats: tests/commands/test_demo.py
     captured = capsys.readouterr()
     assert "Where TCA pays off: on a GPU and at long prompts" in captured.out
     assert "token" in captured.err and "TCA" in captured.err  # the generation progress bars

@@ -8,18 +8,17 @@ from __future__ import annotations
 import subprocess
 import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 
 import tca
-from helpers import make_qkv
+from helpers import ROOT, make_qkv
 from tca.backends import registry
 from tca.backends.registry import Backend
 
 CFG = tca.TCAConfig(block_size=16, window=32)
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+SRC = str(ROOT / "src")
 
 
 @pytest.fixture

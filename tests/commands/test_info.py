@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+from helpers import ROOT
+
+SRC = str(ROOT / "src")
 
 
 def test_info_lists_the_reference_backend():

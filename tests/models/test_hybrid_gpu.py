@@ -1,6 +1,6 @@
 """GPU: hybrid models (sliding-window and full-attention layers) with TCA on the Triton backend.
 
-Marked `gpu` and `triton`; they skip without a CUDA device. The CPU twin is tests/test_models_hybrid.py.
+Marked `gpu` and `triton`; they skip without a CUDA device. The CPU twin is tests/models/test_hybrid.py.
 """
 
 from __future__ import annotations

@@ -6,19 +6,17 @@ Shape letters: HKV key/value heads, K retain counts.
 from __future__ import annotations
 
 import tomllib
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 import tca
+from helpers import ROOT
 from tca.models.plans import default_plan
 from tca.models.shape import ModelShape
 from tca.serving.vllm.checks import engine_problems, layer_problems
 from tca.serving.vllm.settings import Settings, layer_index
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def engine(prefix_caching=False, cache_dtype="auto", speculative=None, dcp=1, pcp=1):

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-from helpers import load_script
+from helpers import ROOT, load_script
 from tca.backends.common.environment import triton_interpret
 
-DOCS = Path(__file__).resolve().parent.parent / "docs"
+DOCS = ROOT / "docs"
 
 
 @pytest.mark.skipif(triton_interpret(), reason="the interpreter changes what triton declares")
