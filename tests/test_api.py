@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import tca
-from conftest import make_qkv, random_budgets
+from helpers import make_qkv, random_budgets
 from tca import reference
 
 CFG = tca.TCAConfig(block_size=16, window=32)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import tca
-from conftest import make_qkv
+from helpers import make_qkv
 from tca.backends import registry
 from tca.reference.cache import cached_positions
 

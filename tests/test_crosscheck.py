@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import tca
-from conftest import chunked_prefill_against_reference, make_qkv
+from helpers import chunked_prefill_against_reference, make_qkv
 from tca import reference
 from tca.backends import registry
 from tca.config import TCAConfig

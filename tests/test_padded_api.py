@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import tca
-from conftest import make_qkv
+from helpers import make_qkv
 from tca import reference
 from tca.backends.common.reselecting_cache import ReselectingCache
 from tca.budgets import default_budgets

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FILES = sorted(
     path
     for path in [ROOT / "README.md", *(ROOT / "docs").glob("*.md"), *(ROOT / "src").rglob("*.py"),
-                 *(ROOT / "tests").glob("*.py"), *(ROOT / "benchmarks").rglob("*.py")]
+                 *(ROOT / "tests").rglob("*.py"), *(ROOT / "benchmarks").rglob("*.py")]
     if path != Path(__file__).resolve()  # this file spells the patterns out
 )
 # (pattern, what it is). "session" alone is allowed where it means a nox session.

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import tca
-from conftest import make_qkv, random_budgets
+from helpers import make_qkv, random_budgets
 
 CONFIG = tca.TCAConfig(block_size=16, window=32)
 B, HQ, HKV, D = 1, 4, 2, 16
@@ -21,7 +21,7 @@ POLICIES = [None, tca.Reselect(every=3)]
 
 def _device(backend: str) -> str:
     if backend == "triton":
-        from conftest import require_triton
+        from helpers import require_triton
 
         return require_triton()
     return "cpu"

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import tca
-from conftest import make_qkv, random_budgets
+from helpers import make_qkv, random_budgets
 from tca import reference
 from tca.backends import registry
 
@@ -95,7 +95,7 @@ def _ready(backend: str) -> str:
     """Skip a triton case unless its kernels can run here (GPU, or TRITON_INTERPRET=1 on a CPU); the device
     the backend's inputs go to."""
     if backend == "triton":
-        from conftest import require_triton
+        from helpers import require_triton
 
         return require_triton()
     return "cpu"
@@ -166,7 +166,7 @@ def test_extreme_scale_gives_nan_only_where_the_reference_does(backend, scale):
 def test_decode_compression_keeps_its_budget_with_a_nan_key(backend):
     """A NaN key in the block leaving the window scores 0: the block still keeps exactly t tokens (section 8)."""
     if backend == "triton":
-        from conftest import require_triton
+        from helpers import require_triton
 
         require_triton()
     config = tca.TCAConfig(block_size=16, window=32)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import tca
-from conftest import make_qkv
+from helpers import make_qkv
 
 CFG = tca.TCAConfig(block_size=16, window=32)
 
