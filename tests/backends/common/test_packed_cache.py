@@ -16,8 +16,8 @@ import torch
 from helpers import make_qkv, random_budgets
 from tca import TCAConfig, reference
 from tca.backends.common import decode_torch
+from tca.backends.common.cache_protocol import KVCache, decode_step
 from tca.backends.common.packed_cache import PackedKVCache, ring_slots
-from tca.backends.common.protocol import KVCache, decode_step
 from tca.budgets import block_keep_count
 
 SCALE = 0.125

@@ -138,7 +138,7 @@ def test_decode_kernels_equal_the_torch_step_on_sequences_of_different_lengths()
 
 
 def tca_decode_step(cache, q, k, v):
-    from tca.backends.common.protocol import decode_step
+    from tca.backends.common.cache_protocol import decode_step
 
     return decode_step(cache, q, k, v)
 

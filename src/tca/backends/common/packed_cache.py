@@ -38,7 +38,7 @@ from . import block_budgets, decode_torch
 class PackedKVCache:
     """The compressed KV cache (section 5): a local ring of the window plus ragged global segments per head.
 
-    Implements the cache contract (tca.backends.common.protocol.KVCache). `kernels` supplies the device work
+    Implements the cache contract (tca.backends.common.cache_protocol.KVCache). `kernels` supplies the device work
     of a decode step (`compress(cache, q)`, `attend(cache, q)`): the torch implementation by default, a
     backend's kernels (e.g. Triton's) when that backend decodes.
     """

@@ -27,8 +27,8 @@ from ...geometry import window_start
 from ...selection import Selection
 from .. import registry
 from ..common import compact, decode_torch, selection_torch
+from ..common.cache_protocol import decode_step
 from ..common.packed_cache import PackedKVCache
-from ..common.protocol import decode_step
 from .generations import check_inputs, get_adapter
 from .merge import merge
 from .segments import global_prefix_counts, global_segments, local_segments, query_blocks, rows_with_keys

@@ -12,8 +12,8 @@ from ...geometry import num_budgeted_blocks
 from ...selection import Selection
 from ..common import chunked_prefill, compact, decode_torch
 from ..common import selection_torch as _selection
+from ..common.cache_protocol import decode_step
 from ..common.packed_cache import PackedKVCache
-from ..common.protocol import decode_step
 from .attention import attend_indices, causal_sdpa
 from .calibration import retained_mass
 from .retrieval_mass import retrieval_mass
