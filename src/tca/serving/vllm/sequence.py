@@ -4,7 +4,7 @@
   several tokens at once): the selection of docs/semantics.md section 3 from the last query row over all L
   keys, then Eq. 2 over the kept pairs only (section 4), on a tca backend's `select` and `attend`. It returns
   the sequence's decode state: the selected global tokens and the window start.
-* `decode_step`: one new token with a state (section 5): if the window moved, the block that left it is
+* `decode_token`: one new token with a state (section 5): if the window moved, the block that left it is
   compressed to its t = max(1, floor(E[p])) most important tokens under the current query; then one softmax
   over what the state keeps. Only the kept tokens are read from the pages.
 
@@ -106,7 +106,7 @@ def compress_leaving_block(
     state.append_global(torch.where(valid, start + top, -1), keep)
 
 
-def decode_step(
+def decode_token(
     query: torch.Tensor,
     paged: PagedSequence,
     state: SequenceState,
