@@ -17,11 +17,11 @@ from .backends.common.dense_cache import DenseKVCache
 from .backends.common.packed_cache import PackedKVCache
 from .backends.common.reselecting_cache import ReselectingCache
 from .backends.crossover import crossover
-from .chunked import MODES, ChunkedPrefill
 from .config import TCAConfig
 from .inference_tensors import leave_inference_tensors
 from .padding import LeftPadding
 from .policy import check_policy
+from .prefill_state import MODES, ChunkedPrefill
 from .validation import check_budgets, check_config, check_scale, from_bhsd, to_bhsd
 
 
@@ -300,7 +300,7 @@ def available_backends() -> list[str]:
     return [row["name"] for row in registry.report() if row["usable"]]
 
 
-# Long prompts, chunk by chunk (docs/semantics.md section 5b); the state lives in chunked.py.
+# Long prompts, chunk by chunk (docs/semantics.md section 5b); the state lives in prefill_state.py.
 
 
 def start_prefill(*, mode="exact", budgets=None, config=None, scale=None, backend="auto", cache=None):

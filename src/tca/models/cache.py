@@ -339,7 +339,7 @@ class TCACache(Cache):
         until the end, which compresses as a one-shot prefill would; only on an empty cache) or "streaming"
         (bounded memory: blocks leaving the window are compressed after every chunk; every chunk but the last
         ends on a multiple of the block size; it may continue a filled cache, e.g. a follow-up question)."""
-        from tca.chunked import MODES
+        from tca.prefill_state import MODES
 
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")

@@ -8,7 +8,7 @@ from .attention import attend, dense_causal_attention, kept_key_mask
 from .cache import ReferenceKVCache, cache_from_selection, decode, prefill
 from .calibration import calibrate, evaluated_rows, retained_mass
 from .calibration_variants import retrieval_mass
-from .chunked import DensePrefillState, empty_cache, exact_chunk, exact_finish, streaming_chunk
+from .chunked_prefill import DensePrefillState, empty_cache, exact_chunk, exact_finish, streaming_chunk
 from .padded import prefill_padded
 from .reselect import ReselectingReferenceCache
 from .selection import (
