@@ -33,7 +33,7 @@ def test_padded_prefill_on_torch_equals_the_reference_and_decodes_each_sequence(
     for t in range(20):
         o = tca.decode(nq[:, :, t : t + 1], nk[:, :, t : t + 1], nv[:, :, t : t + 1], cache, backend="torch")
         for b in range(3):
-            o_ref = reference.decode_step(
+            o_ref = reference.decode(
                 nq[b : b + 1, :, t : t + 1], nk[b : b + 1, :, t : t + 1], nv[b : b + 1, :, t : t + 1], ref_caches[b]
             )
             assert_close(o[b : b + 1], o_ref, msg=f"step {t}, sequence {b}")

@@ -23,10 +23,10 @@ from .api import (
 )
 from .backends.registry import BackendChoiceWarning, BackendUnavailableError
 from .budgets import default_budgets, dense_budgets, log_gaussian_budgets
-from .chunked import ChunkedPrefill
 from .config import TCAConfig
 from .plan import BudgetPlan
 from .policy import Reselect
+from .prefill_state import ChunkedPrefill
 from .selection import Selection
 
 __version__ = "0.1.0"

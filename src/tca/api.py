@@ -17,11 +17,11 @@ from .backends.common.dense_cache import DenseKVCache
 from .backends.common.packed_cache import PackedKVCache
 from .backends.common.reselecting_cache import ReselectingCache
 from .backends.crossover import crossover
-from .chunked import MODES, ChunkedPrefill
 from .config import TCAConfig
 from .inference_tensors import leave_inference_tensors
 from .padding import LeftPadding
 from .policy import check_policy
+from .prefill_state import MODES, ChunkedPrefill
 from .validation import check_budgets, check_config, check_scale, from_bhsd, to_bhsd
 
 
@@ -276,18 +276,18 @@ def decode(q, k, v, cache, *, layout=None, backend="auto"):
             )
     if not torch.is_inference_mode_enabled():
         leave_inference_tensors(cache)
-    return from_bhsd(decode_step(cache, backend)(q, k, v), layout)
+    return from_bhsd(bind_decode(cache, backend)(q, k, v), layout)
 
 
-def decode_step(cache, backend: str = "auto"):
+def bind_decode(cache, backend: str = "auto"):
     """The function that decodes one token into `cache` (a cache of tca.prefill): step(q, k, v) -> out, bhsd inputs
     as `decode` takes them, unchecked. Resolved once, so a caller that has validated its shapes (the model path)
     can keep it for every step. The shared caches decode on the fastest kernels of the device (a re-selecting
     cache on its active set's, the dense path's cache on their attend_dense); the reference's on the reference."""
     if isinstance(cache, _reselecting_reference_cache()):
-        from .reference.reselect import decode_step as reselecting_step
+        from .reference.reselect import decode_and_reselect
 
-        return lambda q, k, v: reselecting_step(q, k, v, cache)
+        return lambda q, k, v: decode_and_reselect(q, k, v, cache)
     if isinstance(cache, (PackedKVCache, ReselectingCache, DenseKVCache)):
         impl = registry.resolve_decode(backend, cache.device, cache.dtype, cache.head_dim).load()
     else:
@@ -300,7 +300,7 @@ def available_backends() -> list[str]:
     return [row["name"] for row in registry.report() if row["usable"]]
 
 
-# Long prompts, chunk by chunk (docs/semantics.md section 5b); the state lives in chunked.py.
+# Long prompts, chunk by chunk (docs/semantics.md section 5b); the state lives in prefill_state.py.
 
 
 def start_prefill(*, mode="exact", budgets=None, config=None, scale=None, backend="auto", cache=None):

@@ -63,7 +63,10 @@ class Selection:
     def padded_indices(self, fill: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Sorted selected positions, padded: ([B, HKV, N_max] int64 with `fill` after the end, counts [B, HKV]).
 
-        fill defaults to L (seq_len), the padding of the backends' compact form (tca.backends.common.compact)."""
+        fill: the value of every entry past counts[b, h]. None (the default) gives L (seq_len), the padding of the
+        backends' compact form (tca.backends.common.compact, where it keeps rows sorted for searchsorted); a caller
+        that needs another marker passes it and says why (PackedKVCache.from_prefill: 0, the vLLM plugin's
+        SequenceState: -1)."""
         fill = self.seq_len if fill is None else fill
         counts = self.counts
         n_max = int(counts.max()) if counts.numel() else 0

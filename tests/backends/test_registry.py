@@ -203,7 +203,7 @@ def test_a_capability_the_registry_does_not_know_is_refused():
 def test_every_registered_implementation_follows_the_protocol(name):
     if registry.get(name).environment_reasons():
         pytest.skip(f"{name} cannot be imported here")
-    from tca.backends.protocol import Calibrator, CompactSelector, PaddedBatches, TCABackend
+    from tca.backends.implementation import Calibrator, CompactSelector, PaddedBatches, TCABackend
 
     impl = registry.get(name).load()
     assert isinstance(impl, TCABackend)

@@ -164,7 +164,7 @@ def test_a_prompt_within_the_window_is_not_compressed():
 
 
 def test_a_plan_gives_each_layer_its_budgets(tmp_path):
-    from tca.models.plans import default_plan
+    from tca.models.budget_plans import default_plan
     from tca.models.shape import model_shape
 
     model, _ = tiny_llama()
@@ -194,7 +194,7 @@ def test_bad_options_say_what_is_expected(tmp_path):
         TCAPress(config={"block_size": 16})
     with pytest.raises(ValueError, match="unknown backend 'fast'"):
         TCAPress(backend="fast")
-    from tca.models.plans import default_plan
+    from tca.models.budget_plans import default_plan
     from tca.models.shape import model_shape
 
     model, _ = tiny_llama()
@@ -207,7 +207,7 @@ def test_bad_options_say_what_is_expected(tmp_path):
 
 def test_models_the_press_cannot_compress_are_refused():
     from tca.models import enable_tca
-    from tca.models.plans import default_plan
+    from tca.models.budget_plans import default_plan
     from tca.models.shape import model_shape
     from tca.models.tiny_random import tiny_model
 

@@ -1,7 +1,7 @@
 """TCACache: the compressed KV cache under generate and manual forward loops (semantics.md section 5).
 
 Checked against (1) the "tca_reference" twin, (2) an independent oracle: an attention implementation that
-keeps its own tca.reference.prefill / decode_step state per layer while the model runs a dense DynamicCache
+keeps its own tca.reference.prefill / decode state per layer while the model runs a dense DynamicCache
 (so the cache plumbing of TCACache plays no part in it), and (3) sdpa when the budgets are dense.
 """
 
@@ -44,7 +44,7 @@ def greedy(model, ids, steps: int, cache):
 
 
 class OracleAttention:
-    """Per layer, a ReferenceKVCache driven by tca.reference.prefill / decode_step; k, v from a DynamicCache."""
+    """Per layer, a ReferenceKVCache driven by tca.reference.prefill / decode; k, v from a DynamicCache."""
 
     def __init__(self):
         self.states = {}
@@ -56,7 +56,7 @@ class OracleAttention:
             out, self.states[index] = reference.prefill(q, k, v, settings.budgets, settings.config, scaling)
         else:
             rows = [
-                reference.decode_step(q[:, :, r : r + 1], k[:, :, p : p + 1], v[:, :, p : p + 1], self.states[index])
+                reference.decode(q[:, :, r : r + 1], k[:, :, p : p + 1], v[:, :, p : p + 1], self.states[index])
                 for r, p in zip(range(LQ), range(L - LQ, L), strict=True)
             ]
             out = torch.cat(rows, 2)

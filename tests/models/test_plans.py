@@ -9,7 +9,7 @@ import tca
 
 transformers = pytest.importorskip("transformers")
 from tca.models import ModelShape, TCACache, default_plan, enable_tca, model_shape, resolve_plan  # noqa: E402
-from tca.models.plans import shipped_plan_path  # noqa: E402
+from tca.models.budget_plans import shipped_plan_path  # noqa: E402
 from tca.models.smollm2 import smollm2_plan_path  # noqa: E402
 from tca.models.tiny_random import tiny_model  # noqa: E402
 

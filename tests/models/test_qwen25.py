@@ -1,5 +1,5 @@
 """Qwen2.5-0.5B from its six GGUF wheels: joining, size and sha256 checks, the missing-wheel error, the
-registry entry. The real model (and the installed wheels) only in the `slow` tests."""
+catalogue entry. The real model (and the installed wheels) only in the `slow` tests."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import importlib.metadata
 import pytest
 
 from tca.models import qwen25
-from tca.models.registry import MODELS, named_model
+from tca.models.catalogue import MODELS, named_model
 
 
 def _parts(tmp_path, chunks):
@@ -61,7 +61,7 @@ def test_missing_wheels_raise_with_the_install_command(tmp_path, monkeypatch):
         qwen25.qwen25_gguf()
 
 
-def test_the_registry_names_the_loader_and_the_plan():
+def test_the_catalogue_names_the_loader_and_the_plan():
     entry = named_model("qwen2.5-0.5b")
     assert entry.loader == "qwen25:load_qwen25" and entry.plan == "qwen2.5-0.5b" and entry.context == 32768
     assert set(MODELS) >= {"smollm2", "qwen2.5-0.5b"}

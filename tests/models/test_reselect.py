@@ -13,7 +13,7 @@ import tca
 
 transformers = pytest.importorskip("transformers")
 from tca.models import TCACache, cache_kwargs, dense_plan, enable_tca, model_shape  # noqa: E402
-from tca.models.plans import uniform_plan  # noqa: E402
+from tca.models.budget_plans import uniform_plan  # noqa: E402
 from tca.models.tiny_random import tiny_model  # noqa: E402
 
 CONFIG = tca.TCAConfig(block_size=16, window=48)

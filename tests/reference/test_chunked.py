@@ -19,7 +19,7 @@ from tca.geometry import window_start
 from tca.reference import (
     attention,
     budget_counts,
-    decode_step,
+    decode,
     dense_causal_attention,
     empty_cache,
     exact_chunk,
@@ -104,9 +104,9 @@ def test_exact_finish_gives_the_one_shot_cache_and_the_same_decoding(size, L):
     assert_same_cache(chunked, one_shot)
     for i in range(L, L + 20):  # crosses a block boundary: the window moves and a block is compressed
         step = (t[:, :, i : i + 1] for t in (q, k, v))
-        a = decode_step(*step, chunked)
+        a = decode(*step, chunked)
         step = (t[:, :, i : i + 1] for t in (q, k, v))
-        torch.testing.assert_close(a, decode_step(*step, one_shot), rtol=0, atol=0)
+        torch.testing.assert_close(a, decode(*step, one_shot), rtol=0, atol=0)
     assert_same_cache(chunked, one_shot)
 
 
@@ -239,14 +239,14 @@ def test_decoding_after_streaming():
     dense = tca.dense_budgets(16).expand(HKV, -1)
     _, cache = run_streaming(q[:, :, :L], k[:, :, :L], v[:, :, :L], dense, 32)
     for i in range(L, L + steps):
-        out = decode_step(q[:, :, i : i + 1], k[:, :, i : i + 1], v[:, :, i : i + 1], cache)
+        out = decode(q[:, :, i : i + 1], k[:, :, i : i + 1], v[:, :, i : i + 1], cache)
         expected = dense_causal_attention(q[:, :, i : i + 1], k[:, :, : i + 1], v[:, :, : i + 1], SCALE)
         torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
     # Sparse budgets: each step attends over what the cache holds (section 5), which keeps shrinking blocks.
     budgets = random_budgets(HKV, 16, seed=2)
     _, cache = run_streaming(q[:, :, :L], k[:, :, :L], v[:, :, :L], budgets, 32)
     for i in range(L, L + steps):
-        out = decode_step(q[:, :, i : i + 1], k[:, :, i : i + 1], v[:, :, i : i + 1], cache)
+        out = decode(q[:, :, i : i + 1], k[:, :, i : i + 1], v[:, :, i : i + 1], cache)
         assert cache.seq_len == i + 1
         for bi in range(B):
             for h in range(HKV):

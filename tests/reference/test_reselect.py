@@ -64,7 +64,7 @@ def run(HQ, HKV, L0, steps, b, w, budgets, every, seed, B=2, D=16):
     keep = [keep_count(budgets[g]) for g in range(HKV)]
     outs, reselected = [], 0
     for s, i in enumerate(range(L0, L0 + steps)):
-        step = reselect.decode_step(q[:, :, i : i + 1], k[:, :, i : i + 1], v[:, :, i : i + 1], cache)
+        step = reselect.decode_and_reselect(q[:, :, i : i + 1], k[:, :, i : i + 1], v[:, :, i : i + 1], cache)
         now = every > 0 and s % every == 0
         reselected += now
         for bi in range(B):
@@ -109,7 +109,7 @@ def test_reselection_changes_the_active_set():
     config = tca.TCAConfig(block_size=b, window=w)
     _, cache = reselect.prefill(q[:, :, :L0], k[:, :, :L0], v[:, :, :L0], p, config, 8**-0.5, every=1)
     assert 5 not in cache.active.positions[0][0].tolist()
-    reselect.decode_step(q[:, :, L0:], k[:, :, L0:], v[:, :, L0:], cache)
+    reselect.decode_and_reselect(q[:, :, L0:], k[:, :, L0:], v[:, :, L0:], cache)
     assert 5 in cache.active.positions[0][0].tolist()
 
 

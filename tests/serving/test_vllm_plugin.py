@@ -139,7 +139,7 @@ def test_bad_plugin_settings_stop_the_engine_while_it_starts(tiny_llama, monkeyp
     """A plan for another model, or a tca backend that cannot run here: the engine does not start (so a server
     exits at start-up instead of answering its first request with an error), and the message names the variable."""
     import tca
-    from tca.models.plans import default_plan
+    from tca.models.budget_plans import default_plan
     from tca.models.shape import ModelShape
 
     other = ModelShape(name="other", num_layers=3, num_heads=4, num_kv_heads=2, head_dim=32)

@@ -15,7 +15,7 @@ import tca
 from helpers import make_qkv, random_budgets
 from tca.budgets import block_keep_count
 from tca.serving.vllm.paged import PagedSequence, split_pages, write_tokens
-from tca.serving.vllm.sequence import attend_chunk, decode_step
+from tca.serving.vllm.sequence import attend_chunk, decode_token
 
 REFERENCE = tca.backends.registry.get("reference").load()
 
@@ -67,7 +67,7 @@ def test_prefill_then_decode_equals_tca_decode(page_size, L0):
     keep = block_keep_count(budgets)
     for i in range(L0, L0 + steps):
         want = tca.decode(q[:, :, i : i + 1], k[:, :, i : i + 1], v[:, :, i : i + 1], cache)
-        got = decode_step(q[0, :, i], paged, state, keep, config, scale)
+        got = decode_token(q[0, :, i], paged, state, keep, config, scale)
         torch.testing.assert_close(got, want[0, :, 0], rtol=1e-10, atol=1e-10)
     # The state keeps exactly what the reference cache keeps, per head.
     assert state.kept_tokens().tolist() == [int(n) for n in cache.lengths[0]]
@@ -95,7 +95,7 @@ def test_dense_budgets_decode_equals_causal_attention():
     _, state = attend_chunk(q[0, :, :L0].transpose(0, 1), paged, L0, budgets, config, D**-0.5, REFERENCE)
     keep = block_keep_count(budgets)
     for i in range(L0, L0 + steps):
-        got = decode_step(q[0, :, i], paged, state, keep, config, D**-0.5)
+        got = decode_token(q[0, :, i], paged, state, keep, config, D**-0.5)
         kk, vv = k[0, :, : i + 1].repeat_interleave(2, 0), v[0, :, : i + 1].repeat_interleave(2, 0)
         want = torch.softmax(q[0, :, i, None] @ kk.transpose(-1, -2) * D**-0.5, -1) @ vv
         torch.testing.assert_close(got, want[:, 0], rtol=1e-10, atol=1e-10)

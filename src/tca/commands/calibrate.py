@@ -47,12 +47,12 @@ def configure(parser) -> None:
 def defaults(model: str) -> tuple[dict, str]:
     """The settings a calibration of `model` starts from, and where they come from: a named model's shipped
     plan (block size, window, tau, alpha, calibration length), else the paper's."""
-    from tca.models.registry import MODELS
+    from tca.models.catalogue import MODELS
 
     entry = MODELS.get(model)
     if entry is None or entry.plan is None:
         return dict(PAPER, length=None), "the paper's defaults"
-    from tca.models.plans import shipped_plan_path
+    from tca.models.budget_plans import shipped_plan_path
     from tca.plan import BudgetPlan
 
     plan = BudgetPlan.load(str(shipped_plan_path(entry.plan)))
@@ -100,7 +100,7 @@ def run(args) -> int:
     import torch
 
     from tca.models import calibrate_model, calibration_ids
-    from tca.models.registry import MODELS
+    from tca.models.catalogue import MODELS
 
     choice, config, text, source = check_args(args)
     length = args.length or 2 * config.window

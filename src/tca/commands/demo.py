@@ -29,15 +29,15 @@ def configure(parser) -> None:
                         help="timed runs per side: best and median reported, with their spread (default 3)")
     parser.add_argument("--plan", default=None, help="a plan JSON (default: the one shipped for the model)")
     parser.add_argument("--model", default="smollm2", choices=("smollm2", "qwen2.5-0.5b"),
-                        help="a named model (tca.models.registry; default smollm2)")
+                        help="a named model (tca.models.catalogue; default smollm2)")
     parser.add_argument("--backend", default="auto", help='tca backend (default "auto")')
     parser.add_argument("--verbose", action="store_true", help="show the model loader's progress bars")
 
 
 def check_args(args):
     """Every argument and file checked before the model loads; returns the plan (a BudgetPlan)."""
-    from tca.models.plans import shipped_plan_path
-    from tca.models.registry import named_model
+    from tca.models.budget_plans import shipped_plan_path
+    from tca.models.catalogue import named_model
 
     from ._args import check_backend, check_context, check_fractions, check_plan_file, check_positive
 
@@ -110,8 +110,8 @@ def run(args) -> int:
 
     from tca.backends import registry
     from tca.models import TCACache, enable_tca, model_shape
+    from tca.models.catalogue import named_model
     from tca.models.passkey import found, passkey_prompt
-    from tca.models.registry import named_model
 
     from ._args import resolve_model
 

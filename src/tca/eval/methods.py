@@ -99,7 +99,7 @@ def load_model(device: str = "cpu", dtype: torch.dtype = torch.float32):
 
 def fixed_plan(model, method: Method) -> BudgetPlan:
     """Every head of every layer gets the method's log-Gaussian budgets (no calibration)."""
-    from ..models.plans import uniform_plan
+    from ..models.budget_plans import uniform_plan
     from ..models.shape import model_shape
 
     config = method.config

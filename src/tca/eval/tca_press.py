@@ -114,7 +114,7 @@ def _plan_of(budgets) -> BudgetPlan | None:
 def check_model(model, settings: PressSettings):
     """Raise a clear error for a model the press cannot compress faithfully; returns its shape."""
     from ..models.attention import IMPLEMENTATIONS
-    from ..models.plans import check_plan
+    from ..models.budget_plans import check_plan
     from ..models.shape import model_shape
 
     shape = model_shape(model)

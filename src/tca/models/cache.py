@@ -147,7 +147,7 @@ class TCACacheLayer(CacheLayerMixin):
         # Later chunks (a decode step, or several tokens appended to a filled cache) go one token at a time:
         # token r attends to the compressed past plus tokens r' <= r of the chunk, exactly as in section 5.
         if self._step is None or self._step[0] is not self.state:
-            self._step = (self.state, self._decode_step())
+            self._step = (self.state, self._bind_decode())
         step = self._step[1]
         outs = [step(q[:, :, r : r + 1], k[:, :, r : r + 1], v[:, :, r : r + 1]) for r in range(q.shape[2])]
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
@@ -163,13 +163,13 @@ class TCACacheLayer(CacheLayerMixin):
         )
         return out
 
-    def _decode_step(self):
+    def _bind_decode(self):
         """The decode step of this layer's cache (looked up once per cache): inputs come from the model, whose
         shapes the prefill fixed, so the per-token checks of tca.decode are skipped (they cost more host time
         than the dense path's whole step)."""
-        from tca.api import decode_step
+        from tca.api import bind_decode
 
-        return decode_step(self.state, self.decode_backend)
+        return bind_decode(self.state, self.decode_backend)
 
     def _check_chunk_position(self, n: int, kwargs: dict) -> None:
         """A chunk must start where the prefill stands: its position_ids (when the model passes them) say where."""
@@ -339,7 +339,7 @@ class TCACache(Cache):
         until the end, which compresses as a one-shot prefill would; only on an empty cache) or "streaming"
         (bounded memory: blocks leaving the window are compressed after every chunk; every chunk but the last
         ends on a multiple of the block size; it may continue a filled cache, e.g. a follow-up question)."""
-        from tca.chunked import MODES
+        from tca.prefill_state import MODES
 
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")

@@ -8,7 +8,7 @@ from ..backends import registry
 from ..config import TCAConfig
 from . import _hf
 from .attention import IMPLEMENTATIONS, NATIVE_IMPLEMENTATIONS, SETTINGS_ATTRIBUTE, LayerSettings, register_all
-from .plans import resolve_plan
+from .budget_plans import resolve_plan
 from .shape import check_supported
 
 PREVIOUS_ATTRIBUTE = "_tca_previous_attn_implementation"

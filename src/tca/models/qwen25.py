@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from . import _hf
-from .plans import shipped_plan_path
+from .budget_plans import shipped_plan_path
 
 NAME = "qwen2.5-0.5b"
 DISPLAY_NAME = "Qwen2.5-Coder-0.5B-Instruct"

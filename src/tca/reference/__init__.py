@@ -5,10 +5,10 @@ This package imports nothing from `tca.backends`.
 """
 
 from .attention import attend, dense_causal_attention, kept_key_mask
-from .cache import ReferenceKVCache, cache_from_selection, decode_step, prefill
+from .cache import ReferenceKVCache, cache_from_selection, decode, prefill
 from .calibration import calibrate, evaluated_rows, retained_mass
 from .calibration_variants import retrieval_mass
-from .chunked import DensePrefillState, empty_cache, exact_chunk, exact_finish, streaming_chunk
+from .chunked_prefill import DensePrefillState, empty_cache, exact_chunk, exact_finish, streaming_chunk
 from .padded import prefill_padded
 from .reselect import ReselectingReferenceCache
 from .selection import (
@@ -35,7 +35,7 @@ class ReferenceBackend:
     select = staticmethod(select)
     attend = staticmethod(attend)
     prefill = staticmethod(prefill)
-    decode = staticmethod(decode_step)
+    decode = staticmethod(decode)
     retained_mass = staticmethod(retained_mass)
     retrieval_mass = staticmethod(retrieval_mass)  # the "retrieval" calibration rule (section 6.1)
     # Chunked prefill (section 5b): exact chunks over a dense state, streaming chunks over the cache.
@@ -59,7 +59,7 @@ __all__ = [
     "cache_from_selection",
     "calibrate",
     "prefill_padded",
-    "decode_step",
+    "decode",
     "dense_causal_attention",
     "empty_cache",
     "evaluated_rows",

@@ -104,7 +104,7 @@ def cache_from_selection(k, v, selection: Selection, budgets: torch.Tensor, conf
     )
 
 
-def decode_step(q, k, v, cache: ReferenceKVCache) -> torch.Tensor:
+def decode(q, k, v, cache: ReferenceKVCache) -> torch.Tensor:
     """One token at position i = cache.seq_len: append, compress the block leaving the window, attend.
 
     q: [B, HQ, 1, D], k, v: [B, HKV, 1, D]  ->  out [B, HQ, 1, D]. Mutates `cache`.

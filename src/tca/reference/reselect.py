@@ -98,7 +98,7 @@ def prefill(q, k, v, budgets: torch.Tensor, config, scale: float, every: int):
     return out, ReselectingReferenceCache.wrap(cache, k, v, every)
 
 
-def decode_step(q, k, v, cache: ReselectingReferenceCache) -> torch.Tensor:
+def decode_and_reselect(q, k, v, cache: ReselectingReferenceCache) -> torch.Tensor:
     """One token at position i = cache.seq_len: section 5 (append, compress; the dropped tokens go to the store),
     re-select when steps % every == 0, attend over the active set.
 

@@ -9,9 +9,9 @@ import torch
 
 import tca
 from helpers import dense_causal, force_crossover, make_qkv
+from tca.backends.common.cache_protocol import KVCache
 from tca.backends.common.dense_cache import DenseKVCache
 from tca.backends.common.packed_cache import PackedKVCache
-from tca.backends.common.protocol import KVCache
 
 CONFIG = tca.TCAConfig(block_size=16, window=32)
 

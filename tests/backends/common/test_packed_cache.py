@@ -16,8 +16,8 @@ import torch
 from helpers import make_qkv, random_budgets
 from tca import TCAConfig, reference
 from tca.backends.common import decode_torch
+from tca.backends.common.cache_protocol import KVCache, decode_on_cache
 from tca.backends.common.packed_cache import PackedKVCache, ring_slots
-from tca.backends.common.protocol import KVCache, decode_step
 from tca.budgets import block_keep_count
 
 SCALE = 0.125
@@ -76,8 +76,8 @@ def test_decode_follows_the_reference_step_by_step(L, steps, b, w):
     gen = torch.Generator().manual_seed(steps)
     for _ in range(steps):
         q, k, v = (torch.randn(B, H, 1, D, generator=gen, dtype=torch.float64) for H in (HQ, HKV, HKV))
-        want = reference.decode_step(q, k, v, ref_cache)
-        got = decode_step(cache, q, k, v)
+        want = reference.decode(q, k, v, ref_cache)
+        got = decode_on_cache(cache, q, k, v)
         torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
         _assert_same_content(cache, [(ref_cache, 0), (ref_cache, 1)])
         assert cache.nbytes == _allocated_bytes(cache)
@@ -96,9 +96,9 @@ def test_sequences_of_different_lengths_decode_at_their_own_positions():
     gen = torch.Generator().manual_seed(0)
     for _ in range(40):
         q, k, v = (torch.randn(3, H, 1, D, generator=gen, dtype=torch.float64) for H in (HQ, HKV, HKV))
-        got = decode_step(cache, q, k, v)
+        got = decode_on_cache(cache, q, k, v)
         for b, (ref, _) in enumerate(refs):
-            want = reference.decode_step(q[b : b + 1], k[b : b + 1], v[b : b + 1], ref)
+            want = reference.decode(q[b : b + 1], k[b : b + 1], v[b : b + 1], ref)
             torch.testing.assert_close(got[b : b + 1], want, atol=1e-12, rtol=1e-12)
         _assert_same_content(cache, refs)
 
@@ -113,7 +113,7 @@ def test_static_mode_runs_the_predicated_step_with_the_same_result():
     gen = torch.Generator().manual_seed(1)
     for _ in range(40):
         q, k, v = (torch.randn(1, H, 1, 8, generator=gen, dtype=torch.float64) for H in (4, 2, 2))
-        torch.testing.assert_close(decode_step(static, q, k, v), decode_step(eager, q, k, v), atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(decode_on_cache(static, q, k, v), decode_on_cache(eager, q, k, v), atol=1e-12, rtol=1e-12)
         assert static.positions_of(0, 1).tolist() == eager.positions_of(0, 1).tolist()
 
 
@@ -123,7 +123,7 @@ def test_advance_host_replays_the_bookkeeping_of_a_step():
     cache, _ = _prefill(2, 2, 1, 47, 4, config, seed=2)
     mirror, _ = _prefill(2, 2, 1, 47, 4, config, seed=2)
     for _ in range(20):
-        decode_step(cache, torch.randn(2, 2, 1, 4, dtype=torch.float64), torch.randn(2, 1, 1, 4, dtype=torch.float64),
+        decode_on_cache(cache, torch.randn(2, 2, 1, 4, dtype=torch.float64), torch.randn(2, 1, 1, 4, dtype=torch.float64),
                     torch.randn(2, 1, 1, 4, dtype=torch.float64))
         mirror.advance_host()
         assert mirror.seq_lens == cache.seq_lens and torch.equal(mirror.global_len_host, cache.global_len_host)
@@ -148,7 +148,7 @@ def test_short_prompt_allocates_its_length_within_a_block():
     dense = 2 * 10 * 4 * 4
     assert cache.nbytes < dense + 2 * (16 + 1) * 4 * 4  # within one block (+ the scratch row) of a dense cache
     for _ in range(60):
-        decode_step(cache, torch.ones(1, 2, 1, 4), torch.ones(1, 1, 1, 4), torch.ones(1, 1, 1, 4))
+        decode_on_cache(cache, torch.ones(1, 2, 1, 4), torch.ones(1, 1, 1, 4), torch.ones(1, 1, 1, 4))
     assert cache.window_slots == 64 and cache.seq_len == 70
 
 

@@ -403,7 +403,7 @@ def test_attention_and_decode_match_the_reference(standin_adapter):
     for t in range(L, L + steps):
         s = slice(t, t + 1)
         got = flash_impl.FlashBackend.decode(q[:, :, s], k[:, :, s], v[:, :, s], cache)
-        want = reference.decode_step(q[:, :, s].float(), k[:, :, s].float(), v[:, :, s].float(), ref_cache)
+        want = reference.decode(q[:, :, s].float(), k[:, :, s].float(), v[:, :, s].float(), ref_cache)
         assert_close(got, want, dtype=torch.float16, msg=f"decode step at position {t}")
         for h in range(HKV):
             assert cache.positions_of(0, h).tolist() == ref_cache.positions[0][h].tolist(), f"cache of head {h}"

@@ -95,7 +95,7 @@ def test_prefill_then_decode_steps(HQ, HKV, D):
     for t in range(L, L + steps):
         s = slice(t, t + 1)
         got = tca.decode(q[:, :, s], k[:, :, s], v[:, :, s], cache)
-        want = reference.decode_step(q[:, :, s], k[:, :, s], v[:, :, s], ref_cache)
+        want = reference.decode(q[:, :, s], k[:, :, s], v[:, :, s], ref_cache)
         assert_close(got.float(), want.float(), dtype=q.dtype, msg=f"decode at position {t}")
     for h in range(HKV):
         assert cache.positions_of(0, h).tolist() == ref_cache.positions[0][h].tolist(), f"cache of KV head {h}"

@@ -3,7 +3,7 @@
 1. attention given the same Selection (reference.select) vs reference.attend, per dtype, LSE, LQ < L;
 2. selection equality vs reference.select on random fp64 inputs and on inputs with deliberate ties;
 3. end to end through tca.attention(backend="torch") vs backend="reference" over the geometry grid;
-4. prefill + decode vs reference.prefill / decode_step, step by step (outputs and cached positions);
+4. prefill + decode vs reference.prefill / decode, step by step (outputs and cached positions);
 plus a memory check at L = 16K (no op output of L x L size) with a timing against SDPA in the output.
 
 Shape letters: B batch, HQ query heads, HKV key/value heads, L keys, LQ queries, D head dim, b block, w window.

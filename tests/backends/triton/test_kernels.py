@@ -138,9 +138,9 @@ def test_decode_kernels_equal_the_torch_step_on_sequences_of_different_lengths()
 
 
 def tca_decode_step(cache, q, k, v):
-    from tca.backends.common.protocol import decode_step
+    from tca.backends.common.cache_protocol import decode_on_cache
 
-    return decode_step(cache, q, k, v)
+    return decode_on_cache(cache, q, k, v)
 
 
 def test_compress_block_kernel_matches_reference_rule():

@@ -7,7 +7,7 @@ oracle. Pure PyTorch, but for the three Triton modules, which are imported only 
     selection_triton.py the selection on the device in Triton (the triton backend's and the flash backend's),
                         its kernels in kernels_selection.py and the launch helpers in triton_launch.py
     environment.py      TRITON_INTERPRET, read in one place
-    protocol.py         the cache contract (KVCache) and decode_step
+    cache_protocol.py   the cache contract (KVCache) and decode_on_cache
     packed_cache.py     PackedKVCache: the compressed KV cache every fast backend builds and decodes
     decode_torch.py     a decode step's device work in torch (the default kernels of the cache)
     dense.py            exact dense attention as TCA with dense budgets (backend="auto" below the crossover)

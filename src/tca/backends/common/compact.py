@@ -10,6 +10,10 @@ block sees) without looking at counts; a consumer that gathers keys clamps to L 
 N is at least max(counts) and may be larger (Triton allocates N = J * b so that no host sync is needed;
 `trim` cuts it down where a consumer wants the tight size).
 
+L is this form's padding only. Other padded lists of positions state their own: Selection.padded_indices pads
+with `fill` (L unless told), PackedKVCache.from_indices ignores whatever follows counts (from_prefill passes 0),
+and the vLLM plugin's SequenceState marks empty slots with -1.
+
 Shape letters: B batch, HKV key/value heads, N padded selected positions, J budgeted blocks, b block size,
 P = J * b budgeted positions.
 """

@@ -27,7 +27,7 @@ from .packed_cache import PackedKVCache
 
 
 class DenseKVCache:
-    """Every token of B sequences (HKV heads each), contiguous: the cache contract (protocol.KVCache) with
+    """Every token of B sequences (HKV heads each), contiguous: the cache contract (cache_protocol.KVCache) with
     nothing to compress. `kernels` supplies the attention of a decode step (`attend_dense(cache, q)`)."""
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, columns: int, pads: list[int], config: TCAConfig,

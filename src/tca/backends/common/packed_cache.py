@@ -38,7 +38,7 @@ from . import block_budgets, decode_torch
 class PackedKVCache:
     """The compressed KV cache (section 5): a local ring of the window plus ragged global segments per head.
 
-    Implements the cache contract (tca.backends.common.protocol.KVCache). `kernels` supplies the device work
+    Implements the cache contract (tca.backends.common.cache_protocol.KVCache). `kernels` supplies the device work
     of a decode step (`compress(cache, q)`, `attend(cache, q)`): the torch implementation by default, a
     backend's kernels (e.g. Triton's) when that backend decodes.
     """
@@ -85,7 +85,8 @@ class PackedKVCache:
         """The cache after a prefill of L tokens: the selected positions (global) and [J*b, L) (local ring).
 
         k, v [B, HKV, L, D] "bhsd"; indices [B, HKV, N] sorted selected positions, valid where < counts [B, HKV]
-        (or [1, HKV]); keep_per_block [HKV] int64. Counts and keep counts on the host cost nothing; on the device
+        (or [1, HKV]), any value after them (they are clamped into [0, L) and never read: the compact form's L,
+        or 0); keep_per_block [HKV] int64. Counts and keep counts on the host cost nothing; on the device
         they are read once (a host synchronisation: prefills use from_selected, which has none).
         starts: None, or [B] host ints, a left-padded batch: sequence b is k[b, :, starts[b]:], its indices and
         cached positions relative to its start.
@@ -156,7 +157,7 @@ class PackedKVCache:
     @classmethod
     def from_prefill(cls, k, v, selection, keep_per_block, config: TCAConfig, scale: float, **kwargs):
         """Like from_indices, from a tca.Selection made for L."""
-        indices, counts = selection.padded_indices(fill=0)
+        indices, counts = selection.padded_indices(fill=0)  # entries past counts are ignored: 0 is as good as L
         return cls.from_indices(k, v, indices, counts, keep_per_block, config, scale, **kwargs)
 
     @classmethod

@@ -32,7 +32,7 @@ from .packed_cache import PackedKVCache
 
 class ReselectingCache:
     """Section 5c: a PackedKVCache (the active set) and an evicted store. Implements the cache contract
-    (tca.backends.common.protocol.KVCache); made by `tca.prefill(..., policy=tca.Reselect(every=N))`."""
+    (tca.backends.common.cache_protocol.KVCache); made by `tca.prefill(..., policy=tca.Reselect(every=N))`."""
 
     def __init__(self, active: PackedKVCache, evicted_k, evicted_v, evicted_pos, evicted_len, *, every: int,
                  offload: bool, steps: int = 0) -> None:

@@ -27,8 +27,8 @@ from ...geometry import window_start
 from ...selection import Selection
 from .. import registry
 from ..common import compact, decode_torch, selection_torch
+from ..common.cache_protocol import decode_on_cache
 from ..common.packed_cache import PackedKVCache
-from ..common.protocol import decode_step
 from .generations import check_inputs, get_adapter
 from .merge import merge
 from .segments import global_prefix_counts, global_segments, local_segments, query_blocks, rows_with_keys
@@ -211,4 +211,4 @@ class FlashBackend:
     def decode(q, k, v, cache: PackedKVCache):
         """Section 5: compress the block leaving the window (if it moves), append the token, attend."""
         cache.kernels = CacheKernels
-        return decode_step(cache, q, k, v)
+        return decode_on_cache(cache, q, k, v)

@@ -58,7 +58,8 @@ def attend_indices(
     """Eq. 2 for every query row, chunk by chunk.
 
     q [B, HQ, LQ, D] (row r at position L - LQ + r), k, v [B, HKV, L, D];
-    indices [B, HKV, N] ascending selected positions padded with values >= L, counts [B, HKV];
+    indices [B, HKV, N] ascending selected positions, then padding >= L (the compact form's L, or any larger
+    value), counts [B, HKV];
     selected [B, HKV, P] bool, the selection mask over the first P (= J*b) positions.
     Returns out [B, HQ, LQ, D] in q's dtype (and lse [B, HQ, LQ] fp32/fp64).
     """

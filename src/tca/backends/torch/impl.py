@@ -12,8 +12,8 @@ from ...geometry import num_budgeted_blocks
 from ...selection import Selection
 from ..common import chunked_prefill, compact, decode_torch
 from ..common import selection_torch as _selection
+from ..common.cache_protocol import decode_on_cache
 from ..common.packed_cache import PackedKVCache
-from ..common.protocol import decode_step
 from .attention import attend_indices, causal_sdpa
 from .calibration import retained_mass
 from .retrieval_mass import retrieval_mass
@@ -79,6 +79,6 @@ class TorchBackend(chunked_prefill.entry_points(attend=attend_virtual)):
     def decode(q, k, v, cache: PackedKVCache):
         """One token at position cache.seq_len: compress the leaving block, append, attend. Mutates the cache."""
         cache.kernels = decode_torch
-        return decode_step(cache, q, k, v)
+        return decode_on_cache(cache, q, k, v)
 
     cache_kernels = decode_torch

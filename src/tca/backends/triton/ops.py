@@ -16,9 +16,9 @@ import triton
 
 from ...selection import Selection
 from ..common import chunked_prefill, compact
+from ..common.cache_protocol import decode_on_cache
 from ..common.environment import triton_interpret
 from ..common.packed_cache import PackedKVCache
-from ..common.protocol import decode_step
 from ..common.selection_triton import select_indices, select_on_device, to_selection
 from ..common.triton_launch import LOG2E, precision, rows_pad
 from . import kernels_attention, kernels_decode
@@ -233,4 +233,4 @@ class TritonBackend(chunked_prefill.entry_points(attend=attend_virtual)):
     @staticmethod
     def decode(q, k, v, cache):
         cache.kernels = CacheKernels
-        return decode_step(cache, q, k, v)
+        return decode_on_cache(cache, q, k, v)

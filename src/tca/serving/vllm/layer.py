@@ -2,7 +2,7 @@
 
 A batch is rows of query tokens (prompts, prompt chunks, decode steps) over vLLM's pages. Each row is one of:
 - a **decode step with a state** (one token, and the sequence's state covers the tokens before it):
-  docs/semantics.md section 5 on that state (sequence.decode_step), reading only the kept tokens;
+  docs/semantics.md section 5 on that state (sequence.decode_token), reading only the kept tokens;
 - a **prompt or chunk** whose sequence reaches `dense_below` tokens: section 4 over all its keys, which
   becomes the sequence's state (sequence.attend_chunk, section 5.1);
 - anything else (a prompt or chunk under `dense_below` tokens, or one token with no state: a sequence prefilled
@@ -23,7 +23,7 @@ from ...backends.common.dense import causal_attention
 from ...budgets import block_keep_count
 from .memory import LayerUsage
 from .paged import PagedSequence
-from .sequence import SequenceState, attend_chunk, decode_step
+from .sequence import SequenceState, attend_chunk, decode_token
 from .settings import Settings, layer_index
 
 
@@ -90,7 +90,7 @@ class LayerRunner:
             owner = rows.owners[row]
             state = self.states.get(owner)
             if end - start == 1 and state is not None and state.seq_len == seq_len - 1:
-                out[start] = decode_step(query[start], paged, state, keep, config, self.scale)
+                out[start] = decode_token(query[start], paged, state, keep, config, self.scale)
                 kind = "decodes"
             elif end - start > 1 and seq_len >= dense_below:
                 out[start:end], state = attend_chunk(query[start:end], paged, seq_len, budgets, config, self.scale, impl)

@@ -4,7 +4,7 @@
   several tokens at once): the selection of docs/semantics.md section 3 from the last query row over all L
   keys, then Eq. 2 over the kept pairs only (section 4), on a tca backend's `select` and `attend`. It returns
   the sequence's decode state: the selected global tokens and the window start.
-* `decode_step`: one new token with a state (section 5): if the window moved, the block that left it is
+* `decode_token`: one new token with a state (section 5): if the window moved, the block that left it is
   compressed to its t = max(1, floor(E[p])) most important tokens under the current query; then one softmax
   over what the state keeps. Only the kept tokens are read from the pages.
 
@@ -32,7 +32,8 @@ class SequenceState:
     """What one sequence keeps of one layer, per KV head (section 5, positions only; K/V stay in the pages).
 
     seq_len: tokens the state covers. window_start: lo(seq_len - 1); every position from it on is kept.
-    positions: [HKV, N] int64 kept global positions (ascending, before window_start), -1 after the end;
+    positions: [HKV, N] int64 kept global positions (ascending, before window_start), then -1 in every slot past
+        counts (a hole: attention masks positions < 0; this is not the compact form, which pads with L);
     counts: [HKV] int64 how many of each row are valid.
     """
 
@@ -77,7 +78,7 @@ def attend_chunk(
     k, v = k[None].to(q.dtype), v[None].to(q.dtype)
     selection = impl.select(q, k, budgets, config, scale)
     out = impl.attend(q, k, v, selection, scale)
-    indices, counts = selection.padded_indices(fill=-1)
+    indices, counts = selection.padded_indices(fill=-1)  # the state's empty-slot marker, not the compact form's L
     state = SequenceState(
         seq_len=seq_len,
         window_start=window_start(seq_len - 1, config.block_size, config.window),
@@ -106,7 +107,7 @@ def compress_leaving_block(
     state.append_global(torch.where(valid, start + top, -1), keep)
 
 
-def decode_step(
+def decode_token(
     query: torch.Tensor,
     paged: PagedSequence,
     state: SequenceState,

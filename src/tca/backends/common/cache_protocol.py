@@ -6,7 +6,7 @@ A decode step of token i (docs/semantics.md section 5) is always, in this order:
     cache.append(k, v)          # the new token enters the local window
     out = cache.attend(q)       # one softmax over everything the cache holds
 
-`decode_step` below runs the three. A policy with another memory implements the same three calls:
+`decode_on_cache` below runs the three. A policy with another memory implements the same three calls:
 `compress_leaving` decides where evicted tokens go and which of them to read back, as ReselectingCache does
 (section 5c: evicted tokens kept, on the device or offloaded, and re-selected every N steps).
 
@@ -47,7 +47,7 @@ class KVCache(Protocol):
         """Forget every token (the cache can be prefilled again)."""
 
 
-def decode_step(cache: KVCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def decode_on_cache(cache: KVCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """One decode step of section 5 on any cache that follows the contract. Mutates the cache."""
     cache.compress_leaving(q)
     cache.append(k, v)
