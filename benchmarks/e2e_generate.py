@@ -179,7 +179,6 @@ def largest_batch(model, method, template_cache, L, new_tokens, free_bytes, mode
                 cache = TCACache(model)
                 for layer, src in zip(cache.layers, template_cache.layers, strict=True):
                     layer.state = PackedKVCache.concat([_copy_state(src.state) for _ in range(B)])
-                    layer.state.num_query_heads = src.state.num_query_heads
                     layer.seen, layer.is_initialized = src.seen, True
                     layer.device, layer.dtype = src.device, src.dtype
                     layer.decode_backend = src.decode_backend

@@ -142,8 +142,7 @@ def prefill(q, k, v, *, budgets=None, config=None, scale=None, layout=None, back
     if _runs_dense(backend, q, k):
         out, cache = dense_cache.prefill(q, k, v, config, scale)
     else:
-        out, cache = impl.prefill(q, k, v, budgets, config, scale)
-    cache.num_query_heads = q.shape[1]  # decode checks it: another head count would silently regroup heads
+        out, cache = impl.prefill(q, k, v, budgets, config, scale)  # the cache records q's heads (decode checks)
     if policy is not None and policy.active:
         cache = _reselecting(cache, k, v, policy)
     return from_bhsd(out, layout), cache
@@ -185,9 +184,7 @@ def _prefill_padded(q, k, v, padding: LeftPadding, budgets, config, scale, backe
                 "its cache holds one length for the whole batch; run the sequences one at a time"
             )
         if chosen.supports("varlen") and (policy is None or not policy.active):
-            out, cache = chosen.load().prefill_padded(q, k, v, padding, budgets, config, scale)
-            cache.num_query_heads = q.shape[1]
-            return out, cache
+            return chosen.load().prefill_padded(q, k, v, padding, budgets, config, scale)
     return prefill_one_by_one(q, k, v, padding, budgets, config, scale, backend, policy)
 
 
@@ -204,9 +201,7 @@ def prefill_one_by_one(q, k, v, padding: LeftPadding, budgets, config, scale, ba
         caches.append(cache_b)
     kinds = (PackedKVCache, ReselectingCache, DenseKVCache)
     joined = next(kind for kind in kinds if all(isinstance(c, kind) for c in caches))
-    cache = joined.concat(caches)
-    cache.num_query_heads = q.shape[1]
-    return out, cache
+    return out, joined.concat(caches)  # each cache records q's heads, and so does the joined one
 
 
 # The reference's caches, for isinstance: () while the oracle is not loaded. Such a cache exists only once something

@@ -153,7 +153,7 @@ class ChunkedPrefill:
         if self._state is None:
             raise ValueError("no chunk was prefilled: call tca.prefill_chunk at least once before tca.finish_prefill")
         cache = self._impl.exact_finish(self._state) if self.mode == "exact" else self._state
-        cache.num_query_heads = self._shape["number of query heads"]  # tca.decode checks it
+        cache.record(num_query_heads=self._shape["number of query heads"])  # tca.decode checks it
         self.finished, self._state = True, None  # an exact prefill's dense keys are released here
         return cache
 

@@ -29,6 +29,8 @@ class ReferenceKVCache:
 
     keep_per_block: [HKV] int64, t = max(1, floor(E[p_h])) tokens kept of each block leaving the window.
     seq_len: tokens seen so far (the next token has position seq_len).
+    num_query_heads: HQ of the prefill (decode checks it), None if unknown; budgets: the [HKV, len(K)] budgets
+    recorded for later streaming chunks, or None.
     """
 
     keys: list[list[torch.Tensor]]
@@ -38,8 +40,17 @@ class ReferenceKVCache:
     config: TCAConfig
     scale: float
     seq_len: int
+    num_query_heads: int | None = None
+    budgets: torch.Tensor | None = None
 
     backend = "reference"
+
+    def record(self, *, num_query_heads: int | None = None, budgets: torch.Tensor | None = None) -> None:
+        """Record what a prefill knows beyond the tensors (each one given; None leaves it as it is)."""
+        if num_query_heads is not None:
+            self.num_query_heads = num_query_heads
+        if budgets is not None:
+            self.budgets = budgets
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -79,13 +90,15 @@ def prefill(q, k, v, budgets: torch.Tensor, config: TCAConfig, scale: float):
     """
     selection: Selection = select(q, k, budgets, config, scale)
     out = attend(q, k, v, selection, scale)
-    return out, cache_from_selection(k, v, selection, budgets, config, scale)
+    return out, cache_from_selection(k, v, selection, budgets, config, scale, num_query_heads=q.shape[1])
 
 
-def cache_from_selection(k, v, selection: Selection, budgets: torch.Tensor, config: TCAConfig, scale: float):
+def cache_from_selection(k, v, selection: Selection, budgets: torch.Tensor, config: TCAConfig, scale: float,
+                         num_query_heads: int | None = None, record_budgets: bool = False):
     """The cache that keeps Sel_g U [J*b, L) of dense keys and values (section 5, after a prefill).
 
     k, v: [B, HKV, L, D], selection made for these L keys, budgets: [HKV, len(K)]  ->  ReferenceKVCache.
+    num_query_heads: HQ of the queries, recorded; record_budgets: whether the cache records `budgets` too.
     """
     L = k.shape[2]
     J_b = selection.num_blocks * config.block_size
@@ -101,6 +114,8 @@ def cache_from_selection(k, v, selection: Selection, budgets: torch.Tensor, conf
         config=config,
         scale=scale,
         seq_len=L,
+        num_query_heads=num_query_heads,
+        budgets=budgets if record_budgets else None,
     )
 
 

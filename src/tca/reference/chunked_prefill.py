@@ -66,9 +66,9 @@ def exact_chunk(q, k, v, state: DensePrefillState | None, budgets: torch.Tensor,
 def exact_finish(state: DensePrefillState) -> ReferenceKVCache:
     """Compress with the last chunk's last query: the same cache as a one-shot prefill (section 5)."""
     selection = select(state.last_query[:, :, None], state.keys, state.budgets, state.config, state.scale)
-    cache = cache_from_selection(state.keys, state.values, selection, state.budgets, state.config, state.scale)
-    cache.budgets = state.budgets  # recorded, so the cache can later take streaming chunks with the same p
-    return cache
+    # The budgets are recorded, so the cache can later take streaming chunks with the same p.
+    return cache_from_selection(state.keys, state.values, selection, state.budgets, state.config, state.scale,
+                                num_query_heads=state.last_query.shape[1], record_budgets=True)
 
 
 def empty_cache(batch_size: int, num_kv_heads: int, head_dim: int, dtype, device, budgets, config, scale):
@@ -86,8 +86,8 @@ def empty_cache(batch_size: int, num_kv_heads: int, head_dim: int, dtype, device
         config=config,
         scale=scale,
         seq_len=0,
+        budgets=budgets,
     )
-    cache.budgets = budgets
     return cache
 
 

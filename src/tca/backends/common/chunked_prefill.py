@@ -97,9 +97,9 @@ def exact_finish(select_indices, kernels, state: DenseKV) -> PackedKVCache:
     its counts from the budgets, on the host."""
     keys, values = state.keys, state.values
     indices, _ = select_indices(state.last_query[:, :, None], keys, state.budgets, state.config, state.scale)
-    cache = PackedKVCache.from_selected(keys, values, indices, state.budgets, state.config, state.scale, kernels=kernels)
-    cache.budgets = state.budgets  # recorded: the cache can take streaming chunks with the same p later
-    return cache
+    # The budgets are recorded: the cache can take streaming chunks with the same p later.
+    return PackedKVCache.from_selected(keys, values, indices, state.budgets, state.config, state.scale, kernels=kernels,
+                                       num_query_heads=state.last_query.shape[1], record_budgets=True)
 
 
 def empty_cache(batch_size, num_kv_heads, head_dim, dtype, device, budgets, config: TCAConfig, scale: float, kernels):
@@ -112,9 +112,8 @@ def empty_cache(batch_size, num_kv_heads, head_dim, dtype, device, budgets, conf
         global_k=torch.zeros(1, D, dtype=dtype, device=device), global_v=torch.zeros(1, D, dtype=dtype, device=device),
         global_pos=torch.zeros(1, dtype=torch.int64, device=device),
         global_len_host=torch.zeros(B, H, dtype=torch.int64), global_cap=torch.zeros(B, H, dtype=torch.int64),
-        kernels=kernels,
+        budgets=budgets, kernels=kernels,
     )
-    cache.budgets = budgets
     return cache
 
 
@@ -150,7 +149,7 @@ def streaming_chunk(attend, q, k, v, cache: PackedKVCache, budgets) -> torch.Ten
     selected = torch.cat([held, kept], dim=-1)  # [B, HKV, P]: P = N_pad + J_c * b
     out = attend(q, keys, values, selected, config, cache.scale)
     _commit(cache, keys, values, kept, n_pad, lo_before, k, v)
-    cache.budgets = budgets
+    cache.record(budgets=budgets)
     return out
 
 

@@ -31,8 +31,9 @@ class DenseKVCache:
     nothing to compress. `kernels` supplies the attention of a decode step (`attend_dense(cache, q)`)."""
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, columns: int, pads: list[int], config: TCAConfig,
-                 scale: float, num_query_heads: int | None = None, kernels=None) -> None:
+                 scale: float, num_query_heads: int | None = None, kernels=None, budgets=None) -> None:
         self.keys, self.values = keys, values
+        self.budgets = budgets  # recorded budgets, if any (dense budgets keep every token whatever they say)
         self.columns = int(columns)
         self.pads = [int(p) for p in pads]
         self.config = config
@@ -43,7 +44,8 @@ class DenseKVCache:
         self._place_rows()
 
     @classmethod
-    def from_prompt(cls, k: torch.Tensor, v: torch.Tensor, config: TCAConfig, scale: float) -> DenseKVCache:
+    def from_prompt(cls, k: torch.Tensor, v: torch.Tensor, config: TCAConfig, scale: float,
+                    num_query_heads: int | None = None) -> DenseKVCache:
         """The cache after a dense prefill of k, v [B, HKV, L, D] (one length for the batch)."""
         L = k.shape[2]
         B, H, _, D = k.shape
@@ -51,7 +53,7 @@ class DenseKVCache:
         keys, values = k.new_empty(B, H, capacity, D), v.new_empty(B, H, capacity, D)
         keys[:, :, :L] = k
         values[:, :, :L] = v
-        return cls(keys, values, L, [0] * B, config, scale)
+        return cls(keys, values, L, [0] * B, config, scale, num_query_heads)
 
     @classmethod
     def concat(cls, caches: list[DenseKVCache]) -> DenseKVCache:
@@ -141,6 +143,17 @@ class DenseKVCache:
         """Exact attention of q [B, HQ, 1, D] over every held token -> [B, HQ, 1, D]."""
         return self.kernels.attend_dense(self, q)
 
+    def record(self, *, num_query_heads: int | None = None, budgets: torch.Tensor | None = None) -> None:
+        """Record what a prefill knows beyond the tensors (each one given; None leaves it as it is)."""
+        if num_query_heads is not None:
+            self.num_query_heads = num_query_heads
+        if budgets is not None:
+            self.budgets = budgets
+
+    def use_kernels(self, kernels) -> None:
+        """Decode on `kernels` (a backend's `attend_dense`) from now on."""
+        self.kernels = kernels
+
     def reset(self) -> None:
         """Forget every token (the buffers are released)."""
         self.keys, self.values = self.keys[:, :, :0].clone(), self.values[:, :, :0].clone()
@@ -168,7 +181,7 @@ class DenseKVCache:
             for b, p in enumerate(self.pads)
         ] if any(self.pads) else [dense.packed_cache(self.keys[:, :, :n], self.values[:, :, :n], self.config, self.scale, kernels)]
         packed = parts[0] if len(parts) == 1 else PackedKVCache.concat(parts)
-        packed.num_query_heads = self.num_query_heads
+        packed.record(num_query_heads=self.num_query_heads)
         return packed
 
     def _grow(self, columns: int) -> None:
@@ -204,8 +217,7 @@ class DenseKVCache:
 
 def prefill(q, k, v, config: TCAConfig, scale: float):
     """Dense prefill: (out [B, HQ, L, D] exact causal attention, the DenseKVCache holding every position)."""
-    cache = DenseKVCache.from_prompt(k, v, config, scale)
-    cache.num_query_heads = q.shape[1]
+    cache = DenseKVCache.from_prompt(k, v, config, scale, num_query_heads=q.shape[1])
     return dense.causal_attention(q, k, v, scale), cache
 
 

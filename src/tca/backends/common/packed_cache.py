@@ -58,9 +58,11 @@ class PackedKVCache:
         global_len_host: torch.Tensor,
         global_cap: torch.Tensor,
         num_query_heads: int | None = None,
+        budgets: torch.Tensor | None = None,
         kernels=None,
     ) -> None:
         self.config = config
+        self.budgets = budgets  # [HKV, len(K)] the cache was made with, when recorded (streaming chunks reuse them)
         self.scale = float(scale)
         self.keep_host = keep_per_block.to(device="cpu", dtype=torch.int64)  # [HKV] t per leaving block
         self.keep_max = int(self.keep_host.max()) if self.keep_host.numel() else 0
@@ -142,10 +144,14 @@ class PackedKVCache:
         )
 
     @classmethod
-    def from_selected(cls, k, v, indices, budgets, config: TCAConfig, scale: float, starts=None, **kwargs):
+    def from_selected(cls, k, v, indices, budgets, config: TCAConfig, scale: float, starts=None,
+                      record_budgets: bool = False, **kwargs):
         """from_indices for a prefill's selection made with `budgets` [HKV, len(K)]: the counts come from the
         budgets on the host (block_budgets.selection_sizes), so building the cache never waits for the device.
-        starts: as from_indices (each sequence keeps what a prefill of its own length keeps)."""
+        starts: as from_indices (each sequence keeps what a prefill of its own length keeps). record_budgets: the
+        cache records `budgets` too (later streaming chunks reuse them)."""
+        if record_budgets:
+            kwargs["budgets"] = budgets
         L = k.shape[2]
         if starts is None:
             counts, keep = block_budgets.selection_sizes(budgets, L, config)
@@ -327,6 +333,17 @@ class PackedKVCache:
     def attend(self, q: torch.Tensor) -> torch.Tensor:
         """One softmax over everything each (b, h) holds: q [B, HQ, 1, D] -> [B, HQ, 1, D]."""
         return self.kernels.attend(self, q)
+
+    def record(self, *, num_query_heads: int | None = None, budgets: torch.Tensor | None = None) -> None:
+        """Record what a prefill knows beyond the tensors (each one given; None leaves it as it is)."""
+        if num_query_heads is not None:
+            self.num_query_heads = num_query_heads
+        if budgets is not None:
+            self.budgets = budgets
+
+    def use_kernels(self, kernels) -> None:
+        """Decode on `kernels` (a backend's `compress`, `attend`) from now on."""
+        self.kernels = kernels
 
     def reset(self) -> None:
         """Forget every token: the cache is empty and must be prefilled again (tca.prefill makes a new one)."""

@@ -89,9 +89,9 @@ class ReselectingCache:
 
     # ------------------------------------------------------------------ shape and size
 
-    num_query_heads = property(lambda self: self.active.num_query_heads,
-                               lambda self, n: setattr(self.active, "num_query_heads", n))
-    kernels = property(lambda self: self.active.kernels, lambda self, k: setattr(self.active, "kernels", k))
+    num_query_heads = property(lambda self: self.active.num_query_heads)
+    budgets = property(lambda self: self.active.budgets)
+    kernels = property(lambda self: self.active.kernels)
     config = property(lambda self: self.active.config)
     scale = property(lambda self: self.active.scale)
     batch_size = property(lambda self: self.active.batch_size)
@@ -166,6 +166,14 @@ class ReselectingCache:
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         self.active.append(k, v)
+
+    def record(self, *, num_query_heads: int | None = None, budgets: torch.Tensor | None = None) -> None:
+        """Record what a prefill knows beyond the tensors (on the active set; None leaves it as it is)."""
+        self.active.record(num_query_heads=num_query_heads, budgets=budgets)
+
+    def use_kernels(self, kernels) -> None:
+        """Decode the active set on `kernels` from now on."""
+        self.active.use_kernels(kernels)
 
     def attend(self, q: torch.Tensor) -> torch.Tensor:
         return self.active.attend(q)

@@ -202,7 +202,8 @@ class FlashBackend:
     def prefill(q, k, v, budgets, config, scale):
         indices, counts = select_indices(q, k, budgets, config, scale)
         out = attend_indices(q, k, v, indices, counts, config.block_size, config.window, scale)
-        cache = PackedKVCache.from_selected(k, v, indices, budgets, config, scale, kernels=CacheKernels)
+        cache = PackedKVCache.from_selected(k, v, indices, budgets, config, scale, kernels=CacheKernels,
+                                            num_query_heads=q.shape[1])
         return out, cache
 
     cache_kernels = CacheKernels
@@ -210,5 +211,5 @@ class FlashBackend:
     @staticmethod
     def decode(q, k, v, cache: PackedKVCache):
         """Section 5: compress the block leaving the window (if it moves), append the token, attend."""
-        cache.kernels = CacheKernels
+        cache.use_kernels(CacheKernels)
         return decode_on_cache(cache, q, k, v)

@@ -72,13 +72,14 @@ class TorchBackend(chunked_prefill.entry_points(attend=attend_virtual)):
             out = causal_sdpa(q, k, v, scale)
         else:
             out = attend_indices(q, k, v, indices, counts, mask, config.block_size, config.window, scale)
-        cache = PackedKVCache.from_selected(k, v, indices, budgets, config, scale, kernels=decode_torch)
+        cache = PackedKVCache.from_selected(k, v, indices, budgets, config, scale, kernels=decode_torch,
+                                            num_query_heads=q.shape[1])
         return out, cache
 
     @staticmethod
     def decode(q, k, v, cache: PackedKVCache):
         """One token at position cache.seq_len: compress the leaving block, append, attend. Mutates the cache."""
-        cache.kernels = decode_torch
+        cache.use_kernels(decode_torch)
         return decode_on_cache(cache, q, k, v)
 
     cache_kernels = decode_torch

@@ -218,7 +218,7 @@ class TritonBackend(chunked_prefill.entry_points(attend=attend_virtual)):
                                padding=padding)
         starts = None if padding is None else padding.starts
         cache = PackedKVCache.from_selected(k, v, sel["indices"], budgets, config, scale, kernels=CacheKernels,
-                                            starts=starts)
+                                            starts=starts, num_query_heads=q.shape[1])
         return out, cache
 
     # A left-padded batch in one launch per kernel (section 9.1): the same entry points with its padding.
@@ -232,5 +232,5 @@ class TritonBackend(chunked_prefill.entry_points(attend=attend_virtual)):
 
     @staticmethod
     def decode(q, k, v, cache):
-        cache.kernels = CacheKernels
+        cache.use_kernels(CacheKernels)
         return decode_on_cache(cache, q, k, v)
