@@ -72,17 +72,14 @@ class StepGraph:
 
 def _host_state(cache):
     """What the host knows of the cache (TCACache: per layer, lengths and positions), to undo a capture."""
-    return [
-        (layer.seen, None if layer.state is None else (list(layer.state.seq_lens), layer.state.global_len_host.clone()))
-        for layer in _tca_layers(cache)
-    ]
+    return [(layer.seen, None if layer.state is None else layer.state.host_state()) for layer in _tca_layers(cache)]
 
 
 def _restore_host_state(cache, saved) -> None:
     for layer, (seen, state) in zip(_tca_layers(cache), saved, strict=True):
         layer.seen = seen
         if state is not None:
-            layer.state.seq_lens, layer.state.global_len_host = state[0], state[1]
+            layer.state.restore_host_state(state)
 
 
 def _advance_host(cache) -> None:
@@ -110,27 +107,45 @@ def check_graph_policy(cache) -> None:
         )
 
 
-def prepare_static(cache, new_tokens: int) -> None:
-    """Reserve room for `new_tokens` more steps in every compressed layer and switch it to static shapes. The
-    dense path's cache (one growing buffer) becomes the same tokens in the packed cache, whose step is static.
-    Any other cache (the reference's, a re-selecting one) is refused before a layer changes."""
+def _capturable(state):
+    """The cache whose step a graph captures for `state`: itself if it has the capability (GraphCapturable), the
+    packed copy of the dense path's cache (one growing buffer: the same tokens, a static step), else None."""
+    from tca.backends.common.cache_protocol import GraphCapturable
     from tca.backends.common.dense_cache import DenseKVCache
-    from tca.backends.common.packed_cache import PackedKVCache
+
+    if isinstance(state, GraphCapturable):
+        return state
+    return state.to_packed() if isinstance(state, DenseKVCache) else None
+
+
+def check_capturable(cache) -> None:
+    """Refuse, before anything is captured or changed, a filled TCACache with a layer whose cache has no CUDA-graph
+    capability (tca.backends.common.cache_protocol.GraphCapturable): the reference's, a re-selecting one."""
+    from tca.backends.common.cache_protocol import GraphCapturable
+    from tca.backends.common.dense_cache import DenseKVCache
 
     for layer in _tca_layers(cache):
         if layer.state is None:
             raise ValueError("graph decoding needs the cache prefilled first")
-        if not isinstance(layer.state, (PackedKVCache, DenseKVCache)):
+        if not isinstance(layer.state, (GraphCapturable, DenseKVCache)):
             raise ValueError(
-                f"graph_decoding needs the packed cache of the torch, triton or flash backends, but layer "
-                f"{layer.layer_idx} holds a {type(layer.state).__name__}; call generate without custom_generate"
+                f"graph_decoding needs a cache whose decode step a CUDA graph can capture (the packed cache of the "
+                f"torch, triton or flash backends), but layer {layer.layer_idx} holds a {type(layer.state).__name__}, "
+                "which cannot be captured; call generate without custom_generate"
                 + (", or use TCACache(model) (the default policy)" if layer.policy is not None else "")
             )
+
+
+def prepare_static(cache, new_tokens: int) -> None:
+    """Reserve room for `new_tokens` more steps in every compressed layer and switch it to static shapes. The
+    dense path's cache (one growing buffer) becomes the same tokens in the packed cache, whose step is static.
+    A cache without the capability (the reference's, a re-selecting one) is refused before a layer changes."""
+    check_capturable(cache)
     for layer in _tca_layers(cache):
-        if isinstance(layer.state, DenseKVCache):
-            layer.state = layer.state.to_packed()
-        layer.state.reserve(new_tokens + 2)  # + the warm-up step and one spare
-        layer.state.static = True
+        capturable = _capturable(layer.state)
+        if capturable is not layer.state:
+            layer.state = capturable
+        layer.state.prepare_capture(new_tokens + 2)  # + the warm-up step and one spare
 
 
 def graph_decoding(

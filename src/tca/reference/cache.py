@@ -63,6 +63,20 @@ class ReferenceKVCache:
         return sum(t.numel() * t.element_size() for rows in (self.keys, self.values) for row in rows for t in row)
 
     @property
+    def seq_lens(self) -> list[int]:
+        """Tokens seen by each sequence: one length for the whole batch."""
+        return [self.seq_len] * self.batch_size
+
+    @property
+    def used_nbytes(self) -> int:
+        """Bytes holding tokens: all of nbytes (ragged, exact: no spare room)."""
+        return self.nbytes
+
+    @property
+    def offloaded_nbytes(self) -> int:
+        return 0
+
+    @property
     def dtype(self) -> torch.dtype:
         return self.keys[0][0].dtype
 

@@ -66,6 +66,14 @@ class ReselectingReferenceCache:
         """Keys and values held: the active set plus the evicted store."""
         return self.active.nbytes + self.evicted_nbytes
 
+    @property
+    def used_nbytes(self) -> int:
+        return self.nbytes
+
+    @property
+    def offloaded_nbytes(self) -> int:
+        return 0
+
     def record(self, *, num_query_heads: int | None = None, budgets: torch.Tensor | None = None) -> None:
         """Record what a prefill knows beyond the tensors (on the active set; None leaves it as it is)."""
         self.active.record(num_query_heads=num_query_heads, budgets=budgets)
@@ -76,7 +84,7 @@ class ReselectingReferenceCache:
         return sum(t.numel() * t.element_size() for store in rows for row in store for t in row)
 
     def __getattr__(self, name):
-        # seq_len, config, scale, dtype, device, num_kv_heads, batch_size, head_dim, num_query_heads, budgets: the active's.
+        # seq_len, config, scale, dtype, device, num_kv_heads, batch_size, head_dim, num_query_heads, budgets, seq_lens: the active's.
         if name in _FORWARDED:
             return getattr(self.active, name)
         raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
@@ -90,7 +98,7 @@ class ReselectingReferenceCache:
 
 _FORWARDED = frozenset(
     {"seq_len", "config", "scale", "dtype", "device", "num_kv_heads", "batch_size", "head_dim", "num_query_heads",
-     "keep_per_block", "budgets"}
+     "keep_per_block", "budgets", "seq_lens"}
 )
 
 

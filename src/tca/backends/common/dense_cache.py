@@ -28,7 +28,10 @@ from .packed_cache import PackedKVCache
 
 class DenseKVCache:
     """Every token of B sequences (HKV heads each), contiguous: the cache contract (cache_protocol.KVCache) with
-    nothing to compress. `kernels` supplies the attention of a decode step (`attend_dense(cache, q)`)."""
+    nothing to compress (capabilities StepDecoding and Joinable; not GraphCapturable: graph decoding captures its
+    packed copy, `to_packed`). `kernels` supplies the attention of a decode step (`attend_dense(cache, q)`)."""
+
+    backend = None  # any decode backend's kernels decode it
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, columns: int, pads: list[int], config: TCAConfig,
                  scale: float, num_query_heads: int | None = None, kernels=None, budgets=None) -> None:
@@ -125,6 +128,11 @@ class DenseKVCache:
     def used_nbytes(self) -> int:
         """Bytes of keys and values holding tokens."""
         return 2 * int(self.lengths.sum()) * self.head_dim * self.keys.element_size()
+
+    @property
+    def offloaded_nbytes(self) -> int:
+        """Bytes of keys and values in host memory: none."""
+        return 0
 
     # ------------------------------------------------------------------ the cache contract
 

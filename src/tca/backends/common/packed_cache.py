@@ -38,10 +38,13 @@ from . import block_budgets, decode_torch
 class PackedKVCache:
     """The compressed KV cache (section 5): a local ring of the window plus ragged global segments per head.
 
-    Implements the cache contract (tca.backends.common.cache_protocol.KVCache). `kernels` supplies the device work
-    of a decode step (`compress(cache, q)`, `attend(cache, q)`): the torch implementation by default, a
-    backend's kernels (e.g. Triton's) when that backend decodes.
+    Implements the cache contract (tca.backends.common.cache_protocol.KVCache) and its capabilities StepDecoding,
+    Joinable and GraphCapturable. `kernels` supplies the device work of a decode step (`compress(cache, q)`,
+    `attend(cache, q)`): the torch implementation by default, a backend's kernels (e.g. Triton's) when that
+    backend decodes.
     """
+
+    backend = None  # any decode backend's kernels decode it
 
     def __init__(
         self,
@@ -249,6 +252,11 @@ class PackedKVCache:
         """Bytes of keys and values actually holding kept tokens: 2 * sum(lengths) * D * element size."""
         return 2 * int(self.lengths.sum()) * self.head_dim * self.local_k.element_size()
 
+    @property
+    def offloaded_nbytes(self) -> int:
+        """Bytes of keys and values in host memory: none (everything is on the cache's device)."""
+        return 0
+
     # ------------------------------------------------------------------ reading (tests, inspection)
 
     def positions_of(self, b: int, h: int) -> torch.Tensor:
@@ -375,6 +383,20 @@ class PackedKVCache:
         """The host half of one decode step, for a replayed CUDA graph (its device half ran in the replay)."""
         self._compress_host(self._leaving_host())
         self._append_host()
+
+    def host_state(self) -> tuple[list[int], torch.Tensor]:
+        """The host mirror (sequence lengths, global segment lengths), to undo a capture's bookkeeping."""
+        return list(self.seq_lens), self.global_len_host.clone()
+
+    def restore_host_state(self, state: tuple[list[int], torch.Tensor]) -> None:
+        """Put back the host mirror that `host_state` returned."""
+        self.seq_lens, self.global_len_host = state
+
+    def prepare_capture(self, tokens: int) -> None:
+        """Room for `tokens` more decode steps, then static shapes: every step does the predicated device work,
+        as a replayed CUDA graph of one step will."""
+        self.reserve(tokens)
+        self.static = True
 
     # ------------------------------------------------------------------ capacity
 

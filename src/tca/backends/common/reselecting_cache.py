@@ -32,7 +32,11 @@ from .packed_cache import PackedKVCache
 
 class ReselectingCache:
     """Section 5c: a PackedKVCache (the active set) and an evicted store. Implements the cache contract
-    (tca.backends.common.cache_protocol.KVCache); made by `tca.prefill(..., policy=tca.Reselect(every=N))`."""
+    (tca.backends.common.cache_protocol.KVCache) and its capabilities StepDecoding and Joinable, not GraphCapturable
+    (a step that re-selects reads counts back from the device); made by
+    `tca.prefill(..., policy=tca.Reselect(every=N))`."""
+
+    backend = None  # any decode backend's kernels decode its active set
 
     def __init__(self, active: PackedKVCache, evicted_k, evicted_v, evicted_pos, evicted_len, *, every: int,
                  offload: bool, steps: int = 0) -> None:
