@@ -7,14 +7,12 @@ and a scale, and are chosen through the registry.
 
 from __future__ import annotations
 
-import sys
-
 import torch
 
 from .backends import registry
 from .backends.common import dense, dense_cache
+from .backends.common.cache_protocol import Joinable, KVCache, Reselecting
 from .backends.common.dense_cache import DenseKVCache
-from .backends.common.packed_cache import PackedKVCache
 from .backends.common.reselecting_cache import ReselectingCache
 from .backends.crossover import crossover
 from .config import TCAConfig
@@ -199,27 +197,11 @@ def prefill_one_by_one(q, k, v, padding: LeftPadding, budgets, config, scale, ba
                                  policy=policy)
         out[b : b + 1, :, pad:] = out_b
         caches.append(cache_b)
-    kinds = (PackedKVCache, ReselectingCache, DenseKVCache)
-    joined = next(kind for kind in kinds if all(isinstance(c, kind) for c in caches))
-    return out, joined.concat(caches)  # each cache records q's heads, and so does the joined one
-
-
-# The reference's caches, for isinstance: () while the oracle is not loaded. Such a cache exists only once something
-# imported the oracle, and `import tca` itself never loads it.
-def _reference_cache() -> tuple[type, ...]:
-    if "tca.reference" not in sys.modules:
-        return ()
-    from .reference.cache import ReferenceKVCache
-
-    return (ReferenceKVCache,)
-
-
-def _reselecting_reference_cache() -> tuple[type, ...]:
-    if "tca.reference" not in sys.modules:
-        return ()
-    from .reference.reselect import ReselectingReferenceCache
-
-    return (ReselectingReferenceCache,)
+    kind = type(caches[0])
+    if not isinstance(caches[0], Joinable) or any(type(c) is not kind for c in caches):
+        raise TypeError(f"the caches of a padded batch join into one only when they are of one joinable type, got "
+                        f"{sorted({type(c).__name__ for c in caches})}")
+    return out, kind.concat(caches)  # each cache records q's heads, and so does the joined one
 
 
 def _reselecting(cache, k, v, policy):
@@ -227,7 +209,7 @@ def _reselecting(cache, k, v, policy):
     path's cache evicts nothing (every token is attended), so it stays as it is."""
     if isinstance(cache, DenseKVCache):
         return cache
-    if isinstance(cache, _reference_cache()):
+    if cache.backend == "reference":  # the oracle's cache (the oracle is loaded: it made the cache)
         from .reference.reselect import ReselectingReferenceCache
 
         return ReselectingReferenceCache.wrap(cache, k, v, policy.every)
@@ -245,7 +227,7 @@ def decode(q, k, v, cache, *, layout=None, backend="auto"):
     into normal tensors (the step updates the cache in place, which inference tensors refuse outside that mode).
     """
     q, k, v = to_bhsd(q, k, v, layout)
-    if not isinstance(cache, (PackedKVCache, DenseKVCache, ReselectingCache, *_reference_cache(), *_reselecting_reference_cache())):
+    if not isinstance(cache, KVCache):
         raise TypeError(f"cache must be a cache returned by tca.prefill, got {type(cache).__name__}")
     if q.shape[2] != 1 or k.shape[2] != 1:
         raise ValueError(f"decode takes one new token: q and k must have 1 position, got {q.shape[2]} and {k.shape[2]}")
@@ -255,7 +237,7 @@ def decode(q, k, v, cache, *, layout=None, backend="auto"):
     checked = (
         ("batch size", cache.batch_size, k.shape[0]),
         ("head dim", cache.head_dim, k.shape[-1]),
-        ("number of query heads", getattr(cache, "num_query_heads", None), q.shape[1]),
+        ("number of query heads", cache.num_query_heads, q.shape[1]),
     )
     for what, expected, given in checked:
         if expected is not None and expected != given:
@@ -278,15 +260,12 @@ def bind_decode(cache, backend: str = "auto"):
     """The function that decodes one token into `cache` (a cache of tca.prefill): step(q, k, v) -> out, bhsd inputs
     as `decode` takes them, unchecked. Resolved once, so a caller that has validated its shapes (the model path)
     can keep it for every step. The shared caches decode on the fastest kernels of the device (a re-selecting
-    cache on its active set's, the dense path's cache on their attend_dense); the reference's on the reference."""
-    if isinstance(cache, _reselecting_reference_cache()):
-        from .reference.reselect import decode_and_reselect
-
-        return lambda q, k, v: decode_and_reselect(q, k, v, cache)
-    if isinstance(cache, (PackedKVCache, ReselectingCache, DenseKVCache)):
+    cache on its active set's, the dense path's cache on their attend_dense); a cache of one backend's own type
+    (`cache.backend`: the reference's) on that backend."""
+    if cache.backend is None:
         impl = registry.resolve_decode(backend, cache.device, cache.dtype, cache.head_dim).load()
     else:
-        impl = registry.get("reference").load()
+        impl = registry.get(cache.backend).load()
     return lambda q, k, v: impl.decode(q, k, v, cache)
 
 
@@ -320,16 +299,13 @@ def start_prefill(*, mode="exact", budgets=None, config=None, scale=None, backen
         return ChunkedPrefill(mode, budgets, check_config(config), scale, backend)
     if isinstance(cache, DenseKVCache):  # the dense path's cache continues as the same tokens, packed
         cache = cache.to_packed()
-    if isinstance(cache, (ReselectingCache, *_reselecting_reference_cache())):
+    if isinstance(cache, Reselecting):
         raise ValueError(
             "a re-selecting cache (policy=tca.Reselect) cannot continue a streaming prefill (semantics.md section 5c); "
             "prefill the whole prompt with tca.prefill, or use policy=None"
         )
-    for name in ("seq_len", "num_kv_heads", "head_dim", "dtype", "device", "config", "scale"):
-        if not hasattr(cache, name):
-            raise TypeError(
-                f"cache must be a cache made by tca.prefill or tca.finish_prefill, got {type(cache).__name__}"
-            )
+    if not isinstance(cache, KVCache):
+        raise TypeError(f"cache must be a cache made by tca.prefill or tca.finish_prefill, got {type(cache).__name__}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if mode == "exact":
@@ -339,7 +315,7 @@ def start_prefill(*, mode="exact", budgets=None, config=None, scale=None, backen
         )
     if config is not None or scale is not None:
         raise ValueError("a continued cache keeps its own config and scale; leave config and scale unset")
-    bound = getattr(cache, "backend", None)  # a cache of one backend's own type (the reference's) stays there
+    bound = cache.backend  # a cache of one backend's own type (the reference's) stays there
     if bound is not None and backend not in ("auto", bound):
         raise ValueError(f"the cache was made by backend {bound!r} and continues there, not on {backend!r}")
     if budgets is not None:

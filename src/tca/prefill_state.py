@@ -43,15 +43,15 @@ class ChunkedPrefill:
         """A streaming prefill that extends `cache` (mutating it). budgets: validated [HKV, len(K)], or None for
         the ones the cache records. backend: a cache bound to one backend (the reference's) continues there; a
         PackedKVCache continues on the named backend with chunked prefill, or for "auto" the best one."""
-        name = getattr(cache, "backend", None) or backend
+        name = cache.backend or backend
         spec = registry.resolve(name, cache.device, cache.dtype, cache.head_dim, decode=True, needs=("chunked_prefill",))
-        if getattr(cache, "backend", None) is None and spec.decode_priority is None:
+        if cache.backend is None and spec.decode_priority is None:
             raise registry.BackendUnavailableError(
                 f"backend {spec.name!r} cannot continue this cache (a PackedKVCache): name a backend that decodes "
                 "it and has chunked prefill (e.g. 'torch'), or 'auto'"
             )
         if budgets is None:
-            budgets = getattr(cache, "budgets", None)
+            budgets = cache.budgets
             if budgets is None:
                 raise ValueError(
                     "this cache does not record its budget configurations; pass the budgets it was made with: "
@@ -59,16 +59,15 @@ class ChunkedPrefill:
                 )
         self = cls("streaming", budgets, cache.config, cache.scale, spec.name)
         self._impl, self._backend, self._state, self.seq_len = spec.load(), spec.name, cache, cache.seq_len
-        # What the cache knows of its shapes (a cache type may not know all; those are not checked).
-        known = (
-            ("batch size", "batch_size"),
-            ("number of KV heads", "num_kv_heads"),
-            ("number of query heads", "num_query_heads"),
-            ("head dim", "head_dim"),
-            ("dtype", "dtype"),
-            ("device", "device"),
-        )
-        self._shape = {what: getattr(cache, name, None) for what, name in known}
+        # What the cache knows of its shapes (the query heads may be unknown, None: then not checked).
+        self._shape = {
+            "batch size": cache.batch_size,
+            "number of KV heads": cache.num_kv_heads,
+            "number of query heads": cache.num_query_heads,
+            "head dim": cache.head_dim,
+            "dtype": cache.dtype,
+            "device": cache.device,
+        }
         return self
 
     @property

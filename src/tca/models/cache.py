@@ -36,7 +36,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindo
 
 
 class TCACacheLayer(CacheLayerMixin):
-    """One layer's compressed cache: `state` is the backend's cache (PackedKVCache, ReferenceKVCache, ...)."""
+    """One layer's compressed cache: `state` is the backend's cache (any cache of the contract, KVCache)."""
 
     is_compileable = False
     is_sliding = False
@@ -373,7 +373,7 @@ class TCACache(Cache):
     def used_nbytes(self) -> int:
         """Bytes of keys and values holding kept tokens (nbytes minus spare capacity, if the backend has any)."""
         return self._native_nbytes() + sum(
-            int(getattr(layer.state, "used_nbytes", layer.state.nbytes))  # a cache without spare room: all of it
+            int(layer.state.used_nbytes)
             for layer in self.tca_layers(self.layers)
             if layer.state is not None
         )
@@ -391,7 +391,7 @@ class TCACache(Cache):
     @property
     def offloaded_nbytes(self) -> int:
         """Bytes of keys and values in host memory (a re-selecting cache's offloaded store; else 0)."""
-        return sum(int(getattr(layer.state, "offloaded_nbytes", 0)) for layer in self.layers if layer.state is not None)
+        return sum(int(layer.state.offloaded_nbytes) for layer in self.layers if layer.state is not None)
 
     @property
     def device_nbytes(self) -> int:
@@ -430,5 +430,4 @@ class TCACache(Cache):
 
 def _dense_positions(state) -> int:
     """Positions a dense cache of the same sequences holds per KV head, summed over the batch (padding excluded)."""
-    seq_lens = getattr(state, "seq_lens", None)  # PackedKVCache: one length per sequence
-    return sum(seq_lens) if seq_lens is not None else state.seq_len * state.batch_size
+    return sum(state.seq_lens)

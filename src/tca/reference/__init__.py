@@ -10,7 +10,7 @@ from .calibration import calibrate, evaluated_rows, retained_mass
 from .calibration_variants import retrieval_mass
 from .chunked_prefill import DensePrefillState, empty_cache, exact_chunk, exact_finish, streaming_chunk
 from .padded import prefill_padded
-from .reselect import ReselectingReferenceCache
+from .reselect import ReselectingReferenceCache, decode_and_reselect
 from .selection import (
     block_budgets,
     block_priority,
@@ -28,6 +28,14 @@ def attention(q, k, v, budgets, config, scale, return_lse=False):
     return attend(q, k, v, select(q, k, budgets, config, scale), scale, return_lse)
 
 
+def decode_any(q, k, v, cache):
+    """One decode step on either of the oracle's caches: section 5 (ReferenceKVCache), or section 5c
+    (ReselectingReferenceCache: decode_and_reselect)."""
+    if isinstance(cache, ReselectingReferenceCache):
+        return decode_and_reselect(q, k, v, cache)
+    return decode(q, k, v, cache)
+
+
 class ReferenceBackend:
     """The oracle as a backend implementation (declared in tca.backends.reference, loaded on first use)."""
 
@@ -35,7 +43,7 @@ class ReferenceBackend:
     select = staticmethod(select)
     attend = staticmethod(attend)
     prefill = staticmethod(prefill)
-    decode = staticmethod(decode)
+    decode = staticmethod(decode_any)
     retained_mass = staticmethod(retained_mass)
     retrieval_mass = staticmethod(retrieval_mass)  # the "retrieval" calibration rule (section 6.1)
     # Chunked prefill (section 5b): exact chunks over a dense state, streaming chunks over the cache.

@@ -12,7 +12,7 @@ import torch
 import tca
 from helpers import make_qkv, random_budgets
 from tca.backends.common import dense_cache
-from tca.backends.common.cache_protocol import GraphCapturable, Joinable, KVCache, StepDecoding
+from tca.backends.common.cache_protocol import GraphCapturable, Joinable, KVCache, Reselecting, StepDecoding
 from tca.backends.common.dense_cache import DenseKVCache
 from tca.backends.common.packed_cache import PackedKVCache
 from tca.backends.common.reselecting_cache import ReselectingCache
@@ -89,3 +89,12 @@ def test_each_capability_is_held_by_the_classes_that_implement_it():
     assert holding(StepDecoding) == {"packed", "dense", "reselecting"}  # the oracle decodes with its own functions
     assert holding(Joinable) == {"packed", "dense", "reselecting"}
     assert holding(GraphCapturable) == {"packed"}
+    assert holding(Reselecting) == {"reselecting", "reselecting-reference"}
+
+
+def test_decode_takes_any_cache_of_the_contract_and_refuses_anything_else():
+    q, k, v = (t[:, :, L:] for t in make_qkv(B, HQ, HKV, L + 1, D, seed=3))
+    with pytest.raises(TypeError, match="cache must be a cache returned by tca.prefill, got dict"):
+        tca.decode(q, k, v, {"seq_len": L})
+    with pytest.raises(TypeError, match="cache must be a cache made by tca.prefill or tca.finish_prefill, got dict"):
+        tca.start_prefill(mode="streaming", cache={"seq_len": L})

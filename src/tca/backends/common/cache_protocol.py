@@ -16,6 +16,7 @@ capabilities, each a runtime-checkable protocol that `isinstance` answers:
   (section 5c: evicted tokens kept, on the device or offloaded, and re-selected every N steps).
 - `Joinable`: `concat`, one batch from caches of single sequences (a left-padded batch prefilled one by one).
 - `GraphCapturable`: a decode step a CUDA graph can capture and replay (tca.models.graphs).
+- `Reselecting`: section 5c, evicted tokens kept in a store and chosen again every `every` steps.
 
 Shape letters: B batch, HQ query heads, HKV key/value heads, D head dim.
 """
@@ -131,6 +132,22 @@ class GraphCapturable(Protocol):
 
     def advance_host(self) -> None:
         """The host half of one decode step, after a replay ran its device half."""
+
+
+@runtime_checkable
+class Reselecting(Protocol):
+    """Section 5c: the tokens section 5 evicts are kept in a store, and the active ones re-selected every `every`
+    decode steps (such a cache cannot continue a streaming prefill)."""
+
+    every: int
+
+    @property
+    def evicted_lengths(self) -> torch.Tensor:
+        """[B, HKV] int64 tokens in the evicted store, on the host."""
+
+    @property
+    def evicted_nbytes(self) -> int:
+        """Bytes of keys and values in the evicted store."""
 
 
 def decode_on_cache(cache: StepDecoding, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
