@@ -98,3 +98,14 @@ def test_decode_takes_any_cache_of_the_contract_and_refuses_anything_else():
         tca.decode(q, k, v, {"seq_len": L})
     with pytest.raises(TypeError, match="cache must be a cache made by tca.prefill or tca.finish_prefill, got dict"):
         tca.start_prefill(mode="streaming", cache={"seq_len": L})
+
+
+def test_the_packed_cache_gives_back_its_host_mirror():
+    cache, _ = make("packed")
+    saved = cache.host_state()
+    lengths = cache.lengths.clone()
+    q1, k1, v1 = (t[:, :, L:] for t in make_qkv(B, HQ, HKV, L + 1, D, seed=3))
+    tca.decode(q1, k1, v1, cache)
+    assert cache.seq_lens != saved[0]
+    cache.restore_host_state(saved)
+    assert cache.seq_lens == [L] * B and torch.equal(cache.lengths, lengths)
