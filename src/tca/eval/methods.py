@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from ..backends.common.cache_protocol import Reselecting
 from ..budgets import expected_cost, log_gaussian_budgets
 from ..config import TCAConfig
 from ..geometry import window_start
@@ -199,12 +200,12 @@ class Runner:
             state = layer.state
             if state is None:
                 continue
-            active = getattr(state, "active", state)  # a re-selecting cache reads its active set
-            read += int(getattr(active, "used_nbytes", active.nbytes))
+            # A re-selecting cache reads its active set.
+            active = state.active if isinstance(state, Reselecting) else state
+            read += int(active.used_nbytes)
             if active is not state:  # + the keys of every candidate (tokens before the window) once per period
                 b, w = active.config.block_size, active.config.window
-                seen = getattr(active, "seq_lens", [active.seq_len] * active.batch_size)
-                candidates = sum(window_start(n - 1, b, w) for n in seen) * active.num_kv_heads
+                candidates = sum(window_start(n - 1, b, w) for n in active.seq_lens) * active.num_kv_heads
                 read += candidates * active.head_dim * active.dtype.itemsize // state.every
         return {"device_bytes": int(cache.device_nbytes), "offloaded_bytes": int(cache.offloaded_nbytes),
                 "read_bytes_per_step": read}

@@ -140,6 +140,7 @@ class Reselecting(Protocol):
     decode steps (such a cache cannot continue a streaming prefill)."""
 
     every: int
+    active: KVCache  # the section 5 cache of the active set: what attention reads
 
     @property
     def evicted_lengths(self) -> torch.Tensor:
