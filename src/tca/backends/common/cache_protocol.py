@@ -28,6 +28,22 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 
+class HoldsPrefillFacts:
+    """`record` and `use_kernels` for a cache that holds `num_query_heads`, `budgets` and `kernels` itself (the
+    packed and the dense path's caches); a cache that wraps another forwards them instead."""
+
+    def record(self, *, num_query_heads: int | None = None, budgets: torch.Tensor | None = None) -> None:
+        """Record what a prefill knows beyond the tensors (each one given; None leaves it as it is)."""
+        if num_query_heads is not None:
+            self.num_query_heads = num_query_heads
+        if budgets is not None:
+            self.budgets = budgets
+
+    def use_kernels(self, kernels) -> None:
+        """Decode on `kernels` (a backend's decode kernels for this cache type) from now on."""
+        self.kernels = kernels
+
+
 @runtime_checkable
 class KVCache(Protocol):
     """A KV cache of one attention layer, for B sequences and HKV KV heads: what any caller may read."""

@@ -23,10 +23,11 @@ import torch
 from ...config import TCAConfig
 from ...devices import to_device
 from . import decode_torch, dense
+from .cache_protocol import HoldsPrefillFacts
 from .packed_cache import PackedKVCache
 
 
-class DenseKVCache:
+class DenseKVCache(HoldsPrefillFacts):
     """Every token of B sequences (HKV heads each), contiguous: the cache contract (cache_protocol.KVCache) with
     nothing to compress (capabilities StepDecoding and Joinable; not GraphCapturable: graph decoding captures its
     packed copy, `to_packed`). `kernels` supplies the attention of a decode step (`attend_dense(cache, q)`)."""
@@ -150,17 +151,6 @@ class DenseKVCache:
     def attend(self, q: torch.Tensor) -> torch.Tensor:
         """Exact attention of q [B, HQ, 1, D] over every held token -> [B, HQ, 1, D]."""
         return self.kernels.attend_dense(self, q)
-
-    def record(self, *, num_query_heads: int | None = None, budgets: torch.Tensor | None = None) -> None:
-        """Record what a prefill knows beyond the tensors (each one given; None leaves it as it is)."""
-        if num_query_heads is not None:
-            self.num_query_heads = num_query_heads
-        if budgets is not None:
-            self.budgets = budgets
-
-    def use_kernels(self, kernels) -> None:
-        """Decode on `kernels` (a backend's `attend_dense`) from now on."""
-        self.kernels = kernels
 
     def reset(self) -> None:
         """Forget every token (the buffers are released)."""

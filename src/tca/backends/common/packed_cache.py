@@ -33,9 +33,10 @@ from ...config import TCAConfig
 from ...devices import to_device as _to_device
 from ...geometry import window_start
 from . import block_budgets, decode_torch
+from .cache_protocol import HoldsPrefillFacts
 
 
-class PackedKVCache:
+class PackedKVCache(HoldsPrefillFacts):
     """The compressed KV cache (section 5): a local ring of the window plus ragged global segments per head.
 
     Implements the cache contract (tca.backends.common.cache_protocol.KVCache) and its capabilities StepDecoding,
@@ -341,17 +342,6 @@ class PackedKVCache:
     def attend(self, q: torch.Tensor) -> torch.Tensor:
         """One softmax over everything each (b, h) holds: q [B, HQ, 1, D] -> [B, HQ, 1, D]."""
         return self.kernels.attend(self, q)
-
-    def record(self, *, num_query_heads: int | None = None, budgets: torch.Tensor | None = None) -> None:
-        """Record what a prefill knows beyond the tensors (each one given; None leaves it as it is)."""
-        if num_query_heads is not None:
-            self.num_query_heads = num_query_heads
-        if budgets is not None:
-            self.budgets = budgets
-
-    def use_kernels(self, kernels) -> None:
-        """Decode on `kernels` (a backend's `compress`, `attend`) from now on."""
-        self.kernels = kernels
 
     def reset(self) -> None:
         """Forget every token: the cache is empty and must be prefilled again (tca.prefill makes a new one)."""
