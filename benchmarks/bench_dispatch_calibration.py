@@ -1,4 +1,4 @@
-"""Two costs outside the kernels: backend dispatch (registry.resolve, memoised) and calibration's retained mass
+"""Two costs outside the kernels: backend dispatch (routing.resolve, memoised) and calibration's retained mass
 (the torch backend's chunked version beside the reference's), on whatever device is present.
 
     PYTHONPATH=src python benchmarks/bench_dispatch_calibration.py                      # GPU if present, else CPU
@@ -45,24 +45,24 @@ def main(argv=None) -> None:
 
     import tca
     from tca import reference
-    from tca.backends import registry
+    from tca.backends import registry, routing
     from tca.budgets import calibration_candidates
     from tca.models.calibration import retained_mass
 
     device, D = args.device, args.head_dim
     HQ, HKV = (int(x) for x in args.heads.split(","))
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    registry.resolve("auto", device, dtype, D)  # the first call probes the environment
+    routing.resolve("auto", device, dtype, D)  # the first call probes the environment
     n = 1000
     start = time.perf_counter()
     for _ in range(n):
-        registry.resolve("auto", device, dtype, D)
-    print(json.dumps({"what": "registry.resolve (memoised)", "us": (time.perf_counter() - start) / n * 1e6}))
+        routing.resolve("auto", device, dtype, D)
+    print(json.dumps({"what": "routing.resolve (memoised)", "us": (time.perf_counter() - start) / n * 1e6}))
     start = time.perf_counter()
     for _ in range(20):
         registry.forget()
-        registry.resolve("auto", device, dtype, D)
-    print(json.dumps({"what": "registry.resolve (probing)", "us": (time.perf_counter() - start) / 20 * 1e6}))
+        routing.resolve("auto", device, dtype, D)
+    print(json.dumps({"what": "routing.resolve (probing)", "us": (time.perf_counter() - start) / 20 * 1e6}))
 
     config = tca.TCAConfig(block_size=128 if args.window >= 256 else 16, window=args.window)
     candidates = calibration_candidates(config.block_size, config.num_candidates, config.sigma).to(device)

@@ -275,10 +275,10 @@ def main(argv=None):
 
 
 def _usable(backend: str, device, dtype, head_dim: int) -> bool:
-    from tca.backends import registry
+    from tca.backends import registry, routing
 
     try:
-        registry.resolve(backend, device, dtype, head_dim, decode=True)
+        routing.resolve(backend, device, dtype, head_dim, phase="prefill")
         return True
     except (registry.BackendUnavailableError, ValueError) as error:
         print(f"skipping tca-{backend}: {error}")

@@ -297,9 +297,9 @@ def main(argv=None) -> dict:
     if args.chunk % config.block_size:
         raise SystemExit(f"--chunk must be a multiple of the block size {config.block_size} (streaming chunks)")
     if args.cache is None:  # one concrete backend for every run (auto could pick another for tca.prefill)
-        from tca.backends import registry
+        from tca.backends import routing
 
-        chosen = registry.resolve(args.backend, device, dtype, shape["head_dim"], decode=True, needs=("chunked_prefill",))
+        chosen = routing.resolve(args.backend, device, dtype, shape["head_dim"], phase="chunked_prefill")
         args.backend = chosen.name
     max_positions = max(args.long_length + args.decode_tokens, args.short_length)
     model = build_model(shape, max_positions, dtype, device, seed=0)

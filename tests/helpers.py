@@ -108,7 +108,7 @@ def force_crossover(monkeypatch, dense_below: int) -> None:
     from tca.backends.crossover import Crossover
 
     table = Crossover(dense_below=dense_below, flash_from=1 << 40, measured="test")
-    monkeypatch.setattr("tca.api.crossover", lambda device, shape=None: table)
+    monkeypatch.setattr("tca.backends.routing.crossover", lambda device, shape=None: table)
 
 
 def dense_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:

@@ -5,9 +5,10 @@ a rule.
 An edge is one of:
     import   a static import, lazy ones inside functions included ("lazily" in the table allows only those);
     name     a "tca.x.y:Name" implementation string (what the registry loads on first use);
-    lookup   registry.get / resolve / resolve_decode called with a backend's name as a literal string, or with
-             a variable that the same module assigns such literals to (`name = "triton" if ... else "torch"`):
-             it loads that backend. (registry.usable only reads a declaration and loads nothing.)
+    lookup   registry.get, or routing's choose / route / resolve / decode_backend, called with a backend's name as a
+             literal string, or with a variable that the same module assigns such literals to
+             (`name = "triton" if ... else "torch"`): it loads that backend. (routing.usable only reads a
+             declaration and loads nothing.)
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-LOADING_CALLS = ("get", "resolve", "resolve_decode")
+LOADING_CALLS = ("get", "choose", "route", "resolve", "decode_backend")
 IMPLEMENTATION = re.compile(r"^(tca(?:\.\w+)+):\w+$")
 
 

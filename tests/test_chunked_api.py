@@ -83,7 +83,7 @@ def test_auto_chooses_a_backend_with_chunked_prefill():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", tca.BackendChoiceWarning)
         tca.prefill_chunk(q, k, v, state)
-    usable = [n for n in registry.names() if not registry.get(n).reasons("cpu", torch.float32, D, decode=True, needs=("chunked_prefill",))]
+    usable = [n for n in registry.names() if not registry.get(n).reasons("cpu", torch.float32, D, needs=("decode", "chunked_prefill"))]
     assert state.backend == usable[0] != "reference"  # the fastest backend with chunked prefill, not the oracle
     assert "chunked_prefill" in registry.report()[0]
 

@@ -1,20 +1,22 @@
 """Public entry points: stateless `attention`, stateful `prefill` + `decode`, and a long prompt chunk by chunk
 (`start_prefill`, `prefill_chunk`, `finish_prefill`, `prefill_in_chunks`).
 
-Inputs are validated once here (validation.py); backends get "bhsd" tensors, float64 budgets [HKV, len(K)]
-and a scale, and are chosen through the registry.
+Inputs are validated once here (validation.py); each call is routed once (backends/routing.py: one record of
+its inputs, one bound choice), and the chosen backend gets "bhsd" tensors, float64 budgets [HKV, len(K)] and a
+scale, without coming back here.
 """
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
-from .backends import registry
-from .backends.common import dense, dense_cache
-from .backends.common.cache_protocol import Joinable, KVCache, Reselecting
+from .backends import registry, routing
+from .backends.common.cache_protocol import Joinable, KVCache, Reselecting, decode_on_cache
 from .backends.common.dense_cache import DenseKVCache
 from .backends.common.reselecting_cache import ReselectingCache
-from .backends.crossover import crossover
+from .backends.routing import Inputs, Route
 from .config import TCAConfig
 from .inference_tensors import leave_inference_tensors
 from .padding import LeftPadding
@@ -23,47 +25,13 @@ from .prefill_state import MODES, ChunkedPrefill
 from .validation import check_budgets, check_config, check_scale, from_bhsd, to_bhsd
 
 
-def _prepare(q, k, v, budgets, config, scale, layout, backend, decode=False):
+def _validated(q, k, v, budgets, config, scale, layout):
+    """The inputs as every backend takes them: bhsd tensors, a TCAConfig, float64 budgets [HKV, len(K)], a scale."""
     config = check_config(config)
     q, k, v = to_bhsd(q, k, v, layout)
     scale = check_scale(scale, q.shape[-1])
     budgets = check_budgets(budgets, k.shape[1], config, q.device)
-    # Inputs that require grad need a backend with a backward pass: "auto" picks one, a named one that has
-    # none raises (never an output silently cut from the graph).
-    needs = _needs(q, k, v)
-    impl = registry.resolve(_by_length(backend, q, k, needs), q.device, q.dtype, q.shape[-1], decode=decode, needs=needs).load()
-    return q, k, v, budgets, config, scale, impl
-
-
-def _by_length(backend: str, q: torch.Tensor, k: torch.Tensor, needs) -> str:
-    """backend="auto" for a long prompt: flash where it is the faster prefill (tca.backends.crossover)."""
-    if backend != "auto" or k.shape[2] < crossover(q.device, _shape(q, k)).flash_from:
-        return backend
-    return "flash" if registry.usable("flash", q.device, q.dtype, q.shape[-1], needs=needs) else backend
-
-
-def _runs_dense(backend: str, q: torch.Tensor, k: torch.Tensor) -> bool:
-    """backend="auto" below the measured crossover runs exact dense attention (TCA with dense budgets)."""
-    return backend == "auto" and k.shape[2] < crossover(k.device, _shape(q, k)).dense_below
-
-
-def batch_backend(backend: str, q: torch.Tensor, k: torch.Tensor, needs=(), decode: bool = True) -> str:
-    """The backend for every sequence of a padded batch q, k (bhsd, padded length): "auto" stays "auto" where the
-    padded length is below the crossover (then every sequence, being shorter, runs dense too), else the backend
-    "auto" picks for the padded length, so that no shorter sequence of the batch takes the dense path alone."""
-    if backend != "auto" or _runs_dense(backend, q, k):
-        return backend
-    return registry.resolve(_by_length(backend, q, k, needs), q.device, q.dtype, q.shape[-1], decode=decode, needs=needs).name
-
-
-def _needs(q, k, v) -> tuple[str, ...]:
-    """Capabilities a call requires: inputs that require grad need a backend with a backward pass."""
-    return ("gradients",) if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)) else ()
-
-
-def _shape(q: torch.Tensor, k: torch.Tensor) -> tuple[int, int, int]:
-    """(query heads, KV heads, head dim) of bhsd q and k: what a crossover is measured for."""
-    return q.shape[1], k.shape[1], k.shape[-1]
+    return q, k, v, budgets, config, scale
 
 
 def attention(
@@ -93,18 +61,23 @@ def attention(
     """
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
-    q, k, v, budgets, config, scale, impl = _prepare(q, k, v, budgets, config, scale, layout, backend)
+    q, k, v, budgets, config, scale = _validated(q, k, v, budgets, config, scale, layout)
     padding = None if starts is None else LeftPadding.of(starts, k.shape[0], k.shape[2])
-    if padding is not None:
-        if q.shape[2] != k.shape[2]:
-            raise ValueError(
-                f"attention over a left-padded batch takes whole prompts (LQ == L), got LQ={q.shape[2]}, L={k.shape[2]}"
-            )
-        result = _attention_padded(q, k, v, padding, budgets, config, scale, backend, return_lse)
-        return (from_bhsd(result[0], layout), result[1]) if return_lse else from_bhsd(result, layout)
-    if _runs_dense(backend, q, k) and not return_lse:
-        return from_bhsd(dense.causal_attention(q, k, v, scale), layout)
-    result = impl.attention(q, k, v, budgets, config, scale, return_lse)
+    if padding is not None and q.shape[2] != k.shape[2]:
+        raise ValueError(
+            f"attention over a left-padded batch takes whole prompts (LQ == L), got LQ={q.shape[2]}, L={k.shape[2]}"
+        )
+    # Inputs that require grad route to a backend with a backward pass: "auto" picks one, a named one that has
+    # none raises (never an output silently cut from the graph).
+    inputs = Inputs.of(q, k, v, phase="attention", padded=padding is not None, lse=return_lse)
+    chosen = routing.route(backend, inputs)
+    impl = chosen.implementation
+    if padding is None:
+        result = impl.attention(q, k, v, budgets, config, scale, return_lse)
+    elif chosen.runs_in_one_call(inputs):
+        result = impl.attention_padded(q, k, v, padding, budgets, config, scale, return_lse)
+    else:
+        result = _attention_one_by_one(impl, q, k, v, padding, budgets, config, scale, return_lse)
     if return_lse:
         out, lse = result
         return from_bhsd(out, layout), lse
@@ -127,39 +100,55 @@ def prefill(q, k, v, *, budgets=None, config=None, scale=None, layout=None, back
     picks one path for the whole batch.
     """
     policy = check_policy(policy)
-    q, k, v, budgets, config, scale, impl = _prepare(q, k, v, budgets, config, scale, layout, backend, decode=True)
+    q, k, v, budgets, config, scale = _validated(q, k, v, budgets, config, scale, layout)
     if q.shape[2] != k.shape[2]:
         raise ValueError(
             f"prefill needs one query per key (LQ == L), got LQ={q.shape[2]}, L={k.shape[2]}; "
             "use tca.attention for LQ < L"
         )
     padding = None if starts is None else LeftPadding.of(starts, k.shape[0], k.shape[2])
-    if padding is not None:
-        out, cache = _prefill_padded(q, k, v, padding, budgets, config, scale, backend, policy)
+    inputs = Inputs.of(q, k, v, phase="prefill", padded=padding is not None)
+    chosen = routing.route(backend, inputs)
+    if padding is None:
+        out, cache = _prefill_on(chosen, q, k, v, budgets, config, scale, policy)
         return from_bhsd(out, layout), cache
-    if _runs_dense(backend, q, k):
-        out, cache = dense_cache.prefill(q, k, v, config, scale)
+    if chosen.backend.own_cache:  # its cache holds one length for the whole batch (the reference's)
+        raise ValueError(
+            f"padded batches need a backend with the packed cache (torch, triton or flash), not {chosen.name!r}: "
+            "its cache holds one length for the whole batch; run the sequences one at a time"
+        )
+    if chosen.runs_in_one_call(inputs) and (policy is None or not policy.active):
+        out, cache = chosen.implementation.prefill_padded(q, k, v, padding, budgets, config, scale)
+        _bind_kernels(cache, chosen)
     else:
-        out, cache = impl.prefill(q, k, v, budgets, config, scale)  # the cache records q's heads (decode checks)
-    if policy is not None and policy.active:
-        cache = _reselecting(cache, k, v, policy)
+        out, cache = _prefill_one_by_one(chosen, q, k, v, padding, budgets, config, scale, policy)
     return from_bhsd(out, layout), cache
 
 
-def _attention_padded(q, k, v, padding: LeftPadding, budgets, config, scale, backend, return_lse):
-    """Stateless attention over a left-padded batch (bhsd, validated): one call on a backend with "varlen", else
-    each sequence on its own tokens."""
-    needs = _needs(q, k, v)
-    backend = batch_backend(backend, q, k, needs, decode=False)
-    if not _runs_dense(backend, q, k):
-        chosen = registry.resolve(backend, q.device, q.dtype, q.shape[-1], needs=needs)
-        if chosen.supports("varlen"):
-            return chosen.load().attention_padded(q, k, v, padding, budgets, config, scale, return_lse)
+def _prefill_on(chosen: Route, q, k, v, budgets, config, scale, policy):
+    """One prefill (bhsd, validated) on the route: the backend's prefill, the route's decode kernels bound to the
+    cache, and the section 5c store around it when the policy re-selects."""
+    out, cache = chosen.implementation.prefill(q, k, v, budgets, config, scale)  # the cache records q's heads
+    _bind_kernels(cache, chosen)
+    if policy is not None and policy.active and chosen.backend.computes == "tca":
+        cache = _reselecting(cache, k, v, policy)  # the dense path's cache evicts nothing: nothing to re-select
+    return out, cache
+
+
+def _bind_kernels(cache, chosen: Route) -> None:
+    """The cache keeps the decode kernels of the route (a cache of the backend's own type has none to take)."""
+    kernels = chosen.decode_kernels
+    if kernels is not None:
+        cache.use_kernels(kernels)
+
+
+def _attention_one_by_one(impl, q, k, v, padding: LeftPadding, budgets, config, scale, return_lse):
+    """Stateless attention over a left-padded batch (bhsd, validated), each sequence on its own tokens: what a
+    backend without "varlen" does."""
     out, lse = torch.zeros_like(q), None
     for b, pad in enumerate(padding.starts):
         own = (q[b : b + 1, :, pad:], k[b : b + 1, :, pad:], v[b : b + 1, :, pad:])
-        result = attention(*own, budgets=budgets, config=config, scale=scale, layout="bhsd", backend=backend,
-                           return_lse=return_lse)
+        result = impl.attention(*own, budgets, config, scale, return_lse)
         out_b, lse_b = result if return_lse else (result, None)
         out[b : b + 1, :, pad:] = out_b
         if return_lse:
@@ -169,46 +158,31 @@ def _attention_padded(q, k, v, padding: LeftPadding, budgets, config, scale, bac
     return (out, lse) if return_lse else out
 
 
-def _prefill_padded(q, k, v, padding: LeftPadding, budgets, config, scale, backend, policy):
-    """prefill of a left-padded batch (bhsd, validated): one call on a backend with "varlen", else each sequence
-    on its own tokens, the caches joined into one of per-sequence lengths."""
-    needs = _needs(q, k, v)
-    backend = batch_backend(backend, q, k, needs)
-    if not _runs_dense(backend, q, k):
-        chosen = registry.resolve(backend, q.device, q.dtype, q.shape[-1], decode=True, needs=needs)
-        if chosen.decode_priority is None:  # its cache holds one length for the whole batch (the reference's)
-            raise ValueError(
-                f"padded batches need a backend with the packed cache (torch, triton or flash), not {chosen.name!r}: "
-                "its cache holds one length for the whole batch; run the sequences one at a time"
-            )
-        if chosen.supports("varlen") and (policy is None or not policy.active):
-            return chosen.load().prefill_padded(q, k, v, padding, budgets, config, scale)
-    return prefill_one_by_one(q, k, v, padding, budgets, config, scale, backend, policy)
-
-
-def prefill_one_by_one(q, k, v, padding: LeftPadding, budgets, config, scale, backend, policy=None):
+def _prefill_one_by_one(chosen: Route, q, k, v, padding: LeftPadding, budgets, config, scale, policy):
     """A left-padded batch (bhsd, validated) prefilled one sequence at a time on its own tokens, the caches joined
-    into one of per-sequence lengths: what backends without "varlen" do (and the benchmarks' comparison)."""
+    into one of per-sequence lengths: what backends without "varlen" (or a re-selecting policy) do."""
     out = torch.zeros_like(q)
     caches = []
     for b, pad in enumerate(padding.starts):
         own = (q[b : b + 1, :, pad:], k[b : b + 1, :, pad:], v[b : b + 1, :, pad:])
-        out_b, cache_b = prefill(*own, budgets=budgets, config=config, scale=scale, layout="bhsd", backend=backend,
-                                 policy=policy)
-        out[b : b + 1, :, pad:] = out_b
+        out[b : b + 1, :, pad:], cache_b = _prefill_on(chosen, *own, budgets, config, scale, policy)
         caches.append(cache_b)
     kind = type(caches[0])
     if not isinstance(caches[0], Joinable) or any(type(c) is not kind for c in caches):
         raise TypeError(f"the caches of a padded batch join into one only when they are of one joinable type, got "
                         f"{sorted({type(c).__name__ for c in caches})}")
-    return out, kind.concat(caches)  # each cache records q's heads, and so does the joined one
+    return out, kind.concat(caches)  # each cache records q's heads and its kernels, and so does the joined one
+
+
+def prefill_one_by_one(q, k, v, padding: LeftPadding, budgets, config, scale, backend, policy=None):
+    """A left-padded batch (bhsd, validated) prefilled one sequence at a time, on the route of the padded batch:
+    what backends without "varlen" do (and the benchmarks' comparison)."""
+    chosen = routing.route(backend, Inputs.of(q, k, v, phase="prefill", padded=True))
+    return _prefill_one_by_one(chosen, q, k, v, padding, budgets, config, scale, policy)
 
 
 def _reselecting(cache, k, v, policy):
-    """The section 5c cache around a section 5 cache, its evicted store filled from the prompt's k, v. The dense
-    path's cache evicts nothing (every token is attended), so it stays as it is."""
-    if isinstance(cache, DenseKVCache):
-        return cache
+    """The section 5c cache around a section 5 cache, its evicted store filled from the prompt's k, v."""
     if cache.backend == "reference":  # the oracle's cache (the oracle is loaded: it made the cache)
         from .reference.reselect import ReselectingReferenceCache
 
@@ -258,15 +232,16 @@ def decode(q, k, v, cache, *, layout=None, backend="auto"):
 
 def bind_decode(cache, backend: str = "auto"):
     """The function that decodes one token into `cache` (a cache of tca.prefill): step(q, k, v) -> out, bhsd inputs
-    as `decode` takes them, unchecked. Resolved once, so a caller that has validated its shapes (the model path)
-    can keep it for every step. The shared caches decode on the fastest kernels of the device (a re-selecting
-    cache on its active set's, the dense path's cache on their attend_dense); a cache of one backend's own type
-    (`cache.backend`: the reference's) on that backend."""
-    if cache.backend is None:
-        impl = registry.resolve_decode(backend, cache.device, cache.dtype, cache.head_dim).load()
-    else:
+    as `decode` takes them, unchecked. Bound once, so a caller that has validated its shapes (the model path) can
+    keep it for every step. A shared cache (packed, dense path's, re-selecting) decodes on the decode backend's
+    kernels, which it keeps: "auto" is the choice routing made at prefill (the fastest decode kernels of the
+    device, whichever backend prefilled), a name binds that backend's; a cache of one backend's own type
+    (`cache.backend`: the reference's) decodes on that backend."""
+    if cache.backend is not None:
         impl = registry.get(cache.backend).load()
-    return lambda q, k, v: impl.decode(q, k, v, cache)
+        return lambda q, k, v: impl.decode(q, k, v, cache)
+    cache.use_kernels(routing.decode_backend(backend, cache.device, cache.dtype, cache.head_dim).load().cache_kernels)
+    return partial(decode_on_cache, cache)
 
 
 def available_backends() -> list[str]:
@@ -338,8 +313,8 @@ def prefill_chunk(q, k, v, state, *, position=None, layout="bhsd"):
     if state.backend is None:  # the first chunk: its shapes validate the scale and budgets, and pick the backend
         scale = check_scale(state.scale, q.shape[-1])
         budgets = check_budgets(state.budgets, k.shape[1], state.config, q.device)
-        spec = registry.resolve(state.requested_backend, q.device, q.dtype, q.shape[-1], decode=True, needs=("chunked_prefill",))
-        setup = (spec.name, spec.load(), budgets, scale)
+        chosen = routing.route(state.requested_backend, Inputs.of(q, k, v, phase="chunked_prefill"))
+        setup = (chosen.name, chosen.implementation, budgets, scale)
     return from_bhsd(state.extend(q, k, v, setup), layout)
 
 
@@ -347,7 +322,10 @@ def finish_prefill(state):
     """End a chunked prefill; returns the compressed cache of section 5, which `decode` continues."""
     if not isinstance(state, ChunkedPrefill):
         raise TypeError(f"state must be a tca.ChunkedPrefill made by tca.start_prefill, got {type(state).__name__}")
-    return state.finish()
+    cache = state.finish()
+    if cache.backend is None:  # a shared cache decodes on the device's fastest decode kernels, as after tca.prefill
+        cache.use_kernels(routing.decode_backend("auto", cache.device, cache.dtype, cache.head_dim).load().cache_kernels)
+    return cache
 
 
 def prefill_in_chunks(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .backends import registry
+from .backends import registry, routing
 from .inference_tensors import leave_inference_tensors
 
 MODES = ("exact", "streaming")
@@ -44,8 +44,8 @@ class ChunkedPrefill:
         the ones the cache records. backend: a cache bound to one backend (the reference's) continues there; a
         PackedKVCache continues on the named backend with chunked prefill, or for "auto" the best one."""
         name = cache.backend or backend
-        spec = registry.resolve(name, cache.device, cache.dtype, cache.head_dim, decode=True, needs=("chunked_prefill",))
-        if cache.backend is None and spec.decode_priority is None:
+        spec = routing.resolve(name, cache.device, cache.dtype, cache.head_dim, phase="chunked_prefill")
+        if cache.backend is None and spec.own_cache:
             raise registry.BackendUnavailableError(
                 f"backend {spec.name!r} cannot continue this cache (a PackedKVCache): name a backend that decodes "
                 "it and has chunked prefill (e.g. 'torch'), or 'auto'"

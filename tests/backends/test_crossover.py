@@ -67,7 +67,7 @@ def test_auto_asks_the_crossover_for_the_calls_shape(monkeypatch):
         seen.append(shape)
         return CPU
 
-    monkeypatch.setattr("tca.api.crossover", record)
+    monkeypatch.setattr("tca.backends.routing.crossover", record)
     q, k, v = make_qkv(1, 6, 2, 64, 16, dtype=torch.float32, seed=4)
     tca.attention(q, k, v, config=CONFIG)
     assert seen and all(shape == (6, 2, 16) for shape in seen)

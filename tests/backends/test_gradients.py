@@ -13,7 +13,7 @@ import torch
 
 import tca
 from helpers import make_qkv, random_budgets
-from tca.backends import registry
+from tca.backends import registry, routing
 
 CONFIG = tca.TCAConfig(block_size=16, window=32)
 WITH_GRADIENTS = [n for n in registry.names() if n != "reference" and registry.get(n).supports("gradients")]
@@ -72,6 +72,6 @@ def test_auto_picks_a_backend_with_gradients():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", tca.BackendChoiceWarning)
         out = tca.attention(q, k, v, config=CONFIG)
-        chosen = registry.resolve("auto", "cpu", torch.float32, 16, needs=("gradients",))
+        chosen = routing.resolve("auto", "cpu", torch.float32, 16, needs=("gradients",))
     assert out.grad_fn is not None
     assert chosen.supports("gradients")

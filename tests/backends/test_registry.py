@@ -14,7 +14,7 @@ import torch
 
 import tca
 from helpers import ROOT, make_qkv
-from tca.backends import registry
+from tca.backends import registry, routing
 from tca.backends.registry import Backend
 
 CFG = tca.TCAConfig(block_size=16, window=32)
@@ -49,7 +49,7 @@ def fake_backend():
 @pytest.fixture
 def fresh_announcements(monkeypatch):
     """Forget which "auto" choices were already announced, so this test sees the first announcement."""
-    monkeypatch.setattr(registry, "_ANNOUNCED", set())
+    monkeypatch.setattr(routing, "_ANNOUNCED", set())
 
 
 def inputs(dtype=torch.float64, D=16):
@@ -109,7 +109,7 @@ def test_auto_prefers_the_highest_priority_usable_backend(fake_backend, fresh_an
     fake_backend(name="fake-best", priority=10_000)
     fake_backend(name="fake-broken", priority=20_000, environment=lambda: ["broken on purpose"])
     assert registry.names()[:2] == ["fake-broken", "fake-best"]
-    chosen = registry.resolve("auto", "cpu", torch.float64, 16)
+    chosen = routing.resolve("auto", "cpu", torch.float64, 16)
     assert chosen.name == "fake-best"
     assert tca.available_backends()[0] == "fake-best"
 
@@ -131,7 +131,7 @@ def test_auto_with_no_usable_backend_lists_every_reason(monkeypatch):
     monkeypatch.setattr(registry, "_REGISTRY", {})
     registry.register(Backend("only-gpu", "fake", "x:y", devices=("cuda",), dtypes=(torch.float16,)))
     with pytest.raises(tca.BackendUnavailableError, match=r"no backend can run these inputs:\n  only-gpu: device"):
-        registry.resolve("auto", "cpu", torch.float32, 64)
+        routing.resolve("auto", "cpu", torch.float32, 64)
 
 
 def test_report_for_given_inputs(fake_backend):
@@ -172,12 +172,12 @@ def test_resolve_probes_the_environment_once_per_key(fake_backend):
     probes = []
     fake_backend(name="fake-probed", environment=lambda: probes.append(1) or [])
     for _ in range(3):
-        assert registry.resolve("fake-probed", "cpu", torch.float64, 16).name == "fake-probed"
+        assert routing.resolve("fake-probed", "cpu", torch.float64, 16).name == "fake-probed"
     assert len(probes) == 1
-    registry.resolve("fake-probed", "cpu", torch.float32, 16)  # another key probes again
+    routing.resolve("fake-probed", "cpu", torch.float32, 16)  # another key probes again
     assert len(probes) == 2
     registry.forget()
-    registry.resolve("fake-probed", "cpu", torch.float64, 16)
+    routing.resolve("fake-probed", "cpu", torch.float64, 16)
     assert len(probes) == 3
 
 
@@ -191,7 +191,7 @@ def test_inputs_that_require_grad_need_a_backend_with_gradients(fake_backend, fr
         out = tca.attention(q, k, v, config=CFG)  # auto passes over the backend without gradients
         assert out.grad_fn is not None
         with torch.no_grad():  # no gradient wanted: the highest priority backend again
-            assert registry.resolve("auto", "cpu", torch.float64, 16).name == "fake-nograd"
+            assert routing.resolve("auto", "cpu", torch.float64, 16).name == "fake-nograd"
 
 
 def test_a_capability_the_registry_does_not_know_is_refused():
@@ -199,7 +199,7 @@ def test_a_capability_the_registry_does_not_know_is_refused():
         Backend("fake-typo", "fake", "x:y", devices=("cpu",), dtypes=(torch.float32,), lacks=(("gradient", "typo"),))
 
 
-@pytest.mark.parametrize("name", ["reference", "torch", "triton", "flash"])
+@pytest.mark.parametrize("name", ["reference", "torch", "triton", "flash", "dense"])
 def test_every_registered_implementation_follows_the_protocol(name):
     if registry.get(name).environment_reasons():
         pytest.skip(f"{name} cannot be imported here")
@@ -209,5 +209,5 @@ def test_every_registered_implementation_follows_the_protocol(name):
     assert isinstance(impl, TCABackend)
     assert isinstance(impl, Calibrator) == registry.get(name).supports("calibration")
     assert isinstance(impl, PaddedBatches) == registry.get(name).supports("varlen")
-    if name != "reference":  # the oracle speaks in masks only (it imports nothing from tca.backends)
+    if name not in ("reference", "dense"):  # the oracle speaks in masks only; dense selects everything (it imports nothing from tca.backends)
         assert isinstance(impl, CompactSelector)

@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("transformers")
 
 import tca  # noqa: E402
-from tca.backends import registry  # noqa: E402
+from tca.backends import routing  # noqa: E402
 from tca.cli import main  # noqa: E402
 from tca.commands import _args  # noqa: E402
 from tca.models.smollm2 import smollm2_plan_path  # noqa: E402
@@ -55,7 +55,7 @@ def test_bench_plan_is_used_for_every_model(capsys):
 
 
 def test_cli_output_has_no_backend_choice_warning(tmp_path, monkeypatch):
-    monkeypatch.setattr(registry, "_ANNOUNCED", set())
+    monkeypatch.setattr(routing, "_ANNOUNCED", set())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert main(["bench", "--model", "tiny", "--device", "cpu", "--lengths", "128", "--new-tokens", "2",
@@ -66,7 +66,7 @@ def test_cli_output_has_no_backend_choice_warning(tmp_path, monkeypatch):
 def test_backend_choice_warning_once_per_process(monkeypatch):
     import torch
 
-    monkeypatch.setattr(registry, "_ANNOUNCED", set())
+    monkeypatch.setattr(routing, "_ANNOUNCED", set())
     cfg = tca.TCAConfig(block_size=16, window=32)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

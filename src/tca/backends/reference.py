@@ -18,4 +18,5 @@ SPEC = Backend(
     devices=("cpu", "cuda"),
     dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
     priority=0,
+    own_cache=True,
 )

@@ -1,23 +1,16 @@
 """Backend registry: each backend declares what it supports and answers *reasons it cannot run*.
 
-As in xformers' dispatch: `backend="auto"` takes the usable backend of highest priority (the reference is
-the last resort) and says once which it chose; a named backend that cannot run raises an error listing
-its reasons; an unknown name lists the known ones. Implementations are imported lazily, on first use, so
-`import tca` never imports triton, flash_attn or transformers. What an implementation provides is the
-`TCABackend` protocol (implementation.py); what it cannot do is declared here, as capabilities with reasons.
-
-`resolve` is memoised per (name, device type, dtype, head dim, capabilities): probing the environment (package
-lookups, GPU properties) costs 0.1-0.4 ms, too much for every attention call of a decode loop. `forget()`
-drops the memo (after installing a package at runtime, or changing an environment variable a backend reads).
+A `Backend` record says where a backend runs (devices, dtypes, head dims, an input check of its own), what it
+lacks (capabilities, each with a reason) and where its implementation lives; the implementation is imported on
+first use, so `import tca` never imports triton, flash_attn or transformers. What an implementation provides is
+the `TCABackend` protocol (implementation.py). Choosing among the backends is routing's (routing.py): the
+registry only declares and answers.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
-import sys
-import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -30,7 +23,8 @@ import torch
 #   calibration  retained_mass over calibration rows (section 6), chunked
 #   chunked_prefill  a prompt prefilled chunk by chunk (docs/semantics.md section 5b): exact_chunk,
 #                exact_finish, empty_cache and streaming_chunk on the implementation
-CAPABILITIES = ("gradients", "decode", "varlen", "calibration", "chunked_prefill")
+#   lse          the log-sum-exp of each query row returned with the output (return_lse=True)
+CAPABILITIES = ("gradients", "decode", "varlen", "calibration", "chunked_prefill", "lse")
 
 
 class BackendUnavailableError(RuntimeError):
@@ -38,7 +32,7 @@ class BackendUnavailableError(RuntimeError):
 
 
 class BackendChoiceWarning(UserWarning):
-    """Emitted once per process, the first time backend="auto" picks a backend (filter it to silence)."""
+    """Emitted once per process, the first time backend="auto" picks a backend (filter it to silence; routing.py)."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +44,12 @@ class Backend:
         retained_mass unless it lacks "calibration", on "bhsd" inputs that passed validation.
     lacks: (capability, why not) pairs, capabilities from CAPABILITIES; anything not listed is supported.
     environment: extra checks of the machine (e.g. a GPU capability), returning reasons.
+    input_check: extra checks of the inputs (device, dtype, head dim) beyond the declared lists, returning reasons
+        (flash: what the installed FlashAttention generation runs).
+    computes: "tca" (TCA-Attention with the plan's budgets) or "dense" (exact causal attention: the dense
+        backend, which routing runs below the crossover; `names()` lists only the TCA ones).
+    own_cache: its prefill makes a cache of its own type, which only it decodes (the oracle's); the others
+        make the shared caches (backends/common), which any backend with a decode_priority decodes.
     """
 
     name: str
@@ -66,6 +66,9 @@ class Backend:
     requires: tuple[tuple[str, str], ...] = ()  # (module, how to install)
     environment: Callable[[], list[str]] | None = field(default=None, compare=False)
     needs: str = ""  # what `environment` checks, in words (for docs and `tca info`)
+    input_check: Callable[[torch.device, torch.dtype, int], list[str]] | None = field(default=None, compare=False)
+    computes: str = "tca"
+    own_cache: bool = False
 
     def __post_init__(self) -> None:
         unknown = [c for c, _ in self.lacks if c not in CAPABILITIES]
@@ -100,9 +103,7 @@ class Backend:
             reasons += self.environment()
         return reasons
 
-    def input_reasons(
-        self, device: torch.device, dtype: torch.dtype, head_dim: int, decode: bool = False, needs: Iterable[str] = ()
-    ) -> list[str]:
+    def input_reasons(self, device: torch.device, dtype: torch.dtype, head_dim: int, needs: Iterable[str] = ()) -> list[str]:
         """Why this backend cannot run inputs of this device, dtype and head dim, with these capabilities."""
         reasons = []
         if device.type not in self.devices:
@@ -112,18 +113,23 @@ class Backend:
             reasons.append(f"dtype {str(dtype).removeprefix('torch.')} is not supported (supports {names})")
         if self.head_dims is not None and head_dim not in self.head_dims:
             reasons.append(f"head dim {head_dim} is not supported (supports {', '.join(map(str, self.head_dims))})")
-        if decode and not self.has_decode:
-            reasons.append(f"stateful decoding is not implemented ({self.lacks_reason('decode')})")
+        if not reasons and self.input_check is not None:
+            reasons += self.input_check(device, dtype, head_dim)
         for capability in needs:
             why = self.lacks_reason(capability)
-            if why is not None and capability == "chunked_prefill":
+            if why is None:
+                continue
+            if capability == "decode":
+                reasons.append(f"stateful decoding is not implemented ({why})")
+            elif capability == "chunked_prefill":
                 reasons.append(chunked_prefill_missing())
-            elif why is not None and capability != "decode":
+            else:
                 reasons.append(f"no {capability}: {why}")
         return reasons
 
-    def reasons(self, device, dtype, head_dim, decode=False, needs: Iterable[str] = ()) -> list[str]:
-        return self.environment_reasons() + self.input_reasons(torch.device(device), dtype, head_dim, decode, needs)
+    def reasons(self, device, dtype, head_dim, needs: Iterable[str] = ()) -> list[str]:
+        """Why this backend cannot run such inputs here (machine first, then inputs); empty when it can."""
+        return self.environment_reasons() + self.input_reasons(torch.device(device), dtype, head_dim, needs)
 
     def load(self):
         module, _, attribute = self.implementation.partition(":")
@@ -131,8 +137,12 @@ class Backend:
 
 
 _REGISTRY: dict[str, Backend] = {}
-_ANNOUNCED: set[tuple[str, str]] = set()
-_RESOLVED: dict[tuple, tuple[Backend | None, list[str] | dict[str, list[str]]]] = {}
+_LISTENERS: list[Callable[[], None]] = []
+
+
+def on_change(listener: Callable[[], None]) -> None:
+    """Call `listener` whenever a backend is registered or removed (routing drops its memoised choices)."""
+    _LISTENERS.append(listener)
 
 
 def register(backend: Backend) -> Backend:
@@ -144,83 +154,28 @@ def register(backend: Backend) -> Backend:
 
 def unregister(name: str) -> Backend | None:
     """Remove a backend (tests); returns it, or None if no backend had that name."""
+    removed = _REGISTRY.pop(name, None)
     forget()
-    return _REGISTRY.pop(name, None)
+    return removed
 
 
 def forget() -> None:
-    """Drop what resolve() remembered: the next call probes the environment again."""
-    _RESOLVED.clear()
-    _DECODE_CHOICES.clear()
+    """Drop every answer derived from the registry and the environment (routing's memoised choices)."""
+    for listener in _LISTENERS:
+        listener()
 
 
 def get(name: str) -> Backend:
     if name not in _REGISTRY:
-        raise ValueError(f"unknown backend {name!r}; known backends: {', '.join(names())} (or 'auto')")
+        raise ValueError(f"unknown backend {name!r}; known backends: {', '.join(names(every=True))} (or 'auto')")
     return _REGISTRY[name]
 
 
-def names() -> list[str]:
-    """All registered backends, highest auto priority first."""
-    return [b.name for b in sorted(_REGISTRY.values(), key=lambda b: -b.priority)]
-
-
-def resolve(name: str, device, dtype: torch.dtype, head_dim: int, decode: bool = False, needs: Iterable[str] = ()):
-    """The backend to run: the named one if it can, or for "auto" the best usable one.
-
-    needs: capabilities the call requires (e.g. ("gradients",) when an input requires grad). Memoised per
-    (name, device type, dtype, head dim, decode, needs) and per registry contents (see forget()).
-    """
-    if not isinstance(name, str):
-        raise TypeError(f"backend must be a string (a name or 'auto'), got {type(name).__name__}")
-    device = torch.device(device)
-    needs = tuple(sorted(set(needs)))
-    key = (name, device.type, dtype, head_dim, decode, needs, id(_REGISTRY), len(_REGISTRY))
-    found = _RESOLVED.get(key)
-    if found is None:
-        found = _RESOLVED[key] = _choose(name, device, dtype, head_dim, decode, needs)
-    backend, why = found
-    if backend is None:
-        if name != "auto":
-            raise BackendUnavailableError(f"backend {name!r} cannot run here: " + "; ".join(why))
-        detail = "\n".join(f"  {n}: {'; '.join(r)}" for n, r in why.items())
-        raise BackendUnavailableError(f"no backend can run these inputs:\n{detail}")
-    if name == "auto":
-        announce = (backend.name, f"{device.type}/{dtype}")
-        if not _ANNOUNCED:  # once per process: the first choice (a model calls this once per layer and step)
-            _ANNOUNCED.add(announce)
-            warnings.warn(
-                f"tca: backend='auto' chose {backend.name!r} for {announce[1]} inputs "
-                "(name a backend to choose yourself, or filter tca.BackendChoiceWarning)",
-                BackendChoiceWarning,
-                stacklevel=_caller_stacklevel(),
-            )
-    return backend
-
-
-def usable(name: str, device, dtype: torch.dtype, head_dim: int, needs: Iterable[str] = ()) -> bool:
-    """Whether the named backend can run such inputs here (memoised like resolve, never warns)."""
-    try:
-        resolve(name, device, dtype, head_dim, needs=needs)
-    except BackendUnavailableError:
-        return False
-    return True
-
-
-def _choose(name, device, dtype, head_dim, decode, needs):
-    """(backend, None) or (None, its reasons) for a name; (None, {name: reasons}) when "auto" finds none."""
-    if name != "auto":
-        backend = get(name)
-        reasons = backend.reasons(device, dtype, head_dim, decode, needs)
-        return (None, reasons) if reasons else (backend, None)
-    why = {}
-    for candidate in names():
-        backend = _REGISTRY[candidate]
-        reasons = backend.reasons(device, dtype, head_dim, decode, needs)
-        if not reasons:
-            return backend, None
-        why[candidate] = reasons
-    return None, why
+def names(every: bool = False) -> list[str]:
+    """The registered backends that compute TCA-Attention, highest auto priority first; every=True adds the
+    dense backend (exact causal attention, which routing puts first below the crossover)."""
+    chosen = (b for b in _REGISTRY.values() if every or b.computes == "tca")
+    return [b.name for b in sorted(chosen, key=lambda b: -b.priority)]
 
 
 def chunked_prefill_missing() -> str:
@@ -229,42 +184,10 @@ def chunked_prefill_missing() -> str:
     return f"chunked prefill is not implemented (chunked prefill is implemented on: {', '.join(having) or 'none'})"
 
 
-_DECODE_CHOICES: dict[tuple, Backend] = {}
-
-
-def resolve_decode(name: str, device, dtype: torch.dtype, head_dim: int) -> Backend:
-    """The backend whose kernels decode a PackedKVCache: the named one, or for "auto" the usable one of highest
-    decode_priority (each phase takes its fastest backend: e.g. flash prefill, triton decode).
-
-    Memoised per (name, device type, dtype, head dim), and forgotten with forget()."""
-    key = (name, torch.device(device).type, dtype, head_dim)
-    choice = _DECODE_CHOICES.get(key)
-    if choice is None:
-        choice = _DECODE_CHOICES[key] = _resolve_decode(name, device, dtype, head_dim)
-    return choice
-
-
-def _resolve_decode(name: str, device, dtype: torch.dtype, head_dim: int) -> Backend:
-    if name != "auto":
-        backend = resolve(name, device, dtype, head_dim, decode=True)
-        if backend.decode_priority is None:
-            raise BackendUnavailableError(f"backend {name!r} cannot decode the shared caches (PackedKVCache, DenseKVCache): its decode needs its own cache")
-        return backend
-    why = {}
-    candidates = sorted((b for b in _REGISTRY.values() if b.decode_priority is not None), key=lambda b: -b.decode_priority)
-    for backend in candidates:
-        reasons = backend.reasons(device, dtype, head_dim, decode=True)
-        if not reasons:
-            return backend
-        why[backend.name] = reasons
-    detail = "\n".join(f"  {n}: {'; '.join(r)}" for n, r in why.items())
-    raise BackendUnavailableError(f"no backend can decode these inputs:\n{detail}")
-
-
 def report(device=None, dtype=None, head_dim=None) -> list[dict]:
     """One row per backend: name, summary, usable (on this machine, or for these inputs), reasons."""
     rows = []
-    for n in names():
+    for n in names(every=True):
         backend = _REGISTRY[n]
         reasons = backend.environment_reasons()
         if device is not None:
@@ -284,6 +207,7 @@ def report(device=None, dtype=None, head_dim=None) -> list[dict]:
                 "chunked_prefill": backend.has_chunked_prefill,
                 "lacks": dict(backend.lacks),
                 "priority": backend.priority,
+                "computes": backend.computes,
             }
         )
     return rows
@@ -296,14 +220,3 @@ def _device_present(device_type: str) -> bool:
     module = getattr(torch, device_type, None)
     is_available = getattr(module, "is_available", None)
     return bool(is_available and is_available())
-
-
-_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _caller_stacklevel() -> int:
-    """The warnings stacklevel of the first frame outside the tca package, so a warning points at user code."""
-    frame, level = sys._getframe(1), 1
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR + os.sep):
-        frame, level = frame.f_back, level + 1
-    return level

@@ -108,7 +108,7 @@ def run(args) -> int:
     import transformers
     from transformers import DynamicCache
 
-    from tca.backends import registry
+    from tca.backends import routing
     from tca.models import TCACache, enable_tca, model_shape
     from tca.models.catalogue import named_model
     from tca.models.passkey import found, passkey_prompt
@@ -142,7 +142,7 @@ def run(args) -> int:
         raise UsageError(f"--plan {plan_name}: {error}") from None
     backend = args.backend
     if backend == "auto":
-        backend = registry.resolve("auto", model.device, model.dtype, shape.head_dim, decode=True).name
+        backend = routing.resolve("auto", model.device, model.dtype, shape.head_dim, phase="prefill").name
     tca_tokens, tca_cache, tca_times = _timed(
         model, prompt, lambda: TCACache(model), args.max_new_tokens, "TCA", args.repeats)
 

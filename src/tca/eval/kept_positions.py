@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ..backends import registry
+from ..backends import routing
 from ..backends.common import compact
 from ..config import TCAConfig
 from ..geometry import num_budgeted_blocks
@@ -24,7 +24,7 @@ def post_prefill_positions(q_last, k, budgets: torch.Tensor, config: TCAConfig, 
 
     q_last [B, HQ, 1, D]: the prompt's last query (position embedding applied); k [B, HKV, L, D]; budgets
     [HKV, K] float64, already checked (tca.validation.check_budgets). The selection is the production one of
-    `backend` (through the registry, as tca.attention selects).
+    `backend` (routed as tca.attention routes a selection).
     Returns (positions [B, HKV, N] int64, ascending, padded with L; counts [B, HKV] int64).
     """
     B, H, L = k.shape[:3]
@@ -32,7 +32,7 @@ def post_prefill_positions(q_last, k, budgets: torch.Tensor, config: TCAConfig, 
     window = torch.arange(first_local, L, device=k.device).expand(B, H, L - first_local)
     if first_local == 0:  # L <= w: nothing is budgeted, the window is the whole prompt
         return window.contiguous(), torch.full((B, H), L, dtype=torch.int64, device=k.device)
-    impl = registry.resolve(backend, k.device, k.dtype, k.shape[-1]).load()
+    impl = routing.resolve(backend, k.device, k.dtype, k.shape[-1], phase="selection").load()
     if hasattr(impl, "select_indices"):
         indices, counts = impl.select_indices(q_last, k, budgets, config, scale)
     else:

@@ -227,11 +227,11 @@ def _named_backend(backend: str, model) -> str:
     """The concrete backend "auto" means for this model's device, dtype and head dim (others unchanged)."""
     if backend != "auto":
         return backend
-    from ..backends import registry
+    from ..backends import routing
 
     parameter = next(model.parameters())
     config = getattr(model, "config", None)
     head_dim = getattr(config, "head_dim", None) or (
         config.hidden_size // config.num_attention_heads if config is not None else 64
     )
-    return registry.resolve("auto", parameter.device, parameter.dtype, int(head_dim), decode=True).name
+    return routing.resolve("auto", parameter.device, parameter.dtype, int(head_dim), phase="prefill").name

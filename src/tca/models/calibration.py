@@ -19,7 +19,7 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from ..backends import registry
+from ..backends import routing
 from ..budgets import calibration_candidates, dense_budgets, expected_cost
 from ..config import TCAConfig
 from ..geometry import DEFAULT_CALIBRATION_ROWS, evaluated_rows
@@ -59,7 +59,7 @@ def retained_mass(q, k, candidates: torch.Tensor, config: TCAConfig, scale: floa
     q: [B, HQ, L, D], k: [B, HKV, L, D], candidates: [M, len(K)]  ->  [M, HKV] float64.
     Peak memory is O(B HQ row_chunk L) instead of O(B HQ R L).
     """
-    impl = registry.resolve(backend, q.device, q.dtype, q.shape[-1], needs=("calibration",)).load()
+    impl = routing.resolve(backend, q.device, q.dtype, q.shape[-1], phase="calibration").load()
     if backend == "torch":
         return impl.retained_mass(q, k, candidates, config, scale, num_rows, row_chunk)
     return impl.retained_mass(q, k, candidates, config, scale, num_rows)

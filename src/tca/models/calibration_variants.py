@@ -16,7 +16,7 @@ from dataclasses import replace
 
 import torch
 
-from ..backends import registry
+from ..backends import routing
 from ..budgets import calibration_candidates
 from ..calibration_rules import CALIBRATION_RULES, DEFAULT_FALLBACK_FRACTION, choose_retrieval, dense_fallback
 from ..config import TCAConfig
@@ -68,7 +68,7 @@ class _RetrievalRecorder:
 
     def record(self, layer: int, q, k, scale: float) -> None:
         # On the backend that calibrates (the torch backend's own copy of the rule; the oracle's is the tests').
-        impl = registry.resolve(paper.CALIBRATION_BACKEND, q.device, q.dtype, q.shape[-1], needs=("calibration",)).load()
+        impl = routing.resolve(paper.CALIBRATION_BACKEND, q.device, q.dtype, q.shape[-1], phase="calibration").load()
         masses = impl.retrieval_mass(q, k, self.candidates.to(q.device), self.config, scale, self.answer_start)
         self.masses[layer] = masses.cpu()
 

@@ -7,6 +7,7 @@ so any import of them (rather than a look on disk) fails the test.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -14,8 +15,8 @@ import pytest
 import torch
 
 import tca
-from tca.backends import flash, registry
-from tca.backends.flash import fa3, generations
+from tca.backends import flash, registry, routing
+from tca.backends.flash import generations
 from tca.backends.registry import BackendUnavailableError
 
 BOOBY_TRAP = "raise ImportError('tca imported a FlashAttention package while only looking for it')\n"
@@ -92,16 +93,15 @@ def test_named_flash_backend_on_cpu_raises_with_its_reasons():
 
 def test_auto_never_picks_flash_on_cpu():
     q = torch.randn(1, 2, 8, 64, dtype=torch.bfloat16)
-    assert registry.resolve("auto", q.device, q.dtype, 64).name != "flash"
+    assert routing.resolve("auto", q.device, q.dtype, 64).name != "flash"
 
 
 def test_generation_specific_head_dim_is_refused_with_the_generation_named():
-    adapter = fa3.FA3Adapter(module=object())
-    q = torch.zeros(1, 1, 80, dtype=torch.bfloat16)
-    with pytest.raises(BackendUnavailableError, match="FA3.*head dims 64, 96, 128, 192, 256, got 80"):
-        generations.check_inputs(adapter, q)
-    with pytest.raises(BackendUnavailableError, match="dtype float32 is not supported by FA3"):
-        generations.check_inputs(adapter, q.float()[..., :64])
+    (head_dim,) = generations.input_reasons("fa3", torch.bfloat16, 80, (9, 0))
+    assert re.search("FA3.*head dims 64, 96, 128, 192, 256, got 80", head_dim)
+    (dtype,) = generations.input_reasons("fa3", torch.float32, 64, (9, 0))
+    assert "dtype float32 is not supported by FA3" in dtype
+    assert generations.input_reasons("fa3", torch.bfloat16, 128, (9, 0)) == []
 
 
 def test_import_tca_and_report_never_import_flash(tmp_path):

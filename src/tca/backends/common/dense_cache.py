@@ -174,6 +174,7 @@ class DenseKVCache(HoldsPrefillFacts):
     def to_packed(self, kernels=None) -> PackedKVCache:
         """The same tokens as a PackedKVCache with dense budgets (its decode steps are capturable in a CUDA graph)."""
         n = self.columns
+        kernels = kernels or self.kernels  # it decodes on the kernels this cache was bound to
         parts = [
             dense.packed_cache(self.keys[b : b + 1, :, p:n], self.values[b : b + 1, :, p:n], self.config, self.scale, kernels)
             for b, p in enumerate(self.pads)

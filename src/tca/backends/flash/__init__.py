@@ -89,6 +89,18 @@ def environment_reasons() -> list[str]:
     return []
 
 
+def input_check(device: torch.device, dtype: torch.dtype, head_dim: int) -> list[str]:
+    """What the chosen generation cannot run of the inputs the declaration's lists allow (its own dtypes, its head
+    dims on this GPU); its adapter module is read, flash_attn is not imported."""
+    generation = chosen_generation()
+    if generation is None:  # environment_reasons says why
+        return []
+    from .generations import input_reasons
+
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
+    return input_reasons(generation, dtype, head_dim, capability)
+
+
 SPEC = Backend(
     name="flash",
     summary="FlashAttention kernels (FA4, FA3 or FA2): local window and selected tokens as two varlen calls merged by LSE",
@@ -111,6 +123,7 @@ SPEC = Backend(
     priority=20,
     decode_priority=0,
     environment=environment_reasons,
+    input_check=input_check,
     needs="a FlashAttention package: FA4 `flash-attn-4` (the one exercised on an H100), FA3 or FA2; a CUDA GPU",
 )
 

@@ -30,20 +30,17 @@ def get_adapter(generation: str | None = None):
     return _LOADED[generation]
 
 
-def check_inputs(adapter, q: torch.Tensor) -> None:
-    """Raise BackendUnavailableError when this generation cannot run q's dtype or head dim on its device."""
-    module = adapter_module(adapter.generation)
+def input_reasons(generation: str, dtype: torch.dtype, head_dim: int, capability: tuple[int, int]) -> list[str]:
+    """Why `generation` cannot run this dtype and head dim on a GPU of this capability (empty when it can): what
+    the flash declaration adds to its lists (registry.Backend.input_check), so routing refuses such inputs
+    before any call."""
+    module = adapter_module(generation)
     reasons = []
-    if q.dtype not in module.DTYPES:
+    if dtype not in module.DTYPES:
         names = ", ".join(str(d).removeprefix("torch.") for d in module.DTYPES)
-        reasons.append(f"dtype {str(q.dtype).removeprefix('torch.')} is not supported by {adapter.generation.upper()} "
+        reasons.append(f"dtype {str(dtype).removeprefix('torch.')} is not supported by {generation.upper()} "
                        f"(supports {names}; cast q, k, v)")
-    capability = torch.cuda.get_device_capability(q.device) if q.is_cuda else (0, 0)
-    why = module.head_dim_reason(q.shape[-1], capability)
+    why = module.head_dim_reason(head_dim, capability)
     if why:
-        reasons.append(why)
-    if reasons:
-        raise BackendUnavailableError(
-            f"backend 'flash' ({adapter.generation.upper()}, {GENERATIONS[adapter.generation][0]}) cannot run "
-            "these inputs: " + "; ".join(reasons)
-        )
+        reasons.append(f"{why} ({generation.upper()}, {GENERATIONS[generation][0]})")
+    return reasons

@@ -25,22 +25,21 @@ import torch
 
 from ...geometry import window_start
 from ...selection import Selection
-from .. import registry
 from ..common import compact, decode_torch, selection_torch
 from ..common.cache_protocol import decode_on_cache
+from ..common.environment import triton_runs_on_gpu
 from ..common.packed_cache import PackedKVCache
-from .generations import check_inputs, get_adapter
+from .generations import get_adapter
 from .merge import merge
 from .segments import global_prefix_counts, global_segments, local_segments, query_blocks, rows_with_keys
 
 
 def select_indices(q, k, budgets, config, scale) -> tuple[torch.Tensor, torch.Tensor]:
     """Section 3 in the compact form (indices [B, HKV, N] int32 ascending, padded with L; counts [B, HKV] int32),
-    trimmed to N = max(counts): on the device in Triton kernels where the triton backend could run these inputs
-    (the registry says so from its declaration; nothing of that backend is loaded), else in torch (the same
-    function). q: [B, HQ, LQ, D] (last row), k: [B, HKV, L, D], budgets [HKV, K]."""
+    trimmed to N = max(counts): on the device in the shared Triton kernels where they run (a GPU with triton),
+    else in torch (the same function). q: [B, HQ, LQ, D] (last row), k: [B, HKV, L, D], budgets [HKV, K]."""
     select = selection_torch.select_indices
-    if q.is_cuda and registry.usable("triton", q.device, q.dtype, q.shape[-1]):
+    if triton_runs_on_gpu(q.device, q.shape[-1]):
         from ..common import selection_triton  # imports triton: only where it runs
 
         select = selection_triton.select_indices
@@ -58,7 +57,6 @@ def attend_indices(q, k, v, indices, counts, block_size: int, window: int, scale
     """Section 4 given the selection: q [B, HQ, LQ, D], k, v [B, HKV, L, D] ("bhsd"), indices [B, HKV, N] and
     counts [B, HKV] in the compact form. Returns out [B, HQ, LQ, D] (and lse [B, HQ, LQ] fp32)."""
     adapter = adapter or get_adapter()
-    check_inputs(adapter, q)
     B, HQ, LQ, D = q.shape
     HKV, L = k.shape[1], k.shape[2]
     TQ = B * HQ * LQ
@@ -135,7 +133,6 @@ def decode_attention(q, cache: PackedKVCache, adapter=None) -> torch.Tensor:
     Lengths come from the cache's host mirror: no device synchronisation.
     """
     adapter = adapter or get_adapter()
-    check_inputs(adapter, q)
     B, HQ, _, D = q.shape
     HKV, W = cache.num_kv_heads, cache.window_slots
     G, S = HQ // HKV, B * cache.num_kv_heads

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ..common.environment import triton_interpret
+from ..common.environment import TRITON_HEAD_DIMS, triton_interpret
 from ..registry import Backend
 
 
@@ -26,7 +26,7 @@ SPEC = Backend(
     # CUDA: fp16/bf16/fp32; the CPU interpreter computes bf16 wrongly, so it runs fp32 only.
     devices=("cuda", "cpu") if _INTERPRET else ("cuda",),
     dtypes=(torch.float32,) if _INTERPRET and not torch.cuda.is_available() else (torch.float16, torch.bfloat16, torch.float32),
-    head_dims=(16, 32, 64, 128),
+    head_dims=TRITON_HEAD_DIMS,
     lacks=(
         ("gradients", "the kernels have no backward pass; use backend='torch' (or 'auto') for inputs that require grad"),
         ("calibration", "no calibration kernel; the torch backend's chunked calibration runs on CUDA too"),

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ...backends import registry
+from ...backends import routing
 from ...backends.common.dense import causal_attention
 from ...budgets import block_keep_count
 from .memory import LayerUsage
@@ -66,7 +66,7 @@ class LayerRunner:
                 layer_index(layer_name), self.num_kv_heads,
                 get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size(),
             )
-            impl = registry.resolve(self.settings.backend, device, dtype, self.head_size).load()
+            impl = routing.resolve(self.settings.backend, device, dtype, self.head_size).load()
             self._budgets = (budgets.to(device), block_keep_count(budgets), impl)
         return self._budgets
 

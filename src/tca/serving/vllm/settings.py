@@ -119,10 +119,10 @@ class Settings:
                 f"{self.plan.num_kv_heads} KV heads, but the model has {num_layers} layers of "
                 f"{num_kv_heads * world_size} KV heads; calibrate a plan for this model (`python -m tca calibrate`)"
             )
-        from ...backends import registry
+        from ...backends import routing
 
         try:
-            registry.resolve(self.backend, device, dtype, head_size)
+            routing.resolve(self.backend, device, dtype, head_size)
         except (RuntimeError, ValueError, TypeError) as error:
             raise ValueError(f"{BACKEND_VARIABLE}={self.backend!r} cannot run here: {error}") from None
 
