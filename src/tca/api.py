@@ -13,8 +13,7 @@ from functools import partial
 import torch
 
 from .backends import registry, routing
-from .backends.common.cache_protocol import Joinable, KVCache, Reselecting, decode_on_cache
-from .backends.common.dense_cache import DenseKVCache
+from .backends.common.cache_protocol import Joinable, KVCache, Packable, Reselecting, decode_on_cache
 from .backends.common.reselecting_cache import ReselectingCache
 from .backends.routing import Inputs, Route
 from .config import TCAConfig
@@ -272,7 +271,7 @@ def start_prefill(*, mode="exact", budgets=None, config=None, scale=None, backen
     """
     if cache is None:
         return ChunkedPrefill(mode, budgets, check_config(config), scale, backend)
-    if isinstance(cache, DenseKVCache):  # the dense path's cache continues as the same tokens, packed
+    if isinstance(cache, Packable):  # the dense path's cache continues as the same tokens, packed
         cache = cache.to_packed()
     if isinstance(cache, Reselecting):
         raise ValueError(

@@ -110,24 +110,22 @@ def check_graph_policy(cache) -> None:
 def _capturable(state):
     """The cache whose step a graph captures for `state`: itself if it has the capability (GraphCapturable), the
     packed copy of the dense path's cache (one growing buffer: the same tokens, a static step), else None."""
-    from tca.backends.common.cache_protocol import GraphCapturable
-    from tca.backends.common.dense_cache import DenseKVCache
+    from tca.backends.common.cache_protocol import GraphCapturable, Packable
 
     if isinstance(state, GraphCapturable):
         return state
-    return state.to_packed() if isinstance(state, DenseKVCache) else None
+    return state.to_packed() if isinstance(state, Packable) else None
 
 
 def check_capturable(cache) -> None:
     """Refuse, before anything is captured or changed, a filled TCACache with a layer whose cache has no CUDA-graph
     capability (tca.backends.common.cache_protocol.GraphCapturable): the reference's, a re-selecting one."""
-    from tca.backends.common.cache_protocol import GraphCapturable
-    from tca.backends.common.dense_cache import DenseKVCache
+    from tca.backends.common.cache_protocol import GraphCapturable, Packable
 
     for layer in _tca_layers(cache):
         if layer.state is None:
             raise ValueError("graph decoding needs the cache prefilled first")
-        if not isinstance(layer.state, (GraphCapturable, DenseKVCache)):
+        if not isinstance(layer.state, (GraphCapturable, Packable)):
             raise ValueError(
                 f"graph_decoding needs a cache whose decode step a CUDA graph can capture (the packed cache of the "
                 f"torch, triton or flash backends), but layer {layer.layer_idx} holds a {type(layer.state).__name__}, "

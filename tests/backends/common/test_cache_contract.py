@@ -12,7 +12,14 @@ import torch
 import tca
 from helpers import make_qkv, random_budgets
 from tca.backends.common import dense_cache
-from tca.backends.common.cache_protocol import GraphCapturable, Joinable, KVCache, Reselecting, StepDecoding
+from tca.backends.common.cache_protocol import (
+    GraphCapturable,
+    Joinable,
+    KVCache,
+    Packable,
+    Reselecting,
+    StepDecoding,
+)
 from tca.backends.common.dense_cache import DenseKVCache
 from tca.backends.common.packed_cache import PackedKVCache
 from tca.backends.common.reselecting_cache import ReselectingCache
@@ -90,6 +97,7 @@ def test_each_capability_is_held_by_the_classes_that_implement_it():
     assert holding(Joinable) == {"packed", "dense", "reselecting"}
     assert holding(GraphCapturable) == {"packed"}
     assert holding(Reselecting) == {"reselecting", "reselecting-reference"}
+    assert holding(Packable) == {"dense"}
 
 
 def test_decode_takes_any_cache_of_the_contract_and_refuses_anything_else():

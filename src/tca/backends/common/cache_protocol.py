@@ -17,6 +17,8 @@ capabilities, each a runtime-checkable protocol that `isinstance` answers:
 - `Joinable`: `concat`, one batch from caches of single sequences (a left-padded batch prefilled one by one).
 - `GraphCapturable`: a decode step a CUDA graph can capture and replay (tca.models.graphs).
 - `Reselecting`: section 5c, evicted tokens kept in a store and chosen again every `every` steps.
+- `Packable`: the same tokens as a PackedKVCache (the dense path's cache: what continues a streaming prefill,
+  and what graph decoding captures in its place).
 
 Shape letters: B batch, HQ query heads, HKV key/value heads, D head dim.
 """
@@ -165,6 +167,14 @@ class Reselecting(Protocol):
     @property
     def evicted_nbytes(self) -> int:
         """Bytes of keys and values in the evicted store."""
+
+
+@runtime_checkable
+class Packable(Protocol):
+    """A cache whose tokens can be held as a PackedKVCache (dense budgets: every token kept), with the same kernels."""
+
+    def to_packed(self, kernels=None) -> Any:
+        """The same tokens as a PackedKVCache (a new cache; this one is left as it is)."""
 
 
 def decode_on_cache(cache: StepDecoding, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
