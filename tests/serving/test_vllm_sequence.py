@@ -1,4 +1,5 @@
-"""TCA over a paged KV cache (tca.serving.vllm.sequence), checked against tca.prefill / tca.decode / tca.attention.
+"""TCA over a paged KV cache (tca.serving.vllm: sequence.attend_chunk for prompts, decode_states.DecodeStates for the
+decode rows of a batch), checked against tca.prefill / tca.decode / tca.attention.
 
 No vLLM needed: the pages are a plain tensor [NP, HKV, P, 2 * D] as vLLM allocates it, filled through the
 plugin's own writer, with a shuffled page table so that logical and physical order differ.
@@ -14,8 +15,9 @@ import torch
 import tca
 from helpers import make_qkv, random_budgets
 from tca.budgets import block_keep_count
+from tca.serving.vllm.decode_states import DecodeStates
 from tca.serving.vllm.paged import PagedSequence, split_pages, write_tokens
-from tca.serving.vllm.sequence import attend_chunk, decode_token
+from tca.serving.vllm.sequence import SequenceState, attend_chunk
 
 REFERENCE = tca.backends.registry.get("reference").load()
 
@@ -31,6 +33,34 @@ def paged_copy(k, v, page_size, seed=0):
     slots = table[positions // page_size] * page_size + positions % page_size
     write_tokens(key_pages, value_pages, k.transpose(0, 1), v.transpose(0, 1), slots)
     return PagedSequence(key_pages, value_pages, table)
+
+
+def shared_pool(sequences, page_size, seed=0):
+    """Several sequences' k, v [HKV, L_r, D] in shuffled pages of one pool: (key_pages, value_pages, tables
+    [R, most pages], one PagedSequence per sequence)."""
+    HKV, _, D = sequences[0][0].shape
+    needs = [-(-k.shape[1] // page_size) for k, _ in sequences]
+    pool = torch.zeros(sum(needs) + 3, HKV, page_size, 2 * D, dtype=sequences[0][0].dtype)
+    order = torch.randperm(pool.shape[0], generator=torch.Generator().manual_seed(seed))
+    key_pages, value_pages = split_pages(pool, D)
+    tables = torch.zeros(len(sequences), max(needs), dtype=torch.int64)
+    views, used = [], 0
+    for r, ((k, v), n) in enumerate(zip(sequences, needs, strict=True)):
+        table = order[used : used + n]
+        used += n
+        tables[r, :n] = table
+        positions = torch.arange(k.shape[1])
+        slots = table[positions // page_size] * page_size + positions % page_size
+        write_tokens(key_pages, value_pages, k.transpose(0, 1), v.transpose(0, 1), slots)
+        views.append(PagedSequence(key_pages, value_pages, table))
+    return key_pages, value_pages, tables, views
+
+
+def decode_one(states, owner, query, paged, keep, config, scale):
+    """One decode step of one sequence through the batched step (R = 1): query [HQ, D] -> out [HQ, D]."""
+    out = states.decode([owner], query[None], paged.pages[None], paged.key_pages, paged.value_pages, keep, config,
+                        scale)
+    return out[0]
 
 
 def test_pages_return_what_was_written():
@@ -64,13 +94,44 @@ def test_prefill_then_decode_equals_tca_decode(page_size, L0):
                                   backend="reference")
     out, state = attend_chunk(q[0, :, :L0].transpose(0, 1), paged, L0, budgets, config, scale, REFERENCE)
     torch.testing.assert_close(out, expected[0].transpose(0, 1), rtol=1e-10, atol=1e-10)
+    states = DecodeStates(HKV)
+    states.put(7, state)
     keep = block_keep_count(budgets)
     for i in range(L0, L0 + steps):
         want = tca.decode(q[:, :, i : i + 1], k[:, :, i : i + 1], v[:, :, i : i + 1], cache)
-        got = decode_token(q[0, :, i], paged, state, keep, config, scale)
+        got = decode_one(states, 7, q[0, :, i], paged, keep, config, scale)
         torch.testing.assert_close(got, want[0, :, 0], rtol=1e-10, atol=1e-10)
     # The state keeps exactly what the reference cache keeps, per head.
-    assert state.kept_tokens().tolist() == [int(n) for n in cache.lengths[0]]
+    assert states.kept_tokens(7).tolist() == [int(n) for n in cache.lengths[0]]
+
+
+def test_decode_rows_of_a_batch_decode_together_as_each_alone():
+    """Sequences of different lengths (their windows move at different steps) decode in one batched step per token;
+    each equals its own tca.decode, and a slot freed by one sequence serves a new one."""
+    HQ, HKV, D, b, w, steps, page_size = 4, 2, 16, 16, 32, 37, 16
+    config = tca.TCAConfig(block_size=b, window=w)
+    budgets = random_budgets(HKV, b, seed=8)
+    keep, scale = block_keep_count(budgets), D**-0.5
+    lengths = [70, 33, 101]
+    qkv = [make_qkv(1, HQ, HKV, L + steps, D, seed=20 + r) for r, L in enumerate(lengths)]
+    key_pages, value_pages, tables, views = shared_pool([(k[0], v[0]) for _, k, v in qkv], page_size)
+    states, caches = DecodeStates(HKV), []
+    states.put(99, SequenceState(5, 0, torch.full((HKV, 1), -1), torch.zeros(HKV, dtype=torch.long)))
+    states.drop(99)  # its slot is reused
+    for r, ((q, k, v), L) in enumerate(zip(qkv, lengths, strict=True)):
+        _, state = attend_chunk(q[0, :, :L].transpose(0, 1), views[r], L, budgets, config, scale, REFERENCE)
+        states.put(r, state)
+        caches.append(tca.prefill(q[:, :, :L], k[:, :, :L], v[:, :, :L], budgets=budgets, config=config,
+                                  backend="reference")[1])
+    for step in range(steps):
+        query = torch.stack([q[0, :, L + step] for (q, _, _), L in zip(qkv, lengths, strict=True)])
+        got = states.decode([0, 1, 2], query, tables, key_pages, value_pages, keep, config, scale)
+        for r, ((q, k, v), L) in enumerate(zip(qkv, lengths, strict=True)):
+            i = L + step
+            want = tca.decode(q[:, :, i : i + 1], k[:, :, i : i + 1], v[:, :, i : i + 1], caches[r])
+            torch.testing.assert_close(got[r], want[0, :, 0], rtol=1e-10, atol=1e-10, msg=f"row {r} step {step}")
+    for r in range(3):
+        assert states.kept_tokens(r).tolist() == [int(n) for n in caches[r].lengths[0]]
 
 
 def test_chunk_equals_stateless_attention_with_fewer_queries():
@@ -93,27 +154,30 @@ def test_dense_budgets_decode_equals_causal_attention():
     q, k, v = make_qkv(1, HQ, HKV, L0 + steps, D, seed=11)
     paged = paged_copy(k[0], v[0], 16)
     _, state = attend_chunk(q[0, :, :L0].transpose(0, 1), paged, L0, budgets, config, D**-0.5, REFERENCE)
+    states = DecodeStates(HKV)
+    states.put(0, state)
     keep = block_keep_count(budgets)
     for i in range(L0, L0 + steps):
-        got = decode_token(q[0, :, i], paged, state, keep, config, D**-0.5)
+        got = decode_one(states, 0, q[0, :, i], paged, keep, config, D**-0.5)
         kk, vv = k[0, :, : i + 1].repeat_interleave(2, 0), v[0, :, : i + 1].repeat_interleave(2, 0)
         want = torch.softmax(q[0, :, i, None] @ kk.transpose(-1, -2) * D**-0.5, -1) @ vv
         torch.testing.assert_close(got, want[:, 0], rtol=1e-10, atol=1e-10)
-    assert state.kept_tokens().tolist() == [L0 + steps] * HKV
+    assert states.kept_tokens(0).tolist() == [L0 + steps] * HKV
 
 
 def test_a_non_finite_key_in_the_leaving_block_ranks_last():
     """Section 8 in the plugin's decode: a key whose logit is not finite scores 0, so the leaving block still keeps
     exactly t tokens and the bad key is kept only when every token is."""
-    from tca.serving.vllm.sequence import SequenceState, compress_leaving_block
-
     HKV, G, D, b = 2, 2, 16, 16
-    q, k, v = make_qkv(1, HKV * G, HKV, b, D, seed=5)
+    q, k, v = make_qkv(1, HKV * G, HKV, b + 1, D, seed=5)
     k[0, :, 3] = float("inf")  # position 3 of the block, both heads
     paged = paged_copy(k[0], v[0], 8)
-    state = SequenceState(seq_len=b, window_start=0, positions=torch.empty(HKV, 0, dtype=torch.long),
-                          counts=torch.zeros(HKV, dtype=torch.long))
+    config = tca.TCAConfig(block_size=b, window=b)
+    states = DecodeStates(HKV)  # a state of b tokens, nothing global yet: the next token moves the window
+    states.put(0, SequenceState(seq_len=b, window_start=0, positions=torch.empty(HKV, 0, dtype=torch.long),
+                                counts=torch.zeros(HKV, dtype=torch.long)))
     keep = torch.tensor([4, b])  # head 0 keeps 4 tokens of the block, head 1 all of them
-    compress_leaving_block(q[0, :, -1].reshape(HKV, G, D), paged, state, 0, b, keep, D**-0.5)
-    assert state.counts.tolist() == [4, b]
-    assert 3 not in state.positions[0, :4].tolist() and state.positions[1].tolist() == list(range(b))
+    decode_one(states, 0, q[0, :, b], paged, keep, config, D**-0.5)
+    slot = states.slot_of[0]
+    assert states.counts[slot].tolist() == [4, b] and states.counts_host[slot].tolist() == [4, b]
+    assert 3 not in states.positions[slot, 0, :4].tolist() and states.positions[slot, 1, :b].tolist() == list(range(b))

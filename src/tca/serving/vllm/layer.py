@@ -2,7 +2,8 @@
 
 A batch is rows of query tokens (prompts, prompt chunks, decode steps) over vLLM's pages. Each row is one of:
 - a **decode step with a state** (one token, and the sequence's state covers the tokens before it):
-  docs/semantics.md section 5 on that state (sequence.decode_token), reading only the kept tokens;
+  docs/semantics.md section 5 on that state, reading only the kept tokens; all such rows of the batch decode
+  together, in one fixed set of operations (decode_states.DecodeStates.decode);
 - a **prompt or chunk** whose sequence reaches `dense_below` tokens: section 4 over all its keys, which
   becomes the sequence's state (sequence.attend_chunk, section 5.1);
 - anything else (a prompt or chunk under `dense_below` tokens, or one token with no state: a sequence prefilled
@@ -21,9 +22,11 @@ import torch
 from ...backends import routing
 from ...backends.common.dense import causal_attention
 from ...budgets import block_keep_count
+from ...devices import to_device
+from .decode_states import DecodeStates
 from .memory import LayerUsage
 from .paged import PagedSequence
-from .sequence import SequenceState, attend_chunk, decode_token
+from .sequence import attend_chunk
 from .settings import Settings, layer_index
 
 
@@ -43,7 +46,7 @@ class Rows:
 
 
 class LayerRunner:
-    """TCA for one attention layer: its budgets, the per-sequence states and the KV counters.
+    """TCA for one attention layer: its budgets, the sequences' decode states and the KV counters.
 
     States are keyed by a sequence's first page, which belongs to it alone while it runs (prefix caching is
     refused). `forget` drops the states of pages that a new sequence now owns.
@@ -52,7 +55,7 @@ class LayerRunner:
     def __init__(self, num_heads: int, num_kv_heads: int, head_size: int, scale: float, settings: Settings):
         self.num_heads, self.num_kv_heads, self.head_size, self.scale = num_heads, num_kv_heads, head_size, scale
         self.settings = settings
-        self.states: dict[int, SequenceState] = {}
+        self.states = DecodeStates(num_kv_heads)
         self.usage = LayerUsage()
         self._budgets = None
 
@@ -72,7 +75,7 @@ class LayerRunner:
 
     def forget(self, owners) -> None:
         for owner in owners:
-            self.states.pop(owner, None)
+            self.states.drop(owner)
 
     def run(self, layer_name: str, query: torch.Tensor, key_pages: torch.Tensor, value_pages: torch.Tensor,
             rows: Rows, out: torch.Tensor, dense_below: int) -> None:
@@ -80,30 +83,44 @@ class LayerRunner:
         budgets, keep, impl = self.budgets(layer_name, query.device, query.dtype)
         config = self.settings.config
         page_size = key_pages.shape[2]
+        element_size = key_pages.element_size()
+        decoding = []  # (row, owner, seq_len) of the decode steps with a state: run together below
         kinds = set()
         for row, seq_len in enumerate(rows.seq_lens):
             start, end = rows.query_start[row], rows.query_start[row + 1]
             if end == start:
                 continue
+            owner = rows.owners[row]
+            if end - start == 1 and self.states.covers(owner, seq_len):
+                decoding.append((row, owner, seq_len))
+                continue
             pages = rows.block_table[row, : -(-seq_len // page_size)]
             paged = PagedSequence(key_pages, value_pages, pages)
-            owner = rows.owners[row]
-            state = self.states.get(owner)
-            if end - start == 1 and state is not None and state.seq_len == seq_len - 1:
-                out[start] = decode_token(query[start], paged, state, keep, config, self.scale)
-                kind = "decodes"
-            elif end - start > 1 and seq_len >= dense_below:
+            if end - start > 1 and seq_len >= dense_below:
                 out[start:end], state = attend_chunk(query[start:end], paged, seq_len, budgets, config, self.scale, impl)
-                self.states[owner] = state
+                self.states.put(owner, state)
                 kind = "prompts" if end - start == seq_len else "chunks"
+                self.usage.add(kind, seq_len, state.kept_tokens(), self.head_size, element_size)
+                kinds.add(kind)
             else:
-                self.states.pop(owner, None)
+                self.states.drop(owner)
                 out[start:end] = dense_rows(query[start:end], paged, seq_len, self.scale)
-                continue
-            self.usage.add(kind, seq_len, state.kept_tokens(), self.head_size, key_pages.element_size())
-            kinds.add(kind)
+        if decoding:
+            self._decode(decoding, query, key_pages, value_pages, rows, out, keep, config, element_size)
+            kinds.add("decodes")
         if "decodes" in kinds and len(kinds) > 1:
             self.usage.mixed += 1
+
+    def _decode(self, decoding, query, key_pages, value_pages, rows: Rows, out, keep, config, element_size) -> None:
+        """Section 5 for every decode row with a state, in one batched step (their query rows are single tokens)."""
+        row_ids = [row for row, _, _ in decoding]
+        owners = [owner for _, owner, _ in decoding]
+        starts = [rows.query_start[row] for row in row_ids]
+        index = to_device(torch.tensor(starts), query.device)
+        tables = rows.block_table[to_device(torch.tensor(row_ids), rows.block_table.device)]
+        out[index] = self.states.decode(owners, query[index], tables, key_pages, value_pages, keep, config, self.scale)
+        for (_, owner, seq_len) in decoding:
+            self.usage.add("decodes", seq_len, self.states.kept_tokens(owner), self.head_size, element_size)
 
 
 def dense_rows(query: torch.Tensor, paged: PagedSequence, seq_len: int, scale: float) -> torch.Tensor:
