@@ -135,9 +135,10 @@ def _prefill_on(chosen: Route, q, k, v, budgets, config, scale, policy):
 
 
 def _bind_kernels(cache, chosen: Route) -> None:
-    """The cache keeps the decode kernels of the route (a cache of the backend's own type has none to take)."""
+    """A shared cache keeps the decode kernels of the route; a cache of one backend's own type (`cache.backend`,
+    the reference's) decodes on that backend and takes none."""
     kernels = chosen.decode_kernels
-    if kernels is not None:
+    if kernels is not None and cache.backend is None:
         cache.use_kernels(kernels)
 
 
@@ -244,7 +245,7 @@ def bind_decode(cache, backend: str = "auto"):
 
 
 def available_backends() -> list[str]:
-    """Names of the backends that can run on this machine, in backend="auto" order."""
+    """Names of the backends that can run on this machine: the TCA backends in auto's priority order, then dense."""
     return [row["name"] for row in registry.report() if row["usable"]]
 
 

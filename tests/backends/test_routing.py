@@ -120,6 +120,8 @@ def test_a_prefill_route_binds_the_decode_kernels_the_cache_keeps():
 def test_a_named_decode_backend_that_cannot_decode_the_shared_caches_is_refused():
     with pytest.raises(tca.BackendUnavailableError, match="its decode needs its own cache"):
         routing.decode_backend("reference", CPU, torch.float32, 16)
+    with pytest.raises(tca.BackendUnavailableError, match="'dense' has no decode kernels of its own.*torch"):
+        routing.decode_backend("dense", CPU, torch.float32, 16)
 
 
 def test_a_padded_batch_without_varlen_never_comes_back_through_the_public_api(monkeypatch):

@@ -131,6 +131,7 @@ def test_backend_names_and_availability_are_checked_first(no_model_load, capsys,
     import torch
 
     one_line_error(capsys, ["demo", "--backend", "trition"], "unknown backend", "did you mean 'triton'", "torch")
+    one_line_error(capsys, ["bench", "--backend", "dense"], "compare TCA with dense attention themselves", "torch")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     for argv in (["bench", "--model", "tiny"], ["eval", "--model", "tiny"], ["demo"]):

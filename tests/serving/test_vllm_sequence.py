@@ -15,6 +15,7 @@ import torch
 import tca
 from helpers import make_qkv, random_budgets
 from tca.budgets import block_keep_count
+from tca.serving.vllm import decode_states
 from tca.serving.vllm.decode_states import DecodeStates
 from tca.serving.vllm.paged import PagedSequence, split_pages, write_tokens
 from tca.serving.vllm.sequence import SequenceState, attend_chunk
@@ -105,9 +106,13 @@ def test_prefill_then_decode_equals_tca_decode(page_size, L0):
     assert states.kept_tokens(7).tolist() == [int(n) for n in cache.lengths[0]]
 
 
-def test_decode_rows_of_a_batch_decode_together_as_each_alone():
+@pytest.mark.parametrize(("page", "gather_bytes"), [(256, 256 << 20), (4, 6000)])
+def test_decode_rows_of_a_batch_decode_together_as_each_alone(page, gather_bytes, monkeypatch):
     """Sequences of different lengths (their windows move at different steps) decode in one batched step per token;
-    each equals its own tca.decode, and a slot freed by one sequence serves a new one."""
+    each equals its own tca.decode, and a slot freed by one sequence serves a new one. With pages of 4 positions
+    and a small gather limit, the states span many pages of a growing pool and the rows attend in several groups."""
+    monkeypatch.setattr(decode_states, "PAGE", page)
+    monkeypatch.setattr(decode_states, "GATHER_BYTES", gather_bytes)
     HQ, HKV, D, b, w, steps, page_size = 4, 2, 16, 16, 32, 37, 16
     config = tca.TCAConfig(block_size=b, window=w)
     budgets = random_budgets(HKV, b, seed=8)
@@ -132,6 +137,17 @@ def test_decode_rows_of_a_batch_decode_together_as_each_alone():
             torch.testing.assert_close(got[r], want[0, :, 0], rtol=1e-10, atol=1e-10, msg=f"row {r} step {step}")
     for r in range(3):
         assert states.kept_tokens(r).tolist() == [int(n) for n in caches[r].lengths[0]]
+    # What the states hold follows what each sequence keeps (whole pages), not the longest one.
+    pages = sum(-(-int(states.counts_host[states.slot_of[r]].max()) // page) for r in range(3))
+    assert states.held_positions == pages * HKV * page
+
+
+def test_rows_are_grouped_by_what_they_read():
+    from tca.serving.vllm.decode_states import _groups
+
+    assert _groups([10, 12, 19], row_bytes=1) == [[0, 1, 2]]  # similar rows: one group
+    assert _groups([100, 10, 30, 15], row_bytes=1) == [[1, 3], [2], [0]]  # at most twice the shortest
+    assert _groups([10, 10, 10], row_bytes=1 << 30) == [[0], [1], [2]]  # the gather limit (a row alone may pass it)
 
 
 def test_chunk_equals_stateless_attention_with_fewer_queries():
@@ -180,4 +196,6 @@ def test_a_non_finite_key_in_the_leaving_block_ranks_last():
     decode_one(states, 0, q[0, :, b], paged, keep, config, D**-0.5)
     slot = states.slot_of[0]
     assert states.counts[slot].tolist() == [4, b] and states.counts_host[slot].tolist() == [4, b]
-    assert 3 not in states.positions[slot, 0, :4].tolist() and states.positions[slot, 1, :b].tolist() == list(range(b))
+    kept = states._positions(torch.tensor([slot]), b)[0]
+    assert 3 not in kept[0, :4].tolist() and kept[0, 4:].tolist() == [-1] * (b - 4)
+    assert kept[1].tolist() == list(range(b))

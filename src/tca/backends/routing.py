@@ -218,7 +218,7 @@ def decode_backend(name: str, device, dtype: torch.dtype, head_dim: int) -> Back
     """The backend whose kernels decode the shared caches (PackedKVCache, DenseKVCache, a re-selecting cache's
     active set): the named one, or for "auto" the usable one of highest decode_priority (each phase takes its
     fastest backend: e.g. flash prefill, triton decode). Memoised per (name, device type, dtype, head dim)."""
-    key = (name, torch.device(device).type, dtype, head_dim)
+    key = (name, torch.device(device), dtype, head_dim)
     choice = _DECODE_CHOICES.get(key)
     if choice is None:
         choice = _DECODE_CHOICES[key] = _first_decoder(name, torch.device(device), dtype, head_dim)
@@ -249,6 +249,12 @@ def _first_decoder(name: str, device: torch.device, dtype: torch.dtype, head_dim
     inputs = Inputs(device, dtype, head_dim, "prefill")
     if name != "auto":
         backend = choose(name, inputs)
+        if backend.computes == "dense":
+            raise BackendUnavailableError(
+                "backend 'dense' has no decode kernels of its own: its cache decodes on a TCA backend's "
+                f"(name one of {', '.join(n for n in registry.names() if registry.get(n).decode_priority is not None)}"
+                ", or 'auto')"
+            )
         if backend.decode_priority is None:
             raise BackendUnavailableError(
                 f"backend {name!r} cannot decode the shared caches (PackedKVCache, DenseKVCache): its decode needs "

@@ -218,6 +218,9 @@ def check_backend(name: str, device, dtype=None) -> None:
     if name == "auto":
         return
     known = registry.names()
+    if name == "dense":
+        raise UsageError("--backend dense: the commands compare TCA with dense attention themselves; name a TCA "
+                         f"backend (auto, {', '.join(known)})")
     if name not in known:
         close = difflib.get_close_matches(name, known, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""

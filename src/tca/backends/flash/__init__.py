@@ -95,9 +95,11 @@ def input_check(device: torch.device, dtype: torch.dtype, head_dim: int) -> list
     generation = chosen_generation()
     if generation is None:  # environment_reasons says why
         return []
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return ["no CUDA device is available here"]
     from .generations import input_reasons
 
-    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
+    capability = torch.cuda.get_device_capability(device)
     return input_reasons(generation, dtype, head_dim, capability)
 
 

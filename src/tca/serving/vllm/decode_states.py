@@ -2,18 +2,20 @@
 of a vLLM batch at once (pure PyTorch, no vLLM import).
 
 A sequence's state (docs/semantics.md section 5, positions only: keys and values stay in vLLM's pages) is one
-slot: `positions[slot]` [HKV, N] its kept global positions per KV head (ascending, -1 past the head's count),
-`counts[slot]` [HKV] how many. The host holds what it needs to plan a step without reading the device: each
-slot's sequence length and window start, and a mirror of the counts (they grow by the plan's keep per head,
-a host number).
+slot: per KV head its kept global positions (ascending) and how many. The positions live in fixed-size pages of
+one pool, as vLLM keeps tokens: a slot lists its pages in order (`tables`), so memory follows what each sequence
+keeps, not the longest one, and a dropped sequence's pages serve the next. The host holds what it needs to plan a
+step without reading the device: each slot's sequence length, window start, page list and a mirror of its counts
+(they grow by the plan's keep per head, a host number).
 
-`decode` runs section 5 for R decode rows with a fixed number of operations whatever R: the rows whose window
-moves compress their leaving block together (one gather, one softmax, one sort, one scatter), then every row
-attends its kept tokens and its window in one masked SDPA over [R, HKV] groups. The per-sequence form it
-batches is `sequence.decode_token`'s arithmetic; tests compare both with tca.decode.
+`decode` runs section 5 for R decode rows: the rows whose window moves compress their leaving block together
+(one gather, one softmax, one sort, one scatter), then the rows attend their kept tokens and windows in groups,
+one gather and one masked SDPA per group. Rows are grouped by how many tokens they read, so that padding a row to
+its group's longest at most doubles its reads, and a group's gathered keys stay under GATHER_BYTES; a batch of
+similar rows is one group. Tests compare every row with tca.decode of the same sequence alone.
 
 Shape letters: R decode rows, S slots, HQ query heads, HKV key/value heads, G = HQ / HKV, D head dim, N kept
-global positions (capacity), W window positions (the longest window of the rows), b TCA block size, P page size.
+global positions, W window positions, b TCA block size, E positions per page of the pool.
 """
 
 from __future__ import annotations
@@ -29,22 +31,27 @@ from ...dtypes import compute_dtype
 from ...geometry import window_start
 from .sequence import SequenceState
 
+PAGE = 256  # positions per page of the pool, per KV head
+GATHER_BYTES = 256 << 20  # the most bytes of keys (and as many of values) one attention group gathers
+
 
 class DecodeStates:
     """The states of one layer, one slot per sequence (keyed by the sequence's first page, as LayerRunner keys it)."""
 
     def __init__(self, num_kv_heads: int) -> None:
         self.num_kv_heads = num_kv_heads
-        self.positions: torch.Tensor | None = None  # [S, HKV, N] int64 on the device, -1 past each count
+        # The pool: page 0 is the sink, always -1 (table entries past a slot's pages point at it; invalid writes go
+        # to it with the value -1).
+        self.pool: torch.Tensor | None = None  # [pages, HKV, E] int32 on the device, -1 where nothing is kept
+        self.free_pages: list[int] = []
+        self.tables: list[list[int]] = []  # per slot: its pages, in order (host)
+        self.table_device: torch.Tensor | None = None  # [S, most pages] int32, the tables padded with the sink
         self.counts: torch.Tensor | None = None  # [S, HKV] int64 on the device
         self.counts_host = torch.zeros(0, num_kv_heads, dtype=torch.int64)  # [S, HKV], the device counts' mirror
         self.seq_len: list[int] = []  # per slot: tokens the state covers
         self.window_start: list[int] = []  # per slot: lo(seq_len - 1)
         self.slot_of: dict[int, int] = {}
-        self.free: list[int] = []
-
-    def __contains__(self, owner: int) -> bool:
-        return owner in self.slot_of
+        self.free_slots: list[int] = []
 
     def covers(self, owner: int, seq_len: int) -> bool:
         """Whether `owner` has a state of the tokens before position seq_len - 1 (its next decode step)."""
@@ -56,22 +63,37 @@ class DecodeStates:
         slot = self.slot_of[owner]
         return self.counts_host[slot] + (self.seq_len[slot] - self.window_start[slot])
 
+    @property
+    def held_positions(self) -> int:
+        """Positions the pool holds room for, over every page in use (what the states cost: 4 bytes each)."""
+        return sum(len(t) for t in self.tables) * self.num_kv_heads * PAGE
+
     def put(self, owner: int, state: SequenceState) -> None:
         """Store the state a prefill (or prompt chunk) made for `owner` (replacing any earlier one)."""
+        device = state.positions.device
         counts_host = state.counts.to("cpu")  # one read per layer and prompt: the prefill's selection has synced
-        slot = self._slot(owner, state.positions.device)
+        self.drop(owner)
+        slot = self._new_slot(owner, device)
         n = state.positions.shape[1]
-        self._reserve(max(n, int(counts_host.max()) if counts_host.numel() else 0))
-        self.positions[slot] = -1
-        self.positions[slot, :, :n] = state.positions
+        pages = self._grow(slot, n, device)
+        if pages:
+            rows = state.positions.new_full((self.num_kv_heads, len(pages) * PAGE), -1)
+            rows[:, :n] = state.positions
+            self.pool[to_device(torch.tensor(pages), device)] = rows.view(self.num_kv_heads, len(pages), PAGE).transpose(
+                0, 1).to(torch.int32)
         self.counts[slot] = state.counts
         self.counts_host[slot] = counts_host
         self.seq_len[slot], self.window_start[slot] = state.seq_len, state.window_start
 
     def drop(self, owner: int) -> None:
+        """Forget `owner`'s state; its slot and pages serve later sequences."""
         slot = self.slot_of.pop(owner, None)
-        if slot is not None:
-            self.free.append(slot)
+        if slot is None:
+            return
+        self.free_pages += self.tables[slot]
+        self.tables[slot] = []
+        self.table_device[slot] = 0
+        self.free_slots.append(slot)
 
     def decode(self, owners: list[int], query: torch.Tensor, block_tables: torch.Tensor, key_pages: torch.Tensor,
                value_pages: torch.Tensor, keep: torch.Tensor, config: TCAConfig, scale: float) -> torch.Tensor:
@@ -80,34 +102,47 @@ class DecodeStates:
         the host (tokens kept of a block leaving the window). Returns out [R, HQ, D]; advances the states."""
         R, HQ, D = query.shape
         HKV, G = self.num_kv_heads, HQ // self.num_kv_heads
-        device = query.device
         slots = [self.slot_of[o] for o in owners]
         position = [self.seq_len[s] for s in slots]
         lo = [window_start(p, config.block_size, config.window) for p in position]
         q = query.to(compute_dtype(query.dtype)).reshape(R, HKV, G, D)
-        slots_t = to_device(torch.tensor(slots), device)
         moving = [r for r in range(R) if lo[r] > self.window_start[slots[r]]]
         if moving:
             self._compress(moving, slots, q, block_tables, key_pages, keep, config.block_size, scale)
         for r, s in enumerate(slots):
             self.seq_len[s], self.window_start[s] = position[r] + 1, lo[r]
-        # Every kept position of each row: its globals (padded to the longest), then its window [lo, position].
-        n = int(self.counts_host[slots].max())
-        w = max(p - low + 1 for p, low in zip(position, lo, strict=True))
-        glob = self.positions[slots_t, :, :n]  # [R, HKV, n]
-        first = to_device(torch.tensor(lo), device)
-        last = to_device(torch.tensor(position), device)
+        out = torch.empty(R, HKV, G, D, dtype=query.dtype, device=query.device)
+        reads = [int(self.counts_host[s].max()) + p - low + 1 for s, p, low in zip(slots, position, lo, strict=True)]
+        row_bytes = HKV * D * key_pages.element_size()
+        for group in _groups(reads, row_bytes):
+            out[to_device(torch.tensor(group), query.device)] = self._attend(
+                group, slots, position, lo, q, query.dtype, block_tables, key_pages, value_pages, scale)
+        return out.reshape(R, HQ, D)
+
+    def _attend(self, rows: list[int], slots, position, lo, q, dtype, block_tables, key_pages, value_pages, scale):
+        """Section 5 step 3 for `rows`: one softmax over each row's kept globals (padded to the group's most) and its
+        window [lo, position] (padded to the group's longest). Returns out [rows, HKV, G, D] in `dtype`."""
+        device = q.device
+        R, HKV = len(rows), self.num_kv_heads
+        picked = [slots[r] for r in rows]
+        n = int(self.counts_host[picked].max())
+        w = max(position[r] - lo[r] + 1 for r in rows)
+        rows_t = to_device(torch.tensor(rows), device)
+        glob = self._positions(to_device(torch.tensor(picked), device), n)  # [R, HKV, n]
+        first = to_device(torch.tensor([lo[r] for r in rows]), device)
+        last = to_device(torch.tensor([position[r] for r in rows]), device)
         window = first[:, None] + torch.arange(w, device=device)  # [R, W]
         window = torch.where(window <= last[:, None], window, -1)[:, None].expand(R, HKV, w)
         positions = torch.cat([glob, window], dim=-1)  # [R, HKV, n + W], -1 in the holes
-        keys, values = _gather(key_pages, value_pages, block_tables, positions)
+        keys, values = _gather(key_pages, value_pages, block_tables[rows_t], positions)
         mask = (positions >= 0)[:, :, None]  # [R, HKV, 1, n + W]
+        qr = q[rows_t]
         # On CUDA, half-precision pages go to SDPA as they are (its kernels accumulate in float32); elsewhere the
         # float64-or-float32 rule of tca.dtypes. Not cuDNN's kernel: its plans are cached per key length.
-        at = query.dtype if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) else q.dtype
+        at = dtype if q.is_cuda and dtype in (torch.float16, torch.bfloat16) else qr.dtype
         with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
-            out = F.scaled_dot_product_attention(q.to(at), keys.to(at), values.to(at), attn_mask=mask, scale=scale)
-        return out.reshape(R, HQ, D).to(query.dtype)
+            out = F.scaled_dot_product_attention(qr.to(at), keys.to(at), values.to(at), attn_mask=mask, scale=scale)
+        return out.to(dtype)
 
     def _compress(self, moving: list[int], slots: list[int], q, block_tables, key_pages, keep, block: int,
                   scale: float) -> None:
@@ -119,6 +154,8 @@ class DecodeStates:
         if width == 0:
             return
         moved = [slots[r] for r in moving]
+        for slot in moved:
+            self._grow(slot, int((self.counts_host[slot] + keep).max()), device)
         rows_t = to_device(torch.tensor(moving), device)
         moved_t = to_device(torch.tensor(moved), device)
         starts = to_device(torch.tensor([self.window_start[s] for s in moved]), device)  # [R']
@@ -130,41 +167,76 @@ class DecodeStates:
         valid = torch.arange(width, device=device) < keep_t[:, None]  # [HKV, T]
         top = torch.where(valid, top, block).sort(dim=-1).values  # kept offsets ascending, the invalid last
         new = torch.where(valid, starts[:, None, None] + top, -1)  # [R', HKV, T]
-        self._reserve(int((self.counts_host[moved] + keep).max()))
-        capacity = self.positions.shape[-1]
-        # Column `capacity` (one past the end) catches the invalid entries and is dropped.
-        target = torch.where(valid, self.counts[moved_t][..., None] + torch.arange(width, device=device), capacity)
-        grown = torch.cat([self.positions[moved_t], self.positions.new_full((len(moved), self.num_kv_heads, 1), -1)], -1)
-        self.positions[moved_t] = grown.scatter(-1, target, new)[..., :capacity]
+        # Entry c of (slot, head) lives in page tables[slot][c // E] at column c % E; invalid ones go to the sink.
+        entry = self.counts[moved_t][..., None] + torch.arange(width, device=device)  # [R', HKV, T]
+        page = self.table_device[moved_t].long().gather(1, (entry // PAGE).flatten(1)).view_as(entry)
+        page = torch.where(valid, page, 0)
+        head = torch.arange(self.num_kv_heads, device=device)[None, :, None].expand_as(entry)
+        self.pool.index_put_((page, head, entry % PAGE), new.to(torch.int32))
         self.counts[moved_t] += keep_t
         self.counts_host[moved] += keep
 
-    def _slot(self, owner: int, device: torch.device) -> int:
-        if owner in self.slot_of:
-            return self.slot_of[owner]
-        if self.positions is None:
-            self.positions = torch.full((0, self.num_kv_heads, 0), -1, dtype=torch.int64, device=device)
+    def _positions(self, slots: torch.Tensor, n: int) -> torch.Tensor:
+        """[R, HKV, n] int64: the first n kept positions of each slot and head, -1 past its count."""
+        columns = torch.arange(n, device=slots.device)
+        page = self.table_device[slots].long()[:, columns // PAGE]  # [R, n]
+        head = torch.arange(self.num_kv_heads, device=slots.device)[None, :, None]
+        return self.pool[page[:, None, :], head, (columns % PAGE)[None, None, :]].long()
+
+    def _new_slot(self, owner: int, device: torch.device) -> int:
+        if self.pool is None:
+            self.pool = torch.full((1, self.num_kv_heads, PAGE), -1, dtype=torch.int32, device=device)
+            self.table_device = torch.zeros(0, 1, dtype=torch.int32, device=device)
             self.counts = torch.zeros(0, self.num_kv_heads, dtype=torch.int64, device=device)
-        if self.free:
-            slot = self.free.pop()
+        if self.free_slots:
+            slot = self.free_slots.pop()
         else:
-            slot = len(self.seq_len)
+            slot = len(self.tables)
+            self.tables.append([])
             self.seq_len.append(0)
             self.window_start.append(0)
-            self.positions = torch.cat([self.positions, self.positions.new_full((1, *self.positions.shape[1:]), -1)])
+            self.table_device = torch.cat([self.table_device, self.table_device.new_zeros(1, self.table_device.shape[1])])
             self.counts = torch.cat([self.counts, self.counts.new_zeros(1, self.num_kv_heads)])
             self.counts_host = torch.cat([self.counts_host, self.counts_host.new_zeros(1, self.num_kv_heads)])
+        self.counts[slot] = 0
+        self.counts_host[slot] = 0
         self.slot_of[owner] = slot
         return slot
 
-    def _reserve(self, columns: int) -> None:
-        """Room for `columns` kept positions per slot and head (grown by half again, so that a decode loop copies
-        the table a logarithmic number of times)."""
-        capacity = self.positions.shape[-1]
-        if columns > capacity:
-            grown = self.positions.new_full((*self.positions.shape[:2], max(columns, capacity * 3 // 2)), -1)
-            grown[..., :capacity] = self.positions
-            self.positions = grown
+    def _grow(self, slot: int, entries: int, device: torch.device) -> list[int]:
+        """Pages enough for `entries` positions per head in `slot`; returns the pages added (reset to -1)."""
+        table = self.tables[slot]
+        need = -(-entries // PAGE) - len(table)
+        if need <= 0:
+            return []
+        if len(self.free_pages) < need:  # grow the pool by half again (a logarithmic number of copies)
+            total = self.pool.shape[0]
+            more = max(need - len(self.free_pages), total // 2)
+            self.pool = torch.cat([self.pool, self.pool.new_full((more, *self.pool.shape[1:]), -1)])
+            self.free_pages += range(total, total + more)
+        added = [self.free_pages.pop() for _ in range(need)]
+        self.pool[to_device(torch.tensor(added), device)] = -1  # a page of an earlier sequence holds its positions
+        first = len(table)
+        table += added
+        if len(table) > self.table_device.shape[1]:
+            wider = self.table_device.new_zeros(self.table_device.shape[0], len(table))
+            wider[:, : self.table_device.shape[1]] = self.table_device
+            self.table_device = wider
+        self.table_device[slot, first : len(table)] = to_device(torch.tensor(added, dtype=torch.int32), device)
+        return added
+
+
+def _groups(reads: list[int], row_bytes: int) -> list[list[int]]:
+    """Rows grouped for attention: by tokens read, so that each group's longest reads at most twice its shortest,
+    and each group's gathered keys stay under GATHER_BYTES (a row alone may exceed it)."""
+    groups: list[list[int]] = []
+    for r in sorted(range(len(reads)), key=lambda r: reads[r]):
+        group = groups[-1] if groups else None
+        if group and reads[r] <= 2 * reads[group[0]] and (len(group) + 1) * reads[r] * row_bytes <= GATHER_BYTES:
+            group.append(r)
+        else:
+            groups.append([r])
+    return groups
 
 
 def _gather(key_pages: torch.Tensor, value_pages: torch.Tensor, block_tables: torch.Tensor, positions: torch.Tensor,
