@@ -20,6 +20,11 @@ from .cache import ReferenceKVCache, _compress_leaving_block, attend_held, with_
 from .cache import prefill as section5_prefill
 
 
+def _of_active(name: str) -> property:
+    """The active set's attribute `name`, read and written through it."""
+    return property(lambda self: getattr(self.active, name), lambda self, value: setattr(self.active, name, value))
+
+
 @dataclass
 class ReselectingReferenceCache:
     """The active set (`active`, section 5) plus the evicted store: ragged [b][h] keys, values, positions.
@@ -83,23 +88,21 @@ class ReselectingReferenceCache:
         rows = (self.evicted_keys, self.evicted_values)
         return sum(t.numel() * t.element_size() for store in rows for row in store for t in row)
 
-    def __getattr__(self, name):
-        # seq_len, config, scale, dtype, device, num_kv_heads, batch_size, head_dim, num_query_heads, budgets, seq_lens: the active's.
-        if name in _FORWARDED:
-            return getattr(self.active, name)
-        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
-
-    def __setattr__(self, name, value):
-        if name in _FORWARDED:
-            setattr(self.active, name, value)
-        else:
-            super().__setattr__(name, value)
-
-
-_FORWARDED = frozenset(
-    {"seq_len", "config", "scale", "dtype", "device", "num_kv_heads", "batch_size", "head_dim", "num_query_heads",
-     "keep_per_block", "budgets", "seq_lens"}
-)
+    # The active set's shapes and settings, read and written through it: explicit properties, not __getattr__, so
+    # that the cache contract's isinstance check sees them (Python 3.12's runtime protocols look attributes up
+    # statically).
+    seq_len = _of_active("seq_len")
+    config = _of_active("config")
+    scale = _of_active("scale")
+    dtype = _of_active("dtype")
+    device = _of_active("device")
+    num_kv_heads = _of_active("num_kv_heads")
+    batch_size = _of_active("batch_size")
+    head_dim = _of_active("head_dim")
+    num_query_heads = _of_active("num_query_heads")
+    keep_per_block = _of_active("keep_per_block")
+    budgets = _of_active("budgets")
+    seq_lens = _of_active("seq_lens")
 
 
 def prefill(q, k, v, budgets: torch.Tensor, config, scale: float, every: int):

@@ -6,6 +6,8 @@ Shape letters: B batch, HQ query heads, HKV KV heads, L prompt length, D head di
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -75,6 +77,16 @@ def test_every_cache_meets_the_contract_and_its_shapes_agree_with_its_tensors(ki
     q1, k1, v1 = (t[:, :, L:] for t in make_qkv(B, HQ, HKV, L + 1, D, seed=3))
     tca.decode(q1, k1, v1, cache)
     assert cache.seq_len == L + 1 and list(cache.seq_lens) == [L + 1] * B
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_member_of_the_contract_is_found_statically(kind):
+    """Python 3.12's isinstance on a runtime protocol looks members up statically (no __getattr__): each must be
+    defined on the class or the instance."""
+    cache = make(kind)[0]
+    members = [name for name in dir(KVCache) if not name.startswith("_") and name not in dir(object)]
+    for name in members:
+        inspect.getattr_static(cache, name)  # raises AttributeError where only __getattr__ would answer
 
 
 @pytest.mark.parametrize("kind", KINDS)
