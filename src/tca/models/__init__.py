@@ -37,6 +37,7 @@ _EXPORTS = {
     "cache_kwargs": "cache_argument",
     "cache_argument": "cache_argument",
     "register_all": "attention",
+    "graph_decoding": "graphs",
 }
 
 __all__ = sorted(_EXPORTS)
