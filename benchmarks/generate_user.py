@@ -2,8 +2,8 @@
 real `model.generate` call as a user writes it (Llama-3.1-8B shape with random bf16 weights by default).
 
 Counted first, then measured: the floor of one decode step is reading every weight once (timed here as one GEMV
-over every weight matrix of the model: the rate a decode step can reach) plus the KV it must read (the kept KV at
-that same rate). Then, per prompt length:
+over every weight matrix a step reads: all but the input embedding, of which a step reads one row, unless it is
+tied to the output) plus the KV it must read (the kept KV at that same rate). Then, per prompt length:
 
     dense        transformers' sdpa with its DynamicCache: plain generate
     tca          enable_tca(model) (backend "auto"), TCACache: plain generate
@@ -45,7 +45,11 @@ def sync(device: torch.device) -> None:
 def weight_read_seconds(model, repeats: int = 5) -> tuple[float, int]:
     """(seconds to read every weight matrix once as a GEMV, their bytes): the weights' floor of a decode step."""
     device = next(model.parameters()).device
-    matrices = [p for p in model.parameters() if p.dim() == 2]
+    # A decode step reads one row of the input embedding: leave it out, unless it is the output matrix too (tied).
+    embedding = model.get_input_embeddings().weight
+    output = model.get_output_embeddings()
+    tied = output is not None and output.weight.data_ptr() == embedding.data_ptr()
+    matrices = [p for p in model.parameters() if p.dim() == 2 and (tied or p is not embedding)]
     vectors = {m.shape[1]: torch.ones(m.shape[1], 1, dtype=m.dtype, device=device) for m in matrices}
     nbytes = sum(m.numel() * m.element_size() for m in matrices)
     times = []
@@ -92,14 +96,13 @@ def measure(model, path: str, ids: torch.Tensor, new_tokens: int, repeats: int) 
     """TTFT and decode ms per token of `path` on prompt ids [1, L] (medians over repeats, after a warm-up)."""
     generate_seconds(model, path, ids, 2)  # warm-up: kernels compiled, graphs' first capture made
     first = [generate_seconds(model, path, ids, 1)[0] for _ in range(repeats)]
-    whole, caches = [], []
+    whole = []
     for _ in range(repeats):
         seconds, cache = generate_seconds(model, path, ids, 1 + new_tokens)
         whole.append(seconds)
-        caches.append(cache)
+        kv = cache.nbytes if cache is not None else None
+        del cache  # one cache alive at a time: at 128K a dense plan's holds 16 GiB on the 8B shape
     ttft, total = statistics.median(first), statistics.median(whole)
-    cache = caches[-1]
-    kv = cache.nbytes if cache is not None else None
     return {"path": path, "length": ids.shape[1], "ttft_s": ttft, "ttft_spread_s": max(first) - min(first),
             "decode_ms": (total - ttft) / new_tokens * 1e3, "total_spread_s": max(whole) - min(whole),
             "kv_bytes": kv, "repeats": repeats, "new_tokens": new_tokens}

@@ -142,6 +142,30 @@ def test_decode_rows_of_a_batch_decode_together_as_each_alone(page, gather_bytes
     assert states.held_positions == pages * HKV * page
 
 
+def test_a_head_that_keeps_fewer_per_block_but_holds_more_stays_in_its_pages():
+    """Heads' prefill counts (Eq. 7's rounding) and their keep per leaving block (floor of E[p]) can rank heads in
+    opposite orders: a head keeping fewer per block may hold the most positions, with the one page grown for it.
+    Its decode steps stay within its pages and equal tca.decode."""
+    HQ, HKV, D, b, w, L0, steps = 8, 8, 8, 16, 32, 384, 40
+    config = tca.TCAConfig(block_size=b, window=w)
+    budgets = random_budgets(HKV, b, seed=35)
+    keep, scale = block_keep_count(budgets), D**-0.5
+    q, k, v = make_qkv(1, HQ, HKV, L0 + steps, D, seed=1)
+    paged = paged_copy(k[0], v[0], 16)
+    _, state = attend_chunk(q[0, :, :L0].transpose(0, 1), paged, L0, budgets, config, scale, REFERENCE)
+    counts = state.counts.tolist()
+    fewer = [h for h in range(HKV) if keep[h] < keep.max()]
+    assert fewer and max(counts[h] for h in fewer) > min(counts[h] for h in range(HKV) if keep[h] == keep.max())
+    _, cache = tca.prefill(q[:, :, :L0], k[:, :, :L0], v[:, :, :L0], budgets=budgets, config=config,
+                           backend="reference")
+    states = DecodeStates(HKV)
+    states.put(0, state)
+    for i in range(L0, L0 + steps):
+        want = tca.decode(q[:, :, i : i + 1], k[:, :, i : i + 1], v[:, :, i : i + 1], cache)
+        torch.testing.assert_close(decode_one(states, 0, q[0, :, i], paged, keep, config, scale), want[0, :, 0],
+                                   rtol=1e-10, atol=1e-10)
+
+
 def test_rows_are_grouped_by_what_they_read():
     from tca.serving.vllm.decode_states import _groups
 

@@ -217,7 +217,7 @@ def usable(name: str, device, dtype: torch.dtype, head_dim: int, *, phase: str =
 def decode_backend(name: str, device, dtype: torch.dtype, head_dim: int) -> Backend:
     """The backend whose kernels decode the shared caches (PackedKVCache, DenseKVCache, a re-selecting cache's
     active set): the named one, or for "auto" the usable one of highest decode_priority (each phase takes its
-    fastest backend: e.g. flash prefill, triton decode). Memoised per (name, device type, dtype, head dim)."""
+    fastest backend: e.g. flash prefill, triton decode). Memoised per (name, device, dtype, head dim)."""
     key = (name, torch.device(device), dtype, head_dim)
     choice = _DECODE_CHOICES.get(key)
     if choice is None:

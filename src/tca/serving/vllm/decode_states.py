@@ -11,8 +11,9 @@ step without reading the device: each slot's sequence length, window start, page
 `decode` runs section 5 for R decode rows: the rows whose window moves compress their leaving block together
 (one gather, one softmax, one sort, one scatter), then the rows attend their kept tokens and windows in groups,
 one gather and one masked SDPA per group. Rows are grouped by how many tokens they read, so that padding a row to
-its group's longest at most doubles its reads, and a group's gathered keys stay under GATHER_BYTES; a batch of
-similar rows is one group. Tests compare every row with tca.decode of the same sequence alone.
+its group's widest costs about twice its reads at most (the globals and the window are padded separately, so a
+little more), and a group's gathered keys stay near GATHER_BYTES; a batch of similar rows is one group. Tests
+compare every row with tca.decode of the same sequence alone.
 
 Shape letters: R decode rows, S slots, HQ query heads, HKV key/value heads, G = HQ / HKV, D head dim, N kept
 global positions, W window positions, b TCA block size, E positions per page of the pool.
@@ -65,7 +66,7 @@ class DecodeStates:
 
     @property
     def held_positions(self) -> int:
-        """Positions the pool holds room for, over every page in use (what the states cost: 4 bytes each)."""
+        """Positions the pages in use hold room for (4 bytes each; the pool keeps its free pages and never shrinks)."""
         return sum(len(t) for t in self.tables) * self.num_kv_heads * PAGE
 
     def put(self, owner: int, state: SequenceState) -> None:
@@ -168,7 +169,8 @@ class DecodeStates:
         top = torch.where(valid, top, block).sort(dim=-1).values  # kept offsets ascending, the invalid last
         new = torch.where(valid, starts[:, None, None] + top, -1)  # [R', HKV, T]
         # Entry c of (slot, head) lives in page tables[slot][c // E] at column c % E; invalid ones go to the sink.
-        entry = self.counts[moved_t][..., None] + torch.arange(width, device=device)  # [R', HKV, T]
+        # (A head that keeps fewer than `width` would reach past the pages grown for it: look those up as entry 0.)
+        entry = torch.where(valid, self.counts[moved_t][..., None] + torch.arange(width, device=device), 0)
         page = self.table_device[moved_t].long().gather(1, (entry // PAGE).flatten(1)).view_as(entry)
         page = torch.where(valid, page, 0)
         head = torch.arange(self.num_kv_heads, device=device)[None, :, None].expand_as(entry)

@@ -1,9 +1,9 @@
-"""One attention layer's TCA work over a vLLM batch (pure PyTorch, no vLLM import): the rows loop both backends share.
+"""One attention layer's TCA work over a vLLM batch (pure PyTorch, no vLLM import): the rows both backends share.
 
 A batch is rows of query tokens (prompts, prompt chunks, decode steps) over vLLM's pages. Each row is one of:
 - a **decode step with a state** (one token, and the sequence's state covers the tokens before it):
   docs/semantics.md section 5 on that state, reading only the kept tokens; all such rows of the batch decode
-  together, in one fixed set of operations (decode_states.DecodeStates.decode);
+  together, in a fixed set of operations per group of similar rows (decode_states.DecodeStates.decode);
 - a **prompt or chunk** whose sequence reaches `dense_below` tokens: section 4 over all its keys, which
   becomes the sequence's state (sequence.attend_chunk, section 5.1);
 - anything else (a prompt or chunk under `dense_below` tokens, or one token with no state: a sequence prefilled
