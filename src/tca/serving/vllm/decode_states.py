@@ -53,6 +53,7 @@ class DecodeStates:
         self.window_start: list[int] = []  # per slot: lo(seq_len - 1)
         self.slot_of: dict[int, int] = {}
         self.free_slots: list[int] = []
+        self._keep: tuple[torch.Tensor, torch.Tensor] | None = None  # (keep on the host, its device copy)
 
     def covers(self, owner: int, seq_len: int) -> bool:
         """Whether `owner` has a state of the tokens before position seq_len - 1 (its next decode step)."""
@@ -112,26 +113,33 @@ class DecodeStates:
             self._compress(moving, slots, q, block_tables, key_pages, keep, config.block_size, scale)
         for r, s in enumerate(slots):
             self.seq_len[s], self.window_start[s] = position[r] + 1, lo[r]
-        out = torch.empty(R, HKV, G, D, dtype=query.dtype, device=query.device)
         reads = [int(self.counts_host[s].max()) + p - low + 1 for s, p, low in zip(slots, position, lo, strict=True)]
-        row_bytes = HKV * D * key_pages.element_size()
-        for group in _groups(reads, row_bytes):
-            out[to_device(torch.tensor(group), query.device)] = self._attend(
-                group, slots, position, lo, q, query.dtype, block_tables, key_pages, value_pages, scale)
+        groups = _groups(reads, HKV * D * key_pages.element_size())
+        out = None
+        for group in groups:
+            picked = [slots[r] for r in group]
+            w = max(position[r] - lo[r] + 1 for r in group)
+            # One host-to-device copy per group: its rows, their slots, window starts and positions.
+            plan = to_device(torch.tensor([group, picked, [lo[r] for r in group], [position[r] for r in group]]),
+                             query.device)
+            got = self._attend(picked, w, plan, q, query.dtype, block_tables, key_pages, value_pages, scale)
+            if group == list(range(R)):  # the common case: one group, the rows in their order
+                return got.reshape(R, HQ, D)
+            if out is None:
+                out = torch.empty(R, HKV, G, D, dtype=query.dtype, device=query.device)
+            out[plan[0]] = got
         return out.reshape(R, HQ, D)
 
-    def _attend(self, rows: list[int], slots, position, lo, q, dtype, block_tables, key_pages, value_pages, scale):
-        """Section 5 step 3 for `rows`: one softmax over each row's kept globals (padded to the group's most) and its
-        window [lo, position] (padded to the group's longest). Returns out [rows, HKV, G, D] in `dtype`."""
+    def _attend(self, picked: list[int], w: int, plan: torch.Tensor, q, dtype, block_tables, key_pages, value_pages,
+                scale):
+        """Section 5 step 3 for a group of rows (their slots `picked`, on the host): one softmax over each row's kept
+        globals (padded to the group's most) and its window [lo, position] (padded to the longest, w). plan [4, rows]
+        on the device: the rows, their slots, window starts and positions. Returns out [rows, HKV, G, D] in `dtype`."""
         device = q.device
-        R, HKV = len(rows), self.num_kv_heads
-        picked = [slots[r] for r in rows]
+        R, HKV = len(picked), self.num_kv_heads
         n = int(self.counts_host[picked].max())
-        w = max(position[r] - lo[r] + 1 for r in rows)
-        rows_t = to_device(torch.tensor(rows), device)
-        glob = self._positions(to_device(torch.tensor(picked), device), n)  # [R, HKV, n]
-        first = to_device(torch.tensor([lo[r] for r in rows]), device)
-        last = to_device(torch.tensor([position[r] for r in rows]), device)
+        rows_t, slots_t, first, last = plan
+        glob = self._positions(slots_t, n)  # [R, HKV, n]
         window = first[:, None] + torch.arange(w, device=device)  # [R, W]
         window = torch.where(window <= last[:, None], window, -1)[:, None].expand(R, HKV, w)
         positions = torch.cat([glob, window], dim=-1)  # [R, HKV, n + W], -1 in the holes
@@ -157,14 +165,14 @@ class DecodeStates:
         moved = [slots[r] for r in moving]
         for slot in moved:
             self._grow(slot, int((self.counts_host[slot] + keep).max()), device)
-        rows_t = to_device(torch.tensor(moving), device)
-        moved_t = to_device(torch.tensor(moved), device)
-        starts = to_device(torch.tensor([self.window_start[s] for s in moved]), device)  # [R']
+        # One host-to-device copy: the rows, their slots and the starts of their leaving blocks.
+        plan = to_device(torch.tensor([moving, moved, [self.window_start[s] for s in moved]]), device)
+        rows_t, moved_t, starts = plan  # [R'] each
         block_positions = (starts[:, None] + torch.arange(block, device=device))[:, None].expand(-1, self.num_kv_heads, -1)
         keys, _ = _gather(key_pages, key_pages, block_tables[rows_t], block_positions, values=False)  # [R', HKV, b, D]
         scores = leaving_block_importance(q[rows_t], keys, scale)  # [R', HKV, b]
         top = scores.sort(dim=-1, descending=True, stable=True).indices[..., :width]  # [R', HKV, T]
-        keep_t = to_device(keep, device)
+        keep_t = self._on_device(keep, device)
         valid = torch.arange(width, device=device) < keep_t[:, None]  # [HKV, T]
         top = torch.where(valid, top, block).sort(dim=-1).values  # kept offsets ascending, the invalid last
         new = torch.where(valid, starts[:, None, None] + top, -1)  # [R', HKV, T]
@@ -177,6 +185,12 @@ class DecodeStates:
         self.pool.index_put_((page, head, entry % PAGE), new.to(torch.int32))
         self.counts[moved_t] += keep_t
         self.counts_host[moved] += keep
+
+    def _on_device(self, keep: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """keep on the device, copied once per layer (the plan's keep does not change while the engine runs)."""
+        if self._keep is None or self._keep[0] is not keep:
+            self._keep = (keep, to_device(keep, device))
+        return self._keep[1]
 
     def _positions(self, slots: torch.Tensor, n: int) -> torch.Tensor:
         """[R, HKV, n] int64: the first n kept positions of each slot and head, -1 past its count."""

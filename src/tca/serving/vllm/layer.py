@@ -116,8 +116,8 @@ class LayerRunner:
         row_ids = [row for row, _, _ in decoding]
         owners = [owner for _, owner, _ in decoding]
         starts = [rows.query_start[row] for row in row_ids]
-        index = to_device(torch.tensor(starts), query.device)
-        tables = rows.block_table[to_device(torch.tensor(row_ids), rows.block_table.device)]
+        index, table_rows = to_device(torch.tensor([starts, row_ids]), query.device)  # one host-to-device copy
+        tables = rows.block_table[table_rows.to(rows.block_table.device)]
         out[index] = self.states.decode(owners, query[index], tables, key_pages, value_pages, keep, config, self.scale)
         for (_, owner, seq_len) in decoding:
             self.usage.add("decodes", seq_len, self.states.kept_tokens(owner), self.head_size, element_size)
