@@ -7,8 +7,7 @@ An edge is one of:
     name     a "tca.x.y:Name" implementation string (what the registry loads on first use);
     lookup   registry.get, or routing's choose / route / resolve / decode_backend, called with a backend's name as a
              literal string, or with a variable that the same module assigns such literals to
-             (`name = "triton" if ... else "torch"`): it loads that backend. (routing.usable only reads a
-             declaration and loads nothing.)
+             (`name = "triton" if ... else "torch"`): it loads that backend.
 """
 
 from __future__ import annotations

@@ -240,8 +240,13 @@ def bind_decode(cache, backend: str = "auto"):
     if cache.backend is not None:
         impl = registry.get(cache.backend).load()
         return lambda q, k, v: impl.decode(q, k, v, cache)
-    cache.use_kernels(routing.decode_backend(backend, cache.device, cache.dtype, cache.head_dim).load().cache_kernels)
+    _use_decode_kernels(cache, backend)
     return partial(decode_on_cache, cache)
+
+
+def _use_decode_kernels(cache, backend: str) -> None:
+    """A shared cache takes the kernels of the decode backend routing chooses for `backend` (a name or "auto")."""
+    cache.use_kernels(routing.decode_backend(backend, cache.device, cache.dtype, cache.head_dim).load().cache_kernels)
 
 
 def available_backends() -> list[str]:
@@ -324,7 +329,7 @@ def finish_prefill(state):
         raise TypeError(f"state must be a tca.ChunkedPrefill made by tca.start_prefill, got {type(state).__name__}")
     cache = state.finish()
     if cache.backend is None:  # a shared cache decodes on the device's fastest decode kernels, as after tca.prefill
-        cache.use_kernels(routing.decode_backend("auto", cache.device, cache.dtype, cache.head_dim).load().cache_kernels)
+        _use_decode_kernels(cache, "auto")
     return cache
 
 

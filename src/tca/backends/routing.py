@@ -205,15 +205,6 @@ def resolve(name: str, device, dtype: torch.dtype, head_dim: int, *, phase: str 
     return choose(name, Inputs(device, dtype, head_dim, phase, gradients="gradients" in extra, lse="lse" in extra))
 
 
-def usable(name: str, device, dtype: torch.dtype, head_dim: int, *, phase: str = "attention") -> bool:
-    """Whether the named backend can run such inputs here (memoised like choose, never warns)."""
-    try:
-        resolve(name, device, dtype, head_dim, phase=phase)
-    except BackendUnavailableError:
-        return False
-    return True
-
-
 def decode_backend(name: str, device, dtype: torch.dtype, head_dim: int) -> Backend:
     """The backend whose kernels decode the shared caches (PackedKVCache, DenseKVCache, a re-selecting cache's
     active set): the named one, or for "auto" the usable one of highest decode_priority (each phase takes its
