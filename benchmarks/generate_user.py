@@ -12,7 +12,8 @@ tied to the output) plus the KV it must read (the kept KV at that same rate). Th
 
 TTFT is generate(max_new_tokens=1); decode is (generate(1 + N) - generate(1)) / N, each the median of --repeats
 runs after one untimed warm-up of the same call. Decode is reported against the floor and against the fastest
-dense path of the run.
+dense path of the run; for the graph paths also against the bare replay of the same captured step (one
+`StepGraph.step` per token after a prefill, no `generate` around it): what `generate`'s loop adds.
 
     python benchmarks/generate_user.py --lengths 32768,131072 --out $OUT/generate_user.json --png $OUT/generate_user.png
     python benchmarks/generate_user.py --tiny --device cpu --lengths 256 --new-tokens 4   # plumbing on a CPU
@@ -31,6 +32,7 @@ import torch
 from tqdm import tqdm
 
 from tca.models import TCACache, cache_kwargs, dense_plan, enable_tca, graph_decoding, model_shape
+from tca.models.graphs import StepGraph, prepare_static
 from tca.models.random_shapes import SHAPES, random_model
 
 PATHS = ("dense", "tca", "dense-graph", "tca-graph")
@@ -108,6 +110,30 @@ def measure(model, path: str, ids: torch.Tensor, new_tokens: int, repeats: int) 
             "kv_bytes": kv, "repeats": repeats, "new_tokens": new_tokens}
 
 
+def replay_ms(model, ids: torch.Tensor, new_tokens: int, repeats: int) -> float:
+    """ms per bare replay of the captured decode step after a prefill of ids [1, L] (median over repeats)."""
+    device = ids.device
+    times = []
+    for _ in range(repeats):
+        cache = TCACache(model)
+        positions = torch.arange(ids.shape[1], device=device)[None]
+        with torch.no_grad():
+            out = model(input_ids=ids, position_ids=positions, use_cache=True, logits_to_keep=1,
+                        **cache_kwargs(model, cache))
+            token = out.logits[:, -1:].argmax(-1)
+            prepare_static(cache, new_tokens + 1)
+            graph = StepGraph(model, cache, token, positions[:, -1:] + 1, torch.tensor([ids.shape[1]], device=device))
+            graph.capture()
+            sync(device)
+            start = time.perf_counter()
+            for _ in range(new_tokens):
+                graph.step(token)
+            sync(device)
+        times.append((time.perf_counter() - start) / new_tokens * 1e3)
+        del graph, cache
+    return statistics.median(times)
+
+
 def dense_kv_bytes(model, length: int) -> int:
     """Bytes of a dense KV cache of `length` tokens (every layer, key and value)."""
     shape = model_shape(model)
@@ -117,8 +143,8 @@ def dense_kv_bytes(model, length: int) -> int:
 
 def table(results: dict) -> str:
     """The user-level table: TTFT (x dense), decode ms (x floor, x the fastest dense path), KV GiB."""
-    lines = ["| L | path | TTFT s (speed-up) | decode ms/token | x floor | x fastest dense | KV GiB |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| L | path | TTFT s (speed-up) | decode ms/token | x floor | x fastest dense | x bare replay | KV GiB |",
+             "|---|---|---|---|---|---|---|---|"]
     for length in sorted({r["length"] for r in results["rows"]}):
         rows = [r for r in results["rows"] if r["length"] == length and "ttft_s" in r]
         floor = results["floors"][str(length)]
@@ -129,9 +155,9 @@ def table(results: dict) -> str:
             lines.append(
                 f"| {_tokens(length)} | {r['path']} | {r['ttft_s']:.3f} ({dense_ttft / r['ttft_s']:.2f}x) | "
                 f"{r['decode_ms']:.2f} | {r['decode_ms'] / floor['dense_ms' if r['path'].startswith('dense') else 'tca_ms']:.2f}x | "
-                f"{r['decode_ms'] / dense_decode:.2f}x | {kv / 2**30:.2f} |"
+                f"{r['decode_ms'] / dense_decode:.2f}x | {_versus_replay(r)} | {kv / 2**30:.2f} |"
             )
-        lines.append(f"| {_tokens(length)} | floor | | dense {floor['dense_ms']:.2f}, TCA {floor['tca_ms']:.2f} | | | |")
+        lines.append(f"| {_tokens(length)} | floor | | dense {floor['dense_ms']:.2f}, TCA {floor['tca_ms']:.2f} | | | | |")
     return "\n".join(lines)
 
 
@@ -208,6 +234,8 @@ def main(argv=None) -> int:
                 continue
             use(model, path, config)
             rows.append(measure(model, path, ids, args.new_tokens, args.repeats))
+            if path in GRAPH_PATHS:
+                rows[-1]["replay_ms"] = replay_ms(model, ids, args.new_tokens, args.repeats)
             print(json.dumps(rows[-1]), flush=True)
         kept = min((r["kv_bytes"] for r in rows if r.get("path", "").startswith("tca") and r.get("kv_bytes")),
                    default=dense_kv)
@@ -220,6 +248,11 @@ def main(argv=None) -> int:
     if args.png:
         plot(results, args.png)
     return 0
+
+
+def _versus_replay(row: dict) -> str:
+    replay = row.get("replay_ms")
+    return f"{row['decode_ms'] / replay:.2f}x of {replay:.2f} ms" if replay else ""
 
 
 def _tokens(length: int) -> str:

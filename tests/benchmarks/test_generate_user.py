@@ -28,3 +28,13 @@ def test_tiny_run_times_generate_and_counts_the_floor(tmp_path):
     floor = result["floors"]["200"]
     assert result["weights_bytes"] > 0 and floor["tca_ms"] > 0 and floor["dense_ms"] > 0
     assert "| 200 | tca |" in bench.table(result) and png.stat().st_size > 0
+
+
+def test_table_sets_a_graph_path_against_its_bare_replay():
+    bench = load_script("benchmarks/generate_user.py")
+    row = {"path": "tca-graph", "length": 1024, "ttft_s": 0.5, "decode_ms": 11.0, "kv_bytes": 2**30, "replay_ms": 10.0}
+    dense = {"path": "dense", "length": 1024, "ttft_s": 1.0, "decode_ms": 22.0, "kv_bytes": None}
+    result = {"rows": [dense, row], "floors": {"1024": {"dense_ms": 8.0, "tca_ms": 5.5}},
+              "dense_kv_bytes": {"1024": 2 * 2**30}}
+    text = bench.table(result)
+    assert "| 1K | tca-graph | 0.500 (2.00x) | 11.00 | 2.00x | 0.50x | 1.10x of 10.00 ms | 1.00 |" in text

@@ -6,7 +6,9 @@
 
 `graph_decoding` is a transformers `custom_generate` callable: `generate` still prepares the inputs, the logits
 processors and the stopping criteria; this loop prefills eagerly, captures one single-token forward of the
-model (every layer's compress, ring write and attention, on the device, no host synchronisation) and replays it.
+model (every layer's compress, ring write and attention, on the device, no host synchronisation) and replays it;
+tokens are chosen on the device and the host checks for the end only every few tokens (token_loop.py), so the
+host prepares the next replay while the device runs the last one.
 It needs a cache whose decode step is static: a TCACache (its compressed caches reserve room for the whole
 generation first; the default policy only, not tca.Reselect) or a transformers StaticCache (the dense baseline,
 captured the same way). Greedy and sampling; no beams.
@@ -19,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from .cache_argument import cache_argument
+from .token_loop import token_loop
 
 
 class StepGraph:
@@ -171,6 +174,9 @@ def graph_decoding(
         raise ValueError("graph_decoding does not support hybrid models (sliding-window layers); call generate "
                          "without custom_generate")
     check_graph_policy(cache)
+    if cache.get_seq_length() > 0:
+        raise ValueError("graph_decoding needs an empty cache (it prefills the whole prompt): pass a new one, or call "
+                         "cache.reset() first")
     if input_ids.device.type != "cuda":
         raise ValueError("graph_decoding needs a CUDA device (CUDA graphs); call generate without custom_generate")
     mask = model_kwargs.get("attention_mask")
@@ -179,36 +185,22 @@ def graph_decoding(
         mask = torch.ones_like(input_ids)
     positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
     max_new = generation_config.max_new_tokens or (generation_config.max_length - L)
-    pad_id = generation_config._pad_token_tensor
+    graph = None
+
+    def next_logits(step: int, token: torch.Tensor) -> torch.Tensor:
+        nonlocal graph
+        if graph is None:  # the first decode step captures the graph (its warm-up run is that step)
+            prepare_static(cache, max_new)
+            cache_position = torch.tensor([L + step], device=input_ids.device)
+            graph = StepGraph(model, cache, token, positions[:, -1:] + 1, cache_position)
+            return graph.capture().float()
+        return graph.step(token).float()
+
     with torch.no_grad():
         out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
                     logits_to_keep=1, **{name: cache})
-        logits = out.logits[:, -1].float()
-        sequences = input_ids
-        unfinished = torch.ones(B, dtype=torch.bool, device=input_ids.device)
-        graph = None
-        next_position = positions[:, -1:] + 1
-        for step in range(max_new):
-            scores = logits_processor(sequences, logits)
-            if generation_config.do_sample:
-                token = torch.multinomial(scores.softmax(-1), 1)
-            else:
-                token = scores.argmax(-1, keepdim=True)
-            if pad_id is not None:
-                token = torch.where(unfinished[:, None], token, pad_id)
-            sequences = torch.cat([sequences, token], dim=-1)
-            if streamer is not None:
-                streamer.put(token.cpu())
-            unfinished &= ~stopping_criteria(sequences, scores)
-            if step == max_new - 1 or not bool(unfinished.any()):
-                break
-            if graph is None:
-                prepare_static(cache, max_new)
-                cache_position = torch.tensor([L + step], device=input_ids.device)
-                graph = StepGraph(model, cache, token, next_position, cache_position)
-                logits = graph.capture().float()
-            else:
-                logits = graph.step(token).float()
+        sequences = token_loop(out.logits[:, -1].float(), next_logits, input_ids, max_new, logits_processor,
+                               stopping_criteria, generation_config, streamer)
     if streamer is not None:
         streamer.end()
     return sequences
