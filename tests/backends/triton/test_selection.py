@@ -77,3 +77,75 @@ def test_selection_with_tiny_mass_blocks_matches_reference():
     ref = reference.select(q.double(), k.double(), p, config, D**-0.5)
     assert torch.equal(mine.block_budgets.cpu(), ref.block_budgets.cpu())
     assert torch.equal(mine.mask.cpu(), ref.mask.cpu()), selection_difference(mine, ref)
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["random", "all-equal"])
+@pytest.mark.parametrize("L,b,w", [(70, 16, 32), (1000, 16, 64), (2100, 32, 64)])
+def test_device_selection_equals_the_torch_selection(L, b, w, tie):
+    """Eq. 7 counts (float64 largest remainder), block ranks and the compact form, also when every priority and
+    every budget fraction ties (ties to the smaller block, then to the larger retain count)."""
+    from tca.backends.common import selection_torch, selection_triton
+
+    config = TCAConfig(block_size=b, window=w)
+    K = b.bit_length()
+    gen = torch.Generator().manual_seed(L)
+    budgets = torch.full((2, K), 1.0 / K, dtype=torch.float64) if tie else torch.rand(2, K, generator=gen,
+                                                                                       dtype=torch.float64)
+    budgets /= budgets.sum(-1, keepdim=True)
+    q = torch.randn(1, 6, 1, 16, generator=gen)
+    k = torch.ones(1, 2, L, 16) if tie else torch.randn(1, 2, L, 16, generator=gen)
+    q, k, budgets = q.to(DEVICE), k.to(DEVICE), budgets.to(DEVICE)
+    sel = selection_triton.select_on_device(q, k, budgets, config, 0.25)
+    mask, per_block = selection_torch.select_parts(q, k, budgets, config, 0.25)
+    assert torch.equal(sel["keep"].long(), per_block)
+    assert torch.equal(selection_triton.to_selection(sel, config, L).mask, mask)
+    counts = mask.sum(-1)
+    assert torch.equal(sel["counts"].long(), counts)
+    for h in range(2):
+        n = int(counts[0, h])
+        assert torch.equal(sel["indices"][0, h, :n].long(), mask[0, h].nonzero()[:, 0])
+        assert bool((sel["indices"][0, h, n:] == L).all())
+
+
+def test_device_selection_is_five_kernels_and_no_torch_compute(monkeypatch):
+    """The selection runs five kernels and, between them, only allocates (no torch kernel launches)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from tca.backends.common import kernels_selection, selection_triton
+
+    launches, inside = [], []
+
+    class Counted:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append(self.kernel)
+                inside.append(True)
+                try:
+                    return self.kernel[grid](*args, **kwargs)
+                finally:
+                    inside.pop()
+            return launch
+
+    for name in ("last_query_logits_kernel", "row_stats_kernel", "block_scores_kernel", "block_keep_kernel",
+                 "compact_kernel"):
+        monkeypatch.setattr(kernels_selection, name, Counted(getattr(kernels_selection, name)))
+    ALLOCATION = {"empty.memory_format", "empty_strided.default", "empty_like.default", "_to_copy.default",
+                  "select.int", "slice.Tensor", "view.default", "alias.default"}
+    computed = []
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not inside and func._opname + "." + func._overloadname not in ALLOCATION:
+                computed.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    q = torch.randn(1, 4, 1, 16, device=DEVICE)
+    k = torch.randn(1, 2, 600, 16, device=DEVICE)
+    budgets = default_budgets(16).expand(2, -1).contiguous().to(DEVICE)
+    with Ops():
+        selection_triton.select_on_device(q, k, budgets, TCAConfig(block_size=16, window=64), 0.25)
+    assert len(launches) == 5
+    assert not computed, computed

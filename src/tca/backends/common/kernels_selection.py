@@ -115,13 +115,14 @@ def block_scores_kernel(
 @triton.jit
 def compact_kernel(
     rank_ptr, keep_ptr, offsets_ptr, indices_ptr,
-    J, stride_idx_bh,
+    J, L, stride_idx_bh,
     BS: tl.constexpr,
 ):
-    """Write the selected positions of block j (rank < t_j) in ascending order at offsets[j] of their head.
+    """Write the selected positions of block j (rank < t_j) in ascending order at offsets[j] of their head, and
+    the padding value L over entries [j * BS, (j + 1) * BS) that lie past the head's count.
 
     rank: [B, HKV, J * BS] int32, keep (t_j): [B, HKV, J] int32, offsets: [B, HKV, J + 1] int32 (exclusive
-    cumulative t_j), indices: [B, HKV, N] int32.
+    cumulative t_j), indices: [B, HKV, J * BS] int32.
     """
     bh = tl.program_id(0)
     j = tl.program_id(1)
@@ -132,3 +133,91 @@ def compact_kernel(
     keep = rank < t
     slot = tl.cumsum(keep.to(tl.int32), axis=0) - 1
     tl.store(indices_ptr + bh * stride_idx_bh + start + slot, j * BS + offs_t, mask=keep)
+    count = tl.load(offsets_ptr + bh * (J + 1) + J)
+    entry = j * BS + offs_t  # entries past the count: written by no block, so no race with the stores above
+    tl.store(indices_ptr + bh * stride_idx_bh + entry, tl.zeros([BS], tl.int32) + L, mask=entry >= count)
+
+
+@triton.jit
+def row_stats_kernel(
+    part_max_ptr, part_sum_ptr, row_max_ptr, row_sum_ptr, n_chunks,
+    G: tl.constexpr, G_PAD: tl.constexpr, CHUNKS: tl.constexpr,
+):
+    """Eq. 5, pass 2: each row's max and sum of exp2 from its chunks' partial (max, sum), one program per (b, h).
+
+    part_max, part_sum: [B, HKV, G, n_chunks] fp32; row_max, row_sum: [B, HKV, G] fp32. A chunk with no finite
+    logit (max -inf, sum 0) adds 0, also when the whole row has none (row max -inf, row sum 0)."""
+    bh = tl.program_id(0)
+    offs_g = tl.arange(0, G_PAD)
+    g_ok = offs_g < G
+    row = bh * G + offs_g
+    m = tl.full([G_PAD], float("-inf"), tl.float32)
+    for c in range(0, n_chunks, CHUNKS):
+        offs_c = c + tl.arange(0, CHUNKS)
+        ok = g_ok[:, None] & (offs_c < n_chunks)[None, :]
+        m = tl.maximum(m, tl.max(tl.load(part_max_ptr + row[:, None] * n_chunks + offs_c[None, :], mask=ok,
+                                         other=float("-inf")), axis=1))
+    z = tl.zeros([G_PAD], tl.float32)
+    for c in range(0, n_chunks, CHUNKS):
+        offs_c = c + tl.arange(0, CHUNKS)
+        ok = g_ok[:, None] & (offs_c < n_chunks)[None, :]
+        pm = tl.load(part_max_ptr + row[:, None] * n_chunks + offs_c[None, :], mask=ok, other=float("-inf"))
+        ps = tl.load(part_sum_ptr + row[:, None] * n_chunks + offs_c[None, :], mask=ok, other=0.0)
+        z += tl.sum(tl.where(ps > 0, ps * tl.exp2(pm - m[:, None]), 0.0), axis=1)
+    tl.store(row_max_ptr + row, m, mask=g_ok)
+    tl.store(row_sum_ptr + row, z, mask=g_ok)
+
+
+@triton.jit
+def block_keep_kernel(
+    priority_ptr, budgets_ptr, blocks_ptr, keep_ptr, offsets_ptr,
+    J, HKV, stride_budget_h,
+    K: tl.constexpr, K_PAD: tl.constexpr, TILE: tl.constexpr, VARLEN: tl.constexpr,
+):
+    """Eq. 7 for every block of one (b, h), and the blocks' offsets in the compact form: one program per (b, h).
+
+    The counts n_k = floor(p_k J) plus one unit for each of the J - sum floor largest fractional parts (ties to the
+    larger k), in float64 as tca.backends.common.block_budgets computes them; the rank of block j by priority
+    (descending, ties to the smaller index; an all-pairs count, no sort); t_j = the largest k whose count of blocks
+    kept with k or more exceeds that rank. priority: [B, HKV, J] fp32; budgets: [HKV, K] (normalised);
+    keep: [B, HKV, J] int32; offsets: [B, HKV, J + 1] int32 (exclusive cumulative t_j).
+    VARLEN: sequence b has J_b = blocks[b] <= J blocks ([B] int32): its counts are those of J_b, and blocks
+    j >= J_b (priority -inf, ranked last) keep 0."""
+    bh = tl.program_id(0)
+    h = bh % HKV
+    if VARLEN:
+        num_blocks = tl.load(blocks_ptr + bh // HKV)
+    else:
+        num_blocks = J
+    offs_k = tl.arange(0, K_PAD)
+    k_ok = offs_k < K
+    exact = tl.load(budgets_ptr + h * stride_budget_h + offs_k, mask=k_ok, other=0.0).to(tl.float64) * num_blocks
+    floors = exact.to(tl.int64)  # exact >= 0: truncation is the floor
+    fraction = tl.where(k_ok, exact - floors.to(tl.float64), -1.0)  # padding ranks after every real k
+    ahead = (fraction[None, :] > fraction[:, None]) | (
+        (fraction[None, :] == fraction[:, None]) & (offs_k[None, :] > offs_k[:, None]))
+    remainder_rank = tl.sum(ahead.to(tl.int32), axis=1)
+    remaining = num_blocks - tl.sum(tl.where(k_ok, floors, 0), axis=0).to(tl.int32)
+    counts = tl.where(k_ok, floors.to(tl.int32) + (remainder_rank < remaining).to(tl.int32), 0)
+    # tail[k]: blocks kept with k or more (as retain count 2^k); t_j = 2^(largest k with tail[k] > rank_j)
+    tail = tl.sum(tl.where(offs_k[None, :] >= offs_k[:, None], counts[None, :], 0), axis=1)
+    carry = tl.sum(tl.zeros([TILE], tl.int32), axis=0)  # an int32 scalar, the type the loop carries
+    tl.store(offsets_ptr + bh * (J + 1), carry)
+    for start in range(0, J, TILE):
+        offs_j = start + tl.arange(0, TILE)
+        j_ok = offs_j < J
+        p_j = tl.load(priority_ptr + bh * J + offs_j, mask=j_ok, other=float("-inf"))
+        rank = tl.zeros([TILE], tl.int32)
+        for other in range(0, J, TILE):
+            offs_i = other + tl.arange(0, TILE)
+            p_i = tl.load(priority_ptr + bh * J + offs_i, mask=offs_i < J, other=float("-inf"))
+            before = (p_i[None, :] > p_j[:, None]) | ((p_i[None, :] == p_j[:, None]) & (offs_i[None, :] < offs_j[:, None]))
+            rank += tl.sum((before & (offs_i < J)[None, :]).to(tl.int32), axis=1)
+        above = (tail[None, :] > rank[:, None]) & k_ok[None, :]
+        k_j = tl.max(tl.where(above, offs_k[None, :], 0), axis=1)  # no k above: the smallest, 2^0
+        t_j = tl.where(offs_j < num_blocks, tl.full([TILE], 1, tl.int32) << k_j, 0)
+        t_j = tl.where(j_ok, t_j, 0)
+        tl.store(keep_ptr + bh * J + offs_j, t_j, mask=j_ok)
+        ends = carry + tl.cumsum(t_j, axis=0)
+        tl.store(offsets_ptr + bh * (J + 1) + 1 + offs_j, ends, mask=j_ok)
+        carry += tl.sum(t_j, axis=0)

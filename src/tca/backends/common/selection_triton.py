@@ -1,7 +1,8 @@
 """The selection on the device in Triton kernels (docs/semantics.md section 3, Eqs. 5-8): the Triton backend's,
 and the flash backend's where Triton runs (FlashAttention has no top-k). Imports triton: import it only where
-Triton runs (the flash backend imports it lazily). Eq. 7's ranks and counts are the shared torch code
-(selection_torch.block_ranks, block_budgets.py); Eqs. 5, 6 and 8 are fused in kernels_selection.py.
+Triton runs (the flash backend imports it lazily). Five kernels (kernels_selection.py): Eq. 5's logits, their
+row statistics, Eq. 6 with each token's rank in its block, Eq. 7 with the blocks' offsets (the float64 counts of
+block_budgets.py), and the compaction (Eq. 8). No torch operation runs in between except allocations.
 
 No host synchronisation: every size follows from the shapes, per-head counts stay on the device. Shape letters:
 B, HQ, HKV, G = HQ / HKV, L keys, D head dim, J budgeted blocks, b block size.
@@ -15,8 +16,6 @@ import triton
 from ...geometry import num_budgeted_blocks
 from ...selection import Selection
 from . import kernels_selection
-from .block_budgets import block_keep_from_ranks
-from .selection_torch import block_ranks
 from .triton_launch import LOG2E, precision, rows_pad
 
 
@@ -41,9 +40,10 @@ def last_query_importance_logits(q_last: torch.Tensor, k: torch.Tensor, scale: f
         G=G, G_PAD=rows_pad(G), D=D, BLOCK_L=block_l, PREC=precision(k.dtype), VARLEN=starts is not None,
         num_warps=4,
     )
-    row_max = part_max.amax(-1)
-    # chunks with no finite logit (part_max = -inf, part_sum = 0) add 0, also when the whole row has none
-    row_sum = torch.where(part_sum > 0, part_sum * torch.exp2(part_max - row_max[..., None]), 0.0).sum(-1)
+    row_max = torch.empty(B, HKV, G, device=k.device, dtype=torch.float32)
+    row_sum = torch.empty_like(row_max)
+    kernels_selection.row_stats_kernel[(B * HKV,)](part_max, part_sum, row_max, row_sum, n_chunks,
+                                                  G=G, G_PAD=rows_pad(G), CHUNKS=64, num_warps=4)
     return logits, row_max, row_sum
 
 
@@ -76,11 +76,16 @@ def select_on_device(q: torch.Tensor, k: torch.Tensor, budgets: torch.Tensor, co
         G=G, G_PAD=rows_pad(G), BS=b, MASS_MEAN=config.mass_scale == "mean", VARLEN=blocks is not None,
         num_warps=4 if b <= 128 else 8,
     )
-    keep = block_keep_from_ranks(block_ranks(priority), budgets, blocks).to(torch.int32)
-    offsets = torch.zeros(B, HKV, J + 1, device=dev, dtype=torch.int32)
-    torch.cumsum(keep, dim=-1, out=offsets[..., 1:])
-    indices = torch.full((B, HKV, J * b), L, device=dev, dtype=torch.int32)
-    kernels_selection.compact_kernel[(B * HKV, J)](rank, keep, offsets, indices, J, indices.stride(1), BS=b)
+    keep = torch.empty(B, HKV, J, device=dev, dtype=torch.int32)
+    offsets = torch.empty(B, HKV, J + 1, device=dev, dtype=torch.int32)
+    budgets = budgets.to(dev).contiguous()
+    K = budgets.shape[-1]
+    kernels_selection.block_keep_kernel[(B * HKV,)](
+        priority, budgets, priority if blocks is None else blocks, keep, offsets, J, HKV, budgets.stride(0),
+        K=K, K_PAD=triton.next_power_of_2(K), TILE=128, VARLEN=blocks is not None, num_warps=4,
+    )
+    indices = torch.empty(B, HKV, J * b, device=dev, dtype=torch.int32)
+    kernels_selection.compact_kernel[(B * HKV, J)](rank, keep, offsets, indices, J, L, indices.stride(1), BS=b)
     return {"rank": rank, "keep": keep, "offsets": offsets, "indices": indices, "counts": offsets[..., -1]}
 
 
