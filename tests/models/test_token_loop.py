@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tca.models import TCACache, cache_kwargs, enable_tca, graph_decoding
+from tca.models.cache_argument import cache_argument
 from tca.models.tiny_random import tiny_model
 from tca.models.token_loop import CHECK_EVERY, token_loop
 
@@ -27,10 +28,10 @@ def eager_loop(model, input_ids, logits_processor, stopping_criteria, generation
     max_new = generation_config.max_new_tokens
 
     def next_logits(step, token):
-        return model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1].float()
+        return model(input_ids=token, use_cache=True, **{cache_argument(model): cache}).logits[:, -1].float()
 
     with torch.no_grad():
-        logits = model(input_ids=input_ids, past_key_values=cache, use_cache=True).logits[:, -1].float()
+        logits = model(input_ids=input_ids, use_cache=True, **{cache_argument(model): cache}).logits[:, -1].float()
         return token_loop(logits, next_logits, input_ids, max_new, logits_processor, stopping_criteria,
                           generation_config)
 
@@ -96,10 +97,10 @@ def test_streamer_gets_every_token_and_ends(model, prompts):
     config._pad_token_tensor = torch.tensor(0)
 
     def next_logits(step, token):
-        return model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1].float()
+        return model(input_ids=token, use_cache=True, **{cache_argument(model): cache}).logits[:, -1].float()
 
     with torch.no_grad():
-        logits = model(input_ids=one, past_key_values=cache, use_cache=True).logits[:, -1].float()
+        logits = model(input_ids=one, use_cache=True, **{cache_argument(model): cache}).logits[:, -1].float()
         got = token_loop(logits, next_logits, one, MAX_NEW, lambda ids, scores: scores, never_stop, config, streamer)
     assert torch.equal(got, expected)
     assert torch.equal(torch.cat(streamer.tokens, dim=-1)[0], got[0, PROMPT:])
