@@ -85,12 +85,21 @@ def test_tick_publishes_at_most_every_interval(folder, monkeypatch):
     assert published() == 2
 
 
-def test_prepare_names_the_folder_once_and_registers_the_collector(tmp_path, monkeypatch):
+def test_prepare_names_a_folder_once_per_process_and_registers_the_collector(monkeypatch):
     monkeypatch.delenv(stats.ENV, raising=False)
+    monkeypatch.setattr(stats, "_collector", None)
     registry = prometheus_client.CollectorRegistry()
     monkeypatch.setattr(prometheus_client, "REGISTRY", registry)
     stats.prepare()
     folder = stats.os.environ[stats.ENV]
-    stats.prepare()  # a second plugin load in the same process, or a child process: nothing new
+    stats.prepare()  # vLLM loads plugins more than once per process: nothing new
     assert stats.os.environ[stats.ENV] == folder
     assert [c for c in registry._collector_to_names if isinstance(c, stats.Collector)] == [stats._collector]
+
+
+def test_prepare_keeps_a_folder_the_environment_names(tmp_path, monkeypatch):
+    monkeypatch.setenv(stats.ENV, str(tmp_path))  # named by the parent process (or the user)
+    monkeypatch.setattr(stats, "_collector", None)
+    monkeypatch.setattr(prometheus_client, "REGISTRY", prometheus_client.CollectorRegistry())
+    stats.prepare()
+    assert stats.os.environ[stats.ENV] == str(tmp_path) and stats._collector.folder == tmp_path

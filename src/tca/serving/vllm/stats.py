@@ -37,20 +37,23 @@ _collector = None
 
 
 def prepare() -> None:
-    """In the first process that loads the plugin: name the folder (made by the first process that publishes,
-    removed when this one exits), and put the collector on prometheus_client's default registry, which
-    `vllm serve` exposes at /metrics. An engine without TCA layers never makes the folder."""
+    """Once per process: unless the environment names the folder already (a process started by one that did, or
+    the user), name one (made by the first process that publishes, removed when this one exits); and put the
+    collector on prometheus_client's default registry, which `vllm serve` exposes at /metrics from the API server
+    process (the first to load the plugin). An engine without TCA layers never makes the folder."""
     global _collector
-    if os.environ.get(ENV):
+    if _collector is not None:
         return
-    folder = Path(tempfile.gettempdir()) / f"tca-vllm-stats-{os.getpid()}"
-    os.environ[ENV] = str(folder)  # inherited by the engine core and worker processes started after this
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    folder = os.environ.get(ENV)
+    if not folder:
+        folder = str(Path(tempfile.gettempdir()) / f"tca-vllm-stats-{os.getpid()}")
+        os.environ[ENV] = folder  # inherited by the engine core and worker processes started after this
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    _collector = Collector(Path(folder))
     try:
         from prometheus_client import REGISTRY
     except ImportError:  # vLLM depends on it; without it the log lines remain
         return
-    _collector = Collector(folder)
     REGISTRY.register(_collector)
 
 
