@@ -10,12 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tca.models import TCACache, cache_kwargs, enable_tca, graph_decoding
-from tca.models.cache_argument import cache_argument
-from tca.models.tiny_random import tiny_model
-from tca.models.token_loop import CHECK_EVERY, token_loop
-
 transformers = pytest.importorskip("transformers")
+
+from tca.models import TCACache, cache_kwargs, enable_tca, graph_decoding  # noqa: E402
+from tca.models.cache_argument import cache_argument  # noqa: E402
+from tca.models.tiny_random import tiny_model  # noqa: E402
+from tca.models.token_loop import CHECK_EVERY, token_loop  # noqa: E402
 
 PROMPT = 12
 MAX_NEW = 2 * CHECK_EVERY + 5  # more than two checks, and not a multiple of them
