@@ -1,5 +1,6 @@
 """`vllm serve` with the TCA plugin, end to end: start the OpenAI server on 127.0.0.1, send concurrent completion
-requests of mixed lengths, check that every one is answered and that the start-up log states the TCA settings.
+requests of mixed lengths, check that every one is answered, that the start-up log states the TCA settings, and
+that the server's /metrics reports the KV its TCA decode steps read (tca:* metrics, tca.serving.vllm.stats).
 
     python benchmarks/vllm_serve_check.py --model DIR --requests 32 --out serve.json
 
@@ -19,11 +20,20 @@ import sys
 import time
 import urllib.request
 
+from tca.serving.vllm.stats import PUBLISH_SECONDS
+
 
 def post(url: str, body: dict, timeout: float) -> dict:
     request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=timeout) as response:
         return json.load(response)
+
+
+def tca_metrics(url: str) -> dict[str, float]:
+    """The tca:* samples of the server's /metrics."""
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as response:
+        lines = response.read().decode().splitlines()
+    return {name: float(value) for name, value in (line.rsplit(" ", 1) for line in lines if line.startswith("tca:"))}
 
 
 def wait_healthy(url: str, server: subprocess.Popen, limit_s: float) -> None:
@@ -71,6 +81,9 @@ def main() -> int:
         result["wall_s"] = time.time() - began
         result["answered"] = sum(len(a["choices"]) == 1 and a["usage"]["completion_tokens"] == args.max_tokens
                                  for a in answers)
+        time.sleep(PUBLISH_SECONDS + 1)  # the layer processes publish their totals every few seconds while they run
+        post(url + "/v1/completions", {**body, "prompt": prompts[0]}, 300)
+        result["metrics"] = tca_metrics(url)
     finally:
         server.terminate()
         try:
@@ -84,7 +97,8 @@ def main() -> int:
     if args.out:
         with open(args.out, "w") as handle:
             json.dump(result, handle, indent=1)
-    return 0 if result.get("answered") == args.requests and lines else 1
+    read = result.get("metrics", {}).get("tca:decode_kv_read_bytes_total", 0)
+    return 0 if result.get("answered") == args.requests and lines and read > 0 else 1
 
 
 if __name__ == "__main__":
