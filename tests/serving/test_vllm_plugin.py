@@ -196,20 +196,10 @@ def test_smollm2_shipped_plan_runs_chunked(smollm2, monkeypatch):
 
 @pytest.fixture(scope="module")
 def qwen(tmp_path_factory):
-    """Qwen2.5-Coder-0.5B-Instruct (14 query / 2 KV heads, 24 layers), dequantized from its GGUF (joined from the
-    wheels by tca.models.qwen25, or $TCA_QWEN_GGUF), saved as a Hugging Face folder for vLLM."""
-    import os
+    """Qwen2.5-Coder-0.5B-Instruct saved as a Hugging Face folder for vLLM (float32, as the CPU lane runs)."""
+    from helpers import qwen25_folder
 
-    pytest.importorskip("gguf", reason="Qwen2.5 ships as GGUF: pip install gguf")
-    from tca.models import qwen25
-    from tca.models.plain_copy import save_plain
-
-    try:
-        path = os.environ.get("TCA_QWEN_GGUF") or qwen25.qwen25_gguf()
-    except ImportError as error:  # the wheels are not installed
-        pytest.skip(str(error))
-    model, tokenizer = qwen25.load_qwen25(gguf=path)
-    return str(save_plain(model, tokenizer, tmp_path_factory.mktemp("qwen2.5-0.5b")))
+    return qwen25_folder(tmp_path_factory.mktemp("qwen2.5-0.5b"))
 
 
 def test_qwen_dense_budgets_give_vllm_tokens_and_the_shipped_plan_reads_less(qwen, monkeypatch):
