@@ -151,19 +151,23 @@ def row_stats_kernel(
     offs_g = tl.arange(0, G_PAD)
     g_ok = offs_g < G
     row = bh * G + offs_g
-    m = tl.full([G_PAD], float("-inf"), tl.float32)
+    # Both passes keep a [G_PAD, CHUNKS] accumulator and reduce once after the loop: a reduction carried through
+    # the loop whose result is used twice after it fails Triton 3.6's thread-locality pass on CUDA (an assertion).
+    m_acc = tl.full([G_PAD, CHUNKS], float("-inf"), tl.float32)
     for c in range(0, n_chunks, CHUNKS):
         offs_c = c + tl.arange(0, CHUNKS)
         ok = g_ok[:, None] & (offs_c < n_chunks)[None, :]
-        m = tl.maximum(m, tl.max(tl.load(part_max_ptr + row[:, None] * n_chunks + offs_c[None, :], mask=ok,
-                                         other=float("-inf")), axis=1))
-    z = tl.zeros([G_PAD], tl.float32)
+        m_acc = tl.maximum(m_acc, tl.load(part_max_ptr + row[:, None] * n_chunks + offs_c[None, :], mask=ok,
+                                          other=float("-inf")))
+    m = tl.max(m_acc, axis=1)
+    z_acc = tl.zeros([G_PAD, CHUNKS], tl.float32)
     for c in range(0, n_chunks, CHUNKS):
         offs_c = c + tl.arange(0, CHUNKS)
         ok = g_ok[:, None] & (offs_c < n_chunks)[None, :]
         pm = tl.load(part_max_ptr + row[:, None] * n_chunks + offs_c[None, :], mask=ok, other=float("-inf"))
         ps = tl.load(part_sum_ptr + row[:, None] * n_chunks + offs_c[None, :], mask=ok, other=0.0)
-        z += tl.sum(tl.where(ps > 0, ps * tl.exp2(pm - m[:, None]), 0.0), axis=1)
+        z_acc += tl.where(ps > 0, ps * tl.exp2(pm - m[:, None]), 0.0)
+    z = tl.sum(z_acc, axis=1)
     tl.store(row_max_ptr + row, m, mask=g_ok)
     tl.store(row_sum_ptr + row, z, mask=g_ok)
 
@@ -172,7 +176,7 @@ def row_stats_kernel(
 def block_keep_kernel(
     priority_ptr, budgets_ptr, blocks_ptr, keep_ptr, offsets_ptr,
     J, HKV, stride_budget_h,
-    K: tl.constexpr, K_PAD: tl.constexpr, TILE: tl.constexpr, VARLEN: tl.constexpr,
+    K: tl.constexpr, K_PAD: tl.constexpr, TILE: tl.constexpr, OTHERS: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """Eq. 7 for every block of one (b, h), and the blocks' offsets in the compact form: one program per (b, h).
 
@@ -207,12 +211,15 @@ def block_keep_kernel(
         offs_j = start + tl.arange(0, TILE)
         j_ok = offs_j < J
         p_j = tl.load(priority_ptr + bh * J + offs_j, mask=j_ok, other=float("-inf"))
-        rank = tl.zeros([TILE], tl.int32)
-        for other in range(0, J, TILE):
-            offs_i = other + tl.arange(0, TILE)
+        # pairs counted in a [TILE, OTHERS] accumulator, reduced after the loop (no reduction carried through it:
+        # see row_stats_kernel)
+        ahead_of_j = tl.zeros([TILE, OTHERS], tl.int32)
+        for other in range(0, J, OTHERS):
+            offs_i = other + tl.arange(0, OTHERS)
             p_i = tl.load(priority_ptr + bh * J + offs_i, mask=offs_i < J, other=float("-inf"))
             before = (p_i[None, :] > p_j[:, None]) | ((p_i[None, :] == p_j[:, None]) & (offs_i[None, :] < offs_j[:, None]))
-            rank += tl.sum((before & (offs_i < J)[None, :]).to(tl.int32), axis=1)
+            ahead_of_j += (before & (offs_i < J)[None, :]).to(tl.int32)
+        rank = tl.sum(ahead_of_j, axis=1)
         above = (tail[None, :] > rank[:, None]) & k_ok[None, :]
         k_j = tl.max(tl.where(above, offs_k[None, :], 0), axis=1)  # no k above: the smallest, 2^0
         t_j = tl.where(offs_j < num_blocks, tl.full([TILE], 1, tl.int32) << k_j, 0)

@@ -82,7 +82,7 @@ def select_on_device(q: torch.Tensor, k: torch.Tensor, budgets: torch.Tensor, co
     K = budgets.shape[-1]
     kernels_selection.block_keep_kernel[(B * HKV,)](
         priority, budgets, priority if blocks is None else blocks, keep, offsets, J, HKV, budgets.stride(0),
-        K=K, K_PAD=triton.next_power_of_2(K), TILE=128, VARLEN=blocks is not None, num_warps=4,
+        K=K, K_PAD=triton.next_power_of_2(K), TILE=128, OTHERS=32, VARLEN=blocks is not None, num_warps=4,
     )
     indices = torch.empty(B, HKV, J * b, device=dev, dtype=torch.int32)
     kernels_selection.compact_kernel[(B * HKV, J)](rank, keep, offsets, indices, J, L, indices.stride(1), BS=b)
