@@ -90,7 +90,8 @@ def prefill(q, k, v, *, budgets=None, config=None, scale=None, layout=None, back
     tokens and the local window; `cache.nbytes` is its real size. Continue with `decode`.
     policy: None (section 5, the paper's rule: evicted tokens are dropped) or tca.Reselect(every=N, offload=...)
     (section 5c: evicted tokens are kept, on the device or in host memory, and the active tokens are chosen again
-    by the current query every N decode steps; every=0 is section 5). Below the crossover, backend="auto" returns the
+    by the current query every N decode steps; every=0 is section 5; blocks=M lets only the evicted tokens of the M
+    blocks whose key summaries bound the query's logits highest compete). Below the crossover, backend="auto" returns the
     dense path's cache whatever the policy: it keeps and attends every token, so there is nothing to re-select.
     starts: a left-padded batch (section 9.1): starts[b] padding tokens precede sequence b (ints, or a 1D integer
     tensor of B). Each sequence is prefilled as if alone; padding rows of out are 0 and the cache holds each
@@ -186,8 +187,8 @@ def _reselecting(cache, k, v, policy):
     if cache.backend == "reference":  # the oracle's cache (the oracle is loaded: it made the cache)
         from .reference.reselect import ReselectingReferenceCache
 
-        return ReselectingReferenceCache.wrap(cache, k, v, policy.every)
-    return ReselectingCache.from_prefill(cache, k, v, every=policy.every, offload=policy.offload)
+        return ReselectingReferenceCache.wrap(cache, k, v, policy.every, policy.blocks)
+    return ReselectingCache.from_prefill(cache, k, v, every=policy.every, offload=policy.offload, blocks=policy.blocks)
 
 
 def decode(q, k, v, cache, *, layout=None, backend="auto"):

@@ -107,12 +107,14 @@ def test_reselecting_variant_shares_the_plan_reads_as_much_and_holds_everything(
     model, tokenizer = tiny_llama(seed=1)
     paper = fixed(1, TINY_CONFIG)
     every16, offloaded = reselecting(paper, 16), reselecting(paper, 1, offload=True)
+    one_block = reselecting(paper, 1, offload=True, blocks=1)
     runner = Runner(model, "auto", torch.zeros(1, 8, dtype=torch.long), progress=False)
     grid = Grid(tasks=["niah_single"], lengths=[512], depths=[0.5], ppl_lengths=[])
-    results = evaluate(runner, tokenizer, [paper, every16, offloaded], grid, progress=False)
+    results = evaluate(runner, tokenizer, [paper, every16, offloaded, one_block], grid, progress=False)
     assert list(runner.plans) == [paper.name]
     row = {r["method"]: r for r in results["needles"]}
-    assert results["methods"][every16.name]["policy"] == {"reselect_every": 16, "offload": False}
+    assert results["methods"][every16.name]["policy"] == {"reselect_every": 16, "offload": False, "blocks": None}
+    assert one_block.name == f"{paper.name}-reselect1-blocks1"
     # The same tokens read by attention; the store holds the rest, on the device or in host memory.
     assert row[every16.name]["kept_fraction"] == row[paper.name]["kept_fraction"] < 0.6
     assert row[every16.name]["device_bytes"] > row[paper.name]["device_bytes"] == row[paper.name]["cache_bytes"]
@@ -121,6 +123,9 @@ def test_reselecting_variant_shares_the_plan_reads_as_much_and_holds_everything(
     # Re-selection reads the keys before the window once per period on top of the active set.
     assert row[paper.name]["read_bytes_per_step"] < row[every16.name]["read_bytes_per_step"]
     assert row[every16.name]["read_bytes_per_step"] < row[offloaded.name]["read_bytes_per_step"]
+    # Over one candidate block a re-selection reads the active keys, one block's evicted keys and the summaries.
+    assert row[paper.name]["read_bytes_per_step"] < row[one_block.name]["read_bytes_per_step"]
+    assert row[one_block.name]["read_bytes_per_step"] < row[offloaded.name]["read_bytes_per_step"]
 
 
 def test_runner_names_the_backend_so_the_crossover_never_replaces_a_plan():

@@ -35,7 +35,14 @@ def group_scores(q_i, keys):
     return torch.stack([(scale * (keys @ qh)).softmax(0) for qh in q_i]).mean(0).tolist()
 
 
-def simulate_step(active, i, q_i, k_seq, b, w, t, reselect_now):
+def block_bound(q_i, block_keys):
+    """Section 5c step 1c by hand: max over the group's heads of scale * sum_d max(q_d min_d, q_d max_d)."""
+    scale = q_i.shape[-1] ** -0.5
+    low, high = block_keys.min(0).values, block_keys.max(0).values
+    return max(float(scale * sum(max(qh[d] * low[d], qh[d] * high[d]) for d in range(len(qh)))) for qh in q_i)
+
+
+def simulate_step(active, i, q_i, k_seq, b, w, t, reselect_now, blocks=None):
     """Section 5c on a list of active positions of one head; returns the new list (sorted)."""
     active = active + [i]
     if lo(i, b, w) > lo(i - 1, b, w):
@@ -46,18 +53,24 @@ def simulate_step(active, i, q_i, k_seq, b, w, t, reselect_now):
     if reselect_now:
         held_before = [j for j in active if j < lo(i, b, w)]
         candidates = list(range(lo(i, b, w)))  # held or evicted: nothing before the window is ever lost
+        if blocks is not None:  # steps 1a-1e: only the evicted tokens of the chosen blocks
+            evicted = [j for j in candidates if j not in held_before]
+            evicted_blocks = sorted({j // b for j in evicted})
+            bounds = {c: block_bound(q_i, k_seq[c * b : (c + 1) * b]) for c in evicted_blocks}
+            chosen = set(sorted(evicted_blocks, key=lambda c: (-bounds[c], c))[:blocks])
+            candidates = sorted(set(held_before) | {j for j in evicted if j // b in chosen})
         scores = group_scores(q_i, k_seq[candidates])
         best = sorted(range(len(candidates)), key=lambda n: (-scores[n], n))[: len(held_before)]
         active = sorted(candidates[n] for n in best) + [j for j in active if j >= lo(i, b, w)]
     return active
 
 
-def run(HQ, HKV, L0, steps, b, w, budgets, every, seed, B=2, D=16):
+def run(HQ, HKV, L0, steps, b, w, budgets, every, seed, B=2, D=16, blocks=None):
     G = HQ // HKV
     q, k, v = make_qkv(B, HQ, HKV, L0 + steps, D, seed=seed)
     config = tca.TCAConfig(block_size=b, window=w)
     scale = D**-0.5
-    out0, cache = reselect.prefill(q[:, :, :L0], k[:, :, :L0], v[:, :, :L0], budgets, config, scale, every)
+    out0, cache = reselect.prefill(q[:, :, :L0], k[:, :, :L0], v[:, :, :L0], budgets, config, scale, every, blocks)
     plain_out, _ = reference.prefill(q[:, :, :L0], k[:, :, :L0], v[:, :, :L0], budgets, config, scale)
     torch.testing.assert_close(out0, plain_out, atol=0, rtol=0)
     active = [[cache.active.positions[bi][g].tolist() for g in range(HKV)] for bi in range(B)]
@@ -70,7 +83,7 @@ def run(HQ, HKV, L0, steps, b, w, budgets, every, seed, B=2, D=16):
         for bi in range(B):
             for g in range(HKV):
                 q_i = q[bi, g * G : (g + 1) * G, i]
-                active[bi][g] = simulate_step(active[bi][g], i, q_i, k[bi, g], b, w, keep[g], now)
+                active[bi][g] = simulate_step(active[bi][g], i, q_i, k[bi, g], b, w, keep[g], now, blocks)
                 kept = active[bi][g]
                 assert cache.active.positions[bi][g].tolist() == kept
                 assert torch.equal(cache.active.keys[bi][g], k[bi, g, kept])
@@ -95,7 +108,34 @@ def test_reselection_follows_section_5c(every, L0, steps, b, w, heads):
     assert reselected == -(-steps // every) and cache.steps == steps
 
 
+@pytest.mark.parametrize("blocks", [1, 3])
+@pytest.mark.parametrize("every", [1, 5])
+@pytest.mark.parametrize("L0,steps,b,w,heads", [(120, 40, 16, 32, (4, 2)), (150, 40, 32, 64, (3, 1))])
+def test_candidate_blocks_follow_section_5c(blocks, every, L0, steps, b, w, heads):
+    """blocks=M: only the evicted tokens of the M blocks of largest bound compete (steps 1a-1e, by hand)."""
+    HQ, HKV = heads
+    budgets = random_budgets(HKV, b, seed=L0 + blocks)
+    _, _, _, _, cache, _ = run(HQ, HKV, L0, steps, b, w, budgets, every, seed=L0 + every, blocks=blocks)
+    assert cache.blocks == blocks
 
+
+def test_enough_candidate_blocks_equal_every_block_and_fewer_change_the_choice():
+    L0, steps, b, w, HQ, HKV = 200, 30, 16, 32, 4, 2
+    budgets = random_budgets(HKV, b, seed=9)
+    every_block = run(HQ, HKV, L0, steps, b, w, budgets, 1, seed=5)[0]
+    all_blocks = run(HQ, HKV, L0, steps, b, w, budgets, 1, seed=5, blocks=(L0 + steps) // b)[0]
+    torch.testing.assert_close(all_blocks, every_block, atol=0, rtol=0)
+    one_block = run(HQ, HKV, L0, steps, b, w, budgets, 1, seed=5, blocks=1)[0]
+    assert not torch.equal(one_block, every_block)
+
+
+def test_a_block_bound_is_at_least_every_logit_of_the_block():
+    q, k, _ = make_qkv(1, 4, 1, 64, 16, seed=12)
+    q_i = q[0, :, -1]
+    for c in range(4):
+        block = k[0, 0, c * 16 : (c + 1) * 16]
+        logits = (16**-0.5) * (block @ q_i.T)  # [16 tokens, 4 heads]
+        assert block_bound(q_i, block) >= float(logits.max()) - 1e-12
 
 
 def test_reselection_changes_the_active_set():

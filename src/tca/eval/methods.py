@@ -60,7 +60,8 @@ class Method:
             "config": self.config.to_dict() if self.config else None,
             "mu": self.mu,
             "cache": self.cache,
-            "policy": None if self.policy is None else {"reselect_every": self.policy.every, "offload": self.policy.offload},
+            "policy": None if self.policy is None else {"reselect_every": self.policy.every, "offload": self.policy.offload,
+                                                        "blocks": self.policy.blocks},
             "calibration": self.calibration,
             "prefill_chunk": self.prefill_chunk,
         }
@@ -79,9 +80,11 @@ def fixed(mu: float, config: TCAConfig = SMALL_MODEL_CONFIG, name: str | None = 
     return Method(name or f"tca-fixed{round(100 * keep)}", "fixed", config, mu)
 
 
-def reselecting(method: Method, every: int, offload: bool = False) -> Method:
-    """`method` decoding with re-selection every `every` steps (section 5c), on the same plan."""
-    return replace(method, name=f"{method.name}-reselect{every}", policy=Reselect(every=every, offload=offload),
+def reselecting(method: Method, every: int, offload: bool = False, blocks: int | None = None) -> Method:
+    """`method` decoding with re-selection every `every` steps (section 5c; over `blocks` candidate blocks when
+    given), on the same plan."""
+    suffix = f"-reselect{every}" + ("" if blocks is None else f"-blocks{blocks}")
+    return replace(method, name=method.name + suffix, policy=Reselect(every=every, offload=offload, blocks=blocks),
                    plan_of=method.plan_of or method.name)
 
 
@@ -205,8 +208,13 @@ class Runner:
             read += int(active.used_nbytes)
             if active is not state:  # + the keys of every candidate (tokens before the window) once per period
                 b, w = active.config.block_size, active.config.window
-                candidates = sum(window_start(n - 1, b, w) for n in active.seq_lens) * active.num_kv_heads
-                read += candidates * active.head_dim * active.dtype.itemsize // state.every
+                before = torch.tensor([window_start(n - 1, b, w) for n in active.seq_lens])[:, None]  # [B, 1]
+                candidates = before.expand(-1, active.num_kv_heads)
+                blocks = getattr(state, "blocks", None)
+                if blocks is not None:  # the active global keys, the chosen blocks' evicted ones, the summaries
+                    evicted = state.evicted_lengths.to(torch.int64)
+                    candidates = before - evicted + evicted.clamp_max(blocks * b) + 2 * (before // b)
+                read += int(candidates.sum()) * active.head_dim * active.dtype.itemsize // state.every
         return {"device_bytes": int(cache.device_nbytes), "offloaded_bytes": int(cache.offloaded_nbytes),
                 "read_bytes_per_step": read}
 

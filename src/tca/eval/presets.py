@@ -10,8 +10,8 @@
 - "quick" (what `python -m tca eval` runs with no arguments): dense, the demo's plan level (tau 0.97) and one
   fixed budget, single needles at 2K tokens and three depths, one perplexity text: 1-2 minutes on a 2-core CPU
   (SmolLM2-135M, model loading included; the run prints its own estimate first).
-- "reselect": decode with re-selection (section 5c) every 1, 16, 64 steps against the paper's rule, on the plan
-  calibrated at tau 0.99, single and multi-key needles at 2K.
+- "reselect": decode with re-selection (section 5c) every 1, 16, 64 steps, and every step over 4 or 8 candidate
+  blocks, against the paper's rule, on the plan calibrated at tau 0.99, single and multi-key needles at 2K.
 - "smoke": a seconds-long run for tests and a first check on a new machine.
 """
 
@@ -82,6 +82,7 @@ def preset(name: str) -> tuple[list[Method], Grid, int]:
         # selection per step recovers them at tau 0.99, not at a fixed 31% budget).
         paper = calibrated(0.99)
         methods = [dense(), paper] + [reselecting(paper, n) for n in (1, 16, 64)]
+        methods += [reselecting(paper, 1, blocks=m) for m in (4, 8)]
         grid = Grid(tasks=["niah_single", "niah_multikey"], lengths=[2048], depths=[0.1, 0.3, 0.5, 0.7, 0.9],
                     ppl_lengths=[])
         return methods, grid, 4096

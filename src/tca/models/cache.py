@@ -259,8 +259,8 @@ class TCACache(Cache):
     A long prompt can be prefilled in chunks (docs/semantics.md section 5b): `tca.models.prefill_in_chunks`, or
     by hand `cache.begin_chunked_prefill(mode)`, one forward call per chunk, `cache.end_chunked_prefill()`.
 
-    policy: None (section 5, the paper's rule) or tca.Reselect(every=N, offload=...) (section 5c: evicted tokens
-    are kept and re-selected every N decode steps); `nbytes` then counts the evicted store too, and
+    policy: None (section 5, the paper's rule) or tca.Reselect(every=N, offload=..., blocks=...) (section 5c:
+    evicted tokens are kept and re-selected every N decode steps, over M candidate blocks with blocks=M); `nbytes` then counts the evicted store too, and
     `device_nbytes` / `offloaded_nbytes` split it by where it lives.
     """
 

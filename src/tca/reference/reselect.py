@@ -29,7 +29,8 @@ def _of_active(name: str) -> property:
 class ReselectingReferenceCache:
     """The active set (`active`, section 5) plus the evicted store: ragged [b][h] keys, values, positions.
 
-    every: decode steps between re-selections (>= 1); steps: decode steps done since the prefill.
+    every: decode steps between re-selections (>= 1); steps: decode steps done since the prefill; blocks: None,
+    or the number of evicted blocks whose tokens are candidates (the "candidate blocks" of section 5c).
     """
 
     active: ReferenceKVCache
@@ -38,11 +39,13 @@ class ReselectingReferenceCache:
     evicted_positions: list[list[torch.Tensor]]
     every: int
     steps: int = 0
+    blocks: int | None = None
 
     backend = "reference"
 
     @classmethod
-    def wrap(cls, cache: ReferenceKVCache, k: torch.Tensor, v: torch.Tensor, every: int) -> ReselectingReferenceCache:
+    def wrap(cls, cache: ReferenceKVCache, k: torch.Tensor, v: torch.Tensor, every: int,
+             blocks: int | None = None) -> ReselectingReferenceCache:
         """The store after a prefill: every position before the cache's seq_len that `cache` does not hold.
 
         k, v [B, HKV, L, D]: the prompt's dense keys and values (L = cache.seq_len)."""
@@ -54,6 +57,7 @@ class ReselectingReferenceCache:
             evicted_values=[[v[b, h, dropped[b][h]] for h in range(H)] for b in range(B)],
             evicted_positions=dropped,
             every=every,
+            blocks=blocks,
         )
 
     # Shapes and sizes, as the section 5 cache reports them (lengths: what attention reads).
@@ -105,12 +109,12 @@ class ReselectingReferenceCache:
     seq_lens = _of_active("seq_lens")
 
 
-def prefill(q, k, v, budgets: torch.Tensor, config, scale: float, every: int):
+def prefill(q, k, v, budgets: torch.Tensor, config, scale: float, every: int, blocks: int | None = None):
     """Section 4 over the prompt, plus the re-selecting cache (section 5 cache + evicted store).
 
     q: [B, HQ, L, D], k, v: [B, HKV, L, D]  ->  (out [B, HQ, L, D], ReselectingReferenceCache)."""
     out, cache = section5_prefill(q, k, v, budgets, config, scale)
-    return out, ReselectingReferenceCache.wrap(cache, k, v, every)
+    return out, ReselectingReferenceCache.wrap(cache, k, v, every, blocks)
 
 
 def decode_and_reselect(q, k, v, cache: ReselectingReferenceCache) -> torch.Tensor:
@@ -140,7 +144,9 @@ def decode_and_reselect(q, k, v, cache: ReselectingReferenceCache) -> torch.Tens
                 store = _merge(store, [keys[~keep], values[~keep], positions[~keep]])
                 keys, values, positions = keys[keep], values[keep], positions[keep]
             if reselect:
-                (keys, values, positions), store = _reselect(queries, [keys, values, positions], store, lo_now, active.scale)
+                (keys, values, positions), store = _reselect(
+                    queries, [keys, values, positions], store, lo_now, active.scale, cache.blocks, b_size
+                )
             out[b, h * G : (h + 1) * G, 0] = attend_held(queries, keys, values, active.scale).to(q.dtype)
             active.keys[b][h], active.values[b][h], active.positions[b][h] = keys, values, positions
             cache.evicted_keys[b][h], cache.evicted_values[b][h], cache.evicted_positions[b][h] = store
@@ -149,13 +155,17 @@ def decode_and_reselect(q, k, v, cache: ReselectingReferenceCache) -> torch.Tens
     return out
 
 
-def _reselect(queries, held, store, lo: int, scale: float):
-    """Section 5c "how": the candidates (held tokens before `lo`, and the store) compete for the n places the
-    held ones had; importance = the group's mean of a softmax over the candidates. Returns (held, store)."""
+def _reselect(queries, held, store, lo: int, scale: float, blocks: int | None = None, block_size: int = 0):
+    """Section 5c "how": the candidates (held tokens before `lo`, and the store, or with `blocks` only its tokens in
+    the chosen blocks) compete for the n places the held ones had; importance = the group's mean of a softmax
+    over the candidates. Returns (held, store)."""
     keys, values, positions = held
     before = positions < lo
     n = int(before.sum())
-    candidates = _merge([keys[before], values[before], positions[before]], store)  # position order
+    past = _merge([keys[before], values[before], positions[before]], store)  # every position before lo, in order
+    from_store = torch.isin(past[2], store[2])
+    candidate = ~from_store | _in_chosen_blocks(queries, past[0], past[2], from_store, blocks, block_size, scale)
+    candidates = [x[candidate] for x in past]
     cand_keys, cand_values, cand_positions = candidates
     scores = einsum(queries, cand_keys.to(queries.dtype), "g d, n d -> g n").mul(scale).softmax(-1).mean(0)
     order = scores.sort(descending=True, stable=True).indices  # ties: the smaller position (candidates ascend)
@@ -163,7 +173,28 @@ def _reselect(queries, held, store, lo: int, scale: float):
     chosen[order[:n]] = True
     window = ~before
     held = [torch.cat([c[chosen], x[window]]) for c, x in zip(candidates, held, strict=True)]
-    return held, [c[~chosen] for c in candidates]
+    not_candidates = [x[~candidate] for x in past]
+    return held, _merge([c[~chosen] for c in candidates], not_candidates)
+
+
+def _in_chosen_blocks(queries, keys, positions, from_store, blocks: int | None, block_size: int, scale: float):
+    """Section 5c steps 1a-1d: which of the past tokens (keys [n, d], positions [n], the whole past before lo in
+    order) lie in one of the `blocks` evicted blocks of largest bound. blocks None: every token."""
+    if blocks is None:
+        return torch.ones_like(from_store)
+    block_of = positions // block_size
+    evicted = block_of[from_store].unique()  # ascending block indices
+    bounds = []
+    for j in evicted.tolist():
+        block_keys = keys[block_of == j].to(queries.dtype)  # all b positions of block j
+        low, high = block_keys.amin(0), block_keys.amax(0)  # the summary [d]
+        bound = torch.maximum(queries * low, queries * high).sum(-1).mul(scale).amax()  # max over the group's heads
+        bounds.append(bound)
+    if not bounds:
+        return torch.zeros_like(from_store)
+    order = torch.stack(bounds).sort(descending=True, stable=True).indices  # ties: the smaller block
+    chosen = evicted[order[:blocks]]
+    return torch.isin(block_of, chosen)
 
 
 def _merge(a, b):

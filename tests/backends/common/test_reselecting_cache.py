@@ -14,12 +14,12 @@ from tca.backends.common.reselecting_cache import ReselectingCache
 from tca.reference.reselect import ReselectingReferenceCache
 
 
-def decode_both(L0, steps, b, w, heads, every, offload, seed, B=2, D=16, budgets=None):
+def decode_both(L0, steps, b, w, heads, every, offload, seed, B=2, D=16, budgets=None, blocks=None):
     HQ, HKV = heads
     q, k, v = make_qkv(B, HQ, HKV, L0 + steps, D, seed=seed)
     budgets = random_budgets(HKV, b, seed=seed) if budgets is None else budgets
     config = tca.TCAConfig(block_size=b, window=w)
-    policy = tca.Reselect(every=every, offload=offload)
+    policy = tca.Reselect(every=every, offload=offload, blocks=blocks)
     prompt = [t[:, :, :L0] for t in (q, k, v)]
     _, ref = tca.prefill(*prompt, budgets=budgets, config=config, backend="reference", policy=policy)
     _, fast = tca.prefill(*prompt, budgets=budgets, config=config, backend="torch", policy=policy)
@@ -55,6 +55,15 @@ def test_torch_cache_equals_reference(every, offload, L0, steps, b, w, heads):
     assert fast.device_nbytes + fast.offloaded_nbytes == fast.nbytes
 
 
+@pytest.mark.parametrize("blocks", [1, 2, 5])
+@pytest.mark.parametrize("offload", [False, True])
+@pytest.mark.parametrize("L0,steps,b,w,heads", [(120, 60, 16, 32, (4, 2)), (200, 40, 32, 64, (3, 1))])
+def test_candidate_blocks_equal_the_reference(blocks, offload, L0, steps, b, w, heads):
+    """Section 5c with blocks=M: the same chosen blocks, active sets and stores as the oracle, step by step."""
+    fast, _ = decode_both(L0, steps, b, w, heads, 1, offload, seed=L0 + blocks, blocks=blocks)
+    assert fast.blocks == blocks and int(fast.evicted_lengths.sum()) > 0
+
+
 def test_dense_budgets_store_nothing_and_equal_the_plain_cache():
     b, HKV = 16, 2
     fast, _ = decode_both(50, 40, b, 32, (4, HKV), 1, False, seed=2, budgets=tca.dense_budgets(b).expand(HKV, -1))
@@ -68,13 +77,14 @@ def test_every_zero_gives_the_plain_cache():
     assert type(cache).__name__ == "PackedKVCache"
 
 
-def test_joined_batch_decodes_like_each_sequence_alone():
+@pytest.mark.parametrize("blocks", [None, 2])
+def test_joined_batch_decodes_like_each_sequence_alone(blocks):
     """Prompts of different lengths prefilled one by one and joined (what a padded TCACache batch does)."""
     b, w, steps = 16, 32, 40
     config = tca.TCAConfig(block_size=b, window=w)
     budgets = random_budgets(2, b, seed=5)
-    policy = tca.Reselect(every=3)
-    lengths = (45, 70)
+    policy = tca.Reselect(every=3, blocks=blocks)
+    lengths = (45, 110)
     inputs = [make_qkv(1, 4, 2, L + steps, 16, seed=L) for L in lengths]
     alone, parts = [], []
     for (q, k, v), L in zip(inputs, lengths, strict=True):
@@ -100,6 +110,10 @@ def test_policy_errors():
         tca.Reselect(every=1.5)
     with pytest.raises(TypeError, match="offload must be a bool"):
         tca.Reselect(every=1, offload="yes")
+    with pytest.raises(ValueError, match="blocks must be >= 1"):
+        tca.Reselect(every=1, blocks=0)
+    with pytest.raises(TypeError, match="blocks must be None or an int"):
+        tca.Reselect(every=1, blocks=2.0)
     q, k, v = make_qkv(1, 2, 1, 40, 8)
     with pytest.raises(TypeError, match="policy must be None"):
         tca.prefill(q, k, v, policy="reselect")

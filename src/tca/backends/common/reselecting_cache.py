@@ -12,6 +12,11 @@ entering the active set takes the place of the k-th one leaving it, so only the 
 (and cross between host and device when offloaded). The global segments keep their sizes, so the bytes that
 attention reads per step are section 5's.
 
+With candidate blocks (`blocks=M`), the cache also keeps on the device the summary of every block that left the
+window (per-channel min and max of its keys, [B, HKV, J', 2, D]); a re-selection reads the store's positions and
+the summaries, bounds each block with the current query, and reads the keys of the chosen blocks' store tokens
+only (at most M b per head, gathered from the store; offloaded, only those cross to the device).
+
 Unlike the PackedKVCache, a step that re-selects or compresses reads a few counts back from the device (the
 rows to swap), so these steps are not graph-capturable; the others are the active cache's steps.
 
@@ -39,7 +44,7 @@ class ReselectingCache:
     backend = None  # any decode backend's kernels decode its active set
 
     def __init__(self, active: PackedKVCache, evicted_k, evicted_v, evicted_pos, evicted_len, *, every: int,
-                 offload: bool, steps: int = 0) -> None:
+                 offload: bool, steps: int = 0, blocks: int | None = None, summaries: torch.Tensor | None = None) -> None:
         if every < 1:
             raise ValueError(f"a re-selecting cache needs every >= 1 (every=0 is the plain PackedKVCache), got {every}")
         self.active = active
@@ -48,11 +53,16 @@ class ReselectingCache:
         self.every = int(every)
         self.offload = bool(offload)
         self.steps = int(steps)
+        self.blocks = blocks  # None, or the candidate blocks of a re-selection (section 5c)
+        # With blocks: [B, HKV, J', 2, D] per-channel min and max of the keys of each block that left the window
+        # (J' >= lo / b columns; those of a sequence's later blocks are unused), on the device
+        self.summaries = summaries
 
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def from_prefill(cls, active: PackedKVCache, k: torch.Tensor, v: torch.Tensor, *, every: int, offload: bool = False):
+    def from_prefill(cls, active: PackedKVCache, k: torch.Tensor, v: torch.Tensor, *, every: int, offload: bool = False,
+                     blocks: int | None = None):
         """The store after a prefill: the positions before each sequence's length that `active` does not hold.
 
         k, v [B, HKV, L, D]: the prompt's dense keys and values ("bhsd")."""
@@ -72,23 +82,34 @@ class ReselectingCache:
         pos = order.clamp_max(max(L - 1, 0))
         store_k, store_v = (_gather_rows(x, pos) * filled[..., None] for x in (k, v))
         store = _StoreLayout(active.device, offload)
+        summaries = None
+        if blocks is not None:  # every block before the window has left it
+            J = window_start(L - 1, active.config.block_size, active.config.window) // active.config.block_size
+            summaries = _block_summaries(k[:, :, : J * active.config.block_size], active.config.block_size)
         return cls(
             active, store.put(_pad_column(store_k)), store.put(_pad_column(store_v)),
-            store.put(_pad_column(torch.where(filled, order, 0))), counts, every=every, offload=offload,
+            store.put(_pad_column(torch.where(filled, order, 0))), counts, every=every, offload=offload, blocks=blocks,
+            summaries=summaries,
         )
 
     @classmethod
     def concat(cls, caches: list[ReselectingCache]) -> ReselectingCache:
         """One batch from caches of single sequences (prompts of different lengths), all at the same step."""
         first = caches[0]
-        if any((c.every, c.offload, c.steps) != (first.every, first.offload, first.steps) for c in caches):
-            raise ValueError("re-selecting caches joined into one batch must share every, offload and their step count")
+        if any((c.every, c.offload, c.steps, c.blocks) != (first.every, first.offload, first.steps, first.blocks)
+               for c in caches):
+            raise ValueError("re-selecting caches joined into one batch must share every, offload, blocks and their step count")
         E = max(c.evicted_columns for c in caches)
         stores = [c._widened(E) for c in caches]
+        summaries = None
+        if first.blocks is not None:
+            J = max(c.summaries.shape[2] for c in caches)
+            summaries = torch.cat([_widened_summaries(c.summaries, J) for c in caches])
         return cls(
             PackedKVCache.concat([c.active for c in caches]),
             *(torch.cat([s[n] for s in stores]) for n in range(3)),
             torch.cat([c.evicted_len for c in caches]), every=first.every, offload=first.offload, steps=first.steps,
+            blocks=first.blocks, summaries=summaries,
         )
 
     # ------------------------------------------------------------------ shape and size
@@ -123,8 +144,14 @@ class ReselectingCache:
 
     @property
     def device_nbytes(self) -> int:
-        """Bytes of keys and values allocated on the cache's device (the store too, unless offloaded)."""
-        return self.active.nbytes + (0 if self.offload else self.evicted_nbytes)
+        """Bytes of keys and values allocated on the cache's device (the store too, unless offloaded; the block
+        summaries of candidate blocks, which stay on the device)."""
+        return self.active.nbytes + (0 if self.offload else self.evicted_nbytes) + self.summary_nbytes
+
+    @property
+    def summary_nbytes(self) -> int:
+        """Bytes of the block summaries (per-channel min and max of each block's keys; 0 without blocks)."""
+        return 0 if self.summaries is None else self.summaries.numel() * self.summaries.element_size()
 
     @property
     def offloaded_nbytes(self) -> int:
@@ -137,8 +164,9 @@ class ReselectingCache:
 
     @property
     def nbytes(self) -> int:
-        """Bytes allocated for keys and values, device and host: the active set plus the evicted store."""
-        return self.active.nbytes + self.evicted_nbytes
+        """Bytes allocated for keys and values, device and host: the active set plus the evicted store (plus the
+        block summaries with candidate blocks)."""
+        return self.active.nbytes + self.evicted_nbytes + self.summary_nbytes
 
     @property
     def used_nbytes(self) -> int:
@@ -161,6 +189,8 @@ class ReselectingCache:
         leaving = self.active._leaving_host()
         if any(leaving):
             block = self._leaving_block()
+            if self.blocks is not None:
+                self._summarise(block, leaving)
             before = self.active.global_len.clone()
             self.active.compress_leaving(q)
             self._store_dropped(block, before, torch.tensor(leaving))
@@ -186,6 +216,8 @@ class ReselectingCache:
         self.active.reset()
         self.evicted_len.zero_()
         self.steps = 0
+        if self.summaries is not None:
+            self.summaries = self.summaries[:, :, :0]
 
     # ------------------------------------------------------------------ section 5 step 2: keep what it drops
 
@@ -236,9 +268,21 @@ class ReselectingCache:
         g_rows = torch.where(g_valid, a.global_start[..., None] + torch.arange(N, device=device), a.global_k.shape[0] - 1)
         e_len = self.evicted_len.to(device)
         e_valid = torch.arange(E, device=device) < e_len[..., None]  # [B, HKV, E]
-        # The bytes a re-selection reads: the keys of every candidate (the store's cross once when offloaded).
-        e_k = self.evicted_k[:, :, :E].to(device, non_blocking=True)
-        e_pos = self.evicted_pos[:, :, :E].to(device, non_blocking=True)
+        if self.blocks is None:
+            e_cols = torch.arange(E, device=device).expand_as(e_valid)  # every store column is a candidate
+        else:  # only the store columns of the chosen blocks (their positions alone are read to find them)
+            e_cols, e_valid = self._chosen_columns(qg, e_valid)
+            E = e_cols.shape[-1]
+            if E == 0:
+                return
+        # The bytes a re-selection reads: the keys of every candidate (those of the store cross once when offloaded).
+        if self.blocks is None:
+            e_k = self.evicted_k[:, :, :E].to(device, non_blocking=True)
+            e_pos = self.evicted_pos[:, :, :E].to(device, non_blocking=True)
+        else:
+            store_cols = e_cols.to(self.evicted_k.device)
+            e_k = self.evicted_k.gather(2, _expand_like(store_cols, self.evicted_k)).to(device, non_blocking=True)
+            e_pos = self.evicted_pos.gather(2, store_cols).to(device, non_blocking=True)
         cand_k = torch.cat([a.global_k[g_rows], e_k], 2).to(qg.dtype)  # [B, HKV, C, D]
         cand_pos = torch.cat([a.global_pos[g_rows], e_pos], 2)
         cand_valid = torch.cat([g_valid, e_valid], 2)
@@ -254,7 +298,8 @@ class ReselectingCache:
         entering = chosen[..., N:]  # store columns that win one; as many as leaving, per head
         P = min(N, E)
         out_idx, out_valid = _first_true(leaving, P)  # [B, HKV, P] positions in the segment
-        in_idx, _ = _first_true(entering, P)  # [B, HKV, P] store columns
+        in_idx, _ = _first_true(entering, P)  # [B, HKV, P] candidates of the store
+        in_idx = e_cols.gather(-1, in_idx)  # their store columns
         out_rows = torch.where(out_valid, g_rows.gather(-1, out_idx), a.global_k.shape[0] - 1)
         leaving_k, leaving_v, leaving_pos = a.global_k[out_rows], a.global_v[out_rows], a.global_pos[out_rows]
         # Entering rows: read from the store (values only for the rows that move), written into the leavers' rows.
@@ -267,6 +312,42 @@ class ReselectingCache:
         column = torch.where(out_valid, in_idx, self.evicted_columns)
         self._write_store(column, leaving_k, leaving_v, leaving_pos)
         _sort_segments(a, g_rows, g_valid)
+
+    def _summarise(self, block, leaving: list[bool]) -> None:
+        """Section 5c step 1b for the block leaving each moving window: its keys' per-channel min and max."""
+        start, block_k, _ = block
+        a = self.active
+        b = a.config.block_size
+        index = start // b  # [B] the leaving block of each sequence (lo(i - 1) / b, i the next position)
+        need = max(window_start(n - 1, b, a.config.window) // b for n in a.seq_lens) + 1  # the same, on the host
+        if need > self.summaries.shape[2]:  # room for 8 more blocks: growth (a copy) stays rare
+            self.summaries = _widened_summaries(self.summaries, need + 8)
+        moving = torch.tensor(leaving, device=block_k.device)
+        new = _block_summaries(block_k, b)[:, :, 0]  # [B, HKV, 2, D]
+        rows = torch.arange(block_k.shape[0], device=block_k.device)
+        self.summaries[rows, :, index] = torch.where(moving[:, None, None, None], new, self.summaries[rows, :, index])
+
+    def _chosen_columns(self, qg: torch.Tensor, e_valid: torch.Tensor):
+        """Section 5c steps 1a-1e on the store: (columns [B, HKV, P'] of the evicted tokens in the chosen blocks, which
+        of them exist), P' <= blocks x b. Reads the store's positions and the summaries, not the store's keys."""
+        a = self.active
+        b = a.config.block_size
+        E = e_valid.shape[-1]
+        J = max(window_start(n, b, a.config.window) // b for n in a.seq_lens)  # blocks before the next window
+        e_block = torch.where(e_valid, self.evicted_pos[:, :, :E].to(qg.device) // b, J)  # invalid: scratch J
+        evicted = torch.zeros(*e_valid.shape[:2], J + 1, dtype=torch.bool, device=qg.device)
+        evicted.scatter_(2, e_block, e_valid)  # blocks holding a store token (every write to one block is True)
+        summary = self.summaries[:, :, :J].to(qg.dtype)  # [B, HKV, J, 2, D]
+        low, high = summary[:, :, None, :, 0], summary[:, :, None, :, 1]  # [B, HKV, 1, J, D]
+        q = qg[:, :, :, None]  # [B, HKV, G, 1, D]
+        bound = torch.maximum(q * low, q * high).sum(-1).mul(a.scale).amax(2)  # [B, HKV, J]
+        bound = bound.masked_fill(~evicted[..., :J], -math.inf)
+        top = min(self.blocks, J)
+        ranked = bound.sort(dim=-1, descending=True, stable=True).indices[..., :top]  # ties: the smaller block
+        chosen = torch.zeros_like(evicted)
+        chosen.scatter_(2, ranked, evicted.gather(2, ranked))
+        columns = e_valid & chosen.gather(2, e_block)
+        return _first_true(columns, min(E, top * b))
 
     # ------------------------------------------------------------------ the store
 
@@ -303,7 +384,7 @@ class ReselectingCache:
         return out
 
     def __repr__(self) -> str:
-        return (f"ReselectingCache(every={self.every}, offload={self.offload}, steps={self.steps}, "
+        return (f"ReselectingCache(every={self.every}, offload={self.offload}, blocks={self.blocks}, steps={self.steps}, "
                 f"evicted={self.evicted_len.tolist()}, active={self.active!r})")
 
 
@@ -317,6 +398,20 @@ class _StoreLayout:
     def put(self, t: torch.Tensor) -> torch.Tensor:
         t = t.to(self.target)
         return t.pin_memory() if self.pin else t
+
+
+def _block_summaries(k: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Per-channel min and max of the keys of each whole block: k [B, HKV, J b, D] -> [B, HKV, J, 2, D]."""
+    B, H, n, D = k.shape
+    blocks = k.reshape(B, H, n // block_size, block_size, D)
+    return torch.stack([blocks.amin(3), blocks.amax(3)], 3)
+
+
+def _widened_summaries(summaries: torch.Tensor, J: int) -> torch.Tensor:
+    """The summaries with J block columns (new ones zero: unused until their block leaves the window)."""
+    wide = summaries.new_zeros(*summaries.shape[:2], J, *summaries.shape[3:])
+    wide[:, :, : summaries.shape[2]] = summaries[:, :, :J]
+    return wide
 
 
 def _gather_rows(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
