@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 SHAPES = {"llama-3.1-8b": (32, 8, 128), "qwen2.5-0.5b": (14, 2, 64)}  # (HQ, HKV, D)
 
@@ -95,6 +94,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
     import triton
+    from tqdm import tqdm
 
     from tca.backends.common import selection_triton
     from tca.budgets import default_budgets
