@@ -6,8 +6,8 @@
 For each head shape (Qwen2.5-0.5B: 14 query / 2 KV heads of dim 64; Llama-3.1-8B: 32 / 8 of dim 128), prompt
 length and method, one layer's cache is prefilled from random q, k, v (tca.prefill, paper defaults b = 128,
 w = 4096, default budgets) and decoded --steps tokens with tca.decode. Methods: the paper's rule (policy None),
-re-selection every 1, 16 and 64 steps with the store on the device, and every 16 and 64 steps with the store
-offloaded to pinned host memory. Reported per run: ms per decode step (mean over the timed steps, after --warmup
+re-selection every 1, 16 and 64 steps with the store on the device, every 16 and 64 steps with the store
+offloaded to pinned host memory, and every step over 8 candidate blocks (store on the device, and offloaded). Reported per run: ms per decode step (mean over the timed steps, after --warmup
 untimed ones; every step is synchronised), the KV bytes on the device and in host memory after decoding, and the
 bytes one step reads (the active keys and values, plus the candidates' keys once per period).
 
@@ -26,18 +26,25 @@ import time
 import torch
 
 SHAPES = {"qwen2.5-0.5b": (14, 2, 64), "llama-3.1-8b": (32, 8, 128)}
-METHODS = {  # name -> (every, offload); None: the paper's rule
-    "paper": None, "reselect1": (1, False), "reselect16": (16, False), "reselect64": (64, False),
-    "reselect16-offload": (16, True), "reselect64-offload": (64, True),
+METHODS = {  # name -> (every, offload, candidate blocks); None: the paper's rule
+    "paper": None, "reselect1": (1, False, None), "reselect16": (16, False, None), "reselect64": (64, False, None),
+    "reselect16-offload": (16, True, None), "reselect64-offload": (64, True, None),
+    "reselect1-blocks8": (1, False, 8), "reselect1-blocks8-offload": (1, True, 8),
 }
 
 
 def bytes_read(cache, every: int | None) -> int:
-    """Keys and values attention reads per step, plus the candidates' keys once per `every` steps."""
+    """Keys and values attention reads per step, plus the candidates' keys once per `every` steps (with candidate
+    blocks: the active global keys, at most blocks x b evicted keys per head, and the summaries)."""
     active = getattr(cache, "active", cache)
     read = active.used_nbytes
     if every:
-        candidates = int(active.global_len_host.sum() + cache.evicted_len.sum())
+        evicted = cache.evicted_len
+        blocks = getattr(cache, "blocks", None)
+        if blocks is not None:
+            b = active.config.block_size
+            evicted = evicted.clamp_max(blocks * b) + 2 * cache.summaries.shape[2]
+        candidates = int(active.global_len_host.sum() + evicted.sum())
         read += candidates * active.head_dim * active.dtype.itemsize // every
     return int(read)
 
@@ -50,7 +57,7 @@ def run_one(shape, L, method, args, device, dtype):
     gen = torch.Generator(device="cpu").manual_seed(0)
     total = L + args.warmup + args.steps
     q, k, v = (torch.randn(1, h, total, D, generator=gen).to(device, dtype) for h in (HQ, HKV, HKV))
-    policy = None if METHODS[method] is None else tca.Reselect(*METHODS[method])
+    policy = None if METHODS[method] is None else tca.Reselect(*METHODS[method][:2], blocks=METHODS[method][2])
     # A named prefill backend: "auto" would run the dense path below the crossover, where nothing is evicted.
     prefill_backend = args.backend if args.backend != "auto" else ("triton" if torch.device(device).type == "cuda" else "torch")
     _, cache = tca.prefill(q[:, :, :L], k[:, :, :L], v[:, :, :L], config=config, backend=prefill_backend, policy=policy)
@@ -66,6 +73,7 @@ def run_one(shape, L, method, args, device, dtype):
     return {
         "shape": args.shape_name, "L": L, "method": method, "ms_per_step": 1e3 * sum(times) / len(times),
         "device_bytes": int(cache.nbytes) - offloaded, "offloaded_bytes": offloaded,
+        "summary_bytes": int(getattr(cache, "summary_nbytes", 0)),  # on the device, within device_bytes
         "dense_bytes": 2 * HKV * (total) * D * q.element_size(),
         "read_bytes_per_step": bytes_read(cache, None if policy is None else policy.every),
     }
