@@ -11,7 +11,8 @@
   fixed budget, single needles at 2K tokens and three depths, one perplexity text: 1-2 minutes on a 2-core CPU
   (SmolLM2-135M, model loading included; the run prints its own estimate first).
 - "reselect": decode with re-selection (section 5c) every 1, 16, 64 steps, and every step over 4 or 8 candidate
-  blocks, against the paper's rule, on the plan calibrated at tau 0.99, single and multi-key needles at 2K.
+  blocks, against the paper's rule, on the plan calibrated at tau 0.99 (and every step, with and without
+  candidate blocks, on the tau 0.9 plan), single and multi-key needles at 2K.
 - "smoke": a seconds-long run for tests and a first check on a new machine.
 """
 
@@ -83,6 +84,8 @@ def preset(name: str) -> tuple[list[Method], Grid, int]:
         paper = calibrated(0.99)
         methods = [dense(), paper] + [reselecting(paper, n) for n in (1, 16, 64)]
         methods += [reselecting(paper, 1, blocks=m) for m in (4, 8)]
+        lean = calibrated(0.9)  # a plan that keeps less (pick it with --methods, e.g. on Qwen2.5-0.5B)
+        methods += [lean, reselecting(lean, 1)] + [reselecting(lean, 1, blocks=m) for m in (4, 8)]
         grid = Grid(tasks=["niah_single", "niah_multikey"], lengths=[2048], depths=[0.1, 0.3, 0.5, 0.7, 0.9],
                     ppl_lengths=[])
         return methods, grid, 4096
