@@ -17,13 +17,14 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
 
+@pytest.mark.parametrize("blocks", [None, 3])
 @pytest.mark.parametrize("offload", [False, True])
-def test_gpu_cache_equals_reference(offload):
+def test_gpu_cache_equals_reference(offload, blocks):
     L0, steps, b, w, HQ, HKV, D = 300, 200, 32, 128, 8, 2, 64
     q, k, v = make_qkv(2, HQ, HKV, L0 + steps, D, seed=1)
     config = tca.TCAConfig(block_size=b, window=w)
     budgets = random_budgets(HKV, b, seed=2)
-    policy = tca.Reselect(every=8, offload=offload)
+    policy = tca.Reselect(every=8 if blocks is None else 1, offload=offload, blocks=blocks)
     prompt = [t[:, :, :L0] for t in (q, k, v)]
     _, ref = tca.prefill(*prompt, budgets=budgets, config=config, backend="reference", policy=policy)
     _, fast = tca.prefill(*(t.cuda() for t in prompt), budgets=budgets, config=config, backend="torch", policy=policy)
