@@ -2,8 +2,9 @@
 # One GPU call after a change: the GPU suite, the cross-check on CUDA, then the user-level benchmarks, each under
 # its own time limit (a step that runs out is cut, the next one still runs), every log and result under $OUT.
 #
-#   OUT=gpu-results bash benchmarks/gpu_checks.sh                 # about 8-9 minutes on an H100
-#   STEPS="suite crosscheck" OUT=gpu-results bash benchmarks/gpu_checks.sh
+#   OUT=gpu-results bash benchmarks/gpu_checks.sh        # the limits add up to 14 minutes
+#   STEPS="suite crosscheck selection" OUT=gpu-results bash benchmarks/gpu_checks.sh   # about 8 minutes at most
+#   STEPS="generate reselect" OUT=gpu-results bash benchmarks/gpu_checks.sh            # about 6 minutes at most
 #
 # With FlashAttention-4 staged, source its environment first; this script extends PYTHONPATH, never replaces it.
 # The suite runs on 8 workers, one test file per worker (Triton compiles on the CPU; the tests are small).
