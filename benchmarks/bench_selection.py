@@ -39,7 +39,6 @@ def load_version(folder: str):
         text = re.sub(r"^from \.\.\.(\w+) import", r"from tca.\1 import", text, flags=re.M)
         text = re.sub(r"^from \.(?!\s)(\w+) import", r"from tca.backends.common.\1 import", text, flags=re.M)
         text = text.replace("from tca.backends.common.kernels_selection import", "from .kernels_selection import")
-        text = re.sub(r"^from \. import kernels_selection", "from . import kernels_selection", text, flags=re.M)
         (package / name).write_text(text)
     spec = importlib.util.spec_from_file_location("selection_before", package / "__init__.py",
                                                   submodule_search_locations=[str(package)])

@@ -268,18 +268,16 @@ class ReselectingCache:
         g_rows = torch.where(g_valid, a.global_start[..., None] + torch.arange(N, device=device), a.global_k.shape[0] - 1)
         e_len = self.evicted_len.to(device)
         e_valid = torch.arange(E, device=device) < e_len[..., None]  # [B, HKV, E]
-        if self.blocks is None:
-            e_cols = torch.arange(E, device=device).expand_as(e_valid)  # every store column is a candidate
+        # The bytes a re-selection reads: the keys of every candidate (those of the store cross once when offloaded).
+        if self.blocks is None:  # every store column is a candidate
+            e_cols = torch.arange(E, device=device).expand_as(e_valid)
+            e_k = self.evicted_k[:, :, :E].to(device, non_blocking=True)
+            e_pos = self.evicted_pos[:, :, :E].to(device, non_blocking=True)
         else:  # only the store columns of the chosen blocks (their positions alone are read to find them)
             e_cols, e_valid = self._chosen_columns(qg, e_valid)
             E = e_cols.shape[-1]
             if E == 0:
                 return
-        # The bytes a re-selection reads: the keys of every candidate (those of the store cross once when offloaded).
-        if self.blocks is None:
-            e_k = self.evicted_k[:, :, :E].to(device, non_blocking=True)
-            e_pos = self.evicted_pos[:, :, :E].to(device, non_blocking=True)
-        else:
             store_cols = e_cols.to(self.evicted_k.device)
             e_k = self.evicted_k.gather(2, _expand_like(store_cols, self.evicted_k)).to(device, non_blocking=True)
             e_pos = self.evicted_pos.gather(2, store_cols).to(device, non_blocking=True)
@@ -315,11 +313,12 @@ class ReselectingCache:
 
     def _summarise(self, block, leaving: list[bool]) -> None:
         """Section 5c step 1b for the block leaving each moving window: its keys' per-channel min and max."""
-        start, block_k, _ = block
+        _, block_k, _ = block
         a = self.active
         b = a.config.block_size
-        index = start // b  # [B] the leaving block of each sequence (lo(i - 1) / b, i the next position)
-        need = max(window_start(n - 1, b, a.config.window) // b for n in a.seq_lens) + 1  # the same, on the host
+        leaving_block = [window_start(n - 1, b, a.config.window) // b for n in a.seq_lens]  # lo(i - 1) / b, i next
+        index = torch.tensor(leaving_block, device=block_k.device)
+        need = max(leaving_block) + 1
         if need > self.summaries.shape[2]:  # room for 8 more blocks: growth (a copy) stays rare
             self.summaries = _widened_summaries(self.summaries, need + 8)
         moving = torch.tensor(leaving, device=block_k.device)
