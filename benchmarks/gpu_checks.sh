@@ -5,8 +5,12 @@
 #   OUT=gpu-results bash benchmarks/gpu_checks.sh        # the limits add up to 14 minutes
 #   STEPS="suite crosscheck selection" OUT=gpu-results bash benchmarks/gpu_checks.sh   # about 8 minutes at most
 #   STEPS="generate reselect" OUT=gpu-results bash benchmarks/gpu_checks.sh            # about 6 minutes at most
+#   STEPS=vllm-tests OUT=gpu-results bash benchmarks/gpu_checks.sh                     # vLLM staged: 7 minutes
+#   STEPS=vllm-bench-vllm OUT=gpu-results bash benchmarks/gpu_checks.sh   # vLLM's own backend, 8B shape: 5 minutes
+#   STEPS=vllm-bench-tca OUT=gpu-results bash benchmarks/gpu_checks.sh    # the same engine with TCA: 5 minutes
 #
-# With FlashAttention-4 staged, source its environment first; this script extends PYTHONPATH, never replaces it.
+# With FlashAttention-4 staged, source its environment first; with vLLM staged, vLLM's (not both in one shell).
+# This script extends PYTHONPATH, never replaces it.
 # The suite runs on 8 workers, one test file per worker (Triton compiles on the CPU; the tests are small).
 set -u
 cd "$(dirname "$0")/.."
@@ -14,6 +18,7 @@ OUT=${OUT:?set OUT to a folder for the logs and results}
 mkdir -p "$OUT"
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH}
 STEPS=${STEPS:-suite crosscheck selection generate reselect}
+export VLLM_ENABLE_V1_MULTIPROCESSING=0  # in-process engines: kv_usage() reads the layers of this process
 WORKERS=${WORKERS:-8}
 
 step() {  # step NAME SECONDS COMMAND...: run it with a limit, log to $OUT/NAME.log, print its last lines
@@ -36,3 +41,10 @@ step selection 60 python3 benchmarks/bench_selection.py --out "$OUT/selection.js
 step generate 240 python3 benchmarks/generate_user.py --lengths 32768,131072 --paths dense,dense-graph,tca-graph \
     --new-tokens 32 --repeats 1 --out "$OUT/generate_user.json" --png "$OUT/generate_user.png"
 step reselect 120 python3 benchmarks/reselect_decode.py --lengths 32768 --out "$OUT/reselect_decode.json"
+step vllm-tests 420 python3 -m pytest -v -p no:cacheprovider -m vllm --junitxml="$OUT/vllm-tests.xml" \
+    tests/serving/test_vllm_gpu.py
+SERVING=(--shape llama-3.1-8b --lengths 16384 32768 65536 131072 --batch 1 --max-tokens 33 --dtype bfloat16
+         --no-enforce-eager --saturate 8)
+step vllm-bench-vllm 300 python3 benchmarks/vllm_serving.py "${SERVING[@]}" --backends vllm \
+    --out "$OUT/vllm_8b_flash_attn.json"
+step vllm-bench-tca 300 python3 benchmarks/vllm_serving.py "${SERVING[@]}" --backends tca --out "$OUT/vllm_8b_tca.json"

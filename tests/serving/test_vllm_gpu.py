@@ -102,6 +102,30 @@ def test_dense_budgets_on_the_tca_path_give_flash_attention_tokens(tiny_llama, m
     assert_agree(expected, logprobs, tokens)
 
 
+# Full CUDA graphs for decode-only batches, without torch.compile (a quick start); batches with prompts run eagerly.
+GRAPHS = {"enforce_eager": False, "compilation_config": {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"}}
+
+
+def test_decode_steps_replay_from_cuda_graphs(tiny_llama, monkeypatch):
+    """Decode-only batches replay the batched decode step from full CUDA graphs: with dense budgets the tokens are
+    FlashAttention's, with default budgets those of the same engine without graphs; the step's counters (added on
+    the device) still count every decode."""
+    from vllm.compilation.counter import compilation_counter
+
+    expected, logprobs, _ = generate(tiny_llama, CHUNKED, {}, monkeypatch)
+    forced = {"TCA_VLLM_PLAN": "dense", "TCA_VLLM_DENSE_BELOW": "0", **SMALL_GEOMETRY}
+    captured = compilation_counter.num_cudagraph_captured
+    tokens, _, usage = generate(tiny_llama, {**TCA, **CHUNKED, **GRAPHS}, forced, monkeypatch)
+    assert compilation_counter.num_cudagraph_captured > captured
+    assert usage.decodes > 0 and usage.read_bytes == usage.dense_bytes
+    assert_agree(expected, logprobs, tokens)
+    default = {"TCA_VLLM_PLAN": "default", "TCA_VLLM_DENSE_BELOW": "0", **SMALL_GEOMETRY}
+    eager, eager_logprobs, _ = generate(tiny_llama, {**TCA, **CHUNKED}, default, monkeypatch)
+    graphs, _, usage = generate(tiny_llama, {**TCA, **CHUNKED, **GRAPHS}, default, monkeypatch)
+    assert 0 < usage.read_bytes < usage.dense_bytes
+    assert_agree(eager, eager_logprobs, graphs)
+
+
 def test_below_the_crossover_the_engine_is_vllms_own(tiny_llama, monkeypatch):
     """With the default crossover and an 8K context, every step is vLLM's FlashAttention: bit-equal tokens,
     no TCA row, and vLLM keeps its CUDA-graph support for attention."""
@@ -115,7 +139,8 @@ def test_below_the_crossover_the_engine_is_vllms_own(tiny_llama, monkeypatch):
     from vllm.v1.attention.backend import AttentionCGSupport
 
     assert TCAFlashMetadataBuilder.get_cudagraph_support(engine_config(8192), None) != AttentionCGSupport.NEVER
-    assert TCAFlashMetadataBuilder.get_cudagraph_support(engine_config(131072), None) == AttentionCGSupport.NEVER
+    long_context = TCAFlashMetadataBuilder.get_cudagraph_support(engine_config(131072), None)
+    assert long_context == AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE  # decode-only batches in full graphs
 
 
 def engine_config(max_model_len: int):

@@ -228,18 +228,36 @@ def test_cuda_builder_routes_batches_without_waiting_for_the_device():
 
     from tca.serving.vllm.cuda import TCAFlashMetadataBuilder
 
-    common = SimpleNamespace(
-        num_reqs=3, query_start_loc_cpu=torch.tensor([0, 5, 6, 10], dtype=torch.int32),
-        seq_lens=torch.tensor([5, 20, 12], dtype=torch.int32), seq_lens_cpu_upper_bound=None, max_seq_len=20,
-        block_table_tensor=torch.tensor([[7, 8], [3, 4], [9, 1]], dtype=torch.int32),
-    )  # a new 5-token prompt, a decode step at 20 tokens, a 4-token chunk reaching 12
-    batch = TCAFlashMetadataBuilder.tca_batch(SimpleNamespace(may_run_tca=True, dense_below=16), common)
-    assert batch.fresh == (7,) and batch.rows.owners == [7, 3, 9]
-    assert batch.rows.query_start == [0, 5, 6, 10] and batch.rows.seq_lens == [5, 20, 12]
-    short = TCAFlashMetadataBuilder.tca_batch(SimpleNamespace(may_run_tca=True, dense_below=64), common)
-    assert short.rows is None and short.fresh == (7,)  # all dense: vLLM's FlashAttention alone runs the batch
-    never = TCAFlashMetadataBuilder.tca_batch(SimpleNamespace(may_run_tca=False, dense_below=64), common)
-    assert never.rows is None and never.fresh == ()
+    class States:  # records the first pages whose states are dropped
+        def __init__(self):
+            self.forgotten = []
+
+        def forget(self, first_pages):
+            self.forgotten += first_pages.tolist()
+
+    def batch(starts, seq_lens, dense_below=16, may_run_tca=True):
+        states = States()
+        rows = len(seq_lens)
+        lengths = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+        common = SimpleNamespace(
+            num_reqs=rows, query_start_loc_cpu=torch.tensor(starts, dtype=torch.int32),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32), seq_lens_cpu_upper_bound=None,
+            max_seq_len=max(seq_lens), max_query_len=max(lengths),
+            block_table_tensor=torch.tensor([[7, 8], [3, 4], [9, 1]][:rows], dtype=torch.int32),
+        )
+        builder = SimpleNamespace(may_run_tca=may_run_tca, dense_below=dense_below, states=states)
+        return TCAFlashMetadataBuilder.tca_batch(builder, common), states.forgotten
+
+    # a new 5-token prompt, a decode step at 20 tokens, a 4-token chunk reaching 12
+    mixed, forgotten = batch([0, 5, 6, 10], [5, 20, 12])
+    assert forgotten == [7] and not mixed.decode_only
+    assert mixed.rows.query_start == [0, 5, 6, 10] and mixed.rows.seq_lens == [5, 20, 12]
+    short, forgotten = batch([0, 5, 6, 10], [5, 20, 12], dense_below=64)
+    assert short.rows is None and not short.decode_only and forgotten == [7]  # vLLM's FlashAttention alone
+    decodes, forgotten = batch([0, 1, 2, 3], [1, 20, 12])  # a new 1-token prompt and two decode steps
+    assert decodes.decode_only and decodes.rows is None and forgotten == [7]
+    never, forgotten = batch([0, 5, 6, 10], [5, 20, 12], dense_below=64, may_run_tca=False)
+    assert never.states is None and never.rows is None and forgotten == []
 
 
 def _tca_heads(worker) -> list[tuple[int, int]]:

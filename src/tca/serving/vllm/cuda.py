@@ -2,13 +2,16 @@
 
 The classes extend vLLM's FlashAttention backend, so pages, their layout, the KV writes and every dense step are
 vLLM's own code. Per batch the builder decides, from host-side numbers it already has:
-- every sequence under `dense_below` tokens (the crossover, settings.py): the whole batch runs vLLM's
-  FlashAttention unchanged, with vLLM's CUDA graphs when the engine can never reach `dense_below`;
-- otherwise the TCA rows loop (layer.py): TCA for long prompts and for the decode steps of sequences prefilled
-  with TCA, exact dense attention for the others.
-Engines whose `max_model_len` reaches `dense_below` declare no full CUDA-graph support for attention (vLLM then
-captures the rest of the model piecewise and runs attention eagerly), since a captured graph would replay the
-dense path for a sequence that needs TCA.
+- every sequence under `dense_below` tokens (the crossover, settings.py) and at least one prompt row: the whole
+  batch runs vLLM's FlashAttention unchanged (and always, in engines that can never reach `dense_below`, which
+  keep all of vLLM's CUDA graphs);
+- a batch of decode rows only (one token each): one batched decode step for all rows (paged_states.py: three
+  kernel launches, no host synchronisation), each row with its sequence's TCA state, or exact attention over all
+  its tokens when it has none. vLLM captures these batches in full CUDA graphs (UNIFORM_SINGLE_TOKEN_DECODE);
+- otherwise the rows loop (layer.py): TCA for prompts and chunks reaching `dense_below`, exact attention for
+  shorter ones, and the same batched decode step for the batch's decode rows.
+The states live in pools shaped like vLLM's pages (paged_states.py), made by the builder when the engine sizes
+its KV pool; a sequence that starts drops whatever state its first page held.
 
 Shape letters: T tokens in the batch, HQ query heads, HKV key/value heads, D head dim, NP pages, P page size.
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from vllm.v1.attention.backend import AttentionCGSupport, AttentionType
 from vllm.v1.attention.backends.flash_attn import (
     FlashAttentionBackend,
@@ -24,23 +28,27 @@ from vllm.v1.attention.backends.flash_attn import (
     FlashAttentionMetadataBuilder,
 )
 
+from ...devices import to_device
+from . import stats
 from .checks import layer_settings, log_settings
 from .layer import LayerRunner, Rows
 from .memory import LIVE_IMPLS
 from .paged import split_channels
-from .settings import engine_dense_below
+from .paged_states import PagedStates
+from .settings import Settings, engine_dense_below, layer_index
 
 
 @dataclass(frozen=True)
 class TCABatch:
     """What the TCA layers need of one batch besides FlashAttention's metadata.
 
-    rows: host copies for the TCA rows loop, or None when every sequence is dense (FlashAttention runs alone);
-    fresh: first pages of sequences that start in this batch (their pages may hold an earlier sequence's state).
+    states: the engine's decode states (None in engines that never run TCA); decode_only: every row is one token;
+    rows: host copies for the rows loop, or None when FlashAttention runs alone or the batch is decode-only.
     """
 
+    states: PagedStates | None
+    decode_only: bool
     rows: Rows | None
-    fresh: tuple[int, ...]
     dense_below: int
 
 
@@ -48,38 +56,68 @@ class TCAFlashMetadataBuilder(FlashAttentionMetadataBuilder):
     @classmethod
     def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
         if vllm_config.model_config.max_model_len >= engine_dense_below(vllm_config):
-            return AttentionCGSupport.NEVER  # TCA rows run a host-driven loop: attention stays out of full graphs
+            # decode-only batches replay from full graphs; batches with prompts run attention eagerly (host-driven)
+            return AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
         return super().get_cudagraph_support(vllm_config, kv_cache_spec)
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.dense_below = engine_dense_below(vllm_config, device)
         self.may_run_tca = vllm_config.model_config.max_model_len >= self.dense_below
-        graphs = "eager attention, the rest of the model in CUDA graphs" if self.may_run_tca else "vLLM's CUDA graphs"
+        self.states = self._make_states(kv_cache_spec, layer_names, vllm_config, device) if self.may_run_tca else None
+        graphs = ("decode-only batches in full CUDA graphs, attention of batches with prompts eager"
+                  if self.may_run_tca else "vLLM's CUDA graphs")
         log_settings(vllm_config, self.dense_below, graphs)
+        LIVE_IMPLS.add(self)
+
+    @staticmethod
+    def _make_states(kv_cache_spec, layer_names, vllm_config, device) -> PagedStates:
+        from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+
+        settings = Settings.from_environment()
+        heads = kv_cache_spec.num_kv_heads
+        rank, world = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
+        budgets = [settings.layer_budgets(layer_index(name), heads, rank, world) for name in layer_names]
+        cache = vllm_config.cache_config
+        if not cache.num_gpu_blocks:
+            raise RuntimeError("the TCA backend needs the KV pool's size when it is built (cache_config.num_gpu_blocks)")
+        page = kv_cache_spec.block_size  # the kernel block: the pages the block table and the KV tensors count
+        num_pages = cache.num_gpu_blocks * cache.block_size // page
+        return PagedStates(layer_names, budgets, num_pages, page, settings.config,
+                           vllm_config.model_config.max_model_len, torch.device(device))
+
+    @property
+    def usage(self):
+        """The decode counters of the batched step (memory.kv_usage sums them with the layers')."""
+        from .memory import LayerUsage
+
+        return LayerUsage(paged=None if self.states is None else self.states.usage.sum(0))
 
     def build(self, common_prefix_len: int, common_attn_metadata, fast_build: bool = False):
         meta = super().build(common_prefix_len, common_attn_metadata, fast_build)
         meta.tca = self.tca_batch(common_attn_metadata)
+        if self.may_run_tca:
+            stats.tick()  # here, as it runs every step, also when the forward replays from a graph
         return meta
 
     def tca_batch(self, common) -> TCABatch:
         if not self.may_run_tca:
-            return TCABatch(None, (), self.dense_below)
+            return TCABatch(None, False, None, self.dense_below)
         rows = common.num_reqs
         starts = common.query_start_loc_cpu[: rows + 1]
         # Exact for prompt rows, and for every row without speculative decoding (refused): no device sync.
         seq_lens = getattr(common, "seq_lens_cpu_upper_bound", None)
         seq_lens = common.seq_lens[:rows].cpu() if seq_lens is None else seq_lens[:rows]
         table = common.block_table_tensor[:rows]
-        new = ((starts[1:] - starts[:-1]) == seq_lens).nonzero().flatten().tolist()
+        lengths = starts[1:] - starts[:-1]
+        new = ((lengths == seq_lens) & (seq_lens > 0)).nonzero().flatten()
+        if new.numel():  # sequences that start here: whatever state their first page held is an earlier one's
+            self.states.forget(table[to_device(new, table.device), 0])
+        if common.max_query_len <= 1:
+            return TCABatch(self.states, True, None, self.dense_below)
         if common.max_seq_len < self.dense_below:
-            # Only the pages of starting sequences are needed (their stale states are dropped): no copy otherwise.
-            fresh = tuple(table[new, 0].tolist()) if new else ()
-            return TCABatch(None, fresh, self.dense_below)
-        owners = table[:, 0].tolist()  # one copy per step, so that the layers' loops never wait for the device
-        fresh = tuple(owners[row] for row in new)
-        return TCABatch(Rows(starts.tolist(), seq_lens.tolist(), table, owners), fresh, self.dense_below)
+            return TCABatch(self.states, False, None, self.dense_below)
+        return TCABatch(self.states, False, Rows(starts.tolist(), seq_lens.tolist(), table), self.dense_below)
 
 
 class TCAFlashImpl(FlashAttentionImpl):
@@ -113,9 +151,8 @@ class TCAFlashImpl(FlashAttentionImpl):
                 output_block_scale=None):
         """query [T, HQ, D]; kv_cache [NP, HKV, P, 2 * D] (FlashAttention's); writes output [T, HQ * D]."""
         batch = getattr(attn_metadata, "tca", None)
-        if batch is not None and batch.fresh:
-            self.tca.forget(batch.fresh)
-        if batch is None or batch.rows is None:  # profiling runs, and batches of short sequences only
+        if batch is None or batch.states is None or (batch.rows is None and not batch.decode_only):
+            # profiling runs, engines that never run TCA, and batches of short sequences with a prompt
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                                    output_block_scale)
         if output_scale is not None or output_block_scale is not None:
@@ -123,8 +160,15 @@ class TCAFlashImpl(FlashAttentionImpl):
         n = attn_metadata.num_actual_tokens
         self.tca.usage.pool_bytes = kv_cache.numel() * kv_cache.element_size()
         key_pages, value_pages = split_channels(kv_cache, self.head_size)
+        batch.states.check_pool(key_pages)
         out = output[:n].view(-1, self.num_heads, self.head_size)
-        self.tca.run(layer.layer_name, query[:n], key_pages, value_pages, batch.rows, out, batch.dense_below)
+        if batch.decode_only:  # also what a CUDA graph captures: no host code of ours runs when it replays
+            rows = min(n, attn_metadata.seq_lens.shape[0])
+            batch.states.decode(layer.layer_name, query[:rows], key_pages, value_pages, attn_metadata.block_table,
+                                attn_metadata.seq_lens, self.scale, out[:rows])
+            return output
+        self.tca.run_paged(layer.layer_name, query[:n], key_pages, value_pages, batch.rows, out, batch.dense_below,
+                           batch.states)
         return output
 
 

@@ -37,13 +37,13 @@ class Rows:
 
     query_start: [rows + 1] token offsets; seq_lens: [rows] tokens of each sequence after this step;
     block_table: [rows, max pages] the pages of each row's sequence, in order; owners: [rows] its first
-    pages (host copies, so that the loop never waits for the device).
+    pages (host copies, so that the loop never waits for the device), where states are keyed by them (CPU).
     """
 
     query_start: list[int]
     seq_lens: list[int]
     block_table: torch.Tensor
-    owners: list[int]
+    owners: list[int] | None = None
 
 
 class LayerRunner:
@@ -112,6 +112,45 @@ class LayerRunner:
         if "decodes" in kinds and len(kinds) > 1:
             self.usage.mixed += 1
         stats.tick()
+
+    def run_paged(self, layer_name: str, query: torch.Tensor, key_pages: torch.Tensor, value_pages: torch.Tensor,
+                  rows: Rows, out: torch.Tensor, dense_below: int, states) -> None:
+        """`run` with the states in page-shaped pools (paged_states.PagedStates, CUDA): prompt and chunk rows as
+        in `run`, their TCA states stored in the pools; every single-token row that continues a sequence goes to
+        one batched decode step, which finds on the device whether the sequence has a state."""
+        budgets, _, impl = self.budgets(layer_name, query.device, query.dtype)
+        config = self.settings.config
+        page_size = key_pages.shape[2]
+        element_size = key_pages.element_size()
+        decoding = []  # rows of one token continuing a sequence
+        kinds = set()
+        for row, seq_len in enumerate(rows.seq_lens):
+            start, end = rows.query_start[row], rows.query_start[row + 1]
+            if end == start:
+                continue
+            if end - start == 1 and seq_len > 1:
+                decoding.append(row)
+                continue
+            table = rows.block_table[row]
+            paged = PagedSequence(key_pages, value_pages, table[: -(-seq_len // page_size)])
+            if end - start > 1 and seq_len >= dense_below:
+                out[start:end], state = attend_chunk(query[start:end], paged, seq_len, budgets, config, self.scale, impl)
+                states.store(layer_name, table, state.positions, state.counts)
+                kind = "prompts" if end - start == seq_len else "chunks"
+                self.usage.add(kind, seq_len, state.kept_tokens(), self.head_size, element_size)
+                kinds.add(kind)
+            else:  # a short prompt or chunk (its sequence keeps no state: the builder dropped any at its start)
+                out[start:end] = dense_rows(query[start:end], paged, seq_len, self.scale)
+        if decoding:
+            starts = [rows.query_start[row] for row in decoding]
+            index, table_rows = to_device(torch.tensor([starts, decoding]), query.device)  # one host-to-device copy
+            seq_lens = to_device(torch.tensor([rows.seq_lens[row] for row in decoding], dtype=torch.int32), query.device)
+            tables = rows.block_table[table_rows.to(rows.block_table.device)]
+            out[index] = states.decode(layer_name, query[index], key_pages, value_pages, tables, seq_lens, self.scale,
+                                       torch.empty_like(query[index]))
+            kinds.add("decodes")
+        if "decodes" in kinds and len(kinds) > 1:
+            self.usage.mixed += 1
 
     def _decode(self, decoding, query, key_pages, value_pages, rows: Rows, out, keep, config, element_size) -> None:
         """Section 5 for every decode row with a state, in one batched step (their query rows are single tokens)."""

@@ -25,25 +25,41 @@ class LayerUsage:
     pool_bytes: int = 0
     prompts: int = 0
     chunks: int = 0
-    decodes: int = 0
     mixed: int = 0
-    dense_bytes: int = 0
+    host_decodes: int = 0
+    host_dense_bytes: int = 0
     # Summed where kept_per_head lives (the device): reading it back at every step would stall each layer until
     # the device caught up. `read_bytes` reads it when asked.
     read_on_device: torch.Tensor | int = 0
+    # [3] int64 (decode rows with a state, dense bytes, read bytes) that the paged decode kernels add to on the
+    # device (CUDA, where decode steps replay from CUDA graphs and no host code runs per step)
+    paged: torch.Tensor | None = None
+
+    def _paged(self, index: int) -> int:
+        return 0 if self.paged is None else int(self.paged[index])
+
+    @property
+    def decodes(self) -> int:
+        return self.host_decodes + self._paged(0)
+
+    @property
+    def dense_bytes(self) -> int:
+        return self.host_dense_bytes + self._paged(1)
 
     @property
     def read_bytes(self) -> int:
-        return int(self.read_on_device)
+        return int(self.read_on_device) + self._paged(2)
 
     def add(self, kind: str, seq_len: int, kept_per_head: torch.Tensor, head_dim: int, element_size: int) -> None:
         """A row of `kind` ("prompts", "chunks" or "decodes") over seq_len tokens, after which its heads keep
         kept_per_head [HKV] tokens. Prompts and chunks read every key (the selection scores them all)."""
-        setattr(self, kind, getattr(self, kind) + 1)
         if kind == "decodes":
             per_token = 2 * head_dim * element_size  # a key and a value
-            self.dense_bytes += seq_len * kept_per_head.numel() * per_token
+            self.host_decodes += 1
+            self.host_dense_bytes += seq_len * kept_per_head.numel() * per_token
             self.read_on_device = self.read_on_device + kept_per_head.sum() * per_token
+        else:
+            setattr(self, kind, getattr(self, kind) + 1)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,120 @@
+"""The paged decode step (three Triton kernels, states in page-shaped pools) against the vLLM plugin's torch
+decode states on the same pages, step by step across window moves, and against exact attention for rows with no
+state. Runs in the interpreter lane (float32) and on a GPU.
+
+Shape letters: R rows, HQ query heads, HKV KV heads, D head dim, NP pages, P page size, b block size, w window.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.triton
+pytest.importorskip("triton")
+
+import tca  # noqa: E402
+from tca.backends.common.paged_decode import paged_decode, store_state  # noqa: E402
+from tca.geometry import window_start  # noqa: E402
+from tca.serving.vllm.decode_states import DecodeStates  # noqa: E402
+from tca.serving.vllm.sequence import SequenceState  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def random_state(L: int, HKV: int, b: int, w: int, generator) -> SequenceState:
+    """Kept global positions drawn at random before lo(L - 1), a different number per head."""
+    lo = window_start(L - 1, b, w)
+    rows, counts = [], []
+    for _ in range(HKV):
+        n = int(torch.randint(0, lo + 1, (), generator=generator))
+        rows.append(torch.randperm(lo, generator=generator)[:n].sort().values)
+        counts.append(n)
+    width = max(counts)
+    positions = torch.full((HKV, width), -1, dtype=torch.int64)
+    for h, row in enumerate(rows):
+        positions[h, : len(row)] = row
+    return SequenceState(L, lo, positions.to(DEVICE), torch.tensor(counts, device=DEVICE))
+
+
+def exact(query, keys, values, scale):
+    """query [HQ, D] over keys/values [HKV, L, D] -> [HQ, D]."""
+    G = query.shape[0] // keys.shape[0]
+    k, v = keys.repeat_interleave(G, 0), values.repeat_interleave(G, 0)
+    weights = (torch.einsum("hd,hld->hl", query, k) * scale).softmax(-1)
+    return torch.einsum("hl,hld->hd", weights, v)
+
+
+@pytest.mark.parametrize("lengths, steps", [((150, 97, 41), 40), ((70, 200), 24)])
+def test_paged_decode_matches_the_torch_states(lengths, steps):
+    generator = torch.Generator().manual_seed(sum(lengths))
+    HQ, HKV, D, P, b, w = 4, 2, 16, 16, 16, 32
+    config = tca.TCAConfig(block_size=b, window=w)
+    scale = D**-0.5
+    R = len(lengths)
+    pages_per_row = -(-(max(lengths) + steps) // P)
+    NP = R * pages_per_row + 3
+    key_pages = torch.randn(NP, HKV, P, D, generator=generator).to(DEVICE)
+    value_pages = torch.randn(NP, HKV, P, D, generator=generator).to(DEVICE)
+    order = torch.randperm(NP - 1, generator=generator)[: R * pages_per_row] + 1  # page 0: nobody's
+    block_table = order.view(R, pages_per_row).to(DEVICE, torch.int32)
+    keep = torch.tensor([3, 5], dtype=torch.int64)
+    positions = torch.full((NP, HKV, P), -7, dtype=torch.int32, device=DEVICE)
+    counts = torch.full((NP, HKV), -1, dtype=torch.int32, device=DEVICE)
+    usage = torch.zeros(3, dtype=torch.int64, device=DEVICE)
+    reference = DecodeStates(HKV)
+    stateful = []  # rows with a state; the last row has none (exact attention)
+    for r, L in enumerate(lengths[:-1]):
+        state = random_state(L, HKV, b, w, generator)
+        reference.put(r, state)
+        store_state(positions, counts, block_table[r], state.positions, state.counts)
+        stateful.append(r)
+    seq_lens = torch.tensor(lengths, device=DEVICE)
+    for _ in range(steps):
+        seq_lens += 1
+        query = torch.randn(R, HQ, D, generator=generator).to(DEVICE)
+        for r in range(R):  # the new token's key and value, as the engine writes them before attention
+            i = int(seq_lens[r]) - 1
+            page = block_table[r, i // P]
+            key_pages[page, :, i % P] = torch.randn(HKV, D, generator=generator).to(DEVICE)
+            value_pages[page, :, i % P] = torch.randn(HKV, D, generator=generator).to(DEVICE)
+        got = paged_decode(query, key_pages, value_pages, block_table, seq_lens.to(torch.int32), positions, counts,
+                           keep.to(DEVICE, torch.int32), usage, b, w, scale, splits=3)
+        want = reference.decode(stateful, query[stateful], block_table[stateful], key_pages, value_pages, keep, config,
+                                scale)
+        torch.testing.assert_close(got[stateful], want, atol=2e-5, rtol=2e-5)
+        r = R - 1
+        i = int(seq_lens[r])
+        pages = block_table[r].long()[torch.arange(i, device=DEVICE) // P]
+        keys = key_pages[pages, :, torch.arange(i, device=DEVICE) % P].transpose(0, 1)
+        values = value_pages[pages, :, torch.arange(i, device=DEVICE) % P].transpose(0, 1)
+        torch.testing.assert_close(got[r], exact(query[r], keys, values, scale), atol=2e-5, rtol=2e-5)
+    for r in stateful:  # the same kept positions, in the same order
+        owner = int(block_table[r, 0])
+        for h in range(HKV):
+            n = int(counts[owner, h])
+            assert n == int(reference.counts_host[reference.slot_of[r], h])
+            entries = torch.arange(n, device=DEVICE)
+            kept = positions[block_table[r].long()[entries // P], h, entries % P]
+            slot = reference.slot_of[r]
+            expected = reference._positions(torch.tensor([slot], device=DEVICE), n)[0, h]
+            assert kept.tolist() == expected.tolist()
+    decodes, dense, read = usage.tolist()
+    token_bytes = 2 * D * 4
+    assert decodes == steps * len(stateful)
+    assert dense == sum(sum(range(L + 1, L + steps + 1)) for L in lengths[:-1]) * HKV * token_bytes
+    assert 0 < read < dense
+
+
+def test_padding_rows_write_zeros():
+    HQ, HKV, D, P = 4, 2, 16, 16
+    key_pages = torch.randn(4, HKV, P, D, device=DEVICE)
+    block_table = torch.tensor([[1, 2], [0, 0]], dtype=torch.int32, device=DEVICE)
+    counts = torch.full((4, HKV), -1, dtype=torch.int32, device=DEVICE)
+    positions = torch.zeros(4, HKV, P, dtype=torch.int32, device=DEVICE)
+    usage = torch.zeros(3, dtype=torch.int64, device=DEVICE)
+    query = torch.randn(2, HQ, D, device=DEVICE)
+    out = paged_decode(query, key_pages, key_pages, block_table, torch.tensor([20, 0], device=DEVICE), positions,
+                       counts, torch.tensor([2, 2], dtype=torch.int32, device=DEVICE), usage, 16, 32, 0.25, splits=2)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    assert torch.isfinite(out[0]).all() and usage.tolist() == [0, 0, 0]  # a row with no state is not counted
