@@ -103,3 +103,20 @@ def test_prepare_keeps_a_folder_the_environment_names(tmp_path, monkeypatch):
     monkeypatch.setattr(prometheus_client, "REGISTRY", prometheus_client.CollectorRegistry())
     stats.prepare()
     assert stats.os.environ[stats.ENV] == str(tmp_path) and stats._collector.folder == tmp_path
+
+
+def test_kv_usage_adds_the_batched_steps_device_counters(monkeypatch):
+    """The CUDA builders' decode counters (added on the device by the paged decode kernels) join the layers'."""
+    layer = memory.LayerUsage(pool_bytes=10)
+    layer.add("decodes", 100, torch.tensor([10, 20]), head_dim=4, element_size=2)
+
+    class Holder:
+        def __init__(self, usage):
+            self.usage = usage
+
+    step = Holder(memory.LayerUsage(paged=torch.tensor([3, 1000, 250])))
+    monkeypatch.setattr(memory, "LIVE_IMPLS", [Holder(layer)])
+    monkeypatch.setattr(memory, "LIVE_BUILDERS", [step])
+    usage = memory.kv_usage()
+    assert (usage.decodes, usage.dense_bytes, usage.read_bytes) == (1 + 3, 100 * 2 * 16 + 1000, 30 * 16 + 250)
+    assert usage.pool_bytes == 10

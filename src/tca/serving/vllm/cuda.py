@@ -32,7 +32,7 @@ from ...devices import to_device
 from . import stats
 from .checks import layer_settings, log_settings
 from .layer import LayerRunner, Rows
-from .memory import LIVE_IMPLS
+from .memory import LIVE_BUILDERS, LIVE_IMPLS
 from .paged import split_channels
 from .paged_states import PagedStates
 from .settings import Settings, engine_dense_below, layer_index
@@ -68,7 +68,7 @@ class TCAFlashMetadataBuilder(FlashAttentionMetadataBuilder):
         graphs = ("decode-only batches in full CUDA graphs, attention of batches with prompts eager"
                   if self.may_run_tca else "vLLM's CUDA graphs")
         log_settings(vllm_config, self.dense_below, graphs)
-        LIVE_IMPLS.add(self)
+        LIVE_BUILDERS.add(self)
 
     @staticmethod
     def _make_states(kv_cache_spec, layer_names, vllm_config, device) -> PagedStates:

@@ -14,6 +14,8 @@ import torch
 
 # Every live TCA layer implementation (CPU or CUDA backend), for kv_usage(): weak, so finished engines are not kept.
 LIVE_IMPLS: weakref.WeakSet = weakref.WeakSet()
+# Every live CUDA metadata builder, whose batched decode step keeps its counters on the device (its `usage`).
+LIVE_BUILDERS: weakref.WeakSet = weakref.WeakSet()
 
 
 @dataclass
@@ -84,5 +86,5 @@ class KVUsage:
 
 def kv_usage() -> KVUsage:
     """KV numbers of the TCA layers in this process (run the engine in-process: VLLM_ENABLE_V1_MULTIPROCESSING=0)."""
-    layers = [impl.usage for impl in list(LIVE_IMPLS)]
+    layers = [holder.usage for holder in [*LIVE_IMPLS, *LIVE_BUILDERS]]
     return KVUsage(**{name: sum(getattr(u, name) for u in layers) for name in KVUsage.__dataclass_fields__})
