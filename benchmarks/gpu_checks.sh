@@ -6,8 +6,8 @@
 #   STEPS="suite crosscheck selection" OUT=gpu-results bash benchmarks/gpu_checks.sh   # about 8 minutes at most
 #   STEPS="generate reselect" OUT=gpu-results bash benchmarks/gpu_checks.sh            # about 6 minutes at most
 #   STEPS=vllm-tests OUT=gpu-results bash benchmarks/gpu_checks.sh                     # vLLM staged: 7 minutes
-#   STEPS=vllm-bench-vllm OUT=gpu-results bash benchmarks/gpu_checks.sh   # vLLM's own backend, 8B shape: 5 minutes
-#   STEPS=vllm-bench-tca OUT=gpu-results bash benchmarks/gpu_checks.sh    # the same engine with TCA: 5 minutes
+#   STEPS=vllm-bench-vllm OUT=gpu-results bash benchmarks/gpu_checks.sh   # vLLM's own backend, 8B shape: 4.5 minutes
+#   STEPS=vllm-bench-tca OUT=gpu-results bash benchmarks/gpu_checks.sh    # the same engine with TCA: 4.5 minutes
 #
 # With FlashAttention-4 staged, source its environment first; with vLLM staged, vLLM's (not both in one shell).
 # This script extends PYTHONPATH, never replaces it.
@@ -45,6 +45,6 @@ step vllm-tests 420 python3 -m pytest -v -p no:cacheprovider -m vllm --junitxml=
     tests/serving/test_vllm_gpu.py
 SERVING=(--shape llama-3.1-8b --lengths 16384 32768 65536 131072 --batch 1 --max-tokens 33 --dtype bfloat16
          --no-enforce-eager --saturate 8)
-step vllm-bench-vllm 300 python3 benchmarks/vllm_serving.py "${SERVING[@]}" --backends vllm \
+step vllm-bench-vllm 270 python3 benchmarks/vllm_serving.py "${SERVING[@]}" --backends vllm \
     --out "$OUT/vllm_8b_flash_attn.json"
-step vllm-bench-tca 300 python3 benchmarks/vllm_serving.py "${SERVING[@]}" --backends tca --out "$OUT/vllm_8b_tca.json"
+step vllm-bench-tca 270 python3 benchmarks/vllm_serving.py "${SERVING[@]}" --backends tca --out "$OUT/vllm_8b_tca.json"
