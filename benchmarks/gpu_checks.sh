@@ -41,9 +41,10 @@ step selection 60 python3 benchmarks/bench_selection.py --out "$OUT/selection.js
 step generate 240 python3 benchmarks/generate_user.py --lengths 32768,131072 --paths dense,dense-graph,tca-graph \
     --new-tokens 32 --repeats 1 --out "$OUT/generate_user.json" --png "$OUT/generate_user.png"
 step reselect 120 python3 benchmarks/reselect_decode.py --lengths 32768 --out "$OUT/reselect_decode.json"
-step vllm-tests 420 python3 -m pytest -v -p no:cacheprovider -m vllm --junitxml="$OUT/vllm-tests.xml" \
+step vllm-tests 420 python3 -m pytest -v -p no:cacheprovider -m vllm ${VLLM_TESTS:+-k "$VLLM_TESTS"} --junitxml="$OUT/vllm-tests.xml" \
     tests/serving/test_vllm_gpu.py
-SERVING=(--shape llama-3.1-8b --lengths 16384 32768 65536 131072 --batch 1 --max-tokens 33 --dtype bfloat16
+read -r -a LENGTHS <<< "${LENGTHS:-16384 32768 65536 131072}"  # prompt lengths of the serving benchmark
+SERVING=(--shape llama-3.1-8b --lengths "${LENGTHS[@]}" --batch 1 --max-tokens 33 --dtype bfloat16
          --no-enforce-eager --saturate 8)
 step vllm-bench-vllm 270 python3 benchmarks/vllm_serving.py "${SERVING[@]}" --backends vllm \
     --out "$OUT/vllm_8b_flash_attn.json"
