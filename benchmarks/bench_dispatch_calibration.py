@@ -16,20 +16,7 @@ import json
 import time
 
 import torch
-
-
-def median_ms(fn, reps: int, device: str) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-    return sorted(times)[len(times) // 2]
+from timing import median_ms
 
 
 def main(argv=None) -> None:
@@ -72,10 +59,10 @@ def main(argv=None) -> None:
         k = torch.randn(1, HKV, L, D, generator=gen).to(device, dtype)
         row = {"what": "retained_mass", "device": device, "L": L, "HQ": HQ, "HKV": HKV, "D": D}
         row["torch_backend_ms"] = median_ms(lambda q=q, k=k: retained_mass(q, k, candidates, config, D**-0.5),
-                                            args.reps, device)
+                                            args.reps, device=device)
         if not args.skip_reference:
             row["reference_ms"] = median_ms(
-                lambda q=q, k=k: reference.retained_mass(q, k, candidates, config, D**-0.5), args.reps, device)
+                lambda q=q, k=k: reference.retained_mass(q, k, candidates, config, D**-0.5), args.reps, device=device)
             ours = retained_mass(q, k, candidates, config, D**-0.5)
             row["max_abs_diff"] = float((ours - reference.retained_mass(q, k, candidates, config, D**-0.5)).abs().max())
         print(json.dumps(row))

@@ -23,6 +23,9 @@ import sys
 import time
 
 import torch
+from timing import median_ms
+
+TIMING = dict(min_time=0.25)  # each measurement repeats for at least a quarter of a second
 
 LOG = sys.stdout
 SHAPES = {"llama-3.1-8b": (32, 8, 128), "smollm2": (9, 3, 64)}
@@ -33,23 +36,6 @@ def log(msg: str) -> None:
     print(msg, file=LOG, flush=True)
 
 
-def timeit(fn, min_time: float = 0.25, min_reps: int = 3, max_reps: int = 200) -> float:
-    """Median milliseconds of fn() over CUDA events, after one warm-up call (which also compiles)."""
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    start_all = time.perf_counter()
-    while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - start_all < min_time):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    times.sort()
-    return times[len(times) // 2]
-
-
 def timeit_graph(fn, reps: int = 50) -> float | None:
     """Median ms of fn replayed from a CUDA graph (removes launch overhead, for microsecond decode kernels)."""
     try:
@@ -58,18 +44,7 @@ def timeit_graph(fn, reps: int = 50) -> float | None:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             fn()
-        graph.replay()
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(reps):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            graph.replay()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-        times.sort()
-        return times[len(times) // 2]
+        return median_ms(graph.replay, reps=reps)
     except Exception as e:  # noqa: BLE001
         log(f"  cuda graph failed: {type(e).__name__}: {str(e)[:160]}")
         return None
@@ -182,7 +157,7 @@ def bench_prefill(name, shape, L, config, budgets_by_name, dense, args, tiles=No
         if L > args.max_dense_len:
             continue
         try:
-            ms = timeit(lambda fn=causal_fn: fn(q, k, v))
+            ms = median_ms(lambda fn=causal_fn: fn(q, k, v), **TIMING)
             dense_ms[dname] = ms
             mem = peak_extra(lambda fn=causal_fn: fn(q, k, v))
             rows_out.append(
@@ -197,16 +172,16 @@ def bench_prefill(name, shape, L, config, budgets_by_name, dense, args, tiles=No
     for bname, p in budgets_by_name.items():
         budgets = p.to("cuda").expand(HKV, -1).contiguous()
         sel = selection_triton.select_on_device(q, k, budgets, config, scale)
-        sel_ms = timeit(lambda budgets=budgets: selection_triton.select_on_device(q, k, budgets, config, scale))
+        sel_ms = median_ms(lambda budgets=budgets: selection_triton.select_on_device(q, k, budgets, config, scale), **TIMING)
         attn = lambda sel=sel: ops.sparse_attention(  # noqa: E731
             q, k, v, sel["indices"], sel["offsets"], b, w, scale, tiles=tiles)
-        attn_ms = timeit(attn)
+        attn_ms = median_ms(attn, **TIMING)
 
         def total(budgets=budgets):  # the backend's attention (select, attend) with the tiles picked for this shape
             s = selection_triton.select_on_device(q, k, budgets, config, scale)
             return ops.sparse_attention(q, k, v, s["indices"], s["offsets"], b, w, scale, tiles=tiles)
 
-        total_ms = timeit(total)
+        total_ms = median_ms(total, **TIMING)
         mem = peak_extra(total)
         pairs = kept_pairs(sel["offsets"], L, b, w) * (HQ // HKV)
         J = sel["offsets"].shape[-1] - 1
@@ -239,7 +214,7 @@ def bench_prefill(name, shape, L, config, budgets_by_name, dense, args, tiles=No
 
             if "flash" in tca.available_backends():
                 fl = lambda: tca.attention(q, k, v, config=config, backend="flash")  # noqa: E731
-                ms = timeit(fl)
+                ms = median_ms(fl, **TIMING)
                 rows_out.append({"shape": name, "L": L, "phase": "prefill", "impl": "tca-flash-default", "ms": ms,
                                  "speedup_vs_fastest_dense": fastest[1] / ms})
                 log(f"  tca-flash    prefill L={L:6d} {ms:9.3f} ms")
@@ -250,7 +225,7 @@ def bench_prefill(name, shape, L, config, budgets_by_name, dense, args, tiles=No
     dense_dec = {}
     for dname, (_, plain) in dense.items():
         try:
-            ms = timeit(lambda fn=plain: fn(q1, k, v))
+            ms = median_ms(lambda fn=plain: fn(q1, k, v), **TIMING)
             msg = timeit_graph(lambda fn=plain: fn(q1, k, v))
             dense_dec[dname] = min(ms, msg or ms)
             rows_out.append({"shape": name, "L": L, "phase": "decode", "impl": dname, "ms": ms, "ms_graph": msg,
@@ -271,7 +246,7 @@ def bench_prefill(name, shape, L, config, budgets_by_name, dense, args, tiles=No
         )
         cache.append(k[:, :, -1:], v[:, :, -1:])
         step = lambda cache=cache: cache.attend(q1)  # noqa: E731
-        ms = timeit(step)
+        ms = median_ms(step, **TIMING)
         msg = timeit_graph(step)
         best = min(ms, msg or ms)
         n_read = int(cache.lengths.sum())
@@ -336,7 +311,7 @@ def _sweep_tiles(name, L, q, k, v, sel, D, candidates=None) -> dict | None:
     best = (float("inf"), None)
     for tiles in candidates:
         try:
-            ms = timeit(lambda tiles=tiles: ops.sparse_attention(
+            ms = median_ms(lambda tiles=tiles: ops.sparse_attention(
                 q, k, v, sel["indices"], sel["offsets"], 128, 4096, D**-0.5, tiles=tiles), min_time=0.1)
             log(f"sweep {name} L={L} {tiles} {ms:.3f} ms")
             best = min(best, (ms, tiles), key=lambda x: x[0])

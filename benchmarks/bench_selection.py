@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from timing import median_ms
 
 SHAPES = {"llama-3.1-8b": (32, 8, 128), "qwen2.5-0.5b": (14, 2, 64)}  # (HQ, HKV, D)
 
@@ -46,20 +47,6 @@ def load_version(folder: str):
     sys.modules["selection_before"] = module
     spec.loader.exec_module(module)
     return importlib.import_module("selection_before.selection_triton")
-
-
-def median_ms(fn, calls: int = 50) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(calls):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def launches(fn) -> int:
@@ -114,7 +101,7 @@ def main(argv=None) -> int:
         reference = selection_triton.select_on_device(q, k, budgets, config, D**-0.5)
         for name, module in versions.items():
             call = functools.partial(module.select_on_device, q, k, budgets, config, D**-0.5)
-            row[f"{name}_ms"] = median_ms(call)
+            row[f"{name}_ms"] = median_ms(call, reps=50)
             row[f"{name}_launches"] = launches(call)
             row[f"{name}_same_selection"] = same_selection(call(), reference)
         tqdm.write(json.dumps(row))

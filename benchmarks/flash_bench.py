@@ -18,25 +18,11 @@ import sys
 import time
 
 import torch
+from timing import median_ms
 
 
 def log(msg: str) -> None:
     print(msg, flush=True)
-
-
-def timeit(fn, reps: int = 5) -> float:
-    """Median milliseconds over CUDA events after one warm-up call (which also compiles FA4 kernels)."""
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
 
 
 def peak_extra_gib(fn) -> float:
@@ -67,7 +53,7 @@ def bench_length(L, args, rows):
 
     def record(name, fn):
         try:
-            ms = timeit(fn)
+            ms = median_ms(fn, reps=5)
         except Exception as e:  # noqa: BLE001 - one failing implementation must not stop the table
             log(f"  {name:22s} L={L:6d} failed: {type(e).__name__}: {str(e)[:200]}")
             row[name] = None

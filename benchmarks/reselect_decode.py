@@ -34,19 +34,10 @@ METHODS = {  # name -> (every, offload, candidate blocks); None: the paper's rul
 
 
 def bytes_read(cache, every: int | None) -> int:
-    """Keys and values attention reads per step, plus the candidates' keys once per `every` steps (with candidate
-    blocks: the active global keys, at most blocks x b evicted keys per head, and the summaries)."""
-    active = getattr(cache, "active", cache)
-    read = active.used_nbytes
-    if every:
-        evicted = cache.evicted_len
-        blocks = getattr(cache, "blocks", None)
-        if blocks is not None:
-            b = active.config.block_size
-            evicted = evicted.clamp_max(blocks * b) + 2 * cache.summaries.shape[2]
-        candidates = int(active.global_len_host.sum() + evicted.sum())
-        read += candidates * active.head_dim * active.dtype.itemsize // every
-    return int(read)
+    """Keys and values attention reads per step, plus the candidates' keys once per `every` steps (section 5c)."""
+    from tca.backends.common.cache_protocol import reselection_read_bytes
+
+    return reselection_read_bytes(cache) if every else int(cache.used_nbytes)
 
 
 def run_one(shape, L, method, args, device, dtype):

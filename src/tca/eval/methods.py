@@ -10,10 +10,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..backends.common.cache_protocol import Reselecting
+from ..backends.common.cache_protocol import Reselecting, reselection_read_bytes
 from ..budgets import expected_cost, log_gaussian_budgets
 from ..config import TCAConfig
-from ..geometry import window_start
 from ..plan import BudgetPlan
 from ..policy import Reselect
 
@@ -203,18 +202,7 @@ class Runner:
             state = layer.state
             if state is None:
                 continue
-            # A re-selecting cache reads its active set.
-            active = state.active if isinstance(state, Reselecting) else state
-            read += int(active.used_nbytes)
-            if active is not state:  # + the keys of every candidate (tokens before the window) once per period
-                b, w = active.config.block_size, active.config.window
-                before = torch.tensor([window_start(n - 1, b, w) for n in active.seq_lens])[:, None]  # [B, 1]
-                candidates = before.expand(-1, active.num_kv_heads)
-                blocks = getattr(state, "blocks", None)
-                if blocks is not None:  # the active global keys, the chosen blocks' evicted ones, the summaries
-                    evicted = state.evicted_lengths.to(torch.int64)
-                    candidates = before - evicted + evicted.clamp_max(blocks * b) + 2 * (before // b)
-                read += int(candidates.sum()) * active.head_dim * active.dtype.itemsize // state.every
+            read += reselection_read_bytes(state) if isinstance(state, Reselecting) else int(state.used_nbytes)
         return {"device_bytes": int(cache.device_nbytes), "offloaded_bytes": int(cache.offloaded_nbytes),
                 "read_bytes_per_step": read}
 

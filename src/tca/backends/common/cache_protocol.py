@@ -29,6 +29,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from ...geometry import window_start
+
 
 class HoldsPrefillFacts:
     """`record` and `use_kernels` for a cache that holds `num_query_heads`, `budgets` and `kernels` itself (the
@@ -167,6 +169,22 @@ class Reselecting(Protocol):
     @property
     def evicted_nbytes(self) -> int:
         """Bytes of keys and values in the evicted store."""
+
+
+def reselection_read_bytes(cache: Reselecting) -> int:
+    """KV bytes one decode step of a re-selecting cache reads, over all its sequences and heads, averaged over its
+    period (docs/semantics.md section 5c, "cost"): the active set's keys and values at every step, and once per
+    `every` steps the keys of every candidate (the tokens before the window), or with candidate blocks the active
+    global keys, at most `blocks` x b evicted keys per head and the two summary rows of every block."""
+    active = cache.active
+    b, w = active.config.block_size, active.config.window
+    before = torch.tensor([window_start(n - 1, b, w) for n in active.seq_lens])[:, None]  # [B, 1]
+    candidates = before.expand(-1, active.num_kv_heads)
+    blocks = getattr(cache, "blocks", None)
+    if blocks is not None:
+        evicted = cache.evicted_lengths.to(torch.int64)
+        candidates = before - evicted + evicted.clamp_max(blocks * b) + 2 * (before // b)
+    return int(active.used_nbytes) + int(candidates.sum()) * active.head_dim * active.dtype.itemsize // cache.every
 
 
 @runtime_checkable
