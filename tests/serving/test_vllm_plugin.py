@@ -77,6 +77,53 @@ def test_dense_budgets_give_vllm_tokens(tiny_llama, monkeypatch):
     assert usage.chunks > 0 and usage.mixed > 0  # prompt chunks and other sequences' decode steps in one forward
 
 
+def test_below_the_crossover_the_engine_is_vllms_own(tiny_llama, monkeypatch):
+    """Every sequence under TCA_VLLM_DENSE_BELOW: vLLM's own CPU kernel runs every batch (the same tokens, no TCA
+    row), on the instruction sets whose pages the plugin reads."""
+    from tca.serving.vllm.backend import READABLE_ISAS
+
+    before = kv_usage()
+    expected, _ = generate(tiny_llama, {}, {}, monkeypatch, skip_tokenizer_init=True)
+    tokens, after = generate(tiny_llama, TCA, {"TCA_VLLM_DENSE_BELOW": "100000"}, monkeypatch,
+                             skip_tokenizer_init=True)
+    assert tokens == expected
+    if cpu_isa() in READABLE_ISAS:
+        assert (after.prompts, after.chunks, after.decodes) == (before.prompts, before.chunks, before.decodes)
+
+
+def cpu_isa(dtype=None, head_dim=32, page_size=32) -> str:
+    import torch
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    return _get_attn_isa(dtype or torch.float32, page_size, head_dim)
+
+
+@pytest.mark.parametrize("head_dim", [32, 64, 80, 128])
+def test_the_plugin_reads_pages_as_vllms_cpu_kernels_write_them(head_dim):
+    import torch
+    from vllm import _custom_ops as ops
+
+    from tca.serving.vllm.backend import READABLE_ISAS
+    from tca.serving.vllm.paged import split_cpu_pages
+
+    for dtype in (torch.float32, torch.bfloat16):
+        isa = cpu_isa(dtype, head_dim)
+        if isa not in READABLE_ISAS:
+            pytest.skip(f"vLLM's {isa!r} pages are not read by the plugin (it keeps its own layout there)")
+        pages, heads, page_size = 3, 2, 32
+        kv_cache = torch.zeros(pages, heads, page_size, 2 * head_dim, dtype=dtype)
+        key_cache, value_cache = kv_cache.view(pages, heads, 2 * page_size, head_dim).chunk(2, dim=2)
+        gen = torch.Generator().manual_seed(head_dim)
+        key = torch.randn(40, heads, head_dim, generator=gen).to(dtype)
+        value = torch.randn(40, heads, head_dim, generator=gen).to(dtype)
+        slots = torch.randperm(pages * page_size, generator=gen)[:40]
+        ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, slots, isa, k_scale=1.0, v_scale=1.0,
+                                       kv_cache_dtype="auto")
+        key_pages, value_pages = split_cpu_pages(kv_cache, head_dim)
+        page, offset = slots // page_size, slots % page_size
+        assert torch.equal(key_pages[page, :, offset], key) and torch.equal(value_pages[page, :, offset], value)
+
+
 def test_default_budgets_run_chunked_batches_and_read_less(tiny_llama, monkeypatch):
     tokens, usage = generate(tiny_llama, {**TCA, **CHUNKED}, {"TCA_VLLM_PLAN": "default", **SMALL_GEOMETRY},
                              monkeypatch, skip_tokenizer_init=True, max_tokens=24)

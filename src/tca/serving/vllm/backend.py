@@ -1,10 +1,17 @@
-"""The vLLM attention backend running TCA-Attention: metadata builder, layer implementation, backend class.
+"""TCA in vLLM on the CPU: vLLM's own CPU attention backend, with TCA for the sequences long enough to gain from it.
 
 Imported by vLLM through the class path the plugin registers (`register` in this package), never by
-`import tca`. One TCAAttentionImpl serves one attention layer: it writes new tokens into vLLM's pages, then
-runs each sequence of the batch on its own (sequence.py): a prompt or prompt chunk through a tca backend's
-selection and sparse attention, a decode token through the per-sequence state (docs/semantics.md section 5).
-Mixed batches (prefills, chunks and decodes of different lengths in one forward) are handled row by row.
+`import tca`. The classes extend vLLM's CPU backend (CPU_ATTN), so the pool, its page layout and the KV writes are
+vLLM's own, and a batch whose sequences are all under `dense_below` (the crossover, settings.py) runs vLLM's CPU
+kernel unchanged. Otherwise one TCAAttentionImpl runs its layer's rows (layer.py): a prompt or prompt chunk
+reaching `dense_below` through a tca backend's selection and sparse attention, a decode token of such a sequence
+through its state (decode_states.py, every decode row of the batch at once), and exact attention for the rest.
+
+The plugin reads vLLM's pages where it knows their layout: for the `vec` and `vec16` instruction sets (x86
+without AMX), each page holds, per KV head, its P keys channel-major ([D, P]) and then its P values ([P, D])
+(paged.split_cpu_pages). On other instruction sets (AMX, Arm, Power, s390x, RISC-V) vLLM packs keys in ways the
+plugin does not read: there the plugin writes and reads pages in its own layout (paged.split_pages) and computes
+every row itself, vLLM's CPU kernel never runs.
 
 Shape letters: T tokens in the batch, HQ query heads, HKV key/value heads, D head dim, NP pages, P page size.
 """
@@ -13,58 +20,57 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-from vllm.v1.attention.backend import (
-    AttentionBackend,
-    AttentionCGSupport,
-    AttentionImpl,
-    AttentionMetadataBuilder,
-    AttentionType,
-    CommonAttentionMetadata,
+from vllm.v1.attention.backend import AttentionType, CommonAttentionMetadata
+from vllm.v1.attention.backends.cpu_attn import (
+    CPUAttentionBackend,
+    CPUAttentionBackendImpl,
+    CPUAttentionMetadataBuilder,
 )
 
 from .checks import layer_settings, log_settings
-from .compat import cpu_layouts
 from .layer import LayerRunner, Rows
 from .memory import LIVE_IMPLS
-from .paged import split_pages, write_tokens
+from .paged import split_cpu_pages, split_pages, write_tokens
 from .settings import engine_dense_below
 
-
-@dataclass
-class TCAMetadata:
-    """One batch: host copies of the row boundaries and lengths (the per-row loop reads them), device tables."""
-
-    num_actual_tokens: int
-    query_start: list[int]  # [rows + 1]
-    seq_lens: list[int]  # [rows]
-    block_table: torch.Tensor  # [rows, max pages]
-    slot_mapping: torch.Tensor  # [T]
-    dense_below: int  # sequences shorter than this run dense (settings.engine_dense_below)
+READABLE_ISAS = ("vec", "vec16")  # vLLM CPU instruction sets whose page layout the plugin reads
 
 
-class TCAMetadataBuilder(AttentionMetadataBuilder[TCAMetadata]):
-    _cudagraph_support = AttentionCGSupport.NEVER  # a Python loop over rows with host-side lengths
+@dataclass(frozen=True)
+class TCARows:
+    """What the TCA layers need of one batch besides vLLM's CPU metadata: host copies of the row boundaries and
+    lengths, the rows' first pages, those of sequences that start here (their old states are dropped), whether
+    every sequence is under dense_below."""
 
+    rows: Rows
+    fresh: tuple[int, ...]
+    short: bool
+    dense_below: int
+
+
+class TCAMetadataBuilder(CPUAttentionMetadataBuilder):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.dense_below = engine_dense_below(vllm_config, device)
-        log_settings(vllm_config, self.dense_below, "eager attention (vLLM's CPU engine)")
+        dense = ("vLLM's CPU kernel for batches under the crossover" if self.isa in READABLE_ISAS else
+                 f"the plugin's own pages and attention (vLLM's {self.isa!r} page layout is not read)")
+        log_settings(vllm_config, self.dense_below, f"eager attention (vLLM's CPU engine), {dense}")
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False):
-        meta = common_attn_metadata
-        rows = meta.num_reqs
-        return TCAMetadata(
-            num_actual_tokens=meta.num_actual_tokens,
-            query_start=meta.query_start_loc_cpu[: rows + 1].tolist(),
-            seq_lens=meta.seq_lens[:rows].cpu().tolist(),
-            block_table=meta.block_table_tensor[:rows],
-            slot_mapping=meta.slot_mapping,
-            dense_below=self.dense_below,
-        )
+        meta = super().build(common_prefix_len, common_attn_metadata, fast_build)
+        common = common_attn_metadata
+        rows = common.num_reqs
+        starts = common.query_start_loc_cpu[: rows + 1].tolist()
+        seq_lens = common.seq_lens[:rows].tolist()  # CPU tensors: no wait
+        table = common.block_table_tensor[:rows]
+        owners = table[:, 0].tolist()
+        fresh = tuple(owners[r] for r in range(rows) if starts[r + 1] - starts[r] == seq_lens[r])
+        short = common.max_seq_len < self.dense_below
+        meta.tca = TCARows(Rows(starts, seq_lens, table, owners), fresh, short, self.dense_below)
+        return meta
 
 
-class TCAAttentionImpl(AttentionImpl[TCAMetadata]):
+class TCAAttentionImpl(CPUAttentionBackendImpl):
     def __init__(
         self,
         num_heads: int,
@@ -82,15 +88,22 @@ class TCAAttentionImpl(AttentionImpl[TCAMetadata]):
         settings = layer_settings(num_kv_heads=num_kv_heads, head_size=head_size, alibi_slopes=alibi_slopes,
                                   sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, sinks=sinks,
                                   attn_type=attn_type, decoder=AttentionType.DECODER)
-        self.num_heads, self.head_size, self.scale = num_heads, head_size, float(scale)
-        self.num_kv_heads = num_kv_heads
-        self.kv_cache_dtype = kv_cache_dtype
-        self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
-        self.attn_type = attn_type
+        super().__init__(num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window, kv_cache_dtype,
+                         logits_soft_cap, attn_type, kv_sharing_target_layer_name, sinks)
         self.tca = LayerRunner(num_heads, num_kv_heads, head_size, float(scale), settings)
         LIVE_IMPLS.add(self)
 
+    @staticmethod
+    def _vllm_pages(layer) -> bool:
+        return getattr(layer, "isa", None) in READABLE_ISAS
+
+    def _pages(self, layer, kv_cache):
+        split = split_cpu_pages if self._vllm_pages(layer) else split_pages
+        return split(kv_cache, self.head_size)
+
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
+        if self._vllm_pages(layer):
+            return super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
         key_pages, value_pages = split_pages(kv_cache, self.head_size)
         n = min(key.shape[0], slot_mapping.shape[0])
         write_tokens(key_pages, value_pages, key[:n], value[:n], slot_mapping[:n])
@@ -102,12 +115,14 @@ class TCAAttentionImpl(AttentionImpl[TCAMetadata]):
             raise NotImplementedError("the TCA attention backend does not fuse output quantization")
         if attn_metadata is None:  # vLLM's profiling and warm-up runs
             return output
-        key_pages, value_pages = split_pages(kv_cache, self.head_size)
+        batch = attn_metadata.tca
+        self.tca.forget(batch.fresh)
+        if batch.short and self._vllm_pages(layer):
+            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output)
+        key_pages, value_pages = self._pages(layer, kv_cache)
         self.tca.usage.pool_bytes = kv_cache.numel() * kv_cache.element_size()
         out = output[: attn_metadata.num_actual_tokens].view(-1, self.num_heads, self.head_size)
-        table = attn_metadata.block_table
-        rows = Rows(attn_metadata.query_start, attn_metadata.seq_lens, table, table[:, 0].tolist())
-        self.tca.run(layer.layer_name, query, key_pages, value_pages, rows, out, attn_metadata.dense_below)
+        self.tca.run(layer.layer_name, query, key_pages, value_pages, batch.rows, out, batch.dense_below)
         return output
 
     @property
@@ -115,11 +130,9 @@ class TCAAttentionImpl(AttentionImpl[TCAMetadata]):
         return self.tca.usage
 
 
-class TCAAttentionBackend(AttentionBackend):
-    """TCA-Attention for vLLM: `--attention-backend CUSTOM` once tca's plugin registered it (on any platform)."""
+class TCAAttentionBackend(CPUAttentionBackend):
+    """TCA-Attention for vLLM on the CPU: `--attention-backend CUSTOM` once tca's plugin registered it."""
 
-    forward_includes_kv_cache_update = False  # vLLM calls do_kv_cache_update first
-    supported_dtypes = [torch.float16, torch.bfloat16, torch.float32]
     supported_kv_cache_dtypes = ["auto"]
 
     @staticmethod
@@ -133,14 +146,6 @@ class TCAAttentionBackend(AttentionBackend):
     @staticmethod
     def get_builder_cls():
         return TCAMetadataBuilder
-
-    @staticmethod
-    def get_kv_cache_shape(num_blocks, block_size, num_kv_heads, head_size, cache_dtype_str="auto"):
-        return (num_blocks, num_kv_heads, block_size, 2 * head_size)  # what paged.split_pages reads
-
-    @classmethod
-    def supported_kv_cache_layouts(cls):
-        return cpu_layouts()  # head-major pages (vLLM versions that choose a layout per backend)
 
     @classmethod
     def supports_attn_type(cls, attn_type: str) -> bool:

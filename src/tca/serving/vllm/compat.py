@@ -32,11 +32,3 @@ def version_problem(version: str | None = None) -> str | None:
         )
     return None
 
-
-def cpu_layouts():
-    """The page layout of the CPU backend, on vLLM versions that let a backend choose one (None elsewhere)."""
-    try:
-        from vllm.v1.kv_cache_interface import KVCacheLayout
-    except ImportError:
-        return None
-    return (KVCacheLayout.LBHNC,)  # head-major page interiors: [NP, HKV, P, 2 * D], what paged.split_pages reads

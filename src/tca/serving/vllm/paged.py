@@ -18,7 +18,7 @@ def split_pages(kv_cache: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, to
     """The key and value views of one layer's cache [NP, HKV, P, 2 * D]: ([NP, HKV, P, D], [NP, HKV, P, D]).
 
     Within a page and head, the first P * D numbers hold the keys of the P tokens and the next P * D their
-    values (the split vLLM's CPU backend uses, so the pool's size and layout are vLLM's own; on CUDA the
+    values (the plugin's own layout where it cannot read vLLM's CPU pages, `split_cpu_pages`; on CUDA the
     plugin keeps FlashAttention's layout instead: `split_channels`).
     """
     pages, heads, page_size, channels = kv_cache.shape
@@ -26,6 +26,18 @@ def split_pages(kv_cache: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, to
         raise ValueError(f"expected a KV cache [pages, heads, page size, 2 * {head_dim}], got {tuple(kv_cache.shape)}")
     both = kv_cache.view(pages, heads, 2, page_size, head_dim)
     return both[:, :, 0], both[:, :, 1]
+
+
+def split_cpu_pages(kv_cache: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The key and value views of one layer's cache [NP, HKV, P, 2 * D] as vLLM's CPU kernels write it for the
+    `vec` and `vec16` instruction sets: within a page and head, the P keys channel-major ([D, P], so a key's D
+    numbers are P apart), then the P values ([P, D]). Returns ([NP, HKV, P, D], [NP, HKV, P, D]) strided views."""
+    pages, heads, page_size, channels = kv_cache.shape
+    if channels != 2 * head_dim:
+        raise ValueError(f"expected a KV cache [pages, heads, page size, 2 * {head_dim}], got {tuple(kv_cache.shape)}")
+    both = kv_cache.view(pages, heads, 2, page_size * head_dim)
+    keys = both[:, :, 0].view(pages, heads, head_dim, page_size).transpose(-1, -2)
+    return keys, both[:, :, 1].view(pages, heads, page_size, head_dim)
 
 
 def split_channels(kv_cache: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
