@@ -91,6 +91,21 @@ def test_below_the_crossover_the_engine_is_vllms_own(tiny_llama, monkeypatch):
         assert (after.prompts, after.chunks, after.decodes) == (before.prompts, before.chunks, before.decodes)
 
 
+def test_without_chunked_prefill_a_request_gives_the_same_tokens_alone_or_batched(tiny_llama, monkeypatch):
+    """Default budgets, prompts past the window, chunked prefill off (each prompt prefilled in one piece): a
+    request's tokens do not depend on the requests batched with it (docs/serving_vllm.md, "One result whatever the
+    batch")."""
+    unchunked = {**TCA, "enable_chunked_prefill": False, "max_num_batched_tokens": 1024, "max_model_len": 1024}
+    geometry = {"TCA_VLLM_PLAN": "default", "TCA_VLLM_DENSE_BELOW": "0", **SMALL_GEOMETRY}
+    requests = prompts((300, 700, 150, 1000 - 16))
+    together, usage = generate(tiny_llama, unchunked, geometry, monkeypatch, requests=requests,
+                               skip_tokenizer_init=True)
+    assert usage.chunks == 0 and 0 < usage.read_bytes < usage.dense_bytes
+    for request, tokens in zip(requests, together, strict=True):
+        alone, _ = generate(tiny_llama, unchunked, geometry, monkeypatch, requests=[request], skip_tokenizer_init=True)
+        assert alone == [tokens]
+
+
 def cpu_isa(dtype=None, head_dim=32, page_size=32) -> str:
     import torch
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
