@@ -19,11 +19,12 @@ from tca.serving.vllm.checks import engine_problems, layer_problems
 from tca.serving.vllm.settings import Settings, layer_index
 
 
-def engine(prefix_caching=False, cache_dtype="auto", speculative=None, dcp=1, pcp=1):
+def engine(prefix_caching=False, cache_dtype="auto", speculative=None, dcp=1, pcp=1, dbo=False, ubatch=0):
     return SimpleNamespace(
         cache_config=SimpleNamespace(enable_prefix_caching=prefix_caching, cache_dtype=cache_dtype),
         speculative_config=speculative,
-        parallel_config=SimpleNamespace(decode_context_parallel_size=dcp, prefill_context_parallel_size=pcp),
+        parallel_config=SimpleNamespace(decode_context_parallel_size=dcp, prefill_context_parallel_size=pcp,
+                                        enable_dbo=dbo, ubatch_size=ubatch),
     )
 
 
@@ -121,6 +122,8 @@ def test_supported_engine_has_no_problems():
         ({"speculative": object()}, "--speculative-config"),
         ({"dcp": 2}, "--decode-context-parallel-size 1"),
         ({"pcp": 2}, "--prefill-context-parallel-size 1"),
+        ({"dbo": True}, "--enable-dbo"),
+        ({"ubatch": 2}, "--ubatch-size"),
     ],
 )
 def test_refused_engine_settings_name_their_flag(settings, flag):

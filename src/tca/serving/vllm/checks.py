@@ -32,6 +32,11 @@ def engine_problems(vllm_config) -> list[str]:
     ):
         if getattr(parallel, name, 1) > 1:
             problems.append(f"context parallelism splits a sequence's KV cache across ranks: use {flag}")
+    if getattr(parallel, "enable_dbo", False) or getattr(parallel, "ubatch_size", 0) > 1:
+        problems.append(
+            "micro-batching gives each micro-batch its own attention metadata builder, while the TCA backend keeps "
+            "every sequence's decode state with one: remove --enable-dbo and --ubatch-size"
+        )
     return problems
 
 
