@@ -297,7 +297,7 @@ def test_cuda_builder_routes_batches_without_waiting_for_the_device():
         def forget(self, first_pages):
             self.forgotten += first_pages.tolist()
 
-    def batch(starts, seq_lens, dense_below=16, may_run_tca=True):
+    def batch(starts, seq_lens, dense_below=16, may_run_tca=True, prefilling=None):
         states = States()
         rows = len(seq_lens)
         lengths = [b - a for a, b in zip(starts, starts[1:], strict=False)]
@@ -305,6 +305,7 @@ def test_cuda_builder_routes_batches_without_waiting_for_the_device():
             num_reqs=rows, query_start_loc_cpu=torch.tensor(starts, dtype=torch.int32),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32), seq_lens_cpu_upper_bound=None,
             max_seq_len=max(seq_lens), max_query_len=max(lengths),
+            is_prefilling=None if prefilling is None else torch.tensor(prefilling),
             block_table_tensor=torch.tensor([[7, 8], [3, 4], [9, 1]][:rows], dtype=torch.int32),
         )
         builder = SimpleNamespace(may_run_tca=may_run_tca, dense_below=dense_below, states=states)
@@ -318,6 +319,9 @@ def test_cuda_builder_routes_batches_without_waiting_for_the_device():
     assert short.rows is None and not short.decode_only and forgotten == [7]  # vLLM's FlashAttention alone
     decodes, forgotten = batch([0, 1, 2, 3], [1, 20, 12])  # a new 1-token prompt and two decode steps
     assert decodes.decode_only and decodes.rows is None and forgotten == [7]
+    # a dummy batch (an idle data-parallel rank): one token over stale rows, nothing prefilling, nothing dropped
+    dummy, forgotten = batch([0, 1, 2, 3], [1, 1, 1], prefilling=[False, False, False])
+    assert dummy.decode_only and forgotten == []
     never, forgotten = batch([0, 5, 6, 10], [5, 20, 12], dense_below=64, may_run_tca=False)
     assert never.states is None and never.rows is None and forgotten == []
 

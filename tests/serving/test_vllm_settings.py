@@ -19,10 +19,12 @@ from tca.serving.vllm.checks import engine_problems, layer_problems
 from tca.serving.vllm.settings import Settings, layer_index
 
 
-def engine(prefix_caching=False, cache_dtype="auto", speculative=None, dcp=1, pcp=1, dbo=False, ubatch=0):
+def engine(prefix_caching=False, cache_dtype="auto", speculative=None, dcp=1, pcp=1, dbo=False, ubatch=0,
+           connector=None, sleep=False):
     return SimpleNamespace(
         cache_config=SimpleNamespace(enable_prefix_caching=prefix_caching, cache_dtype=cache_dtype),
-        speculative_config=speculative,
+        speculative_config=speculative, kv_transfer_config=connector,
+        model_config=SimpleNamespace(enable_sleep_mode=sleep),
         parallel_config=SimpleNamespace(decode_context_parallel_size=dcp, prefill_context_parallel_size=pcp,
                                         enable_dbo=dbo, ubatch_size=ubatch),
     )
@@ -124,6 +126,8 @@ def test_supported_engine_has_no_problems():
         ({"pcp": 2}, "--prefill-context-parallel-size 1"),
         ({"dbo": True}, "--enable-dbo"),
         ({"ubatch": 2}, "--ubatch-size"),
+        ({"connector": object()}, "--kv-transfer-config"),
+        ({"sleep": True}, "--enable-sleep-mode"),
     ],
 )
 def test_refused_engine_settings_name_their_flag(settings, flag):

@@ -45,10 +45,11 @@ def exact(query, keys, values, scale):
     return torch.einsum("hl,hld->hd", weights, v)
 
 
-@pytest.mark.parametrize("lengths, steps", [((150, 97, 41), 40), ((70, 200), 24)])
-def test_paged_decode_matches_the_torch_states(lengths, steps):
+@pytest.mark.parametrize("lengths, steps, D", [((150, 97, 41), 40, 16), ((70, 200), 24, 24)])
+def test_paged_decode_matches_the_torch_states(lengths, steps, D):
+    """D = 24: a head dim that is not a power of two (the kernels pad it)."""
     generator = torch.Generator().manual_seed(sum(lengths))
-    HQ, HKV, D, P, b, w = 4, 2, 16, 16, 16, 32
+    HQ, HKV, P, b, w = 4, 2, 16, 16, 32
     config = tca.TCAConfig(block_size=b, window=w)
     scale = D**-0.5
     R = len(lengths)
@@ -61,13 +62,14 @@ def test_paged_decode_matches_the_torch_states(lengths, steps):
     keep = torch.tensor([3, 5], dtype=torch.int64)
     positions = torch.full((NP, HKV, P), -7, dtype=torch.int32, device=DEVICE)
     counts = torch.full((NP, HKV), -1, dtype=torch.int32, device=DEVICE)
+    covered = torch.zeros(NP, dtype=torch.int32, device=DEVICE)
     usage = torch.zeros(3, dtype=torch.int64, device=DEVICE)
     reference = DecodeStates(HKV)
     stateful = []  # rows with a state; the last row has none (exact attention)
     for r, L in enumerate(lengths[:-1]):
         state = random_state(L, HKV, b, w, generator)
         reference.put(r, state)
-        store_state(positions, counts, block_table[r], state.positions, state.counts)
+        store_state(positions, counts, covered, block_table[r], state.positions, state.counts, L)
         stateful.append(r)
     seq_lens = torch.tensor(lengths, device=DEVICE)
     for _ in range(steps):
@@ -79,7 +81,7 @@ def test_paged_decode_matches_the_torch_states(lengths, steps):
             key_pages[page, :, i % P] = torch.randn(HKV, D, generator=generator).to(DEVICE)
             value_pages[page, :, i % P] = torch.randn(HKV, D, generator=generator).to(DEVICE)
         got = paged_decode(query, key_pages, value_pages, block_table, seq_lens.to(torch.int32), positions, counts,
-                           keep.to(DEVICE, torch.int32), usage, b, w, scale, splits=3)
+                           covered, keep.to(DEVICE, torch.int32), usage, b, w, scale, splits=3)
         want = reference.decode(stateful, query[stateful], block_table[stateful], key_pages, value_pages, keep, config,
                                 scale)
         torch.testing.assert_close(got[stateful], want, atol=2e-5, rtol=2e-5)
@@ -104,6 +106,33 @@ def test_paged_decode_matches_the_torch_states(lengths, steps):
     assert decodes == steps * len(stateful)
     assert dense == sum(sum(range(L + 1, L + steps + 1)) for L in lengths[:-1]) * HKV * token_bytes
     assert 0 < read < dense
+    assert covered[block_table[stateful, 0].long()].tolist() == seq_lens[stateful].tolist()
+
+
+def test_a_state_that_does_not_end_where_the_step_starts_is_not_continued():
+    """A state covering other than seq_len - 1 tokens (one an earlier sequence left on the page): exact attention,
+    and the state stays as it was."""
+    HQ, HKV, D, P = 4, 2, 16, 16
+    generator = torch.Generator().manual_seed(0)
+    key_pages = torch.randn(4, HKV, P, D, generator=generator).to(DEVICE)
+    value_pages = torch.randn(4, HKV, P, D, generator=generator).to(DEVICE)
+    block_table = torch.tensor([[1, 2, 3]], dtype=torch.int32, device=DEVICE)
+    positions = torch.zeros(4, HKV, P, dtype=torch.int32, device=DEVICE)
+    counts = torch.full((4, HKV), -1, dtype=torch.int32, device=DEVICE)
+    covered = torch.zeros(4, dtype=torch.int32, device=DEVICE)
+    store_state(positions, counts, covered, block_table[0], torch.tensor([[0, 5], [3, -1]], device=DEVICE),
+                torch.tensor([2, 1], device=DEVICE), 40)  # a state of 40 tokens
+    usage = torch.zeros(3, dtype=torch.int64, device=DEVICE)
+    query = torch.randn(1, HQ, D, generator=generator).to(DEVICE)
+    seq_len = 45  # not 41: this step does not continue that state
+    out = paged_decode(query, key_pages, value_pages, block_table, torch.tensor([seq_len], device=DEVICE,
+                       dtype=torch.int32), positions, counts, covered, torch.tensor([2, 2], dtype=torch.int32,
+                       device=DEVICE), usage, 16, 32, D**-0.5, splits=2)
+    pages = block_table[0].long()[torch.arange(seq_len, device=DEVICE) // P]
+    keys = key_pages[pages, :, torch.arange(seq_len, device=DEVICE) % P].transpose(0, 1)
+    values = value_pages[pages, :, torch.arange(seq_len, device=DEVICE) % P].transpose(0, 1)
+    torch.testing.assert_close(out[0], exact(query[0], keys, values, D**-0.5), atol=2e-5, rtol=2e-5)
+    assert counts[1].tolist() == [2, 1] and int(covered[1]) == 40 and usage.tolist() == [0, 0, 0]
 
 
 def test_padding_rows_write_zeros():
@@ -111,10 +140,12 @@ def test_padding_rows_write_zeros():
     key_pages = torch.randn(4, HKV, P, D, device=DEVICE)
     block_table = torch.tensor([[1, 2], [0, 0]], dtype=torch.int32, device=DEVICE)
     counts = torch.full((4, HKV), -1, dtype=torch.int32, device=DEVICE)
+    covered = torch.zeros(4, dtype=torch.int32, device=DEVICE)
     positions = torch.zeros(4, HKV, P, dtype=torch.int32, device=DEVICE)
     usage = torch.zeros(3, dtype=torch.int64, device=DEVICE)
     query = torch.randn(2, HQ, D, device=DEVICE)
     out = paged_decode(query, key_pages, key_pages, block_table, torch.tensor([20, 0], device=DEVICE), positions,
-                       counts, torch.tensor([2, 2], dtype=torch.int32, device=DEVICE), usage, 16, 32, 0.25, splits=2)
+                       counts, covered, torch.tensor([2, 2], dtype=torch.int32, device=DEVICE), usage, 16, 32, 0.25,
+                       splits=2)
     assert torch.equal(out[1], torch.zeros_like(out[1]))
     assert torch.isfinite(out[0]).all() and usage.tolist() == [0, 0, 0]  # a row with no state is not counted

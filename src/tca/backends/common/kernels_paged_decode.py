@@ -6,13 +6,16 @@ in pools shaped like the pages, addressed through the same row, so that a state 
 - positions [NP, HKV, P] int32: entry e of head h (its e-th kept global position, ascending) sits in page
   row[e // P] at offset e % P (a sequence keeps at most as many positions as it has tokens);
 - counts [NP, HKV] int32 at the sequence's first page, row[0]: how many entries each head holds, or -1 for a
-  sequence with no state, which attends to every one of its tokens (exact attention).
+  sequence with no state, which attends to every one of its tokens (exact attention);
+- covered [NP] int32 at the first page: the tokens the state covers. A step at i = seq_len - 1 continues the state
+  only if it covers exactly i tokens; otherwise (a state some earlier sequence left on this page, which nothing
+  dropped) the row attends exactly and the state is left as it is.
 Every length is read on the device (seq_lens: tokens after this step; the newest token, at i = seq_len - 1, is in
 the pages already), so a step never synchronises with the host and can be captured in a CUDA graph; rows with
 seq_len <= 0 (a captured batch's padding) write zeros.
 
-Shape letters: G query heads per KV head (padded to G_PAD >= 16 rows for tl.dot), BS the TCA block size b,
-CHUNK keys per step of the split-K loop.
+Shape letters: G query heads per KV head (padded to G_PAD >= 16 rows for tl.dot), D head dim (padded to a power
+of two, D_PAD), BS the TCA block size b, CHUNK keys per step of the split-K loop.
 """
 
 import triton
@@ -25,11 +28,19 @@ def _window_start(i, block_size, window):
 
 
 @triton.jit
+def _state_count(cnt_ptr, cov_ptr, owner, h, HKV, i):
+    """Entries of head h of the state at `owner`, or -1 where there is no state this step continues."""
+    count = tl.load(cnt_ptr + owner * HKV + h)
+    return tl.where(tl.load(cov_ptr + owner) == i, count, -1)
+
+
+@triton.jit
 def compress_kernel(
-    q_ptr, kp_ptr, bt_ptr, seq_ptr, pos_ptr, cnt_ptr, keep_ptr, usage_ptr,
+    q_ptr, kp_ptr, bt_ptr, seq_ptr, pos_ptr, cnt_ptr, cov_ptr, keep_ptr, usage_ptr,
     stride_qr, stride_qh, stride_kn, stride_kh, stride_kp, stride_btr,
     HKV, P, window, scale, token_bytes,
-    G: tl.constexpr, G_PAD: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr,
+    G: tl.constexpr, G_PAD: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     """Section 5 step 1 for row r and KV head h (program (r, h)): if the window moves at i = seq_len - 1, score
     the block [lo(i-1), lo(i)) leaving it with the row's query (the group's mean of a softmax over the block,
@@ -42,24 +53,25 @@ def compress_kernel(
     if seq_len <= 0:
         return
     owner = tl.load(bt_ptr + r * stride_btr).to(tl.int64)
-    n_have = tl.load(cnt_ptr + owner * HKV + h)
+    i = seq_len - 1
+    n_have = _state_count(cnt_ptr, cov_ptr, owner, h, HKV, i)
     if n_have < 0:
         return
-    i = seq_len - 1
     start = _window_start(i - 1, BS, window)
     lo = _window_start(i, BS, window)
     t = tl.load(keep_ptr + h).to(tl.int32) * (lo > start).to(tl.int32)
     if t > 0:
         offs_g = tl.arange(0, G_PAD)
         offs_t = tl.arange(0, BS)
-        offs_d = tl.arange(0, D)
+        offs_d = tl.arange(0, D_PAD)
+        d_ok = offs_d < D
         g_ok = offs_g < G
         q = tl.load(q_ptr + r * stride_qr + (h * G + offs_g)[:, None] * stride_qh + offs_d[None, :],
-                    mask=g_ok[:, None], other=0.0)
+                    mask=g_ok[:, None] & d_ok[None, :], other=0.0)
         position = start + offs_t
         page = tl.load(bt_ptr + r * stride_btr + position // P).to(tl.int64)
         k = tl.load(kp_ptr + page[:, None] * stride_kn + h * stride_kh + (position % P)[:, None] * stride_kp
-                    + offs_d[None, :])
+                    + offs_d[None, :], mask=d_ok[None, :], other=0.0)
         x = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PREC) * scale
         # [choice: non-finite] a non-finite logit is left out of the block's softmax (scores 0); a row with no
         # finite logit scores 0 everywhere
@@ -100,35 +112,37 @@ def _attend_chunk(q, k, v, ok, m_i, l_i, acc, scale_log2, PREC: tl.constexpr):
 
 @triton.jit
 def attend_split_kernel(
-    q_ptr, kp_ptr, vp_ptr, bt_ptr, seq_ptr, pos_ptr, cnt_ptr,
+    q_ptr, kp_ptr, vp_ptr, bt_ptr, seq_ptr, pos_ptr, cnt_ptr, cov_ptr,
     part_m_ptr, part_l_ptr, part_acc_ptr,
     stride_qr, stride_qh, stride_kn, stride_kh, stride_kp, stride_vn, stride_vh, stride_vp, stride_btr,
     HKV, P, block_size, window, n_splits, scale_log2,
-    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, PREC: tl.constexpr,
+    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, CHUNK: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     """Section 5 step 3, split-K: program (r * HKV + h, s) walks chunks s, s + S, ... of the row's virtual
     sequence, its count entries (kept global positions) then the window lo(i) .. i (0 .. i with no state), and
     writes a partial (max, sum, acc) per query head of the group. part_m, part_l: [R*HKV, S, G_PAD] fp32;
-    part_acc: [R*HKV, S, G_PAD, D] fp32."""
+    part_acc: [R*HKV, S, G_PAD, D_PAD] fp32."""
     rh = tl.program_id(0)
     s_id = tl.program_id(1)
     r = rh // HKV
     h = rh % HKV
     offs_g = tl.arange(0, G_PAD)
-    offs_d = tl.arange(0, D)
+    offs_d = tl.arange(0, D_PAD)
+    d_ok = offs_d < D
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
-    acc = tl.zeros([G_PAD, D], tl.float32)
+    acc = tl.zeros([G_PAD, D_PAD], tl.float32)
     seq_len = tl.load(seq_ptr + r).to(tl.int32)
     if seq_len > 0:
         i = seq_len - 1
         owner = tl.load(bt_ptr + r * stride_btr).to(tl.int64)
-        count = tl.load(cnt_ptr + owner * HKV + h)
+        count = _state_count(cnt_ptr, cov_ptr, owner, h, HKV, i)
         n_glob = tl.maximum(count, 0)
         lo = tl.where(count >= 0, _window_start(i, block_size, window), 0)
         n_loc = i - lo + 1
         q = tl.load(q_ptr + r * stride_qr + (h * G + offs_g)[:, None] * stride_qh + offs_d[None, :],
-                    mask=(offs_g < G)[:, None], other=0.0)
+                    mask=(offs_g < G)[:, None] & d_ok[None, :], other=0.0)
         n_glob_chunks = tl.cdiv(n_glob, CHUNK)
         n_chunks = n_glob_chunks + tl.cdiv(n_loc, CHUNK)
         row = bt_ptr + r * stride_btr
@@ -140,9 +154,9 @@ def attend_split_kernel(
             page = tl.load(row + position // P, mask=ok, other=0).to(tl.int64)
             offset = (position % P)[:, None]
             k = tl.load(kp_ptr + page[:, None] * stride_kn + h * stride_kh + offset * stride_kp + offs_d[None, :],
-                        mask=ok[:, None], other=0.0)
+                        mask=ok[:, None] & d_ok[None, :], other=0.0)
             v = tl.load(vp_ptr + page[:, None] * stride_vn + h * stride_vh + offset * stride_vp + offs_d[None, :],
-                        mask=ok[:, None], other=0.0)
+                        mask=ok[:, None] & d_ok[None, :], other=0.0)
             m_i, l_i, acc = _attend_chunk(q, k, v, ok, m_i, l_i, acc, scale_log2, PREC)
         # window chunks continue the same round-robin over this head's chunk list
         first_local = n_glob_chunks + (s_id - n_glob_chunks % n_splits + n_splits) % n_splits
@@ -153,30 +167,31 @@ def attend_split_kernel(
             page = tl.load(row + position // P, mask=ok, other=0).to(tl.int64)
             offset = (position % P)[:, None]
             k = tl.load(kp_ptr + page[:, None] * stride_kn + h * stride_kh + offset * stride_kp + offs_d[None, :],
-                        mask=ok[:, None], other=0.0)
+                        mask=ok[:, None] & d_ok[None, :], other=0.0)
             v = tl.load(vp_ptr + page[:, None] * stride_vn + h * stride_vh + offset * stride_vp + offs_d[None, :],
-                        mask=ok[:, None], other=0.0)
+                        mask=ok[:, None] & d_ok[None, :], other=0.0)
             m_i, l_i, acc = _attend_chunk(q, k, v, ok, m_i, l_i, acc, scale_log2, PREC)
     base = rh * n_splits + s_id
     tl.store(part_m_ptr + base * G_PAD + offs_g, m_i)
     tl.store(part_l_ptr + base * G_PAD + offs_g, l_i)
-    tl.store(part_acc_ptr + (base * G_PAD + offs_g)[:, None] * D + offs_d[None, :], acc)
+    tl.store(part_acc_ptr + (base * G_PAD + offs_g)[:, None] * D_PAD + offs_d[None, :], acc)
 
 
 @triton.jit
 def combine_kernel(
-    part_m_ptr, part_l_ptr, part_acc_ptr, o_ptr,
-    stride_or, stride_oh,
+    part_m_ptr, part_l_ptr, part_acc_ptr, o_ptr, bt_ptr, seq_ptr, cnt_ptr, cov_ptr,
+    stride_or, stride_oh, stride_btr,
     HKV, n_splits,
-    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, S_BLOCK: tl.constexpr,
+    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, S_BLOCK: tl.constexpr,
 ):
     """Merge the S partial softmaxes of one (row, KV head, query head g) into out [R, HQ, D] (o's dtype); a row
-    that saw no key (padding) gets zeros."""
+    that saw no key (padding) gets zeros. Program (row, head 0, g 0) then marks the row's state as covering its
+    seq_len tokens (after every read of this step: the kernels before this one ran first)."""
     rh = tl.program_id(0)
     g = tl.program_id(1)
     r = rh // HKV
     h = rh % HKV
-    offs_d = tl.arange(0, D)
+    offs_d = tl.arange(0, D_PAD)
     m = tl.full([S_BLOCK], float("-inf"), tl.float32)
     for s0 in range(0, n_splits, S_BLOCK):
         offs_s = s0 + tl.arange(0, S_BLOCK)
@@ -185,14 +200,20 @@ def combine_kernel(
     m_max = tl.max(m, axis=0)
     m_max = tl.where(m_max > float("-inf"), m_max, 0.0)
     l_sum = tl.zeros([S_BLOCK], tl.float32)
-    acc = tl.zeros([S_BLOCK, D], tl.float32)
+    acc = tl.zeros([S_BLOCK, D_PAD], tl.float32)
     for s0 in range(0, n_splits, S_BLOCK):
         offs_s = s0 + tl.arange(0, S_BLOCK)
         ok = offs_s < n_splits
         part = (rh * n_splits + offs_s) * G_PAD + g
         w = tl.exp2(tl.load(part_m_ptr + part, mask=ok, other=float("-inf")) - m_max)  # no key seen: weight 0
         l_sum += tl.load(part_l_ptr + part, mask=ok, other=0.0) * w
-        acc += tl.load(part_acc_ptr + part[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0) * w[:, None]
+        acc += tl.load(part_acc_ptr + part[:, None] * D_PAD + offs_d[None, :], mask=ok[:, None], other=0.0) * w[:, None]
     total = tl.sum(l_sum, axis=0)
     out = tl.sum(acc, axis=0) / tl.where(total > 0, total, 1.0)
-    tl.store(o_ptr + r * stride_or + (h * G + g) * stride_oh + offs_d, out.to(o_ptr.dtype.element_ty))
+    tl.store(o_ptr + r * stride_or + (h * G + g) * stride_oh + offs_d, out.to(o_ptr.dtype.element_ty),
+             mask=offs_d < D)
+    seq_len = tl.load(seq_ptr + r)
+    if (h == 0) & (g == 0) & (seq_len > 0):
+        owner = tl.load(bt_ptr + r * stride_btr).to(tl.int64)
+        if _state_count(cnt_ptr, cov_ptr, owner, 0, HKV, seq_len - 1) >= 0:
+            tl.store(cov_ptr + owner, seq_len)

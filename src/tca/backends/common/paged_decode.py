@@ -28,22 +28,24 @@ def splits_for(device: torch.device, rows: int, num_kv_heads: int, max_keys: int
 
 
 def paged_decode(query: torch.Tensor, key_pages: torch.Tensor, value_pages: torch.Tensor, block_table: torch.Tensor,
-                 seq_lens: torch.Tensor, positions: torch.Tensor, counts: torch.Tensor, keep: torch.Tensor,
-                 usage: torch.Tensor, block_size: int, window: int, scale: float, splits: int,
+                 seq_lens: torch.Tensor, positions: torch.Tensor, counts: torch.Tensor, covered: torch.Tensor,
+                 keep: torch.Tensor, usage: torch.Tensor, block_size: int, window: int, scale: float, splits: int,
                  out: torch.Tensor | None = None) -> torch.Tensor:
     """Section 5 for R rows at once: query [R, HQ, D] at position seq_lens[r] - 1 of row r (its key and value
     already in the pages); key_pages, value_pages [NP, HKV, P, D]; block_table [R, pages] int32; seq_lens [R];
-    positions [NP, HKV, P] int32 and counts [NP, HKV] int32 the rows' states (kernels_paged_decode.py), advanced
-    here; keep [HKV] int32 tokens a leaving block keeps; usage [3] int64 counters (rows with a state, KV bytes a
-    dense step reads, KV bytes read), added to. Returns out [R, HQ, D] in query's dtype."""
+    positions [NP, HKV, P] int32, counts [NP, HKV] int32 and covered [NP] int32 the rows' states
+    (kernels_paged_decode.py), advanced here; keep [HKV] int32 tokens a leaving block keeps; usage [3] int64
+    counters (rows with a state, KV bytes a dense step reads, KV bytes read), added to. Returns out [R, HQ, D] in
+    query's dtype."""
     R, HQ, D = query.shape
     HKV, P = key_pages.shape[1], key_pages.shape[2]
     G = HQ // HKV
     g_pad = rows_pad(G)
+    d_pad = triton.next_power_of_2(D)
     if query.stride(-1) != 1 or key_pages.stride(-1) != 1 or value_pages.stride(-1) != 1:
         raise ValueError("paged_decode needs the head dim contiguous in the query and the pages")
-    if not (positions.is_contiguous() and counts.is_contiguous()):
-        raise ValueError("paged_decode needs contiguous positions [NP, HKV, P] and counts [NP, HKV]")
+    if not (positions.is_contiguous() and counts.is_contiguous() and covered.is_contiguous()):
+        raise ValueError("paged_decode needs contiguous positions [NP, HKV, P], counts [NP, HKV] and covered [NP]")
     if out is None:
         out = torch.empty_like(query)
     if R == 0:
@@ -51,38 +53,42 @@ def paged_decode(query: torch.Tensor, key_pages: torch.Tensor, value_pages: torc
     prec = precision(query.dtype)
     token_bytes = 2 * D * key_pages.element_size()
     kernels.compress_kernel[(R, HKV)](
-        query, key_pages, block_table, seq_lens, positions, counts, keep, usage,
+        query, key_pages, block_table, seq_lens, positions, counts, covered, keep, usage,
         query.stride(0), query.stride(1), *key_pages.stride()[:3], block_table.stride(0),
         HKV, P, window, scale, token_bytes,
-        G=G, G_PAD=g_pad, BS=block_size, D=D, PREC=prec,
+        G=G, G_PAD=g_pad, BS=block_size, D=D, D_PAD=d_pad, PREC=prec,
     )
     part_m = torch.empty(R * HKV, splits, g_pad, device=query.device, dtype=torch.float32)
     part_l = torch.empty_like(part_m)
-    part_acc = torch.empty(R * HKV, splits, g_pad, D, device=query.device, dtype=torch.float32)
+    part_acc = torch.empty(R * HKV, splits, g_pad, d_pad, device=query.device, dtype=torch.float32)
     kernels.attend_split_kernel[(R * HKV, splits)](
-        query, key_pages, value_pages, block_table, seq_lens, positions, counts,
+        query, key_pages, value_pages, block_table, seq_lens, positions, counts, covered,
         part_m, part_l, part_acc,
         query.stride(0), query.stride(1), *key_pages.stride()[:3], *value_pages.stride()[:3], block_table.stride(0),
         HKV, P, block_size, window, splits, scale * LOG2E,
-        G=G, G_PAD=g_pad, D=D, CHUNK=CHUNK, PREC=prec,
+        G=G, G_PAD=g_pad, D=D, D_PAD=d_pad, CHUNK=CHUNK, PREC=prec,
     )
     kernels.combine_kernel[(R * HKV, G)](
-        part_m, part_l, part_acc, out, out.stride(0), out.stride(1), HKV, splits,
-        G=G, G_PAD=g_pad, D=D, S_BLOCK=32,
+        part_m, part_l, part_acc, out, block_table, seq_lens, counts, covered,
+        out.stride(0), out.stride(1), block_table.stride(0), HKV, splits,
+        G=G, G_PAD=g_pad, D=D, D_PAD=d_pad, S_BLOCK=32,
     )
     return out
 
 
-def store_state(positions: torch.Tensor, counts: torch.Tensor, block_table_row: torch.Tensor, kept: torch.Tensor,
-                kept_counts: torch.Tensor) -> None:
-    """Write one sequence's state into the pools (after its prefill): kept [HKV, N] its kept global positions per
-    head, ascending, any value past kept_counts [HKV]; block_table_row [pages] its pages. Eager (not captured)."""
+def store_state(positions: torch.Tensor, counts: torch.Tensor, covered: torch.Tensor, block_table_row: torch.Tensor,
+                kept: torch.Tensor, kept_counts: torch.Tensor, seq_len: int) -> None:
+    """Write one sequence's state into the pools (after its prefill of seq_len tokens): kept [HKV, N] its kept
+    global positions per head, ascending, any value past kept_counts [HKV]; block_table_row [pages] its pages.
+    Eager (not captured), and without reading the device: the N entries are written whole (those past a head's
+    count land in the sequence's own pages, where nothing reads them; N <= seq_len, so the pages exist)."""
     HKV, N = kept.shape
     P = positions.shape[2]
+    owner = block_table_row[:1].long()
     if N:
         entry = torch.arange(N, device=kept.device)
-        valid = entry[None, :] < kept_counts[:, None].to(kept.device)  # [HKV, N]
         page = block_table_row.to(kept.device).long()[entry // P][None, :].expand(HKV, N)
         head = torch.arange(HKV, device=kept.device)[:, None].expand(HKV, N)
-        positions[page[valid], head[valid], (entry % P)[None, :].expand(HKV, N)[valid]] = kept[valid].to(torch.int32)
-    counts[block_table_row[0].long()] = kept_counts.to(counts.device, torch.int32)
+        positions[page, head, (entry % P)[None, :].expand(HKV, N)] = kept.to(torch.int32)
+    counts.index_copy_(0, owner, kept_counts.to(counts.device, torch.int32)[None])
+    covered.index_fill_(0, owner, seq_len)

@@ -32,6 +32,16 @@ def engine_problems(vllm_config) -> list[str]:
     ):
         if getattr(parallel, name, 1) > 1:
             problems.append(f"context parallelism splits a sequence's KV cache across ranks: use {flag}")
+    if getattr(vllm_config, "kv_transfer_config", None) is not None:
+        problems.append(
+            "a KV connector brings sequences whose earlier tokens were computed elsewhere, with no TCA state for them: "
+            "remove --kv-transfer-config"
+        )
+    if getattr(vllm_config.model_config, "enable_sleep_mode", False):
+        problems.append(
+            "sleep mode gives back the KV cache's memory, and the TCA decode states made beside it come back "
+            "undefined: remove --enable-sleep-mode"
+        )
     if getattr(parallel, "enable_dbo", False) or getattr(parallel, "ubatch_size", 0) > 1:
         problems.append(
             "micro-batching gives each micro-batch its own attention metadata builder, while the TCA backend keeps "

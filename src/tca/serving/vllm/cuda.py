@@ -53,6 +53,10 @@ class TCABatch:
 
 
 class TCAFlashMetadataBuilder(FlashAttentionMetadataBuilder):
+    # vLLM may reuse one group's metadata for another group of the same spec by swapping the block table; that
+    # metadata would carry this builder's decode states, and the other group's sequences would not be dropped.
+    supports_update_block_table = False
+
     @classmethod
     def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
         if vllm_config.model_config.max_model_len >= engine_dense_below(vllm_config):
@@ -110,7 +114,12 @@ class TCAFlashMetadataBuilder(FlashAttentionMetadataBuilder):
         seq_lens = common.seq_lens[:rows].cpu() if seq_lens is None else seq_lens[:rows]
         table = common.block_table_tensor[:rows]
         lengths = starts[1:] - starts[:-1]
-        new = ((lengths == seq_lens) & (seq_lens > 0)).nonzero().flatten()
+        new = (lengths == seq_lens) & (seq_lens > 0)
+        prefilling = getattr(common, "is_prefilling", None)
+        if prefilling is not None:  # a dummy batch (an idle data-parallel rank) has stale rows that prefill nothing
+            new[prefilling.shape[0]:] = False
+            new[: prefilling.shape[0]] &= prefilling[:rows].to(torch.bool)
+        new = new.nonzero().flatten()
         if new.numel():  # sequences that start here: whatever state their first page held is an earlier one's
             self.states.forget(table[to_device(new, table.device), 0])
         if common.max_query_len <= 1:

@@ -135,7 +135,7 @@ class LayerRunner:
             paged = PagedSequence(key_pages, value_pages, table[: -(-seq_len // page_size)])
             if end - start > 1 and seq_len >= dense_below:
                 out[start:end], state = attend_chunk(query[start:end], paged, seq_len, budgets, config, self.scale, impl)
-                states.store(layer_name, table, state.positions, state.counts)
+                states.store(layer_name, table, state.positions, state.counts, seq_len)
                 kind = "prompts" if end - start == seq_len else "chunks"
                 self.usage.add(kind, seq_len, state.kept_tokens(), self.head_size, element_size)
                 kinds.add(kind)

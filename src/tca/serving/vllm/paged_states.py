@@ -6,7 +6,8 @@ through its block-table row, as its keys are (tca.backends.common.kernels_paged_
 the pages of its own row, its counts at its first page, -1 when it has no state (it was prefilled densely, or
 is new). So a state needs no slot, no host bookkeeping and no allocation while the engine runs: the pools are
 made once, when the engine sizes its KV pool, before vLLM captures its graphs. They take 4 bytes per token and KV
-head per layer (`nbytes`), against 4 * D bytes (bf16 keys and values) of the KV pool itself.
+head per layer (`nbytes`), against 4 * D bytes (bf16 keys and values) of the KV pool itself. A state also records
+how many tokens it covers, so that a step continues it only when it is that sequence's next token.
 
 Shape letters: NL TCA layers, NP pages (vLLM's kernel blocks), HKV KV heads per rank, P page size.
 """
@@ -20,8 +21,9 @@ from ...config import TCAConfig
 
 
 class PagedStates:
-    """positions [NL, NP, HKV, P] int32, counts [NL, NP, HKV] int32 (-1: no state), usage [NL, 3] int64 (decode
-    rows with a state, KV bytes dense steps read, KV bytes read), keep [NL, HKV] int32 per layer."""
+    """positions [NL, NP, HKV, P] int32, counts [NL, NP, HKV] int32 (-1: no state), covered [NL, NP] int32 (tokens
+    each state covers), usage [NL, 3] int64 (decode rows with a state, KV bytes dense steps read, KV bytes read),
+    keep [NL, HKV] int32 per layer."""
 
     def __init__(self, layer_names: list[str], budgets: list[torch.Tensor], num_pages: int, page_size: int,
                  config: TCAConfig, max_model_len: int, device: torch.device):
@@ -33,13 +35,15 @@ class PagedStates:
         NL = len(layer_names)
         self.positions = torch.zeros(NL, num_pages, HKV, page_size, dtype=torch.int32, device=device)
         self.counts = torch.full((NL, num_pages, HKV), -1, dtype=torch.int32, device=device)
+        self.covered = torch.zeros(NL, num_pages, dtype=torch.int32, device=device)
         self.usage = torch.zeros(NL, 3, dtype=torch.int64, device=device)
         self.keep = torch.stack([block_keep_count(b) for b in budgets]).to(device, torch.int32)
         self._splits: dict[int, int] = {}
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.positions, self.counts, self.usage, self.keep))
+        pools = (self.positions, self.counts, self.covered, self.usage, self.keep)
+        return sum(t.numel() * t.element_size() for t in pools)
 
     def check_pool(self, key_pages: torch.Tensor) -> None:
         """Refuse a KV pool that the state pools were not made for (more pages, or other pages)."""
@@ -55,12 +59,15 @@ class PagedStates:
         if first_pages.numel():
             self.counts[:, first_pages.long()] = -1
 
-    def store(self, layer_name: str, block_table_row: torch.Tensor, kept: torch.Tensor, counts: torch.Tensor) -> None:
-        """The state a TCA prefill (or prompt chunk) of one sequence made in one layer (sequence.SequenceState)."""
+    def store(self, layer_name: str, block_table_row: torch.Tensor, kept: torch.Tensor, counts: torch.Tensor,
+              seq_len: int) -> None:
+        """The state a TCA prefill (or prompt chunk) of seq_len tokens of one sequence made in one layer
+        (sequence.SequenceState)."""
         from ...backends.common.paged_decode import store_state  # imports triton: only where the engine runs
 
         index = self.layer[layer_name]
-        store_state(self.positions[index], self.counts[index], block_table_row, kept, counts)
+        store_state(self.positions[index], self.counts[index], self.covered[index], block_table_row, kept, counts,
+                    seq_len)
 
     def decode(self, layer_name: str, query: torch.Tensor, key_pages: torch.Tensor, value_pages: torch.Tensor,
                block_table: torch.Tensor, seq_lens: torch.Tensor, scale: float, out: torch.Tensor) -> torch.Tensor:
@@ -74,5 +81,5 @@ class PagedStates:
         if splits is None:  # fixed per batch size, so that a captured graph keeps its grid
             splits = self._splits[R] = splits_for(query.device, R, key_pages.shape[1], self.max_model_len)
         return paged_decode(query, key_pages, value_pages, block_table, seq_lens, self.positions[index],
-                            self.counts[index], self.keep[index], self.usage[index], self.config.block_size,
-                            self.config.window, scale, splits, out=out)
+                            self.counts[index], self.covered[index], self.keep[index], self.usage[index],
+                            self.config.block_size, self.config.window, scale, splits, out=out)
