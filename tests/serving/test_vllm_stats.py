@@ -18,8 +18,8 @@ prometheus_client = pytest.importorskip("prometheus_client")
 
 
 def usage(read: int, dense: int, decodes: int = 4) -> memory.KVUsage:
-    return memory.KVUsage(pool_bytes=1000, prompts=2, chunks=1, decodes=decodes, mixed=0, dense_bytes=dense,
-                          read_bytes=read)
+    return memory.KVUsage(pool_bytes=1000, state_bytes=10, prompts=2, chunks=1, decodes=decodes, mixed=0,
+                          dense_bytes=dense, read_bytes=read)
 
 
 @pytest.fixture
@@ -51,6 +51,7 @@ def test_collector_sums_the_processes_and_skips_unreadable_files(folder):
     assert "tca:decode_kv_read_bytes_total 400.0" in text
     assert "tca:decode_kv_dense_bytes_total 2000.0" in text
     assert "tca:kv_pool_bytes 2000.0" in text
+    assert "tca:decode_state_bytes 20.0" in text
     assert 'tca:rows_total{kind="decodes"} 8.0' in text
 
 
@@ -114,9 +115,9 @@ def test_kv_usage_adds_the_batched_steps_device_counters(monkeypatch):
         def __init__(self, usage):
             self.usage = usage
 
-    step = Holder(memory.LayerUsage(paged=torch.tensor([3, 1000, 250])))
+    step = Holder(memory.LayerUsage(state_bytes=64, paged=torch.tensor([3, 1000, 250])))
     monkeypatch.setattr(memory, "LIVE_IMPLS", [Holder(layer)])
     monkeypatch.setattr(memory, "LIVE_BUILDERS", [step])
     usage = memory.kv_usage()
     assert (usage.decodes, usage.dense_bytes, usage.read_bytes) == (1 + 3, 100 * 2 * 16 + 1000, 30 * 16 + 250)
-    assert usage.pool_bytes == 10
+    assert usage.pool_bytes == 10 and usage.state_bytes == 64

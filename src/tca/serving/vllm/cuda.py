@@ -95,7 +95,9 @@ class TCAFlashMetadataBuilder(FlashAttentionMetadataBuilder):
         """The decode counters of the batched step (memory.kv_usage sums them with the layers')."""
         from .memory import LayerUsage
 
-        return LayerUsage(paged=None if self.states is None else self.states.usage.sum(0))
+        if self.states is None:
+            return LayerUsage()
+        return LayerUsage(state_bytes=self.states.nbytes, paged=self.states.usage.sum(0))
 
     def build(self, common_prefix_len: int, common_attn_metadata, fast_build: bool = False):
         meta = super().build(common_prefix_len, common_attn_metadata, fast_build)

@@ -25,6 +25,7 @@ class LayerUsage:
     dense attention would read and the bytes TCA read."""
 
     pool_bytes: int = 0
+    state_bytes: int = 0
     prompts: int = 0
     chunks: int = 0
     mixed: int = 0
@@ -67,10 +68,13 @@ class LayerUsage:
 @dataclass(frozen=True)
 class KVUsage:
     """Summed over layers. pool_bytes: vLLM's KV pool (allocated up front, every head, every token);
+    state_bytes: the CUDA backend's decode-state pools beside it (allocated up front, outside vLLM's memory
+    profile; 0 on the CPU, whose states grow with what the sequences keep);
     prompts, chunks, decodes: rows run; mixed: forwards with decode and prompt/chunk rows together;
     dense_bytes / read_bytes: KV bytes a dense backend would have read over the decode steps / TCA read."""
 
     pool_bytes: int
+    state_bytes: int
     prompts: int
     chunks: int
     decodes: int

@@ -9,6 +9,7 @@ starts; that first process registers a Prometheus collector that sums those file
     tca:decode_kv_read_bytes_total    KV bytes TCA's decode steps read (kept tokens plus window)
     tca:decode_kv_dense_bytes_total   KV bytes a dense backend would have read over the same steps
     tca:kv_pool_bytes                 vLLM's KV pool of the TCA layers (allocated up front: every token)
+    tca:decode_state_bytes            the CUDA backend's decode-state pools beside it (allocated up front)
     tca:rows_total{kind=...}          prompt, chunk and decode rows run by TCA layers (summed over layers)
 
 The files lag the engine by at most PUBLISH_SECONDS while it runs. A process with no TCA layer writes nothing,
@@ -88,9 +89,9 @@ def publish(usage) -> None:
         _last_logged = key
         logging.getLogger("vllm.tca").info(
             "TCA KV: decode steps read %s, dense attention would read %s (%.0f%%); rows run: %d prompts, %d chunks, "
-            "%d decodes (summed over layers); KV pool %s (vLLM's: every token)",
+            "%d decodes (summed over layers); KV pool %s (vLLM's: every token), decode states %s",
             size(usage.read_bytes), size(usage.dense_bytes), 100 * usage.read_fraction, usage.prompts, usage.chunks,
-            usage.decodes, size(usage.pool_bytes),
+            usage.decodes, size(usage.pool_bytes), size(usage.state_bytes),
         )
 
 
@@ -129,6 +130,9 @@ class Collector:
                                   value=totals["dense_bytes"])
         yield GaugeMetricFamily("tca:kv_pool_bytes", "vLLM's KV pool of the TCA layers (every token)",
                                 value=totals["pool_bytes"])
+        yield GaugeMetricFamily("tca:decode_state_bytes",
+                                "decode-state pools of the TCA layers beside vLLM's KV pool (CUDA)",
+                                value=totals.get("state_bytes", 0))
         rows = CounterMetricFamily("tca:rows", "rows run by TCA layers, summed over layers", labels=["kind"])
         for kind in ("prompts", "chunks", "decodes"):
             rows.add_metric([kind], totals[kind])
