@@ -8,6 +8,7 @@
 #   STEPS=vllm-tests OUT=gpu-results bash benchmarks/gpu_checks.sh                     # vLLM staged: 7 minutes
 #   STEPS=vllm-bench-vllm OUT=gpu-results bash benchmarks/gpu_checks.sh   # vLLM's own backend, 8B shape: 4.5 minutes
 #   STEPS=vllm-bench-tca OUT=gpu-results bash benchmarks/gpu_checks.sh    # the same engine with TCA: 4.5 minutes
+#   STEPS=vllm-soak OUT=gpu-results bash benchmarks/gpu_checks.sh         # `vllm serve` under load: 9 minutes
 #
 # With FlashAttention-4 staged, source its environment first; with vLLM staged, vLLM's (not both in one shell).
 # This script extends PYTHONPATH, never replaces it.
@@ -49,3 +50,6 @@ SERVING=(--shape llama-3.1-8b --lengths "${LENGTHS[@]}" --batch 1 --max-tokens 3
 step vllm-bench-vllm 270 python3 benchmarks/vllm_serving.py "${SERVING[@]}" --backends vllm \
     --out "$OUT/vllm_8b_flash_attn.json"
 step vllm-bench-tca 270 python3 benchmarks/vllm_serving.py "${SERVING[@]}" --backends tca --out "$OUT/vllm_8b_tca.json"
+# the served engine (vLLM's defaults: CUDA graphs) under load; its processes find the plugin by tca's entry point
+step vllm-soak 540 bash -c "python3 -m pip install -q --no-deps --no-build-isolation -e . && \
+    python3 -m pytest -v -p no:cacheprovider -m vllm tests/serving/test_vllm_soak.py"
