@@ -1,26 +1,22 @@
-"""The CUDA backend's rows (layer.LayerRunner.run_paged: states in page-shaped pools, one batched paged decode step)
-against the CPU backend's (LayerRunner.run: DecodeStates) on the same batches of prompts, chunks and decode steps.
-No vLLM needed; the Triton kernels run in the interpreter lane (float32) or on a GPU.
+"""The rows of layer.LayerRunner.run_paged (states in page-shaped pools, one batched paged decode step: Triton on a
+GPU, PyTorch elsewhere) against LayerRunner.run (DecodeStates) on the same batches of prompts, chunks and decode
+steps. No vLLM needed.
 
 Shape letters: R rows, HQ query heads, HKV KV heads, D head dim, NP pages, P page size, b, w.
 """
 
 from __future__ import annotations
 
-import pytest
 import torch
 
-pytestmark = pytest.mark.triton
-pytest.importorskip("triton")
-
-import tca  # noqa: E402
-from helpers import random_budgets  # noqa: E402
-from tca.backends import registry  # noqa: E402
-from tca.budgets import block_keep_count  # noqa: E402
-from tca.serving.vllm.layer import LayerRunner, Rows  # noqa: E402
-from tca.serving.vllm.paged import split_pages, write_tokens  # noqa: E402
-from tca.serving.vllm.paged_states import PagedStates  # noqa: E402
-from tca.serving.vllm.settings import Settings  # noqa: E402
+import tca
+from helpers import random_budgets
+from tca.backends import registry
+from tca.budgets import block_keep_count
+from tca.serving.vllm.layer import LayerRunner, Rows
+from tca.serving.vllm.paged import split_pages, write_tokens
+from tca.serving.vllm.paged_states import PagedStates
+from tca.serving.vllm.settings import Settings
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 LAYER = "model.layers.0.self_attn.attn"

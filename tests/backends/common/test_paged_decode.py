@@ -1,6 +1,6 @@
-"""The paged decode step (three Triton kernels, states in page-shaped pools) against the vLLM plugin's torch
-decode states on the same pages, step by step across window moves, and against exact attention for rows with no
-state. Runs in the interpreter lane (float32) and on a GPU.
+"""The paged decode step (states in page-shaped pools), as three Triton kernels and in PyTorch, against the vLLM
+plugin's CPU decode states on the same pages, step by step across window moves, and against exact attention for
+rows with no state. The Triton kernels run in the interpreter lane (float32) and on a GPU.
 
 Shape letters: R rows, HQ query heads, HKV KV heads, D head dim, NP pages, P page size, b block size, w window.
 """
@@ -10,16 +10,32 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytestmark = pytest.mark.triton
-pytest.importorskip("triton")
-
-import tca  # noqa: E402
-from tca.backends.common.paged_decode import paged_decode, store_state  # noqa: E402
-from tca.geometry import window_start  # noqa: E402
-from tca.serving.vllm.decode_states import DecodeStates  # noqa: E402
-from tca.serving.vllm.sequence import SequenceState  # noqa: E402
+import tca
+from tca.backends.common.paged_decode_torch import paged_decode_torch, store_state
+from tca.geometry import window_start
+from tca.serving.vllm.decode_states import DecodeStates
+from tca.serving.vllm.sequence import SequenceState
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def triton_step(*args, **kwargs):
+    pytest.importorskip("triton")
+    if DEVICE == "cpu":
+        from tca.backends.common.environment import triton_interpret
+
+        if not triton_interpret():
+            pytest.skip("Triton on the CPU needs TRITON_INTERPRET=1")
+    from tca.backends.common.paged_decode import paged_decode
+
+    return paged_decode(*args, splits=3, **kwargs)
+
+
+def torch_step(*args, **kwargs):
+    return paged_decode_torch(*args, **kwargs)
+
+
+STEPS = [pytest.param(triton_step, id="triton", marks=pytest.mark.triton), pytest.param(torch_step, id="torch")]
 
 
 def random_state(L: int, HKV: int, b: int, w: int, generator) -> SequenceState:
@@ -45,8 +61,9 @@ def exact(query, keys, values, scale):
     return torch.einsum("hl,hld->hd", weights, v)
 
 
+@pytest.mark.parametrize("step", STEPS)
 @pytest.mark.parametrize("lengths, steps, D", [((150, 97, 41), 40, 16), ((70, 200), 24, 24)])
-def test_paged_decode_matches_the_torch_states(lengths, steps, D):
+def test_paged_decode_matches_the_torch_states(lengths, steps, D, step):
     """D = 24: a head dim that is not a power of two (the kernels pad it)."""
     generator = torch.Generator().manual_seed(sum(lengths))
     HQ, HKV, P, b, w = 4, 2, 16, 16, 32
@@ -80,8 +97,8 @@ def test_paged_decode_matches_the_torch_states(lengths, steps, D):
             page = block_table[r, i // P]
             key_pages[page, :, i % P] = torch.randn(HKV, D, generator=generator).to(DEVICE)
             value_pages[page, :, i % P] = torch.randn(HKV, D, generator=generator).to(DEVICE)
-        got = paged_decode(query, key_pages, value_pages, block_table, seq_lens.to(torch.int32), positions, counts,
-                           covered, keep.to(DEVICE, torch.int32), usage, b, w, scale, splits=3)
+        got = step(query, key_pages, value_pages, block_table, seq_lens.to(torch.int32), positions, counts,
+                   covered, keep.to(DEVICE, torch.int32), usage, b, w, scale)
         want = reference.decode(stateful, query[stateful], block_table[stateful], key_pages, value_pages, keep, config,
                                 scale)
         torch.testing.assert_close(got[stateful], want, atol=2e-5, rtol=2e-5)
@@ -109,7 +126,8 @@ def test_paged_decode_matches_the_torch_states(lengths, steps, D):
     assert covered[block_table[stateful, 0].long()].tolist() == seq_lens[stateful].tolist()
 
 
-def test_a_state_that_does_not_end_where_the_step_starts_is_not_continued():
+@pytest.mark.parametrize("step", STEPS)
+def test_a_state_that_does_not_end_where_the_step_starts_is_not_continued(step):
     """A state covering other than seq_len - 1 tokens (one an earlier sequence left on the page): exact attention,
     and the state stays as it was."""
     HQ, HKV, D, P = 4, 2, 16, 16
@@ -125,9 +143,9 @@ def test_a_state_that_does_not_end_where_the_step_starts_is_not_continued():
     usage = torch.zeros(3, dtype=torch.int64, device=DEVICE)
     query = torch.randn(1, HQ, D, generator=generator).to(DEVICE)
     seq_len = 45  # not 41: this step does not continue that state
-    out = paged_decode(query, key_pages, value_pages, block_table, torch.tensor([seq_len], device=DEVICE,
-                       dtype=torch.int32), positions, counts, covered, torch.tensor([2, 2], dtype=torch.int32,
-                       device=DEVICE), usage, 16, 32, D**-0.5, splits=2)
+    out = step(query, key_pages, value_pages, block_table, torch.tensor([seq_len], device=DEVICE, dtype=torch.int32),
+               positions, counts, covered, torch.tensor([2, 2], dtype=torch.int32, device=DEVICE), usage, 16, 32,
+               D**-0.5)
     pages = block_table[0].long()[torch.arange(seq_len, device=DEVICE) // P]
     keys = key_pages[pages, :, torch.arange(seq_len, device=DEVICE) % P].transpose(0, 1)
     values = value_pages[pages, :, torch.arange(seq_len, device=DEVICE) % P].transpose(0, 1)
@@ -135,7 +153,8 @@ def test_a_state_that_does_not_end_where_the_step_starts_is_not_continued():
     assert counts[1].tolist() == [2, 1] and int(covered[1]) == 40 and usage.tolist() == [0, 0, 0]
 
 
-def test_padding_rows_write_zeros():
+@pytest.mark.parametrize("step", STEPS)
+def test_padding_rows_write_zeros(step):
     HQ, HKV, D, P = 4, 2, 16, 16
     key_pages = torch.randn(4, HKV, P, D, device=DEVICE)
     block_table = torch.tensor([[1, 2], [0, 0]], dtype=torch.int32, device=DEVICE)
@@ -144,8 +163,7 @@ def test_padding_rows_write_zeros():
     positions = torch.zeros(4, HKV, P, dtype=torch.int32, device=DEVICE)
     usage = torch.zeros(3, dtype=torch.int64, device=DEVICE)
     query = torch.randn(2, HQ, D, device=DEVICE)
-    out = paged_decode(query, key_pages, key_pages, block_table, torch.tensor([20, 0], device=DEVICE), positions,
-                       counts, covered, torch.tensor([2, 2], dtype=torch.int32, device=DEVICE), usage, 16, 32, 0.25,
-                       splits=2)
+    out = step(query, key_pages, key_pages, block_table, torch.tensor([20, 0], device=DEVICE), positions, counts,
+               covered, torch.tensor([2, 2], dtype=torch.int32, device=DEVICE), usage, 16, 32, 0.25)
     assert torch.equal(out[1], torch.zeros_like(out[1]))
     assert torch.isfinite(out[0]).all() and usage.tolist() == [0, 0, 0]  # a row with no state is not counted

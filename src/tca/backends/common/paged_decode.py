@@ -2,7 +2,8 @@
 attention, combine) with no host synchronisation: the layout and the state are kernels_paged_decode.py's.
 
 Used by the vLLM plugin on CUDA, where a batch of decode rows is replayed from a CUDA graph: every size here
-follows from the shapes (rows, heads, the split count), never from a length on the device.
+follows from the shapes (rows, heads, the split count), never from a length on the device. The same step in
+PyTorch, and the pools' writer (store_state), are in paged_decode_torch.py.
 Shape letters: R rows, HQ query heads, HKV KV heads, G = HQ / HKV, D head dim, NP pages, P page size, S splits.
 """
 
@@ -74,21 +75,3 @@ def paged_decode(query: torch.Tensor, key_pages: torch.Tensor, value_pages: torc
         G=G, G_PAD=g_pad, D=D, D_PAD=d_pad, S_BLOCK=32,
     )
     return out
-
-
-def store_state(positions: torch.Tensor, counts: torch.Tensor, covered: torch.Tensor, block_table_row: torch.Tensor,
-                kept: torch.Tensor, kept_counts: torch.Tensor, seq_len: int) -> None:
-    """Write one sequence's state into the pools (after its prefill of seq_len tokens): kept [HKV, N] its kept
-    global positions per head, ascending, any value past kept_counts [HKV]; block_table_row [pages] its pages.
-    Eager (not captured), and without reading the device: the N entries are written whole (those past a head's
-    count land in the sequence's own pages, where nothing reads them; N <= seq_len, so the pages exist)."""
-    HKV, N = kept.shape
-    P = positions.shape[2]
-    owner = block_table_row[:1].long()
-    if N:
-        entry = torch.arange(N, device=kept.device)
-        page = block_table_row.to(kept.device).long()[entry // P][None, :].expand(HKV, N)
-        head = torch.arange(HKV, device=kept.device)[:, None].expand(HKV, N)
-        positions[page, head, (entry % P)[None, :].expand(HKV, N)] = kept.to(torch.int32)
-    counts.index_copy_(0, owner, kept_counts.to(counts.device, torch.int32)[None])
-    covered.index_fill_(0, owner, seq_len)

@@ -63,7 +63,7 @@ class PagedStates:
               seq_len: int) -> None:
         """The state a TCA prefill (or prompt chunk) of seq_len tokens of one sequence made in one layer
         (sequence.SequenceState)."""
-        from ...backends.common.paged_decode import store_state  # imports triton: only where the engine runs
+        from ...backends.common.paged_decode_torch import store_state
 
         index = self.layer[layer_name]
         store_state(self.positions[index], self.counts[index], self.covered[index], block_table_row, kept, counts,
@@ -72,14 +72,20 @@ class PagedStates:
     def decode(self, layer_name: str, query: torch.Tensor, key_pages: torch.Tensor, value_pages: torch.Tensor,
                block_table: torch.Tensor, seq_lens: torch.Tensor, scale: float, out: torch.Tensor) -> torch.Tensor:
         """Section 5 for rows of one token each (query [R, HQ, D]; seq_lens [R] after this step), with their states
-        (or exact attention for rows with none): three kernel launches, no host synchronisation."""
-        from ...backends.common.paged_decode import paged_decode, splits_for
-
+        (or exact attention for rows with none): on CUDA three kernel launches, no host synchronisation (what a
+        CUDA graph captures); elsewhere the same step in PyTorch."""
         index = self.layer[layer_name]
+        pools = (self.positions[index], self.counts[index], self.covered[index], self.keep[index], self.usage[index])
+        if not query.is_cuda:
+            from ...backends.common.paged_decode_torch import paged_decode_torch
+
+            return paged_decode_torch(query, key_pages, value_pages, block_table, seq_lens, *pools,
+                                      self.config.block_size, self.config.window, scale, out=out)
+        from ...backends.common.paged_decode import paged_decode, splits_for  # imports triton: only where it runs
+
         R = query.shape[0]
         splits = self._splits.get(R)
         if splits is None:  # fixed per batch size, so that a captured graph keeps its grid
             splits = self._splits[R] = splits_for(query.device, R, key_pages.shape[1], self.max_model_len)
-        return paged_decode(query, key_pages, value_pages, block_table, seq_lens, self.positions[index],
-                            self.counts[index], self.covered[index], self.keep[index], self.usage[index],
-                            self.config.block_size, self.config.window, scale, splits, out=out)
+        return paged_decode(query, key_pages, value_pages, block_table, seq_lens, *pools, self.config.block_size,
+                            self.config.window, scale, splits, out=out)
