@@ -1,5 +1,6 @@
-"""TCA over a paged KV cache (tca.serving.vllm: sequence.attend_chunk for prompts, decode_states.DecodeStates for the
-decode rows of a batch), checked against tca.prefill / tca.decode / tca.attention.
+"""TCA over a paged KV cache (tca.serving.vllm: sequence.attend_chunk for prompts; the batched decode step over
+states in page-shaped pools, tca.backends.common.paged_decode_torch, for the decode rows of a batch), checked
+against tca.prefill / tca.decode / tca.attention.
 
 No vLLM needed: the pages are a plain tensor [NP, HKV, P, 2 * D] as vLLM allocates it, filled through the
 plugin's own writer, with a shuffled page table so that logical and physical order differ.
@@ -14,9 +15,9 @@ import torch
 
 import tca
 from helpers import make_qkv, random_budgets
+from tca.backends.common.paged_decode_torch import paged_decode_torch, store_state
 from tca.budgets import block_keep_count
-from tca.serving.vllm import decode_states
-from tca.serving.vllm.decode_states import DecodeStates
+from tca.geometry import window_start
 from tca.serving.vllm.paged import PagedSequence, split_pages, write_tokens
 from tca.serving.vllm.sequence import SequenceState, attend_chunk
 
@@ -57,10 +58,35 @@ def shared_pool(sequences, page_size, seed=0):
     return key_pages, value_pages, tables, views
 
 
-def decode_one(states, owner, query, paged, keep, config, scale):
+class LayerStates:
+    """One layer's decode states over a page pool, in the page-shaped pools the plugin keeps (PagedStates, one layer)."""
+
+    def __init__(self, key_pages: torch.Tensor, keep: torch.Tensor):
+        NP, HKV, P, _ = key_pages.shape
+        self.positions = torch.zeros(NP, HKV, P, dtype=torch.int32)
+        self.counts = torch.full((NP, HKV), -1, dtype=torch.int32)
+        self.covered = torch.zeros(NP, dtype=torch.int32)
+        self.usage = torch.zeros(3, dtype=torch.int64)
+        self.keep = keep.to(torch.int32)
+
+    def put(self, pages: torch.Tensor, state: SequenceState) -> None:
+        store_state(self.positions, self.counts, self.covered, pages, state.positions, state.counts, state.seq_len)
+
+    def decode(self, query, tables, seq_lens, key_pages, value_pages, config, scale):
+        """query [R, HQ, D] of rows whose sequences reach seq_lens [R] tokens with this step."""
+        return paged_decode_torch(query, key_pages, value_pages, tables, torch.as_tensor(seq_lens), self.positions,
+                                  self.counts, self.covered, self.keep, self.usage, config.block_size, config.window,
+                                  scale)
+
+    def kept_tokens(self, pages: torch.Tensor, seq_len: int, config) -> list[int]:
+        """Per head, the tokens the next step of a sequence of seq_len tokens attends (kept + window)."""
+        window = seq_len - window_start(seq_len - 1, config.block_size, config.window)
+        return (self.counts[int(pages[0])].long() + window).tolist()
+
+
+def decode_one(states, query, paged, seq_len, config, scale):
     """One decode step of one sequence through the batched step (R = 1): query [HQ, D] -> out [HQ, D]."""
-    out = states.decode([owner], query[None], paged.pages[None], paged.key_pages, paged.value_pages, keep, config,
-                        scale)
+    out = states.decode(query[None], paged.pages[None], [seq_len], paged.key_pages, paged.value_pages, config, scale)
     return out[0]
 
 
@@ -95,57 +121,49 @@ def test_prefill_then_decode_equals_tca_decode(page_size, L0):
                                   backend="reference")
     out, state = attend_chunk(q[0, :, :L0].transpose(0, 1), paged, L0, budgets, config, scale, REFERENCE)
     torch.testing.assert_close(out, expected[0].transpose(0, 1), rtol=1e-10, atol=1e-10)
-    states = DecodeStates(HKV)
-    states.put(7, state)
-    keep = block_keep_count(budgets)
+    states = LayerStates(paged.key_pages, block_keep_count(budgets))
+    states.put(paged.pages, state)
     for i in range(L0, L0 + steps):
         want = tca.decode(q[:, :, i : i + 1], k[:, :, i : i + 1], v[:, :, i : i + 1], cache)
-        got = decode_one(states, 7, q[0, :, i], paged, keep, config, scale)
+        got = decode_one(states, q[0, :, i], paged, i + 1, config, scale)
         torch.testing.assert_close(got, want[0, :, 0], rtol=1e-10, atol=1e-10)
     # The state keeps exactly what the reference cache keeps, per head.
-    assert states.kept_tokens(7).tolist() == [int(n) for n in cache.lengths[0]]
+    assert states.kept_tokens(paged.pages, L0 + steps, config) == [int(n) for n in cache.lengths[0]]
 
 
-@pytest.mark.parametrize(("page", "gather_bytes"), [(256, 256 << 20), (4, 6000)])
-def test_decode_rows_of_a_batch_decode_together_as_each_alone(page, gather_bytes, monkeypatch):
+def test_decode_rows_of_a_batch_decode_together_as_each_alone():
     """Sequences of different lengths (their windows move at different steps) decode in one batched step per token;
-    each equals its own tca.decode, and a slot freed by one sequence serves a new one. With pages of 4 positions
-    and a small gather limit, the states span many pages of a growing pool and the rows attend in several groups."""
-    monkeypatch.setattr(decode_states, "PAGE", page)
-    monkeypatch.setattr(decode_states, "GATHER_BYTES", gather_bytes)
+    each equals its own tca.decode. A stale state on a page that a new sequence reuses is not continued."""
     HQ, HKV, D, b, w, steps, page_size = 4, 2, 16, 16, 32, 37, 16
     config = tca.TCAConfig(block_size=b, window=w)
     budgets = random_budgets(HKV, b, seed=8)
-    keep, scale = block_keep_count(budgets), D**-0.5
+    scale = D**-0.5
     lengths = [70, 33, 101]
     qkv = [make_qkv(1, HQ, HKV, L + steps, D, seed=20 + r) for r, L in enumerate(lengths)]
     key_pages, value_pages, tables, views = shared_pool([(k[0], v[0]) for _, k, v in qkv], page_size)
-    states, caches = DecodeStates(HKV), []
-    states.put(99, SequenceState(5, 0, torch.full((HKV, 1), -1), torch.zeros(HKV, dtype=torch.long)))
-    states.drop(99)  # its slot is reused
+    states, caches = LayerStates(key_pages, block_keep_count(budgets)), []
     for r, ((q, k, v), L) in enumerate(zip(qkv, lengths, strict=True)):
+        # an earlier sequence's state on the same first page, covering other tokens: never continued
+        states.put(views[r].pages, SequenceState(5, 0, torch.full((HKV, 1), 3), torch.ones(HKV, dtype=torch.long)))
         _, state = attend_chunk(q[0, :, :L].transpose(0, 1), views[r], L, budgets, config, scale, REFERENCE)
-        states.put(r, state)
+        states.put(views[r].pages, state)
         caches.append(tca.prefill(q[:, :, :L], k[:, :, :L], v[:, :, :L], budgets=budgets, config=config,
                                   backend="reference")[1])
     for step in range(steps):
         query = torch.stack([q[0, :, L + step] for (q, _, _), L in zip(qkv, lengths, strict=True)])
-        got = states.decode([0, 1, 2], query, tables, key_pages, value_pages, keep, config, scale)
+        got = states.decode(query, tables, [L + step + 1 for L in lengths], key_pages, value_pages, config, scale)
         for r, ((q, k, v), L) in enumerate(zip(qkv, lengths, strict=True)):
             i = L + step
             want = tca.decode(q[:, :, i : i + 1], k[:, :, i : i + 1], v[:, :, i : i + 1], caches[r])
             torch.testing.assert_close(got[r], want[0, :, 0], rtol=1e-10, atol=1e-10, msg=f"row {r} step {step}")
-    for r in range(3):
-        assert states.kept_tokens(r).tolist() == [int(n) for n in caches[r].lengths[0]]
-    # What the states hold follows what each sequence keeps (whole pages), not the longest one.
-    pages = sum(-(-int(states.counts_host[states.slot_of[r]].max()) // page) for r in range(3))
-    assert states.held_positions == pages * HKV * page
+    for r, L in enumerate(lengths):
+        assert states.kept_tokens(views[r].pages, L + steps, config) == [int(n) for n in caches[r].lengths[0]]
 
 
 def test_a_head_that_keeps_fewer_per_block_but_holds_more_stays_in_its_pages():
     """Heads' prefill counts (Eq. 7's rounding) and their keep per leaving block (floor of E[p]) can rank heads in
-    opposite orders: a head keeping fewer per block may hold the most positions, with the one page grown for it.
-    Its decode steps stay within its pages and equal tca.decode."""
+    opposite orders: a head keeping fewer per block may hold the most positions. Its decode steps equal
+    tca.decode."""
     HQ, HKV, D, b, w, L0, steps = 8, 8, 8, 16, 32, 384, 40
     config = tca.TCAConfig(block_size=b, window=w)
     budgets = random_budgets(HKV, b, seed=35)
@@ -158,20 +176,12 @@ def test_a_head_that_keeps_fewer_per_block_but_holds_more_stays_in_its_pages():
     assert fewer and max(counts[h] for h in fewer) > min(counts[h] for h in range(HKV) if keep[h] == keep.max())
     _, cache = tca.prefill(q[:, :, :L0], k[:, :, :L0], v[:, :, :L0], budgets=budgets, config=config,
                            backend="reference")
-    states = DecodeStates(HKV)
-    states.put(0, state)
+    states = LayerStates(paged.key_pages, keep)
+    states.put(paged.pages, state)
     for i in range(L0, L0 + steps):
         want = tca.decode(q[:, :, i : i + 1], k[:, :, i : i + 1], v[:, :, i : i + 1], cache)
-        torch.testing.assert_close(decode_one(states, 0, q[0, :, i], paged, keep, config, scale), want[0, :, 0],
+        torch.testing.assert_close(decode_one(states, q[0, :, i], paged, i + 1, config, scale), want[0, :, 0],
                                    rtol=1e-10, atol=1e-10)
-
-
-def test_rows_are_grouped_by_what_they_read():
-    from tca.serving.vllm.decode_states import _groups
-
-    assert _groups([10, 12, 19], row_bytes=1) == [[0, 1, 2]]  # similar rows: one group
-    assert _groups([100, 10, 30, 15], row_bytes=1) == [[1, 3], [2], [0]]  # at most twice the shortest
-    assert _groups([10, 10, 10], row_bytes=1 << 30) == [[0], [1], [2]]  # the gather limit (a row alone may pass it)
 
 
 def test_chunk_equals_stateless_attention_with_fewer_queries():
@@ -194,15 +204,14 @@ def test_dense_budgets_decode_equals_causal_attention():
     q, k, v = make_qkv(1, HQ, HKV, L0 + steps, D, seed=11)
     paged = paged_copy(k[0], v[0], 16)
     _, state = attend_chunk(q[0, :, :L0].transpose(0, 1), paged, L0, budgets, config, D**-0.5, REFERENCE)
-    states = DecodeStates(HKV)
-    states.put(0, state)
-    keep = block_keep_count(budgets)
+    states = LayerStates(paged.key_pages, block_keep_count(budgets))
+    states.put(paged.pages, state)
     for i in range(L0, L0 + steps):
-        got = decode_one(states, 0, q[0, :, i], paged, keep, config, D**-0.5)
+        got = decode_one(states, q[0, :, i], paged, i + 1, config, D**-0.5)
         kk, vv = k[0, :, : i + 1].repeat_interleave(2, 0), v[0, :, : i + 1].repeat_interleave(2, 0)
         want = torch.softmax(q[0, :, i, None] @ kk.transpose(-1, -2) * D**-0.5, -1) @ vv
         torch.testing.assert_close(got, want[:, 0], rtol=1e-10, atol=1e-10)
-    assert states.kept_tokens(0).tolist() == [L0 + steps] * HKV
+    assert states.kept_tokens(paged.pages, L0 + steps, config) == [L0 + steps] * HKV
 
 
 def test_a_non_finite_key_in_the_leaving_block_ranks_last():
@@ -213,13 +222,14 @@ def test_a_non_finite_key_in_the_leaving_block_ranks_last():
     k[0, :, 3] = float("inf")  # position 3 of the block, both heads
     paged = paged_copy(k[0], v[0], 8)
     config = tca.TCAConfig(block_size=b, window=b)
-    states = DecodeStates(HKV)  # a state of b tokens, nothing global yet: the next token moves the window
-    states.put(0, SequenceState(seq_len=b, window_start=0, positions=torch.empty(HKV, 0, dtype=torch.long),
-                                counts=torch.zeros(HKV, dtype=torch.long)))
-    keep = torch.tensor([4, b])  # head 0 keeps 4 tokens of the block, head 1 all of them
-    decode_one(states, 0, q[0, :, b], paged, keep, config, D**-0.5)
-    slot = states.slot_of[0]
-    assert states.counts[slot].tolist() == [4, b] and states.counts_host[slot].tolist() == [4, b]
-    kept = states._positions(torch.tensor([slot]), b)[0]
-    assert 3 not in kept[0, :4].tolist() and kept[0, 4:].tolist() == [-1] * (b - 4)
+    states = LayerStates(paged.key_pages, torch.tensor([4, b]))  # head 0 keeps 4 tokens of the block, head 1 all
+    # a state of b tokens, nothing global yet: the next token moves the window
+    states.put(paged.pages, SequenceState(seq_len=b, window_start=0, positions=torch.empty(HKV, 0, dtype=torch.long),
+                                          counts=torch.zeros(HKV, dtype=torch.long)))
+    decode_one(states, q[0, :, b], paged, b + 1, config, D**-0.5)
+    owner = int(paged.pages[0])
+    assert states.counts[owner].tolist() == [4, b]
+    entries = torch.arange(b)
+    kept = states.positions[paged.pages[entries // 8].long(), :, entries % 8].T  # [HKV, b] (pages of 8)
+    assert 3 not in kept[0, :4].tolist()
     assert kept[1].tolist() == list(range(b))

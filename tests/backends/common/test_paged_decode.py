@@ -1,6 +1,6 @@
-"""The paged decode step (states in page-shaped pools), as three Triton kernels and in PyTorch, against the vLLM
-plugin's CPU decode states on the same pages, step by step across window moves, and against exact attention for
-rows with no state. The Triton kernels run in the interpreter lane (float32) and on a GPU.
+"""The paged decode step (states in page-shaped pools): the three Triton kernels against the PyTorch step on the same
+pages, step by step across window moves, and both against exact attention for rows with no state, a stale state
+and padding rows. The Triton kernels run in the interpreter lane (float32) and on a GPU.
 
 Shape letters: R rows, HQ query heads, HKV KV heads, D head dim, NP pages, P page size, b block size, w window.
 """
@@ -10,16 +10,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-import tca
 from tca.backends.common.paged_decode_torch import paged_decode_torch, store_state
 from tca.geometry import window_start
-from tca.serving.vllm.decode_states import DecodeStates
 from tca.serving.vllm.sequence import SequenceState
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def triton_step(*args, **kwargs):
+    """The kernels (3 splits per row and head)."""
     pytest.importorskip("triton")
     if DEVICE == "cpu":
         from tca.backends.common.environment import triton_interpret
@@ -61,13 +60,14 @@ def exact(query, keys, values, scale):
     return torch.einsum("hl,hld->hd", weights, v)
 
 
-@pytest.mark.parametrize("step", STEPS)
+@pytest.mark.triton
 @pytest.mark.parametrize("lengths, steps, D", [((150, 97, 41), 40, 16), ((70, 200), 24, 24)])
-def test_paged_decode_matches_the_torch_states(lengths, steps, D, step):
-    """D = 24: a head dim that is not a power of two (the kernels pad it)."""
+def test_the_kernels_equal_the_torch_step(lengths, steps, D):
+    """Random states, a row with none, steps across window moves: the Triton kernels and the PyTorch step (checked
+    against tca.decode in tests/serving/test_vllm_sequence.py) give the same outputs, pools and counters; the row
+    with no state is exact attention. D = 24: a head dim that is not a power of two (the kernels pad it)."""
     generator = torch.Generator().manual_seed(sum(lengths))
     HQ, HKV, P, b, w = 4, 2, 16, 16, 32
-    config = tca.TCAConfig(block_size=b, window=w)
     scale = D**-0.5
     R = len(lengths)
     pages_per_row = -(-(max(lengths) + steps) // P)
@@ -76,19 +76,16 @@ def test_paged_decode_matches_the_torch_states(lengths, steps, D, step):
     value_pages = torch.randn(NP, HKV, P, D, generator=generator).to(DEVICE)
     order = torch.randperm(NP - 1, generator=generator)[: R * pages_per_row] + 1  # page 0: nobody's
     block_table = order.view(R, pages_per_row).to(DEVICE, torch.int32)
-    keep = torch.tensor([3, 5], dtype=torch.int64)
-    positions = torch.full((NP, HKV, P), -7, dtype=torch.int32, device=DEVICE)
-    counts = torch.full((NP, HKV), -1, dtype=torch.int32, device=DEVICE)
-    covered = torch.zeros(NP, dtype=torch.int32, device=DEVICE)
-    usage = torch.zeros(3, dtype=torch.int64, device=DEVICE)
-    reference = DecodeStates(HKV)
-    stateful = []  # rows with a state; the last row has none (exact attention)
-    for r, L in enumerate(lengths[:-1]):
+    keep = torch.tensor([3, 5], dtype=torch.int32, device=DEVICE)
+    pools = [torch.full((NP, HKV, P), -7, dtype=torch.int32, device=DEVICE),
+             torch.full((NP, HKV), -1, dtype=torch.int32, device=DEVICE),
+             torch.zeros(NP, dtype=torch.int32, device=DEVICE)]
+    for r, L in enumerate(lengths[:-1]):  # the last row has no state
         state = random_state(L, HKV, b, w, generator)
-        reference.put(r, state)
-        store_state(positions, counts, covered, block_table[r], state.positions, state.counts, L)
-        stateful.append(r)
-    seq_lens = torch.tensor(lengths, device=DEVICE)
+        store_state(*pools, block_table[r], state.positions, state.counts, L)
+    twin = [t.clone() for t in pools]
+    usage, twin_usage = (torch.zeros(3, dtype=torch.int64, device=DEVICE) for _ in range(2))
+    seq_lens = torch.tensor(lengths, device=DEVICE, dtype=torch.int32)
     for _ in range(steps):
         seq_lens += 1
         query = torch.randn(R, HQ, D, generator=generator).to(DEVICE)
@@ -97,33 +94,28 @@ def test_paged_decode_matches_the_torch_states(lengths, steps, D, step):
             page = block_table[r, i // P]
             key_pages[page, :, i % P] = torch.randn(HKV, D, generator=generator).to(DEVICE)
             value_pages[page, :, i % P] = torch.randn(HKV, D, generator=generator).to(DEVICE)
-        got = step(query, key_pages, value_pages, block_table, seq_lens.to(torch.int32), positions, counts,
-                   covered, keep.to(DEVICE, torch.int32), usage, b, w, scale)
-        want = reference.decode(stateful, query[stateful], block_table[stateful], key_pages, value_pages, keep, config,
-                                scale)
-        torch.testing.assert_close(got[stateful], want, atol=2e-5, rtol=2e-5)
+        got = triton_step(query, key_pages, value_pages, block_table, seq_lens, *pools, keep, usage, b, w, scale)
+        want = torch_step(query, key_pages, value_pages, block_table, seq_lens, *twin, keep, twin_usage, b, w, scale)
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
         r = R - 1
         i = int(seq_lens[r])
         pages = block_table[r].long()[torch.arange(i, device=DEVICE) // P]
         keys = key_pages[pages, :, torch.arange(i, device=DEVICE) % P].transpose(0, 1)
         values = value_pages[pages, :, torch.arange(i, device=DEVICE) % P].transpose(0, 1)
         torch.testing.assert_close(got[r], exact(query[r], keys, values, scale), atol=2e-5, rtol=2e-5)
-    for r in stateful:  # the same kept positions, in the same order
+    positions, counts, covered = pools
+    assert torch.equal(counts, twin[1]) and torch.equal(covered, twin[2]) and torch.equal(usage, twin_usage)
+    for r in range(R - 1):  # the same kept positions, in the same order
         owner = int(block_table[r, 0])
         for h in range(HKV):
-            n = int(counts[owner, h])
-            assert n == int(reference.counts_host[reference.slot_of[r], h])
-            entries = torch.arange(n, device=DEVICE)
-            kept = positions[block_table[r].long()[entries // P], h, entries % P]
-            slot = reference.slot_of[r]
-            expected = reference._positions(torch.tensor([slot], device=DEVICE), n)[0, h]
-            assert kept.tolist() == expected.tolist()
+            entries = torch.arange(int(counts[owner, h]), device=DEVICE)
+            where = (block_table[r].long()[entries // P], h, entries % P)
+            assert torch.equal(positions[where], twin[0][where])
     decodes, dense, read = usage.tolist()
     token_bytes = 2 * D * 4
-    assert decodes == steps * len(stateful)
+    assert decodes == steps * (R - 1)
     assert dense == sum(sum(range(L + 1, L + steps + 1)) for L in lengths[:-1]) * HKV * token_bytes
     assert 0 < read < dense
-    assert covered[block_table[stateful, 0].long()].tolist() == seq_lens[stateful].tolist()
 
 
 @pytest.mark.parametrize("step", STEPS)

@@ -6,10 +6,11 @@ budgets come from TCA_VLLM_PLAN (settings.py). Nothing here is imported by `impo
 imported only inside `register` and by the modules vLLM loads through the registered class paths.
 
 Modules: settings (environment), checks (refused configurations), compat (supported vLLM versions), paged
-(reading vLLM's pages), sequence (TCA per sequence), layer (one layer's rows loop), decode_states (the batched
-decode step), cuda (the CUDA backend: vLLM's FlashAttention plus TCA), backend (the CPU backend), custom and
-cpu_switch (which class a platform loads), memory (KV bytes held and read), stats (those bytes in /metrics and
-the log of a served engine).
+(reading vLLM's pages), sequence (TCA per sequence), layer (one layer's rows loop), paged_states (the decode
+states in page-shaped pools and the batched decode step), cuda (the CUDA backend: vLLM's FlashAttention plus
+TCA), backend (the CPU backend: vLLM's CPU backend plus TCA), custom and cpu_switch (which class a platform
+loads), memory (KV bytes held and read), stats (those bytes in /metrics and the log of a served engine),
+store_layout and store_specs (a compressed store's sizing and KV-cache specs, not yet used by the engine).
 """
 
 from __future__ import annotations

@@ -3,9 +3,9 @@
 Imported by vLLM through the class path the plugin registers (`register` in this package), never by
 `import tca`. The classes extend vLLM's CPU backend (CPU_ATTN), so the pool, its page layout and the KV writes are
 vLLM's own, and a batch whose sequences are all under `dense_below` (the crossover, settings.py) runs vLLM's CPU
-kernel unchanged. Otherwise one TCAAttentionImpl runs its layer's rows (layer.py): a prompt or prompt chunk
-reaching `dense_below` through a tca backend's selection and sparse attention, a decode token of such a sequence
-through its state (decode_states.py, every decode row of the batch at once), and exact attention for the rest.
+kernel unchanged. Otherwise one TCAAttentionImpl runs its layer's rows (layer.py, as on CUDA): a prompt or prompt
+chunk reaching `dense_below` through a tca backend's selection and sparse attention, every decode token through
+one batched step over the sequences' states (paged_states.py, in PyTorch here), exact attention for the rest.
 
 The plugin reads vLLM's pages where it knows their layout: for the `vec` and `vec16` instruction sets (x86
 without AMX), each page holds, per KV head, its P keys channel-major ([D, P]) and then its P values ([P, D])
@@ -27,10 +27,12 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 
+from . import stats
 from .checks import layer_settings, log_settings
 from .layer import LayerRunner, Rows
-from .memory import LIVE_IMPLS
+from .memory import LIVE_BUILDERS, LIVE_IMPLS
 from .paged import split_cpu_pages, split_pages, write_tokens
+from .paged_states import PagedStates, engine_states, states_usage
 from .settings import engine_dense_below
 
 READABLE_ISAS = ("vec", "vec16")  # vLLM CPU instruction sets whose page layout the plugin reads
@@ -39,22 +41,28 @@ READABLE_ISAS = ("vec", "vec16")  # vLLM CPU instruction sets whose page layout 
 @dataclass(frozen=True)
 class TCARows:
     """What the TCA layers need of one batch besides vLLM's CPU metadata: host copies of the row boundaries and
-    lengths, the rows' first pages, those of sequences that start here (their old states are dropped), whether
-    every sequence is under dense_below."""
+    lengths, whether every sequence is under dense_below, the engine's decode states."""
 
     rows: Rows
-    fresh: tuple[int, ...]
     short: bool
     dense_below: int
+    states: PagedStates
 
 
 class TCAMetadataBuilder(CPUAttentionMetadataBuilder):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.dense_below = engine_dense_below(vllm_config, device)
+        self.states = engine_states(kv_cache_spec, layer_names, vllm_config, device)
         dense = ("vLLM's CPU kernel for batches under the crossover" if self.isa in READABLE_ISAS else
                  f"the plugin's own pages and attention (vLLM's {self.isa!r} page layout is not read)")
         log_settings(vllm_config, self.dense_below, f"eager attention (vLLM's CPU engine), {dense}")
+        LIVE_BUILDERS.add(self)
+
+    @property
+    def usage(self):
+        """The batched decode step's counters (memory.kv_usage sums them with the layers')."""
+        return states_usage(self.states)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False):
         meta = super().build(common_prefix_len, common_attn_metadata, fast_build)
@@ -63,10 +71,12 @@ class TCAMetadataBuilder(CPUAttentionMetadataBuilder):
         starts = common.query_start_loc_cpu[: rows + 1].tolist()
         seq_lens = common.seq_lens[:rows].tolist()  # CPU tensors: no wait
         table = common.block_table_tensor[:rows]
-        owners = table[:, 0].tolist()
-        fresh = tuple(owners[r] for r in range(rows) if starts[r + 1] - starts[r] == seq_lens[r])
+        fresh = [r for r in range(rows) if 0 < seq_lens[r] == starts[r + 1] - starts[r]]
+        if fresh:  # sequences that start here: whatever state their first page held is an earlier one's
+            self.states.forget(table[fresh, 0])
         short = common.max_seq_len < self.dense_below
-        meta.tca = TCARows(Rows(starts, seq_lens, table, owners), fresh, short, self.dense_below)
+        meta.tca = TCARows(Rows(starts, seq_lens, table), short, self.dense_below, self.states)
+        stats.tick()
         return meta
 
 
@@ -116,13 +126,15 @@ class TCAAttentionImpl(CPUAttentionBackendImpl):
         if attn_metadata is None:  # vLLM's profiling and warm-up runs
             return output
         batch = attn_metadata.tca
-        self.tca.forget(batch.fresh)
         if batch.short and self._vllm_pages(layer):
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output)
         key_pages, value_pages = self._pages(layer, kv_cache)
+        batch.states.check_pool(key_pages)
         self.tca.usage.pool_bytes = kv_cache.numel() * kv_cache.element_size()
-        out = output[: attn_metadata.num_actual_tokens].view(-1, self.num_heads, self.head_size)
-        self.tca.run(layer.layer_name, query, key_pages, value_pages, batch.rows, out, batch.dense_below)
+        n = attn_metadata.num_actual_tokens
+        out = output[:n].view(-1, self.num_heads, self.head_size)
+        self.tca.run(layer.layer_name, query[:n], key_pages, value_pages, batch.rows, out, batch.dense_below,
+                           batch.states)
         return output
 
     @property

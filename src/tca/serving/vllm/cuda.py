@@ -34,8 +34,8 @@ from .checks import layer_settings, log_settings
 from .layer import LayerRunner, Rows
 from .memory import LIVE_BUILDERS, LIVE_IMPLS
 from .paged import split_channels
-from .paged_states import PagedStates
-from .settings import Settings, engine_dense_below, layer_index
+from .paged_states import PagedStates, engine_states, states_usage
+from .settings import engine_dense_below
 
 
 @dataclass(frozen=True)
@@ -68,36 +68,16 @@ class TCAFlashMetadataBuilder(FlashAttentionMetadataBuilder):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.dense_below = engine_dense_below(vllm_config, device)
         self.may_run_tca = vllm_config.model_config.max_model_len >= self.dense_below
-        self.states = self._make_states(kv_cache_spec, layer_names, vllm_config, device) if self.may_run_tca else None
+        self.states = engine_states(kv_cache_spec, layer_names, vllm_config, device) if self.may_run_tca else None
         graphs = ("decode-only batches in full CUDA graphs, attention of batches with prompts eager"
                   if self.may_run_tca else "vLLM's CUDA graphs")
         log_settings(vllm_config, self.dense_below, graphs)
         LIVE_BUILDERS.add(self)
 
-    @staticmethod
-    def _make_states(kv_cache_spec, layer_names, vllm_config, device) -> PagedStates:
-        from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
-
-        settings = Settings.from_environment()
-        heads = kv_cache_spec.num_kv_heads
-        rank, world = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
-        budgets = [settings.layer_budgets(layer_index(name), heads, rank, world) for name in layer_names]
-        cache = vllm_config.cache_config
-        if not cache.num_gpu_blocks:
-            raise RuntimeError("the TCA backend needs the KV pool's size when it is built (cache_config.num_gpu_blocks)")
-        page = kv_cache_spec.block_size  # the kernel block: the pages the block table and the KV tensors count
-        num_pages = cache.num_gpu_blocks * cache.block_size // page
-        return PagedStates(layer_names, budgets, num_pages, page, settings.config,
-                           vllm_config.model_config.max_model_len, torch.device(device))
-
     @property
     def usage(self):
         """The decode counters of the batched step (memory.kv_usage sums them with the layers')."""
-        from .memory import LayerUsage
-
-        if self.states is None:
-            return LayerUsage()
-        return LayerUsage(state_bytes=self.states.nbytes, paged=self.states.usage.sum(0))
+        return states_usage(self.states)
 
     def build(self, common_prefix_len: int, common_attn_metadata, fast_build: bool = False):
         meta = super().build(common_prefix_len, common_attn_metadata, fast_build)
@@ -178,7 +158,7 @@ class TCAFlashImpl(FlashAttentionImpl):
             batch.states.decode(layer.layer_name, query[:rows], key_pages, value_pages, attn_metadata.block_table,
                                 attn_metadata.seq_lens, self.scale, out[:rows])
             return output
-        self.tca.run_paged(layer.layer_name, query[:n], key_pages, value_pages, batch.rows, out, batch.dense_below,
+        self.tca.run(layer.layer_name, query[:n], key_pages, value_pages, batch.rows, out, batch.dense_below,
                            batch.states)
         return output
 

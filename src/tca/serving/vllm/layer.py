@@ -1,13 +1,14 @@
 """One attention layer's TCA work over a vLLM batch (pure PyTorch, no vLLM import): the rows both backends share.
 
 A batch is rows of query tokens (prompts, prompt chunks, decode steps) over vLLM's pages. Each row is one of:
-- a **decode step with a state** (one token, and the sequence's state covers the tokens before it):
-  docs/semantics.md section 5 on that state, reading only the kept tokens; all such rows of the batch decode
-  together, in a fixed set of operations per group of similar rows (decode_states.DecodeStates.decode);
-- a **prompt or chunk** whose sequence reaches `dense_below` tokens: section 4 over all its keys, which
-  becomes the sequence's state (sequence.attend_chunk, section 5.1);
-- anything else (a prompt or chunk under `dense_below` tokens, or one token with no state: a sequence prefilled
-  dense stays dense, as in tca's transformers integration): exact causal attention over all its keys, no state.
+- a **prompt or chunk** whose sequence reaches `dense_below` tokens: section 4 over all its keys, which becomes
+  the sequence's state (sequence.attend_chunk, section 5.1), stored in the engine's page-shaped pools
+  (paged_states.py);
+- a **prompt or chunk** under `dense_below` tokens: exact causal attention over all its keys, no state;
+- a **single token continuing a sequence**: every such row of the batch goes to one batched decode step
+  (PagedStates.decode), which finds on the device whether the sequence has a state that ends where this token
+  starts: section 5 on it, reading only the kept tokens; otherwise exact attention over every token (a sequence
+  prefilled dense stays dense, as in tca's transformers integration).
 
 `dense_below` is where TCA stops paying (tca.backends.crossover); 0 runs TCA on every row.
 Shape letters: T tokens in the batch, HQ query heads, HKV key/value heads, D head dim, NP pages, P page size.
@@ -23,8 +24,6 @@ from ...backends import routing
 from ...backends.common.dense import causal_attention
 from ...budgets import block_keep_count
 from ...devices import to_device
-from . import stats
-from .decode_states import DecodeStates
 from .memory import LayerUsage
 from .paged import PagedSequence
 from .sequence import attend_chunk
@@ -36,27 +35,20 @@ class Rows:
     """Host copies of one batch's row boundaries and lengths, and the device block table.
 
     query_start: [rows + 1] token offsets; seq_lens: [rows] tokens of each sequence after this step;
-    block_table: [rows, max pages] the pages of each row's sequence, in order; owners: [rows] its first
-    pages (host copies, so that the loop never waits for the device), where states are keyed by them (CPU).
+    block_table: [rows, max pages] the pages of each row's sequence, in order.
     """
 
     query_start: list[int]
     seq_lens: list[int]
     block_table: torch.Tensor
-    owners: list[int] | None = None
 
 
 class LayerRunner:
-    """TCA for one attention layer: its budgets, the sequences' decode states and the KV counters.
-
-    States are keyed by a sequence's first page, which belongs to it alone while it runs (prefix caching is
-    refused). `forget` drops the states of pages that a new sequence now owns.
-    """
+    """TCA for one attention layer: its budgets and the KV counters (the states are the engine's PagedStates)."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_size: int, scale: float, settings: Settings):
         self.num_heads, self.num_kv_heads, self.head_size, self.scale = num_heads, num_kv_heads, head_size, scale
         self.settings = settings
-        self.states = DecodeStates(num_kv_heads)
         self.usage = LayerUsage()
         self._budgets = None
 
@@ -74,50 +66,10 @@ class LayerRunner:
             self._budgets = (budgets.to(device), block_keep_count(budgets), impl)
         return self._budgets
 
-    def forget(self, owners) -> None:
-        for owner in owners:
-            self.states.drop(owner)
-
     def run(self, layer_name: str, query: torch.Tensor, key_pages: torch.Tensor, value_pages: torch.Tensor,
-            rows: Rows, out: torch.Tensor, dense_below: int) -> None:
-        """query [T, HQ, D]; key_pages, value_pages [NP, HKV, P, D] (new tokens already written); out [T, HQ, D]."""
-        budgets, keep, impl = self.budgets(layer_name, query.device, query.dtype)
-        config = self.settings.config
-        page_size = key_pages.shape[2]
-        element_size = key_pages.element_size()
-        decoding = []  # (row, owner, seq_len) of the decode steps with a state: run together below
-        kinds = set()
-        for row, seq_len in enumerate(rows.seq_lens):
-            start, end = rows.query_start[row], rows.query_start[row + 1]
-            if end == start:
-                continue
-            owner = rows.owners[row]
-            if end - start == 1 and self.states.covers(owner, seq_len):
-                decoding.append((row, owner, seq_len))
-                continue
-            pages = rows.block_table[row, : -(-seq_len // page_size)]
-            paged = PagedSequence(key_pages, value_pages, pages)
-            if end - start > 1 and seq_len >= dense_below:
-                out[start:end], state = attend_chunk(query[start:end], paged, seq_len, budgets, config, self.scale, impl)
-                self.states.put(owner, state)
-                kind = "prompts" if end - start == seq_len else "chunks"
-                self.usage.add(kind, seq_len, state.kept_tokens(), self.head_size, element_size)
-                kinds.add(kind)
-            else:
-                self.states.drop(owner)
-                out[start:end] = dense_rows(query[start:end], paged, seq_len, self.scale)
-        if decoding:
-            self._decode(decoding, query, key_pages, value_pages, rows, out, keep, config, element_size)
-            kinds.add("decodes")
-        if "decodes" in kinds and len(kinds) > 1:
-            self.usage.mixed += 1
-        stats.tick()
-
-    def run_paged(self, layer_name: str, query: torch.Tensor, key_pages: torch.Tensor, value_pages: torch.Tensor,
-                  rows: Rows, out: torch.Tensor, dense_below: int, states) -> None:
-        """`run` with the states in page-shaped pools (paged_states.PagedStates, CUDA): prompt and chunk rows as
-        in `run`, their TCA states stored in the pools; every single-token row that continues a sequence goes to
-        one batched decode step, which finds on the device whether the sequence has a state."""
+            rows: Rows, out: torch.Tensor, dense_below: int, states) -> None:
+        """query [T, HQ, D]; key_pages, value_pages [NP, HKV, P, D] (new tokens already written); out [T, HQ, D];
+        states: the engine's paged_states.PagedStates (prompt and chunk rows store theirs, decode rows advance)."""
         budgets, _, impl = self.budgets(layer_name, query.device, query.dtype)
         config = self.settings.config
         page_size = key_pages.shape[2]
@@ -151,17 +103,6 @@ class LayerRunner:
             kinds.add("decodes")
         if "decodes" in kinds and len(kinds) > 1:
             self.usage.mixed += 1
-
-    def _decode(self, decoding, query, key_pages, value_pages, rows: Rows, out, keep, config, element_size) -> None:
-        """Section 5 for every decode row with a state, in one batched step (their query rows are single tokens)."""
-        row_ids = [row for row, _, _ in decoding]
-        owners = [owner for _, owner, _ in decoding]
-        starts = [rows.query_start[row] for row in row_ids]
-        index, table_rows = to_device(torch.tensor([starts, row_ids]), query.device)  # one host-to-device copy
-        tables = rows.block_table[table_rows.to(rows.block_table.device)]
-        out[index] = self.states.decode(owners, query[index], tables, key_pages, value_pages, keep, config, self.scale)
-        for (_, owner, seq_len) in decoding:
-            self.usage.add("decodes", seq_len, self.states.kept_tokens(owner), self.head_size, element_size)
 
 
 def dense_rows(query: torch.Tensor, paged: PagedSequence, seq_len: int, scale: float) -> torch.Tensor:

@@ -89,3 +89,32 @@ class PagedStates:
             splits = self._splits[R] = splits_for(query.device, R, key_pages.shape[1], self.max_model_len)
         return paged_decode(query, key_pages, value_pages, block_table, seq_lens, *pools, self.config.block_size,
                             self.config.window, scale, splits, out=out)
+
+
+def engine_states(kv_cache_spec, layer_names: list[str], vllm_config, device) -> PagedStates:
+    """The states of one metadata builder's layers, sized from the KV pool vLLM allocated (called while the engine
+    builds its attention backends, after it sized the pool and before it captures CUDA graphs)."""
+    from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+
+    from .settings import Settings, layer_index
+
+    settings = Settings.from_environment()
+    heads = kv_cache_spec.num_kv_heads
+    rank, world = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
+    budgets = [settings.layer_budgets(layer_index(name), heads, rank, world) for name in layer_names]
+    cache = vllm_config.cache_config
+    if not cache.num_gpu_blocks:
+        raise RuntimeError("the TCA backend needs the KV pool's size when it is built (cache_config.num_gpu_blocks)")
+    page = kv_cache_spec.block_size  # the kernel block: the pages the block table and the KV tensors count
+    num_pages = cache.num_gpu_blocks * cache.block_size // page
+    return PagedStates(layer_names, budgets, num_pages, page, settings.config, vllm_config.model_config.max_model_len,
+                       torch.device(device))
+
+
+def states_usage(states: PagedStates | None):
+    """What memory.kv_usage reads of a builder: its states' pool bytes and the batched step's counters."""
+    from .memory import LayerUsage
+
+    if states is None:
+        return LayerUsage()
+    return LayerUsage(state_bytes=states.nbytes, paged=states.usage.sum(0))

@@ -4,7 +4,7 @@
   several tokens at once): the selection of docs/semantics.md section 3 from the last query row over all L
   keys, then Eq. 2 over the kept pairs only (section 4), on a tca backend's `select` and `attend`. It returns
   the sequence's decode state: the selected global tokens and the window start.
-  Decode steps continue that state: decode_states.py (every decode row of a batch at once).
+  Decode steps continue that state: paged_states.py (every decode row of a batch at once).
 
 Shape letters: HQ query heads, HKV key/value heads, G = HQ / HKV, LQ queries, L keys, D head dim, b TCA block
 size, N kept global tokens (padded to the max over heads).
