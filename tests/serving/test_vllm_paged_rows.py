@@ -15,7 +15,6 @@ import torch
 import tca
 from helpers import random_budgets
 from tca.backends import registry
-from tca.budgets import block_keep_count
 from tca.serving.vllm.layer import LayerRunner, Rows
 from tca.serving.vllm.paged import split_pages, write_tokens
 from tca.serving.vllm.paged_states import PagedStates
@@ -60,7 +59,7 @@ def test_paged_rows_equal_the_reference_sequence_by_sequence():
     table = (torch.randperm(NP - 1, generator=generator)[: 3 * width] + 1).view(3, width).to(DEVICE, torch.int32)
     layer = LayerRunner(HQ, HKV, D, scale, Settings(config, "torch", None, budgets[0], "test"))
     # what LayerRunner.budgets makes on first use (it asks vLLM for the tensor-parallel rank)
-    layer._budgets = (budgets.to(DEVICE), block_keep_count(budgets), registry.get("torch").load())
+    layer._budgets = (budgets.to(DEVICE), registry.get("torch").load())
     states = PagedStates([LAYER], [budgets], NP, P, config, width * P, torch.device(DEVICE))
     sequences = [Reference() for _ in range(3)]
 

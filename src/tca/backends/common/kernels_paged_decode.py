@@ -111,6 +111,21 @@ def _attend_chunk(q, k, v, ok, m_i, l_i, acc, scale_log2, PREC: tl.constexpr):
 
 
 @triton.jit
+def _load_kv(kp_ptr, vp_ptr, row, position, ok, d_ok, offs_d, h, P, stride_kn, stride_kh, stride_kp, stride_vn,
+             stride_vh, stride_vp):
+    """Keys and values [CHUNK, D_PAD] of head h at sequence positions [CHUNK] (ok: which are real), through the
+    block-table row `row`."""
+    page = tl.load(row + position // P, mask=ok, other=0).to(tl.int64)
+    offset = (position % P)[:, None]
+    both = ok[:, None] & d_ok[None, :]
+    k = tl.load(kp_ptr + page[:, None] * stride_kn + h * stride_kh + offset * stride_kp + offs_d[None, :], mask=both,
+                other=0.0)
+    v = tl.load(vp_ptr + page[:, None] * stride_vn + h * stride_vh + offset * stride_vp + offs_d[None, :], mask=both,
+                other=0.0)
+    return k, v
+
+
+@triton.jit
 def attend_split_kernel(
     q_ptr, kp_ptr, vp_ptr, bt_ptr, seq_ptr, pos_ptr, cnt_ptr, cov_ptr,
     part_m_ptr, part_l_ptr, part_acc_ptr,
@@ -151,25 +166,16 @@ def attend_split_kernel(
             ok = entry < n_glob
             entry_page = tl.load(row + entry // P, mask=ok, other=0).to(tl.int64)
             position = tl.load(pos_ptr + (entry_page * HKV + h) * P + entry % P, mask=ok, other=0)
-            page = tl.load(row + position // P, mask=ok, other=0).to(tl.int64)
-            offset = (position % P)[:, None]
-            k = tl.load(kp_ptr + page[:, None] * stride_kn + h * stride_kh + offset * stride_kp + offs_d[None, :],
-                        mask=ok[:, None] & d_ok[None, :], other=0.0)
-            v = tl.load(vp_ptr + page[:, None] * stride_vn + h * stride_vh + offset * stride_vp + offs_d[None, :],
-                        mask=ok[:, None] & d_ok[None, :], other=0.0)
+            k, v = _load_kv(kp_ptr, vp_ptr, row, position, ok, d_ok, offs_d, h, P, stride_kn, stride_kh, stride_kp,
+                            stride_vn, stride_vh, stride_vp)
             m_i, l_i, acc = _attend_chunk(q, k, v, ok, m_i, l_i, acc, scale_log2, PREC)
         # window chunks continue the same round-robin over this head's chunk list
         first_local = n_glob_chunks + (s_id - n_glob_chunks % n_splits + n_splits) % n_splits
         for c in range(first_local, n_chunks, n_splits):
             offs_n = (c - n_glob_chunks) * CHUNK + tl.arange(0, CHUNK)
             ok = offs_n < n_loc
-            position = lo + offs_n
-            page = tl.load(row + position // P, mask=ok, other=0).to(tl.int64)
-            offset = (position % P)[:, None]
-            k = tl.load(kp_ptr + page[:, None] * stride_kn + h * stride_kh + offset * stride_kp + offs_d[None, :],
-                        mask=ok[:, None] & d_ok[None, :], other=0.0)
-            v = tl.load(vp_ptr + page[:, None] * stride_vn + h * stride_vh + offset * stride_vp + offs_d[None, :],
-                        mask=ok[:, None] & d_ok[None, :], other=0.0)
+            k, v = _load_kv(kp_ptr, vp_ptr, row, lo + offs_n, ok, d_ok, offs_d, h, P, stride_kn, stride_kh, stride_kp,
+                            stride_vn, stride_vh, stride_vp)
             m_i, l_i, acc = _attend_chunk(q, k, v, ok, m_i, l_i, acc, scale_log2, PREC)
     base = rh * n_splits + s_id
     tl.store(part_m_ptr + base * G_PAD + offs_g, m_i)

@@ -22,7 +22,6 @@ import torch
 
 from ...backends import routing
 from ...backends.common.dense import causal_attention
-from ...budgets import block_keep_count
 from ...devices import to_device
 from .memory import LayerUsage
 from .paged import PagedSequence
@@ -53,8 +52,7 @@ class LayerRunner:
         self._budgets = None
 
     def budgets(self, layer_name: str, device: torch.device, dtype: torch.dtype):
-        """(budgets [HKV, len(K)] on `device`, keep per leaving block [HKV] on the host, the tca backend) of this
-        layer, made once."""
+        """(budgets [HKV, len(K)] on `device`, the tca backend) of this layer, made once."""
         if self._budgets is None:
             from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 
@@ -63,14 +61,14 @@ class LayerRunner:
                 get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size(),
             )
             impl = routing.resolve(self.settings.backend, device, dtype, self.head_size).load()
-            self._budgets = (budgets.to(device), block_keep_count(budgets), impl)
+            self._budgets = (budgets.to(device), impl)
         return self._budgets
 
     def run(self, layer_name: str, query: torch.Tensor, key_pages: torch.Tensor, value_pages: torch.Tensor,
             rows: Rows, out: torch.Tensor, dense_below: int, states) -> None:
         """query [T, HQ, D]; key_pages, value_pages [NP, HKV, P, D] (new tokens already written); out [T, HQ, D];
         states: the engine's paged_states.PagedStates (prompt and chunk rows store theirs, decode rows advance)."""
-        budgets, _, impl = self.budgets(layer_name, query.device, query.dtype)
+        budgets, impl = self.budgets(layer_name, query.device, query.dtype)
         config = self.settings.config
         page_size = key_pages.shape[2]
         element_size = key_pages.element_size()
@@ -95,8 +93,10 @@ class LayerRunner:
                 out[start:end] = dense_rows(query[start:end], paged, seq_len, self.scale)
         if decoding:
             starts = [rows.query_start[row] for row in decoding]
-            index, table_rows = to_device(torch.tensor([starts, decoding]), query.device)  # one host-to-device copy
-            seq_lens = to_device(torch.tensor([rows.seq_lens[row] for row in decoding], dtype=torch.int32), query.device)
+            lengths = [rows.seq_lens[row] for row in decoding]
+            # one host-to-device copy: the rows' tokens, their block-table rows and their lengths
+            index, table_rows, seq_lens = to_device(torch.tensor([starts, decoding, lengths]), query.device)
+            seq_lens = seq_lens.to(torch.int32)
             tables = rows.block_table[table_rows.to(rows.block_table.device)]
             out[index] = states.decode(layer_name, query[index], key_pages, value_pages, tables, seq_lens, self.scale,
                                        torch.empty_like(query[index]))
